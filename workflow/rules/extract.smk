@@ -1,0 +1,24 @@
+rule extract_kv:
+    """Per-model KV cache of every sample, as layer-partitioned, sample-sharded Parquet."""
+    input:
+        model=lambda wc: model_card(wc.model),
+        samples="results/data/{dataset}/samples.parquet",
+    output:
+        # Only the manifest is declared: shards beside it survive a failed job, and the
+        # rerun skips those the progress file proves complete.
+        manifest="results/kv/{dataset}/{model}/manifest.json",
+    params:
+        extraction=config["extraction"],
+        prompt=config["prompt"],
+        device=config["device"],
+        code=code_hash("extract"),
+    log:
+        "results/logs/extract_kv/{dataset}/{model}.log",
+    benchmark:
+        "results/benchmarks/extract_kv/{dataset}/{model}.tsv"
+    resources:
+        mem_mb=lambda wc: model_resources(wc).get("mem_mb"),
+        runtime=lambda wc: model_resources(wc).get("runtime"),
+        gpu=model_gpus(),
+    script:
+        "../scripts/extract_kv.py"

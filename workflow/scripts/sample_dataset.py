@@ -1,0 +1,11 @@
+"""Rule sample_dataset: dataset -> seeded sample table (Parquet)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # this checkout's kvpipe
+from kvpipe.sampling import sample_to_file
+from kvpipe.workflow import rule_script
+
+with rule_script(snakemake):
+    sample_to_file(snakemake.wildcards.dataset, snakemake.params.dataset, [Path(c).parent for c in snakemake.input.models],
+                   snakemake.params.prompt, snakemake.params.sampling, snakemake.output.samples)

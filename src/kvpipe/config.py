@@ -64,30 +64,35 @@ def _dotted(path: Iterable[Any]) -> str:
     return ".".join(str(p) for p in path) or "<top level>"
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    """A short message for a schema error, descending into oneOf to the branch that fits best."""
-    if error.validator == "oneOf" and isinstance(error.instance, dict) and "source" in error.instance:
-        for sub in error.context or []:
-            branch = sub.schema if isinstance(sub.schema, dict) else {}
-            props = branch.get("properties", {}) if sub.validator != "$ref" else {}
-            if props.get("source", {}).get("const") == error.instance["source"]:
-                return f"{_dotted(sub.absolute_path)}: {sub.message}"
-        best = jsonschema.exceptions.best_match(error.context or [])
-        if best is not None and best.validator != "const":
+def _branch(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    return root["$defs"][node["$ref"].rsplit("/", 1)[-1]] if "$ref" in node else node
+
+
+def _describe(error: jsonschema.ValidationError, root: dict[str, Any]) -> str:
+    """A short message for a schema error; for a `source`-tagged oneOf, the error of the named branch."""
+    branches = [_branch(b, root) for b in error.validator_value] if error.validator == "oneOf" else []
+    sources = [b.get("properties", {}).get("source", {}).get("const") for b in branches]
+    if sources and all(sources) and isinstance(error.instance, dict):
+        chosen = error.instance.get("source")
+        if chosen not in sources:
+            known = ", ".join(s for s in sources if s)
+            return f"{_dotted(error.absolute_path)}: unknown source {chosen!r} (one of: {known})"
+        index = sources.index(chosen)
+        inner = [e for e in error.context or [] if e.relative_schema_path and e.relative_schema_path[0] == index]
+        best = jsonschema.exceptions.best_match(inner)
+        if best is not None:
             return f"{_dotted(best.absolute_path)}: {best.message}"
-        return f"{_dotted(error.absolute_path)}: unknown source {error.instance['source']!r}"
     return f"{_dotted(error.absolute_path)}: {error.message}"
 
 
 def _fill_defaults(instance: Any, node: dict[str, Any], root: dict[str, Any]) -> None:
     """Insert schema defaults into instance (which already validates against node)."""
     if "$ref" in node:
-        name = node["$ref"].rsplit("/", 1)[-1]
-        _fill_defaults(instance, root["$defs"][name], root)
+        _fill_defaults(instance, _branch(node, root), root)
         return
     if "oneOf" in node:
         for branch in node["oneOf"]:
-            resolved = root["$defs"][branch["$ref"].rsplit("/", 1)[-1]] if "$ref" in branch else branch
+            resolved = _branch(branch, root)
             if jsonschema.Draft202012Validator(resolved | {"$defs": root["$defs"]}).is_valid(instance):
                 _fill_defaults(instance, resolved, root)
                 return
@@ -135,10 +140,13 @@ def validate(config: Config, source: str = "config") -> Config:
     validator = jsonschema.Draft202012Validator(root)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), list(map(str, e.path))))
     if errors:
-        raise KvpipeError(f"{source}: {_describe(errors[0])}")
+        raise KvpipeError(f"{source}: {_describe(errors[0], root)}")
     config = copy.deepcopy(config)
     _fill_defaults(config, root, root)
-    _check_references(config)
+    try:
+        _check_references(config)
+    except KvpipeError as err:
+        raise KvpipeError(f"{source}: {err}") from None
     return config
 
 

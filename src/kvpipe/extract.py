@@ -22,7 +22,7 @@ import torch
 from kvpipe import kvstore
 from kvpipe.errors import KvpipeError
 from kvpipe.io import sha256_file
-from kvpipe.models import LoadedModel, load_model
+from kvpipe.loading import LoadedModel, load_model
 from kvpipe.prompt import build_prompt
 from kvpipe.provenance import code_hash
 from kvpipe.rope import invert_rope, rope_tables
@@ -53,10 +53,17 @@ def cache_layer(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:
-    """One prefill with cache and the finite-logit check; returns the cache."""
+    """One prefill with cache; every layer's keys and values, then the logits, must be finite.
+
+    Layers are checked in order so that an overflow is reported where it first appears.
+    """
     ids = torch.as_tensor(input_ids, device=lm.device).unsqueeze(0)
     with torch.inference_mode():
         out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    for layer in range(len(out.past_key_values.layers)):
+        keys, values = cache_layer(out.past_key_values, layer)
+        check_finite(keys, f"keys of layer {layer}", lm)
+        check_finite(values, f"values of layer {layer}", lm)
     check_finite(out.logits, "the logits", lm)
     return out.past_key_values
 
@@ -64,7 +71,8 @@ def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:
 def _to_rows(x: torch.Tensor, storage: np.dtype, what: str, lm: LoadedModel) -> np.ndarray:
     """[1, H, T, D] tensor -> [T, H*D] array in the storage dtype, refusing overflow."""
     arr = x[0].transpose(0, 1).reshape(x.shape[2], -1).float().cpu().numpy()
-    out = arr.astype(storage)
+    with np.errstate(over="ignore"):
+        out = arr.astype(storage)
     if not np.isfinite(out).all():
         raise KvpipeError(f"model {lm.slug}: {what} exceeds the range of storage dtype {storage.name} "
                           f"(max |x| = {np.abs(arr).max():.3g}); set extraction.storage_dtype: float32")
@@ -80,8 +88,6 @@ def extract_sample(lm: LoadedModel, tokens: Any, layers: list[int], tables: tupl
     rows = {}
     for layer in layers:
         keys, values = cache_layer(cache, layer)
-        check_finite(keys, f"keys of layer {layer}", lm)
-        check_finite(values, f"values of layer {layer}", lm)
         pre = invert_rope(keys.float(), cos, sin)
         rows[layer] = {"key": _to_rows(keys, storage, f"keys of layer {layer}", lm),
                        "key_pre_rope": _to_rows(pre, storage, f"pre-RoPE keys of layer {layer}", lm),
@@ -107,7 +113,7 @@ def extract(model_dir: Path, samples_path: Path, out_dir: Path, extraction: dict
     done = kvstore.verified_shards(root, key)
     kvstore.remove_stale(root, {rel for shard in done.values() for rel in shard["files"]})
     sch = kvstore.schema(width, extraction["storage_dtype"])
-    tables = rope_tables(lm.model, torch.arange(int(samples["prompt_tokens"].max()) + 8, device=lm.device))
+    tables = rope_tables(lm.model, torch.arange(int(samples["prompt_tokens"].max()), device=lm.device))
     n_shards = (len(samples) + size - 1) // size
     started = time.perf_counter()
     for s in range(n_shards):
@@ -119,8 +125,9 @@ def extract(model_dir: Path, samples_path: Path, out_dir: Path, extraction: dict
         vectors: dict[int, dict[str, list[np.ndarray]]] = {l: {k: [] for k in kvstore.KINDS} for l in layers}
         for row in chunk.itertuples(index=False):
             tokens = build_prompt(lm.tokenizer, prompt, row.context, row.question)
-            if len(tokens) > len(tables[0]):
-                tables = rope_tables(lm.model, torch.arange(len(tokens), device=lm.device))
+            if len(tokens) > row.prompt_tokens:
+                raise KvpipeError(f"{samples_path}: sample {row.id} has {len(tokens)} tokens for model {lm.slug} but "
+                                  f"was sampled at {row.prompt_tokens}; its tokenizer changed, resample the dataset")
             n = len(tokens)
             meta["sample_idx"].append(np.full(n, row.sample_idx, np.int32))
             meta["sample_id"].append(np.full(n, row.id, object))

@@ -10,8 +10,8 @@ from pathlib import Path
 # The kvpipe modules each workflow stage executes.
 STAGE_MODULES = {
     "materialize": ("kvpipe.models", "kvpipe.tiny", "kvpipe.io"),
-    "sample": ("kvpipe.sampling", "kvpipe.squad", "kvpipe.synthetic", "kvpipe.prompt", "kvpipe.io"),
-    "extract": ("kvpipe.extract", "kvpipe.kvstore", "kvpipe.prompt", "kvpipe.rope", "kvpipe.models", "kvpipe.io"),
+    "sample": ("kvpipe.sampling", "kvpipe.squad", "kvpipe.synthetic", "kvpipe.prompt", "kvpipe.loading", "kvpipe.io"),
+    "extract": ("kvpipe.extract", "kvpipe.kvstore", "kvpipe.prompt", "kvpipe.rope", "kvpipe.loading", "kvpipe.io"),
 }
 
 

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from kvpipe.errors import KvpipeError
 from kvpipe.io import atomic_path
+from kvpipe.loading import load_tokenizer
 from kvpipe.prompt import build_prompt
 
 
@@ -60,7 +61,7 @@ def sample(examples: pd.DataFrame, tokenizers: Sequence[PreTrainedTokenizerBase]
 def sample_to_file(name: str, spec: dict[str, Any], model_dirs: Sequence[Path], prompt: dict[str, Any],
                    sampling: dict[str, Any], out: Path) -> pd.DataFrame:
     """Load a dataset, sample it with the tokenizers of model_dirs and write the table atomically."""
-    tokenizers = [AutoTokenizer.from_pretrained(d) for d in model_dirs]
+    tokenizers = [load_tokenizer(d) for d in model_dirs]
     frame = sample(load_dataset(name, spec), tokenizers, prompt, sampling, name)
     with atomic_path(Path(out)) as tmp:
         frame.to_parquet(tmp, index=False)

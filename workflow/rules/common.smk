@@ -13,7 +13,9 @@ from kvpipe.provenance import code_hash
 try:
     _validated = validate(config, source="config")
 except KvpipeError as err:
-    raise WorkflowError(f"invalid configuration: {err}") from None
+    # One line, before any job starts; a WorkflowError would add a pseudo-traceback.
+    print(f"kvpipe: invalid configuration: {err}", file=sys.stderr)
+    sys.exit(1)
 config.clear()
 config.update(_validated)
 

@@ -1,7 +1,11 @@
 rule sample_dataset:
-    """Seeded sample of a dataset, shared by every model; prompt length bounded by all their tokenizers."""
+    """Seeded sample of a dataset, shared by every model; prompt length bounded by all their tokenizers.
+
+    The model inputs are ancient(): re-materialising one model must not resample the
+    dataset (and so rerun every model); extract_kv checks that the samples still fit.
+    """
     input:
-        models=[model_card(m) for m in run_models(config)],
+        models=[ancient(model_card(m)) for m in run_models(config)],
     output:
         samples="results/data/{dataset}/samples.parquet",
     params:

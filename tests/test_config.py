@@ -1,0 +1,78 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvpipe.config import deep_merge, load_config, run_models, validate
+from kvpipe.errors import KvpipeError
+
+from conftest import REPO, SMOKE
+
+
+@pytest.fixture
+def base() -> dict:
+    return deep_merge(yaml.safe_load((REPO / "config.yaml").read_text()), yaml.safe_load(SMOKE.read_text()))
+
+
+def test_default_and_overlay_configs_validate():
+    cfg = load_config([REPO / "config.yaml"])
+    assert run_models(cfg) == ["qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+    assert cfg["models"]["qwen2.5-coder-0.5b"]["sha256"].startswith("1d9614")
+    assert cfg["datasets"]["synthetic"]["unanswerable_fraction"] == 0.0  # default filled in
+    squad = load_config([REPO / "config.yaml", REPO / "config" / "squad_v2.yaml"])
+    assert squad["run"]["datasets"] == ["squad_v2"]
+
+
+def test_defaults_fill_nested_sources(base):
+    cfg = validate(base)
+    assert cfg["models"]["tiny-main"]["intermediate_size"] == 128
+    assert cfg["extraction"]["layers"] == "all"
+    del base["resources"]
+    assert validate(base)["resources"] == {"default": {"mem_mb": 16000, "runtime": 120}, "models": {}}
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda c: c["sampling"].update(n="ten"), "sampling.n: 'ten' is not of type 'integer'"),
+        (lambda c: c.update(colour="red"), "'colour' was unexpected"),
+        (lambda c: c["extraction"].update(shard_sise=3), "extraction: Additional properties"),
+        (lambda c: c["pairs"]["tiny"].update(main="nope"), "pairs.tiny.main: 'nope' is not a configured model"),
+        (lambda c: c.update(selection={"retention": [0.5, 1.5]}), "selection.retention.1: 1.5 is greater than the maximum of 1"),
+        (lambda c: c.update(selection={"retention": [0.0]}), "selection.retention.0: 0.0 is less than or equal to the minimum of 0"),
+        (lambda c: c["models"]["tiny-main"].update(layers="two"), "models.tiny-main.layers: 'two' is not of type 'integer'"),
+        (lambda c: c["models"]["tiny-main"].update(source="ftp"), "models.tiny-main: unknown source 'ftp'"),
+        (lambda c: c["run"].update(pairs=["tiny", "other"]), "run.pairs.1: 'other' is not in pairs"),
+        (lambda c: c["prompt"].update(user="{question} then {context}"), "prompt.user: {context} must come before"),
+        (lambda c: c["models"].update({"a/b": c["models"]["tiny-main"]}), "does not match"),
+    ],
+)
+def test_schema_errors_name_the_key(base, mutate, expected):
+    mutate(base)
+    with pytest.raises(KvpipeError) as info:
+        validate(base)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_reports_one_line_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampling: {n: -3}\n")
+    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "validate", "-c", str(REPO / "config.yaml"), "-c", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "sampling.n: -3 is less than the minimum of 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(KvpipeError, match="nope.yaml: config file not found"):
+        load_config([tmp_path / "nope.yaml"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("models: [unclosed\n")
+    with pytest.raises(KvpipeError, match="broken.yaml: not valid YAML at line"):
+        load_config([broken])

@@ -1,0 +1,118 @@
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from kvpipe.errors import KvpipeError
+from kvpipe.loading import load_tokenizer
+from kvpipe.sampling import sample
+from kvpipe.squad import load_squad
+from kvpipe.synthetic import generate
+
+from conftest import SQUAD_SAMPLE
+
+
+def _official(qas, context="Paris is the capital of France."):
+    return {"version": "v2.0", "data": [{"title": "T", "paragraphs": [{"context": context, "qas": qas}]}]}
+
+
+def test_official_json_roundtrip(tmp_path):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(_official([
+        {"id": "a", "question": "Capital of France?", "answers": [{"text": "Paris", "answer_start": 0}], "is_impossible": False},
+        {"id": "b", "question": "Capital of Mars?", "answers": [], "is_impossible": True},
+    ])))
+    frame = load_squad(str(path))
+    assert list(frame["id"]) == ["a", "b"]
+    assert frame.loc[0, "answers"] == [{"text": "Paris", "answer_start": 0}]
+    assert list(frame["is_impossible"]) == [False, True]
+
+
+@pytest.mark.parametrize("doc, expected", [
+    ({"version": "v2.0"}, "<top level>: missing 'data'"),
+    (_official([{"id": "a", "answers": []}]), "data[0].paragraphs[0].qas[0]: missing 'question'"),
+    (_official([{"id": "a", "question": "q", "answers": [{"text": "Rome", "answer_start": 0}]}]),
+     "data[0].paragraphs[0].qas[0].answers[0]: answer_start 0 does not point at 'Rome'"),
+    (_official([{"id": "a", "question": "q", "answers": [], "is_impossible": False}]), "is_impossible=False but 0 answers"),
+])
+def test_malformed_squad_names_file_and_entry(tmp_path, doc, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KvpipeError) as info:
+        load_squad(str(path))
+    assert str(info.value).startswith(str(path))
+    assert expected in str(info.value)
+
+
+def test_unreadable_squad_files(tmp_path):
+    with pytest.raises(KvpipeError, match="SQuAD file not found"):
+        load_squad(str(tmp_path / "missing.json"))
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(KvpipeError, match="x.json: not valid JSON"):
+        load_squad(str(tmp_path / "x.json"))
+
+
+def test_hub_style_parquet(tmp_path):
+    frame = pd.DataFrame({"id": ["a", "b"], "title": ["T", "T"], "context": ["Paris is big."] * 2,
+                          "question": ["q1", "q2"],
+                          "answers": [{"text": ["Paris"], "answer_start": [0]}, {"text": [], "answer_start": []}]})
+    frame.to_parquet(tmp_path / "s.parquet")
+    out = load_squad(str(tmp_path / "s.parquet"))
+    assert out.loc[0, "answers"] == [{"text": "Paris", "answer_start": 0}]
+    assert list(out["is_impossible"]) == [False, True]
+
+
+@pytest.mark.skipif(not SQUAD_SAMPLE.exists(), reason="shared SQuAD sample not present")
+def test_real_squad_sample_loads():
+    frame = load_squad(str(SQUAD_SAMPLE))
+    assert len(frame) == 4449 and frame["id"].is_unique
+    assert 0 < frame["is_impossible"].mean() < 1
+    row = frame[~frame["is_impossible"]].iloc[0]
+    ans = row["answers"][0]
+    assert row["context"][ans["answer_start"]:ans["answer_start"] + len(ans["text"])] == ans["text"]
+
+
+def test_synthetic_is_deterministic_with_unique_answer_spans():
+    a, b = generate(seed=3, passages=20), generate(seed=3, passages=20)
+    pd.testing.assert_frame_equal(a, b)
+    assert not generate(seed=4, passages=20)["context"].equals(a["context"])
+    for row in a.itertuples():
+        ans = row.answers[0]
+        assert row.context[ans["answer_start"]:ans["answer_start"] + len(ans["text"])] == ans["text"]
+        assert row.context.count(ans["text"]) == 1  # dropping its tokens loses the answer
+    assert len(a) == 20 * 4 and a["id"].is_unique
+
+
+def test_synthetic_unanswerable_questions_name_absent_entities():
+    frame = generate(seed=0, passages=50, unanswerable_fraction=0.5)
+    impossible = frame[frame["is_impossible"]]
+    assert 0.3 < len(impossible) / len(frame) < 0.7
+    for row in impossible.itertuples():
+        assert row.answers == []
+        (name,) = re.findall(r"[A-Z][a-z]+ [A-Z][a-z]+", row.question)
+        assert name not in row.context
+
+
+def test_sampling_is_seeded_and_order_invariant(smoke_config, model_dirs):
+    tok = [load_tokenizer(model_dirs["tiny-main"])]
+    examples = generate(seed=0, passages=10, unanswerable_fraction=0.3)
+    cfg = dict(n=5, seed=1, answerable_only=True, max_context_tokens=4096)
+    first = sample(examples, tok, smoke_config["prompt"], cfg)
+    again = sample(examples.sample(frac=1, random_state=9), tok, smoke_config["prompt"], cfg)
+    pd.testing.assert_frame_equal(first, again)
+    assert not first["is_impossible"].any()
+    assert list(first["sample_idx"]) == list(range(5))
+    other = sample(examples, tok, smoke_config["prompt"], cfg | {"seed": 2})
+    assert list(other["id"]) != list(first["id"])
+
+
+def test_sampling_length_filter_and_shortfall(smoke_config, model_dirs):
+    toks = [load_tokenizer(model_dirs[m]) for m in ("tiny-main", "tiny-llama")]
+    examples = generate(seed=0, passages=10)
+    limit = int(sorted(sample(examples, toks, smoke_config["prompt"],
+                              dict(n=40, seed=0, answerable_only=True, max_context_tokens=10**6))["prompt_tokens"])[20])
+    kept = sample(examples, toks, smoke_config["prompt"], dict(n=10, seed=0, answerable_only=True, max_context_tokens=limit))
+    assert (kept["prompt_tokens"] <= limit).all()
+    with pytest.raises(KvpipeError, match="sampling.n: dataset d has only"):
+        sample(examples, toks, smoke_config["prompt"], dict(n=40, seed=0, answerable_only=True, max_context_tokens=limit), "d")

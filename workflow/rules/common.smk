@@ -42,14 +42,21 @@ def model_gpus():
     return 1 if config["device"] == "cuda" else 0
 
 
+# Figure names of the structure rule (kvpipe.structure_report.FIGURES, without importing matplotlib).
+STRUCTURE_FIGURES = ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")
+
+
 def model_card(model):
     return f"results/models/{model}/kvpipe_model.json"
 
 
+def kv_manifest(dataset, model):
+    return f"results/kv/{dataset}/{model}/manifest.json"
+
+
 def all_targets():
-    """KV datasets of every model of the selected pairs on every selected dataset."""
-    return [
-        f"results/kv/{dataset}/{model}/manifest.json"
-        for dataset in config["run"]["datasets"]
-        for model in run_models(config)
+    """KV datasets of every model of the selected pairs, and each pair's analyses, on every selected dataset."""
+    datasets = config["run"]["datasets"]
+    return [kv_manifest(d, m) for d in datasets for m in run_models(config)] + [
+        f"results/structure/{d}/{p}/summary.md" for d in datasets for p in config["run"]["pairs"]
     ]

@@ -18,5 +18,7 @@ rule sample_dataset:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../../envs/kvpipe.yaml"
     script:
         "../scripts/sample_dataset.py"

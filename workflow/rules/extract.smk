@@ -6,7 +6,7 @@ rule extract_kv:
     output:
         # Only the manifest is declared: shards beside it survive a failed job, and the
         # rerun skips those the progress file proves complete.
-        manifest="results/kv/{dataset}/{model}/manifest.json",
+        manifest=kv_manifest("{dataset}", "{model}"),
     params:
         extraction=config["extraction"],
         prompt=config["prompt"],
@@ -20,5 +20,7 @@ rule extract_kv:
         mem_mb=lambda wc: model_resources(wc).get("mem_mb"),
         runtime=lambda wc: model_resources(wc).get("runtime"),
         gpu=model_gpus(),
+    conda:
+        "../../envs/kvpipe.yaml"
     script:
         "../scripts/extract_kv.py"

@@ -12,5 +12,7 @@ rule materialize_model:
     resources:
         mem_mb=lambda wc: model_resources(wc).get("mem_mb"),
         runtime=lambda wc: model_resources(wc).get("runtime"),
+    conda:
+        "../../envs/kvpipe.yaml"
     script:
         "../scripts/materialize_model.py"

@@ -1,0 +1,179 @@
+"""Figures and the markdown summary of the structural analysis (from the tidy metrics table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+FIGURES = ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")
+KIND_LABELS = {"key": "keys (post-RoPE)", "key_pre_rope": "keys (pre-RoPE)", "value": "values"}
+
+# The notes' claims (Qwen2.5-3B -> 7B), with the test each must pass here.
+CLAIMS = {
+    "keys_cosine": 0.9997, "keys_rel_error": 0.048, "values_cosine": 0.222, "values_rel_error": 1.076,
+    "last_layer_cka": 0.995, "projection_error": 0.015,
+}
+
+
+def _layer_view(table: pd.DataFrame, metric: str, baseline: str = "none") -> pd.DataFrame:
+    sel = table[(table["metric"] == metric) & (table["baseline"] == baseline) & (table["head"] == -1)
+                & table["kind"].isin(KIND_LABELS)]
+    return sel.sort_values(["kind", "scout_layer"])
+
+
+def _save(fig: Any, out_dir: Path, name: str) -> None:
+    for ext in ("png", "pdf"):
+        fig.savefig(out_dir / f"{name}.{ext}", dpi=130, bbox_inches="tight")
+
+
+def write_figures(table: pd.DataFrame, out_dir: Path, title: str) -> None:
+    """The three figures, each as PNG and PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kinds = list(KIND_LABELS)
+
+    fig, axes = plt.subplots(3, 1, figsize=(10, 6.5), constrained_layout=True)
+    for ax, (metric, cmap, lims) in zip(axes, [("cosine", "viridis", (0, 1)), ("rel_error", "magma_r", (0, 1.5)),
+                                               ("r2", "viridis", (0, 1))]):
+        view = _layer_view(table, metric)
+        grid = view.pivot(index="kind", columns="scout_layer", values="value").reindex(kinds)
+        im = ax.imshow(grid.to_numpy(), aspect="auto", cmap=cmap, vmin=lims[0], vmax=lims[1])
+        ax.set_yticks(range(len(kinds)), [KIND_LABELS[k] for k in kinds])
+        ax.set_xticks(range(grid.shape[1]), [f"{s}" for s in grid.columns], fontsize=7)
+        ax.set_title(f"ridge scout→main, test tokens: {metric}")
+        fig.colorbar(im, ax=ax)
+    axes[-1].set_xlabel("scout layer (main layer by relative depth)")
+    fig.suptitle(title)
+    _save(fig, out_dir, FIGURES[0])
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3.6 * len(kinds)), constrained_layout=True)
+    for r, kind in enumerate(kinds):
+        for c, metric in enumerate(("cka", "cka_debiased")):
+            sel = table[(table["metric"] == metric) & (table["kind"] == kind)]
+            grid = sel.pivot(index="scout_layer", columns="main_layer", values="value")
+            im = axes[r, c].imshow(grid.to_numpy(), origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=1)
+            axes[r, c].set_title(f"{KIND_LABELS[kind]}: {'debiased' if c else 'biased'} CKA")
+            axes[r, c].set_xlabel("main layer")
+            axes[r, c].set_ylabel("scout layer")
+            fig.colorbar(im, ax=axes[r, c])
+    fig.suptitle(title)
+    _save(fig, out_dir, FIGURES[1])
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), sharey=True, constrained_layout=True)
+    for ax, kind in zip(axes, kinds):
+        for metric, baseline, label, style in [("cosine", "none", "cosine, ridge map", "-"),
+                                               ("cosine", "mean", "cosine, mean predictor", "--"),
+                                               ("r2", "none", "centred R², ridge map", "-"),
+                                               ("r2", "shuffled", "centred R², shuffled pairs", ":")]:
+            v = _layer_view(table, metric, baseline)
+            v = v[v["kind"] == kind]
+            line = ax.plot(v["scout_layer"], v["value"], style, label=label)[0]
+            ax.fill_between(v["scout_layer"], v["ci_low"], v["ci_high"], color=line.get_color(), alpha=0.2)
+        ax.set_title(KIND_LABELS[kind])
+        ax.set_xlabel("scout layer")
+        ax.axhline(0, color="grey", lw=0.5)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, out_dir, FIGURES[2])
+    plt.close(fig)
+
+
+def _get(table: pd.DataFrame, **where: Any) -> pd.Series:
+    sel = table
+    for col, val in where.items():
+        sel = sel[sel[col] == val]
+    if len(sel) != 1:
+        raise ValueError(f"expected one row for {where}, found {len(sel)}")
+    return sel.iloc[0]
+
+
+def _fmt(row: pd.Series, pct: bool = False) -> str:
+    f = (lambda x: f"{100 * x:.1f} %") if pct else (lambda x: f"{x:.3f}")
+    ci = "" if np.isnan(row["ci_low"]) else f" [{f(row['ci_low'])}, {f(row['ci_high'])}]"
+    return f"{f(row['value'])}{ci}"
+
+
+def summary_markdown(table: pd.DataFrame, facts: dict[str, Any], dataset: str) -> str:
+    """Markdown that sets the notes' claims beside the measured figures and their baselines."""
+    s_last, m_last = facts["aligned_layers"][-1]
+    last = dict(scout_layer=s_last, main_layer=m_last, head=-1)
+
+    def fig(kind: str, metric: str, baseline: str = "none") -> pd.Series:
+        return _get(table, kind=kind, metric=metric, baseline=baseline, **last)
+
+    level = int(round(100 * facts["ci"]))
+    lines = [
+        f"# Structural analysis: {facts['scout']} → {facts['main']} on {dataset}",
+        "",
+        f"{facts['n_calibration_samples']} calibration and {facts['n_test_samples']} test samples (split by sample), "
+        f"{facts['n_test_tokens']} test tokens of segments {', '.join(facts['segments'])}; CKA on "
+        f"{facts['cka_tokens']} sampled tokens. Intervals: {level} % bootstrap over test samples "
+        f"({facts['bootstrap']} resamples); CKA: delete-half jackknife. Headline layer: scout {s_last} → main {m_last} "
+        "(the last aligned pair). Centred R² = 1 − SSE / SSE of the calibration-mean predictor: 0 for that predictor, "
+        "1 for a perfect map.",
+        "",
+        "| claim (notes, Qwen2.5 3B→7B) | measured here | baselines | verdict |",
+        "|---|---|---|---|",
+    ]
+    for kind, cos_claim, err_claim in (("key", "keys_cosine", "keys_rel_error"), ("value", "values_cosine", "values_rel_error")):
+        cos, mean_cos, gain = fig(kind, "cosine"), fig(kind, "cosine", "mean"), fig(kind, "cosine_gain_over_mean", "mean")
+        r2, shuf = fig(kind, "r2"), fig(kind, "r2", "shuffled")
+        err, mean_err = fig(kind, "rel_error"), fig(kind, "rel_error", "mean")
+        name = "keys" if kind == "key" else "values"
+        if kind == "key":
+            holds = r2["ci_low"] >= 0.9
+            verdict = ("holds: keys are predicted far beyond their mean (R² ≥ 0.9)" if holds else
+                       f"does not hold once the mean is accounted for: centred R² {_fmt(r2)} (< 0.9); "
+                       f"the mean predictor alone reaches cosine {mean_cos['value']:.3f}")
+        else:
+            key_r2 = fig("key", "r2")
+            holds = r2["value"] < key_r2["value"]
+            verdict = (f"direction holds: values R² {r2['value']:.3f} < keys R² {key_r2['value']:.3f}" if holds else
+                       f"does not hold: values R² {r2['value']:.3f} ≥ keys R² {key_r2['value']:.3f}")
+        lines.append(f"| {name} cosine {CLAIMS[cos_claim]} | cosine {_fmt(cos)}; centred R² {_fmt(r2)} | "
+                     f"mean predictor cosine {_fmt(mean_cos)} (gain over it {_fmt(gain)}); shuffled-pairs R² {_fmt(shuf)} | "
+                     f"{verdict} |")
+        lines.append(f"| {name} relative error {100 * CLAIMS[err_claim]:.1f} % | {_fmt(err, True)} | "
+                     f"mean predictor {_fmt(mean_err, True)} | "
+                     f"{'holds (≤ 10 %)' if err['ci_high'] <= 0.10 else 'does not hold (> 10 %)'} "
+                     f"for {name}; {'better' if err['value'] < mean_err['value'] else 'no better'} than the mean |")
+    for kind in ("key", "value"):
+        b = _get(table, kind=kind, metric="cka", baseline="none", **last)
+        d = _get(table, kind=kind, metric="cka_debiased", baseline="none", **last)
+        lines.append(f"| last-layer CKA {CLAIMS['last_layer_cka']} ({'keys' if kind == 'key' else 'values'}) | "
+                     f"debiased {_fmt(d)} | biased {_fmt(b)} (inflated when tokens ≪ dims) | "
+                     f"{'holds (debiased ≥ 0.95)' if d['value'] >= 0.95 else 'does not hold (debiased < 0.95)'} |")
+    errs = [fig(k, "rel_error") for k in ("key", "value")]
+    ok = all(e["value"] <= 0.05 for e in errs)
+    lines.append(f"| linear projection error {100 * CLAIMS['projection_error']:.1f} % (last layer KV) | keys "
+                 f"{_fmt(errs[0], True)}, values {_fmt(errs[1], True)} | see mean predictor above | "
+                 f"{'holds (≤ 5 % for both)' if ok else 'does not hold (> 5 % for keys or values)'} |")
+
+    lines += ["", "## Does RoPE make the key space shared?", "",
+              "If it did, post-RoPE keys would transfer better than pre-RoPE keys and better than values at every "
+              "depth. Paired bootstrap of the R² difference, per aligned layer (significant = interval excludes 0):", "",
+              "| scout → main | R² keys − keys pre-RoPE | R² keys − values |", "|---|---|---|"]
+    counts = {"key_pre_rope": 0, "value": 0}
+    for s, m in facts["aligned_layers"]:
+        cells = []
+        for other in ("key_pre_rope", "value"):
+            d = _get(table, kind=f"key-vs-{other}", metric="r2_difference", scout_layer=s, main_layer=m)
+            better = d["ci_low"] > 0
+            counts[other] += better
+            cells.append(f"{_fmt(d)} {'✓' if better else ('✗' if d['ci_high'] < 0 else '≈')}")
+        lines.append(f"| {s} → {m} | {cells[0]} | {cells[1]} |")
+    n = len(facts["aligned_layers"])
+    lines += ["", f"Post-RoPE keys transfer significantly better than pre-RoPE keys at {counts['key_pre_rope']} of {n} "
+              f"depths and better than values at {counts['value']} of {n}. The RoPE explanation "
+              f"{'holds at every depth' if counts['key_pre_rope'] == n and counts['value'] == n else 'does not hold at every depth'}.",
+              "", "Figures: `figures/transfer_heatmap`, `figures/cka_matrices`, `figures/cosine_r2_baseline` (PNG and PDF).", ""]
+    return "\n".join(lines)

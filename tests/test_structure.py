@@ -1,0 +1,162 @@
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import ortho_group
+
+from kvpipe import extract as ex
+from kvpipe.errors import KvpipeError
+from kvpipe.structure import (
+    RidgeStats,
+    choose_alpha,
+    fit_ridge,
+    linear_cka,
+    mean_map,
+    metrics_from_scores,
+    row_scores,
+    squared_error,
+)
+from kvpipe.structure_stage import analyse_pair, relative_depth, split_samples
+
+rng = np.random.default_rng(0)
+EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_cka_is_invariant_to_rotation_scaling_and_shift(debiased):
+    X = rng.normal(size=(200, 16)) @ rng.normal(size=(16, 16))
+    Q = ortho_group.rvs(16, random_state=1)
+    assert linear_cka(X, 3.7 * X @ Q + 5.0, debiased) == pytest.approx(1.0, abs=1e-9)
+    assert linear_cka(X, rng.normal(size=(200, 16)), debiased) < 0.5
+
+
+def test_debiased_cka_of_independent_matrices_is_near_zero_when_n_below_d():
+    n, d = 40, 400
+    biased, debiased = [], []
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        X, Y = r.normal(size=(n, d)), r.normal(size=(n, d))
+        biased.append(linear_cka(X, Y))
+        debiased.append(linear_cka(X, Y, debiased=True))
+    assert min(biased) > 0.8          # biased CKA is high for any such matrices
+    assert abs(np.mean(debiased)) < 0.015 and max(map(abs, debiased)) < 0.12  # sd ≈ 1/n
+
+
+def test_cka_rejects_mismatched_rows():
+    with pytest.raises(ValueError, match="same number of rows"):
+        linear_cka(np.zeros((5, 3)), np.zeros((6, 3)))
+
+
+def _planted(n=3000, p=12, q=8, noise=0.0, seed=0):
+    r = np.random.default_rng(seed)
+    W, b = r.normal(size=(p, q)), r.normal(size=q) * 10
+    X = r.normal(size=(n, p)) + 4.0
+    return X, X @ W + b + noise * r.normal(size=(n, q)), W, b
+
+
+def test_ridge_from_chunked_statistics_recovers_a_planted_map():
+    X, Y, W, b = _planted()
+    stats = RidgeStats(12, 8)
+    for chunk in np.array_split(np.arange(len(X)), 7):  # shard by shard
+        stats.add(X[chunk], Y[chunk])
+    m = fit_ridge(stats, alpha=1e-8)
+    np.testing.assert_allclose(m.W, W, atol=1e-6)
+    np.testing.assert_allclose(m.b, b, atol=1e-5)
+    assert squared_error(m, stats) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_squared_error_from_statistics_matches_rows_and_cv_prefers_weak_penalty():
+    X, Y, _, _ = _planted(noise=0.5)
+    folds = [RidgeStats(12, 8) for _ in range(3)]
+    for k, chunk in enumerate(np.array_split(np.arange(len(X)), 3)):
+        folds[k].add(X[chunk], Y[chunk])
+    m = fit_ridge(folds[0] + folds[1], alpha=3.0)
+    direct = np.sum((m.predict(X[2000:]) - Y[2000:]) ** 2)
+    assert squared_error(m, folds[2]) == pytest.approx(direct, rel=1e-9)
+    grid = np.array([1e-6, 1e-2, 1e2, 1e4])
+    assert choose_alpha(folds, grid) < 1e2 * np.var(X)  # a planted linear map needs little shrinkage
+
+
+def test_mean_predictor_r2_is_zero_and_a_perfect_map_is_one():
+    X, Y, _, _ = _planted(noise=0.1)
+    stats = RidgeStats(12, 8)
+    stats.add(X[:1500], Y[:1500])
+    mean = mean_map(stats)
+    groups = [slice(None), slice(0, 4), slice(4, 8)]
+    test = Y[1500:]
+    r_mean = metrics_from_scores(row_scores(mean.predict(X[1500:]), test, mean.b, groups), len(test))
+    np.testing.assert_allclose(r_mean["r2"], 0.0, atol=1e-12)
+    r_self = metrics_from_scores(row_scores(test, test, mean.b, groups), len(test))
+    np.testing.assert_allclose(r_self["r2"], 1.0)
+    np.testing.assert_allclose(r_self["cosine"], 1.0)
+    # a shared offset inflates the cosine of the mean predictor: the trap centred R² exposes
+    assert r_mean["cosine"][0] > 0.9
+
+
+def test_split_is_by_sample_and_seeded():
+    fold, test = split_samples(20, 0.5, 3, seed=4)
+    assert len(test) == 10 and set(np.flatnonzero(fold == -1)) == set(test)
+    assert sorted(np.bincount(fold[fold >= 0])) == [3, 3, 4]
+    again, _ = split_samples(20, 0.5, 3, seed=4)
+    assert (again == fold).all() and not (split_samples(20, 0.5, 3, seed=5)[0] == fold).all()
+    with pytest.raises(KvpipeError, match="structure.calibration_fraction"):
+        split_samples(4, 0.5, 3, seed=0)
+
+
+def test_relative_depth_alignment():
+    assert relative_depth(24, 28)[0] == (0, 0) and relative_depth(24, 28)[-1] == (23, 27)
+    assert relative_depth(2, 3) == [(0, 0), (1, 2)]
+    assert [m for _, m in relative_depth(3, 3)] == [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def kv_dirs(tmp_path_factory, model_dirs, samples_path, smoke_config):
+    root = tmp_path_factory.mktemp("kvs")
+    out = {}
+    for slug in ("tiny-scout", "tiny-main", "tiny-llama"):
+        ex.extract(model_dirs[slug], samples_path, root / slug, EXTRACTION, smoke_config["prompt"], "cpu")
+        out[slug] = root / slug
+    for slug in ("tiny-scout", "tiny-main"):
+        ex.extract(model_dirs[slug], samples_path, root / f"{slug}-by2", EXTRACTION | {"shard_size": 2},
+                   smoke_config["prompt"], "cpu")
+        out[f"{slug}-by2"] = root / f"{slug}-by2"
+    return out
+
+
+def _cfg(smoke_config, **kw):
+    return smoke_config["structure"] | {"calibration_fraction": 0.5, "cv_folds": 2} | kw
+
+
+def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, smoke_config):
+    table, facts = analyse_pair(kv_dirs["tiny-main"], kv_dirs["tiny-main"], "self", _cfg(smoke_config))
+    assert facts["aligned_layers"] == [(0, 0), (1, 1), (2, 2)]
+    fitted = table[(table["baseline"] == "none") & (table["metric"] == "r2") & table["kind"].isin(ex.kvstore.KINDS)]
+    assert (fitted["value"] > 0.999).all() and len(fitted) == 3 * 3 * 3  # kinds x layers x (layer + 2 heads)
+    cka = table[(table["metric"].isin(["cka", "cka_debiased"])) & (table["scout_layer"] == table["main_layer"])]
+    assert (cka["value"] > 0.999).all()
+    mean = table[(table["baseline"] == "mean") & (table["metric"] == "r2")]
+    np.testing.assert_allclose(mean["value"], 0.0, atol=1e-12)
+    shuffled = table[(table["baseline"] == "shuffled") & (table["metric"] == "r2") & (table["head"] == -1)]
+    assert (shuffled["value"].abs() < 0.05).all()
+    assert set(table.columns) == {"pair", "kind", "scout_layer", "main_layer", "head", "metric", "value",
+                                  "ci_low", "ci_high", "baseline"}
+    ci = table[table["metric"] == "r2"]
+    assert ((ci["ci_low"] <= ci["value"] + 1e-9) & (ci["value"] <= ci["ci_high"] + 1e-9)).all()
+
+
+def test_results_do_not_depend_on_sharding(kv_dirs, smoke_config):
+    """Out-of-core accumulation: 2 or 4 samples per shard give the same fitted-map figures."""
+    def figures(suffix):
+        table, _ = analyse_pair(kv_dirs["tiny-scout" + suffix], kv_dirs["tiny-main" + suffix], "p", _cfg(smoke_config))
+        keep = table["baseline"].isin(["none", "mean", "self"]) & table["metric"].isin(["r2", "cosine", "rel_error"])
+        return table[keep].sort_values(["kind", "scout_layer", "head", "metric", "baseline"])["value"].to_numpy()
+
+    by4, by2 = figures(""), figures("-by2")
+    assert len(by4) == 3 * 2 * 3 * 3 * 3  # kinds x aligned layers x heads x metrics x predictors
+    np.testing.assert_allclose(by4, by2, rtol=1e-7, atol=1e-9)
+    with pytest.raises(KvpipeError, match="sharded differently"):
+        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main-by2"], "p", _cfg(smoke_config))
+
+
+def test_pair_with_different_tokenizers_is_rejected(kv_dirs, smoke_config):
+    with pytest.raises(KvpipeError, match="pair mixed: scout and main tokens differ .* share a tokenizer"):
+        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-llama"], "mixed", _cfg(smoke_config))

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
-def centered_gram(X: np.ndarray, debiased: bool = False) -> np.ndarray:
-    """Gram matrix X Xᵀ, double-centred (biased) or U-centred (debiased), in float64."""
-    X = np.asarray(X, dtype=np.float64)
-    K = X @ X.T
+def center_gram(K: np.ndarray, debiased: bool = False) -> np.ndarray:
+    """Double-centre (biased) or U-centre (debiased) a Gram matrix; returns a new float64 array."""
+    K = np.array(K, dtype=np.float64)
     n = K.shape[0]
     if not debiased:
         mean_rows = K.mean(axis=0, keepdims=True)
@@ -41,6 +40,12 @@ def centered_gram(X: np.ndarray, debiased: bool = False) -> np.ndarray:
     K = K - col - col.T + K.sum() / ((n - 1) * (n - 2))
     np.fill_diagonal(K, 0.0)
     return K
+
+
+def centered_gram(X: np.ndarray, debiased: bool = False) -> np.ndarray:
+    """Gram matrix X Xᵀ, double-centred (biased) or U-centred (debiased), in float64."""
+    X = np.asarray(X, dtype=np.float64)
+    return center_gram(X @ X.T, debiased)
 
 
 def cka_from_grams(K: np.ndarray, L: np.ndarray) -> float:

@@ -32,7 +32,7 @@ from kvpipe.errors import KvpipeError
 from kvpipe.structure import (
     RidgeStats,
     bootstrap_counts,
-    centered_gram,
+    center_gram,
     choose_alpha,
     cka_from_grams,
     fit_ridge,
@@ -121,25 +121,32 @@ class _Subsample:
 
 def _cka_tables(sub: _Subsample, scout_layers: list[int], main_layers: list[int], aligned: set[tuple[int, int]],
                 level: float, seed: int) -> list[dict[str, Any]]:
-    """CKA (biased, debiased) for every scout x main layer, with jackknife CIs on aligned pairs."""
+    """CKA (biased, debiased) for every scout x main layer, with jackknife CIs on aligned pairs.
+
+    The interval is a delete-half jackknife over samples: CKA on 50 random halves of the
+    sampled samples, sd of those values as the standard error (for d = n/2 the jackknife
+    variance factor (n - d) / d is 1), normal interval clipped to [-1, 1].
+    """
     out = []
     units = np.unique(sub.samples)
     rng = np.random.default_rng(seed)
-    halves = [np.isin(sub.samples, rng.choice(units, len(units) // 2, replace=False)) for _ in range(50)]
+    halves = [np.flatnonzero(np.isin(sub.samples, rng.choice(units, len(units) // 2, replace=False)))
+              for _ in range(50)]
     z = {0.9: 1.645, 0.95: 1.96, 0.99: 2.576}.get(level, 1.96)
     for kind in KINDS:
+        raw = {("main", m): sub.rows[("main", m, kind)] @ sub.rows[("main", m, kind)].T for m in main_layers}
+        raw.update({("scout", s): sub.rows[("scout", s, kind)] @ sub.rows[("scout", s, kind)].T for s in scout_layers})
         for debiased in (False, True):
             metric = "cka_debiased" if debiased else "cka"
-            main_grams = {m: centered_gram(sub.rows[("main", m, kind)], debiased) for m in main_layers}
+            main_grams = {m: center_gram(raw[("main", m)], debiased) for m in main_layers}
             for s in scout_layers:
-                X = sub.rows[("scout", s, kind)]
-                K = centered_gram(X, debiased)
+                K = center_gram(raw[("scout", s)], debiased)
                 for m in main_layers:
                     value = cka_from_grams(K, main_grams[m])
                     lo = hi = np.nan
                     if (s, m) in aligned and len(units) >= 4:
-                        Y = sub.rows[("main", m, kind)]
-                        reps = [cka_from_grams(centered_gram(X[h], debiased), centered_gram(Y[h], debiased)) for h in halves]
+                        reps = [cka_from_grams(center_gram(raw[("scout", s)][np.ix_(h, h)], debiased),
+                                               center_gram(raw[("main", m)][np.ix_(h, h)], debiased)) for h in halves]
                         sd = float(np.nanstd(reps))
                         lo, hi = max(value - z * sd, -1.0), min(value + z * sd, 1.0)
                     out.append({"kind": kind, "scout_layer": s, "main_layer": m, "head": -1, "metric": metric,

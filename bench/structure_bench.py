@@ -1,0 +1,83 @@
+"""Peak memory of the structure stage at 1x and 4x samples: it must not grow with n.
+
+Builds two random-initialised Qwen2 models with the default pair's KV shapes scaled down in
+depth (scout 8 layers x 2 KV heads x 64, main 8 layers x 2 x 128, one shared tokenizer),
+extracts n and 4n synthetic samples with the production code, then runs the structure
+stage for each in a fresh child process and records its peak RSS and wall time.
+Writes bench/results/structure.json.
+
+    python bench/structure_bench.py [--n 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from kvpipe.config import load_config
+from kvpipe.extract import extract
+from kvpipe.models import materialize
+from kvpipe.sampling import sample_to_file
+
+SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "heads": 8, "kv_heads": 2,
+         "intermediate_size": 512, "vocab_size": 512, "tokenizer_seed": 0, "seed": 1}
+MAIN = SCOUT | {"hidden_size": 512, "heads": 8, "intermediate_size": 1024, "seed": 2}
+
+
+def _child(scout: str, main: str, cfg: dict, queue: mp.Queue) -> None:
+    from kvpipe.structure_stage import analyse_pair
+
+    start = time.perf_counter()
+    table, facts = analyse_pair(Path(scout), Path(main), "bench", cfg)
+    queue.put({"seconds": round(time.perf_counter() - start, 1), "rows": len(table),
+               "test_tokens": facts["n_test_tokens"],
+               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/structure.json"))
+    args = ap.parse_args()
+    config = load_config(["config.yaml"])
+    extraction = config["extraction"] | {"dtype": "float32"}
+    record = {"scout": SCOUT, "main": MAIN, "structure": config["structure"], "shard_size": extraction["shard_size"],
+              "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dirs = {name: root / name for name in ("scout", "main")}
+        materialize("scout", SCOUT, dirs["scout"])
+        materialize("main", MAIN, dirs["main"])
+        for factor in (1, 4):
+            n = args.n * factor
+            samples = root / f"samples{n}.parquet"
+            dataset = {"source": "synthetic", "seed": 0, "passages": n, "entities_per_passage": 2,
+                       "unanswerable_fraction": 0.0}
+            sampling = {"n": n, "seed": 0, "answerable_only": True, "max_context_tokens": 4096}
+            sample_to_file("bench", dataset, list(dirs.values()), config["prompt"], sampling, samples)
+            kv = {role: root / f"kv{n}" / role for role in dirs}
+            for role in dirs:
+                extract(dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
+            queue: mp.Queue = mp.get_context("spawn").Queue()
+            proc = mp.get_context("spawn").Process(target=_child, args=(str(kv["scout"]), str(kv["main"]),
+                                                                         config["structure"], queue))
+            proc.start()
+            result = queue.get()
+            proc.join()
+            kv_mb = sum(f.stat().st_size for f in kv["main"].rglob("*.parquet")) / 2**20
+            record["runs"][f"{factor}x"] = result | {"n_samples": n, "main_kv_mb_on_disk": round(kv_mb, 1)}
+            print(factor, record["runs"][f"{factor}x"], flush=True)
+    one, four = record["runs"]["1x"]["peak_rss_mb"], record["runs"]["4x"]["peak_rss_mb"]
+    record["rss_ratio_4x_over_1x"] = round(four / one, 3)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Answer a question from a pruned KV cache, without leakage and without double counting.
+
+Protocol per (model, sample):
+  1. prefill the prompt up to the end of the context, once; the cache holds template +
+     context. Query states of the last context tokens are captured for SnapKV-style scores.
+  2. per condition, take that cache, keep the template and the selected context positions,
+     then feed the question part (question + closing template) at its *original* RoPE
+     positions and decode greedily. The question never attends to evicted tokens because
+     it is fed after the pruning.
+Conditions run as one batch: row r's cache holds its kept entries left-aligned and padded
+to the longest row; the padding is masked out. Every row shares the question's positions,
+so the batch is exact. Optionally the kept keys are re-rotated to contiguous positions
+(`rerotate`), in which case the question and answer follow on from them.
+The question queries of a full-cache row are captured for Q2C scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from kvpipe.extract import cache_layer, check_finite
+from kvpipe.loading import LoadedModel
+from kvpipe.prompt import QUESTION, PromptTokens
+from kvpipe.rope import apply_rope, invert_rope, rope_tables
+
+
+@dataclass
+class Answer:
+    """Greedy continuation of one condition."""
+
+    token_ids: list[int]
+    text: str
+    kept: int             # cache entries before the question (template + kept context)
+    cache_length: int     # cache length after decoding
+
+
+@contextmanager
+def capture_queries(lm: LoadedModel, last: int | None = None) -> Iterator[list[torch.Tensor]]:
+    """Collect each layer's q_proj output ([batch, n, Hq*d]; only the last `last` tokens if given)."""
+    store: list[torch.Tensor] = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: store.append((o[:, -last:] if last else o).detach()))
+        for layer in lm.model.model.layers]
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def rope_queries(lm: LoadedModel, raw: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[n, Hq*d] q_proj output -> [Hq, n, d] with RoPE at the given positions."""
+    d = lm.card["head_dim"]
+    q = raw.float().reshape(raw.shape[0], -1, d).transpose(0, 1)
+    cos, sin = rope_tables(lm.model, positions)
+    return apply_rope(q, cos, sin)
+
+
+class Session:
+    """One prefilled context of one model; answers any number of selections from it."""
+
+    def __init__(self, lm: LoadedModel, tokens: PromptTokens, window: int = 64) -> None:
+        self.lm, self.tokens = lm, tokens
+        ids = torch.as_tensor(tokens.input_ids[: tokens.context_end], device=lm.device)[None]
+        w = min(window, tokens.context_end - tokens.context_start)
+        with torch.inference_mode(), capture_queries(lm, last=w) as raw:
+            out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        for layer in range(len(self.cache.layers)):
+            keys, values = cache_layer(self.cache, layer)
+            check_finite(keys, f"keys of layer {layer}", lm)
+            check_finite(values, f"values of layer {layer}", lm)
+        self.window_index = torch.arange(tokens.context_end - w, tokens.context_end, device=lm.device)
+        self.window_queries = [rope_queries(lm, r[0], self.window_index) for r in raw]
+        self.question_ids = torch.as_tensor(tokens.input_ids[tokens.context_end:], device=lm.device)
+        self.question_rows = np.flatnonzero(tokens.segment[tokens.context_end:] == QUESTION)
+        self.question_queries: list[torch.Tensor] = []
+
+    @property
+    def context(self) -> slice:
+        return slice(self.tokens.context_start, self.tokens.context_end)
+
+    def keys(self) -> list[torch.Tensor]:
+        """Post-RoPE keys [Hkv, T, d] of the full context cache, per layer."""
+        return [cache_layer(self.cache, l)[0][0] for l in range(len(self.cache.layers))]
+
+    def _batched_cache(self, keeps: list[np.ndarray], rerotate: bool) -> tuple[DynamicCache, torch.Tensor, int]:
+        """Pruned caches left-aligned in one batch, their key mask, and the padded length."""
+        length = max(len(k) for k in keeps)
+        mask = torch.zeros(len(keeps), length, dtype=torch.long, device=self.lm.device)
+        layers = []
+        tables = rope_tables(self.lm.model, torch.arange(self.tokens.context_end, device=self.lm.device)) if rerotate else None
+        for layer in range(len(self.cache.layers)):
+            keys, values = cache_layer(self.cache, layer)
+            kb = keys.new_zeros((len(keeps), keys.shape[1], length, keys.shape[3]))
+            vb = values.new_zeros((len(keeps), values.shape[1], length, values.shape[3]))
+            for r, keep in enumerate(keeps):
+                idx = torch.as_tensor(keep, device=keys.device)
+                k = keys[0, :, idx]
+                if rerotate:  # move kept keys to positions 0..len-1
+                    cos, sin = tables
+                    k = apply_rope(invert_rope(k.float(), cos[idx], sin[idx]), cos[: len(idx)], sin[: len(idx)]).to(k.dtype)
+                kb[r, :, : len(idx)] = k
+                vb[r, :, : len(idx)] = values[0, :, idx]
+            layers.append((kb, vb))
+        for r, keep in enumerate(keeps):
+            mask[r, : len(keep)] = 1
+        return DynamicCache(ddp_cache_data=layers), mask, length
+
+    def answer(self, selections: list[np.ndarray], max_new_tokens: int, rerotate: bool = False,
+               capture_row: int | None = None) -> list[Answer]:
+        """Answer from caches keeping the template plus each selection (context-relative indices).
+
+        With capture_row, the question queries of that row are kept for Q2C scoring (the row
+        must keep the whole context).
+        """
+        prefix = np.arange(self.tokens.context_start)
+        keeps = [np.concatenate([prefix, self.tokens.context_start + np.sort(sel)]) for sel in selections]
+        cache, mask, length = self._batched_cache(keeps, rerotate)
+        batch, nq = len(keeps), len(self.question_ids)
+        start = torch.full((batch, 1), self.tokens.context_end, device=self.lm.device)
+        if rerotate:
+            start = torch.as_tensor([[len(k)] for k in keeps], device=self.lm.device)
+        ids = self.question_ids[None].expand(batch, -1)
+        positions = start + torch.arange(nq, device=self.lm.device)[None]
+        eos = self.lm.tokenizer.eos_token_id
+        done = torch.zeros(batch, dtype=torch.bool, device=self.lm.device)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        with torch.inference_mode():
+            with capture_queries(self.lm) as raw:
+                out = self.lm.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                                    attention_mask=torch.cat([mask, mask.new_ones(batch, nq)], dim=1),
+                                    position_ids=positions, cache_position=torch.arange(length, length + nq,
+                                                                                         device=self.lm.device))
+            if capture_row is not None:
+                qpos = positions[capture_row]
+                self.question_queries = [rope_queries(self.lm, r[capture_row][self.question_rows],
+                                                      qpos[self.question_rows]) for r in raw]
+                self.question_index = torch.as_tensor(length + self.question_rows, device=self.lm.device)
+                self.question_keys = [cache_layer(cache, l)[0][capture_row] for l in range(len(cache.layers))]
+            fed = 0
+            for step in range(max_new_tokens):
+                check_finite(out.logits, "the logits", self.lm)
+                nxt = out.logits[:, -1].argmax(-1)
+                for r in range(batch):
+                    if not done[r]:
+                        generated[r].append(int(nxt[r]))
+                done |= nxt == eos
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                total = length + nq + fed
+                out = self.lm.model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True,
+                                    attention_mask=torch.cat([mask, mask.new_ones(batch, nq + fed + 1)], dim=1),
+                                    position_ids=positions[:, -1:] + fed + 1,
+                                    cache_position=torch.tensor([total], device=self.lm.device))
+                fed += 1
+        cache_length = cache.get_seq_length()
+        answers = []
+        for r, keep in enumerate(keeps):
+            toks = [t for t in generated[r] if t != eos]
+            answers.append(Answer(toks, self.lm.tokenizer.decode(toks, skip_special_tokens=True).strip(), len(keep),
+                                  cache_length - (length - len(keep))))
+        return answers

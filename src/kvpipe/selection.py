@@ -1,0 +1,153 @@
+"""Token-selection methods: one small class per method with a common `score` interface.
+
+A selection is a set of *context* token positions shared by all layers and heads (what a
+scout can send to another model). Template and question tokens are never candidates.
+Scores come from query states captured on the forward pass and the cached (post-RoPE)
+keys; attention is only ever materialised for a few query rows against the prompt, so the
+memory is O(queries x prompt) per layer, never O(prompt²).
+
+For a layer l, query head h (in KV group g(h)), query row i at cache index t_i and key j:
+
+    A[l, h, i, j] = softmax_j( q[l, h, i] · k[l, g(h), j] / sqrt(d) ),   j ≤ t_i
+
+Q2C (question -> context), over the question tokens Q of the full-KV question pass:
+
+    s_Q2C[j] = Σ_l mean_h Σ_{i ∈ Q} A[l, h, i, j]                        for context j
+
+SnapKV, over the observation window W = the last `window` context tokens of the prefill:
+
+    a[l, h, j] = Σ_{i ∈ W} A[l, h, i, j]                                 for context j ∉ W
+    a[l, ., j] aggregated over the query heads of each KV group and then over groups
+               (`head_reduce`: mean or max)
+    s_SnapKV[j] = Σ_l pool_k(a[l])[j]        (`pooling` avg or max over a 1-D window of
+                                              `kernel` positions, stride 1, same length)
+    window tokens get +inf (always kept) when `keep_window`.
+
+Random: s[j] ~ U(0, 1), seeded by (seed, sample), the same for every model of a pair.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ScoringInputs:
+    """What a method may look at for one (model, sample)."""
+
+    context: slice                          # cache indices of the context tokens
+    sample_idx: int
+    window_queries: list[torch.Tensor]      # per layer [Hq, w, d], RoPE applied: last w context tokens
+    window_index: torch.Tensor              # cache indices of those queries
+    question_queries: list[torch.Tensor]    # per layer [Hq, nq, d], RoPE applied: question tokens
+    question_index: torch.Tensor            # their cache indices
+    keys: list[torch.Tensor]                # per layer [Hkv, T, d], post-RoPE, T ≥ every query index
+
+
+def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention of a few queries [Hq, n, d] over keys [Hkv, T, d] -> [Hkv, Hq/Hkv, n, T]."""
+    hkv, t, d = keys.shape
+    q = queries.float().reshape(hkv, -1, queries.shape[1], d)
+    logits = torch.einsum("gqnd,gtd->gqnt", q, keys.float()) / d ** 0.5
+    visible = torch.arange(t, device=keys.device)[None, :] <= query_index[:, None]
+    return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+class SelectionMethod(ABC):
+    """Scores context tokens; higher means keep."""
+
+    name: ClassVar[str]
+    needs_question: ClassVar[bool] = False   # scores need the question pass (else prefill only)
+
+    @abstractmethod
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        """One score per context token, float64 [n_context]."""
+
+
+class Q2C(SelectionMethod):
+    """Question-to-context attention, summed over question tokens and layers, mean over heads."""
+
+    name = "q2c"
+    needs_question = True
+
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        total = 0.0
+        for q, k in zip(inputs.question_queries, inputs.keys):
+            attn = attention_rows(q, k, inputs.question_index)[..., inputs.context]
+            total = total + attn.sum(dim=2).mean(dim=(0, 1))
+        return total.double().cpu().numpy()
+
+
+@dataclass
+class SnapKV(SelectionMethod):
+    """Observation-window attention at the end of the context, pooled along the sequence."""
+
+    window: int = 32
+    kernel: int = 7
+    pooling: str = "max"
+    head_reduce: str = "mean"
+    keep_window: bool = True
+    name: ClassVar[str] = "snapkv"
+
+    # The two published settings: the SnapKV repository's LongBench configuration and
+    # NVIDIA kvpress's SnapKVPress defaults (GQA groups averaged).
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "original": {"window": 32, "kernel": 7, "pooling": "max", "head_reduce": "mean", "keep_window": True},
+        "kvpress": {"window": 64, "kernel": 5, "pooling": "avg", "head_reduce": "mean", "keep_window": True},
+    }
+
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        ctx = inputs.context
+        n_ctx = ctx.stop - ctx.start
+        w = min(self.window, inputs.window_queries[0].shape[1], n_ctx)
+        total = torch.zeros(n_ctx - w)
+        for q, k in zip(inputs.window_queries, inputs.keys):
+            attn = attention_rows(q[:, -w:], k, inputs.window_index[-w:])[..., ctx.start:ctx.stop - w]
+            per_head = attn.sum(dim=2)                             # [Hkv, group, n_ctx - w]
+            reduce = (lambda x, d: x.amax(dim=d)) if self.head_reduce == "max" else (lambda x, d: x.mean(dim=d))
+            a = reduce(reduce(per_head, 1), 0)[None, None]         # [1, 1, n_ctx - w]
+            pad = self.kernel // 2
+            pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+            pooled = pool(F.pad(a, (pad, pad), mode="replicate"), self.kernel, stride=1)[0, 0]
+            total = total + pooled[: n_ctx - w].cpu()
+        tail = np.full(w, np.inf if self.keep_window else 0.0)
+        return np.concatenate([total.double().numpy(), tail])
+
+
+@dataclass
+class Random(SelectionMethod):
+    """Uniform random scores, seeded per sample (identical for both models of a pair)."""
+
+    seed: int = 0
+    name: ClassVar[str] = "random"
+
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        n = inputs.context.stop - inputs.context.start
+        return np.random.default_rng([self.seed, inputs.sample_idx]).random(n)
+
+
+def build_methods(cfg: dict[str, Any]) -> list[SelectionMethod]:
+    """The configured methods (selection.methods), SnapKV from its preset plus overrides."""
+    methods: list[SelectionMethod] = []
+    for name in cfg["methods"]:
+        if name == "q2c":
+            methods.append(Q2C())
+        elif name == "snapkv":
+            snap = cfg["snapkv"]
+            methods.append(SnapKV(**(SnapKV.PRESETS[snap["preset"]] | {k: v for k, v in snap.items() if k != "preset"})))
+        elif name == "random":
+            methods.append(Random(cfg["seed"]))
+    return methods
+
+
+def top_k(scores: np.ndarray, retention: float) -> np.ndarray:
+    """Sorted indices of the round(retention * n) highest scores (at least 1; ties: earlier first)."""
+    k = max(1, int(round(retention * len(scores))))
+    order = np.lexsort((np.arange(len(scores)), -scores))
+    return np.sort(order[:k])

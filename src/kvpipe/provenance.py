@@ -12,7 +12,11 @@ STAGE_MODULES = {
     "materialize": ("kvpipe.models", "kvpipe.tiny", "kvpipe.io"),
     "sample": ("kvpipe.sampling", "kvpipe.squad", "kvpipe.synthetic", "kvpipe.prompt", "kvpipe.loading", "kvpipe.io"),
     "extract": ("kvpipe.extract", "kvpipe.kvstore", "kvpipe.prompt", "kvpipe.rope", "kvpipe.loading", "kvpipe.io"),
-    "structure": ("kvpipe.structure", "kvpipe.structure_stage", "kvpipe.structure_report", "kvpipe.kvstore", "kvpipe.io"),
+    "structure": ("kvpipe.structure", "kvpipe.structure_stage", "kvpipe.structure_report", "kvpipe.kvstore", "kvpipe.stats",
+                  "kvpipe.io"),
+    "selection": ("kvpipe.selection", "kvpipe.selection_stage", "kvpipe.selection_report", "kvpipe.answering",
+                  "kvpipe.metrics", "kvpipe.prompt", "kvpipe.rope", "kvpipe.loading", "kvpipe.extract", "kvpipe.stats",
+                  "kvpipe.io"),
 }
 
 

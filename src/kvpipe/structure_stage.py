@@ -31,16 +31,15 @@ from kvpipe import kvstore
 from kvpipe.errors import KvpipeError
 from kvpipe.structure import (
     RidgeStats,
-    bootstrap_counts,
     center_gram,
     choose_alpha,
     cka_from_grams,
     fit_ridge,
     mean_map,
     metrics_from_scores,
-    percentile_ci,
     row_scores,
 )
+from kvpipe.stats import bootstrap_counts, percentile_ci
 
 KINDS = kvstore.KINDS
 PREDICTORS = ("none", "mean", "shuffled", "self")  # 'none' = the fitted scout -> main map

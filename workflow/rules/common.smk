@@ -30,11 +30,15 @@ wildcard_constraints:
     pair=_alternatives(config["pairs"]),
 
 
-def model_resources(wildcards):
-    """Scheduler hints of a model job: per-model override, else the default."""
+def model_resources(model):
+    """Scheduler hints of a job holding one model: per-model override, else the default."""
     res = dict(config["resources"]["default"])
-    res.update(config["resources"]["models"].get(wildcards.model, {}))
+    res.update(config["resources"]["models"].get(model, {}))
     return res
+
+
+def pair_models(pair):
+    return [config["pairs"][pair]["scout"], config["pairs"][pair]["main"]]
 
 
 def model_gpus():
@@ -42,8 +46,9 @@ def model_gpus():
     return 1 if config["device"] == "cuda" else 0
 
 
-# Figure names of the structure rule (kvpipe.structure_report.FIGURES, without importing matplotlib).
+# Figure names (kvpipe.structure_report.FIGURES, kvpipe.selection_report.FIGURES), without importing matplotlib.
 STRUCTURE_FIGURES = ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")
+SELECTION_FIGURES = ("f1_vs_retention", "overlap")
 
 
 def model_card(model):
@@ -55,8 +60,11 @@ def kv_manifest(dataset, model):
 
 
 def all_targets():
-    """KV datasets of every model of the selected pairs, and each pair's analyses, on every selected dataset."""
+    """KV datasets of every model of the selected pairs, and each pair's two analyses, on every selected dataset."""
     datasets = config["run"]["datasets"]
     return [kv_manifest(d, m) for d in datasets for m in run_models(config)] + [
-        f"results/structure/{d}/{p}/summary.md" for d in datasets for p in config["run"]["pairs"]
+        f"results/{stage}/{d}/{p}/summary.md"
+        for stage in ("structure", "selection")
+        for d in datasets
+        for p in config["run"]["pairs"]
     ]

@@ -17,8 +17,8 @@ rule extract_kv:
     benchmark:
         "results/benchmarks/extract_kv/{dataset}/{model}.tsv"
     resources:
-        mem_mb=lambda wc: model_resources(wc).get("mem_mb"),
-        runtime=lambda wc: model_resources(wc).get("runtime"),
+        mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
+        runtime=lambda wc: model_resources(wc.model).get("runtime"),
         gpu=model_gpus(),
     conda:
         "../../envs/kvpipe.yaml"

@@ -10,8 +10,8 @@ rule materialize_model:
     benchmark:
         "results/benchmarks/materialize_model/{model}.tsv"
     resources:
-        mem_mb=lambda wc: model_resources(wc).get("mem_mb"),
-        runtime=lambda wc: model_resources(wc).get("runtime"),
+        mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
+        runtime=lambda wc: model_resources(wc.model).get("runtime"),
     conda:
         "../../envs/kvpipe.yaml"
     script:

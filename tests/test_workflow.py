@@ -35,6 +35,15 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def test_smoke_workflow_builds_every_target(workdir):
+    for stage, figures in (("structure", ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")),
+                           ("selection", ("f1_vs_retention", "overlap"))):
+        out = workdir / "results" / stage / "synthetic-small" / "tiny"
+        assert (out / "summary.md").read_text().startswith("# ")
+        for name in figures:
+            assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+            assert (out / "figures" / f"{name}.pdf").exists()
+    answers = pd.read_parquet(workdir / "results/selection/synthetic-small/tiny/answers.parquet")
+    assert set(answers["method"]) == {"full", "q2c", "snapkv", "random"} and answers["sample_idx"].nunique() == 6
     samples = pd.read_parquet(workdir / "results/data/synthetic-small/samples.parquet")
     assert len(samples) == 6 and list(samples.columns)[:7] == ["sample_idx", "id", "title", "context", "question",
                                                                  "answers", "is_impossible"]
@@ -55,7 +64,8 @@ def test_rerun_does_nothing_and_one_model_change_reruns_only_its_jobs(workdir, t
     change = tmp_path / "change.yaml"
     change.write_text("models:\n  tiny-main: {seed: 9}\n")
     plan = planned_jobs(snakemake(workdir, "-n", "--configfile", str(SMOKE), str(change)))
-    assert plan == {"materialize_model": 1, "extract_kv": 1, "all": 1}
+    # that model, its KV, and the analyses of the one pair that uses it; the dataset is not resampled
+    assert plan == {"materialize_model": 1, "extract_kv": 1, "structure": 1, "selection": 1, "all": 1}
     resources = tmp_path / "resources.yaml"
     resources.write_text("resources:\n  models:\n    tiny-main: {mem_mb: 1200}\n")
     assert planned_jobs(snakemake(workdir, "-n", "--configfile", str(SMOKE), str(resources))) == {}
@@ -65,7 +75,7 @@ def test_extraction_setting_reruns_extraction_only(workdir, tmp_path):
     change = tmp_path / "change.yaml"
     change.write_text("extraction: {storage_dtype: float16}\n")
     plan = planned_jobs(snakemake(workdir, "-n", "--configfile", str(SMOKE), str(change)))
-    assert plan == {"extract_kv": 2, "all": 1}
+    assert plan == {"extract_kv": 2, "structure": 1, "all": 1}  # selection does not read stored KV
 
 
 def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
@@ -89,6 +99,20 @@ def test_cli_runs_the_stages_without_snakemake(tmp_path):
     kvpipe("sample", "--dataset", "synthetic-small", "--tokenizer", "m", "--out", "s.parquet")
     out = kvpipe("extract", "--model-dir", "m", "--samples", "s.parquet", "--out", "kv")
     assert "tiny-scout:" in out and kvstore.load_manifest(tmp_path / "kv")["n_samples"] == 6
-    for sub in ("validate", "materialize", "sample", "extract"):
+    kvpipe("materialize", "--model", "tiny-main", "--out", "m2")
+    kvpipe("extract", "--model-dir", "m2", "--samples", "s.parquet", "--out", "kv2")
+    kvpipe("structure", "--pair", "tiny", "--scout-kv", "kv", "--main-kv", "kv2", "--out", "st")
+    assert (tmp_path / "st" / "metrics.parquet").exists()
+    kvpipe("selection", "--pair", "tiny", "--scout-dir", "m", "--main-dir", "m2", "--samples", "s.parquet", "--out", "sel")
+    assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
+    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection"):
         help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
         assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout
+
+
+def test_cli_names_unknown_entries_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "materialize", "--model", "ghost", "--out", "x",
+                           "-c", str(REPO / "config.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("kvpipe: error: --model: 'ghost' is not in models "
+                                   "(qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m)")

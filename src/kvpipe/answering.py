@@ -16,6 +16,7 @@ The question queries of a full-cache row are captured for Q2C scores.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvpipe.extract import cache_layer, check_finite
+from kvpipe.extract import cache_layer, check_cache, check_finite
 from kvpipe.loading import LoadedModel
 from kvpipe.prompt import QUESTION, PromptTokens
 from kvpipe.rope import apply_rope, invert_rope, rope_tables
@@ -72,15 +73,13 @@ class Session:
         with torch.inference_mode(), capture_queries(lm, last=w) as raw:
             out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.cache = out.past_key_values
-        for layer in range(len(self.cache.layers)):
-            keys, values = cache_layer(self.cache, layer)
-            check_finite(keys, f"keys of layer {layer}", lm)
-            check_finite(values, f"values of layer {layer}", lm)
+        check_cache(self.cache, lm)
         self.window_index = torch.arange(tokens.context_end - w, tokens.context_end, device=lm.device)
         self.window_queries = [rope_queries(lm, r[0], self.window_index) for r in raw]
         self.question_ids = torch.as_tensor(tokens.input_ids[tokens.context_end:], device=lm.device)
         self.question_rows = np.flatnonzero(tokens.segment[tokens.context_end:] == QUESTION)
         self.question_queries: list[torch.Tensor] = []
+        self.prune_seconds = 0.0   # time spent copying and pruning caches, summed over answer() calls
 
     @property
     def context(self) -> slice:
@@ -122,7 +121,9 @@ class Session:
         """
         prefix = np.arange(self.tokens.context_start)
         keeps = [np.concatenate([prefix, self.tokens.context_start + np.sort(sel)]) for sel in selections]
+        started = time.perf_counter()
         cache, mask, length = self._batched_cache(keeps, rerotate)
+        self.prune_seconds += time.perf_counter() - started
         batch, nq = len(keeps), len(self.question_ids)
         start = torch.full((batch, 1), self.tokens.context_end, device=self.lm.device)
         if rerotate:

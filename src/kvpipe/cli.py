@@ -20,10 +20,11 @@ def _config(args: argparse.Namespace) -> dict:
     return load_config(args.config)
 
 
-def _model_spec(config: dict, slug: str) -> dict:
-    if slug not in config["models"]:
-        raise KvpipeError(f"--model: {slug!r} is not a configured model ({', '.join(sorted(config['models']))})")
-    return config["models"][slug]
+def _entry(config: dict, section: str, name: str) -> dict:
+    """config[section][name], or a one-line error naming the option (--model, --dataset, --pair)."""
+    if name not in config[section]:
+        raise KvpipeError(f"--{section[:-1]}: {name!r} is not in {section} ({', '.join(sorted(config[section]))})")
+    return config[section][name]
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -38,7 +39,7 @@ def cmd_materialize(args: argparse.Namespace) -> None:
     from kvpipe.models import materialize
 
     config = _config(args)
-    card = materialize(args.model, _model_spec(config, args.model), args.out)
+    card = materialize(args.model, _entry(config, "models", args.model), args.out)
     print(json.dumps(card, indent=2))
 
 
@@ -46,9 +47,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from kvpipe.sampling import sample_to_file
 
     config = _config(args)
-    if args.dataset not in config["datasets"]:
-        raise KvpipeError(f"--dataset: {args.dataset!r} is not a configured dataset")
-    frame = sample_to_file(args.dataset, config["datasets"][args.dataset], args.tokenizer, config["prompt"],
+    frame = sample_to_file(args.dataset, _entry(config, "datasets", args.dataset), args.tokenizer, config["prompt"],
                            config["sampling"], args.out)
     print(f"wrote {len(frame)} samples to {args.out}")
 
@@ -61,6 +60,25 @@ def cmd_extract(args: argparse.Namespace) -> None:
                        config["device"], args.dataset)
     print(f"{manifest['model']}: {manifest['rows_per_layer']} rows x {len(manifest['layers'])} layers, "
           f"{manifest['bytes'] / 1e6:.1f} MB in {args.out}")
+
+
+def cmd_structure(args: argparse.Namespace) -> None:
+    from kvpipe.structure_stage import run_structure
+
+    config = _config(args)
+    _entry(config, "pairs", args.pair)
+    run_structure(args.scout_kv, args.main_kv, args.pair, args.dataset, config["structure"], args.out)
+    print(f"wrote {args.out}/metrics.parquet, summary.md, figures/")
+
+
+def cmd_selection(args: argparse.Namespace) -> None:
+    from kvpipe.selection_stage import run_selection
+
+    config = _config(args)
+    _entry(config, "pairs", args.pair)
+    run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, args.dataset, config["selection"],
+                  config["prompt"], config["device"], config["extraction"]["dtype"], args.out)
+    print(f"wrote {args.out}/answers.parquet, summary.md, figures/")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -89,6 +107,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, type=Path, help="samples Parquet file")
     p.add_argument("--dataset", default="", help="dataset name recorded in the manifest")
     p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/kv/DATASET/MODEL)")
+    p = add("structure", cmd_structure, "Analyse how a scout's keys and values predict a main model's (two KV datasets).")
+    p.add_argument("--pair", required=True, help="pair name from the config")
+    p.add_argument("--scout-kv", required=True, type=Path, help="KV dataset directory of the scout")
+    p.add_argument("--main-kv", required=True, type=Path, help="KV dataset directory of the main model")
+    p.add_argument("--dataset", default="", help="dataset name for the report")
+    p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/structure/DATASET/PAIR)")
+    p = add("selection", cmd_selection, "Token selection by scout and main, overlap, and QA F1 from pruned caches.")
+    p.add_argument("--pair", required=True, help="pair name from the config")
+    p.add_argument("--scout-dir", required=True, type=Path, help="materialised scout model directory")
+    p.add_argument("--main-dir", required=True, type=Path, help="materialised main model directory")
+    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file")
+    p.add_argument("--dataset", default="", help="dataset name for the report")
+    p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/selection/DATASET/PAIR)")
     return top
 
 

@@ -52,18 +52,20 @@ def cache_layer(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return entry.keys, entry.values
 
 
-def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:
-    """One prefill with cache; every layer's keys and values, then the logits, must be finite.
+def check_cache(cache: Any, lm: LoadedModel) -> None:
+    """Every layer's keys and values must be finite; layers in order, so an overflow is named where it starts."""
+    for layer in range(len(cache.layers)):
+        keys, values = cache_layer(cache, layer)
+        check_finite(keys, f"keys of layer {layer}", lm)
+        check_finite(values, f"values of layer {layer}", lm)
 
-    Layers are checked in order so that an overflow is reported where it first appears.
-    """
+
+def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:
+    """One prefill with cache; the cache, then the logits, must be finite."""
     ids = torch.as_tensor(input_ids, device=lm.device).unsqueeze(0)
     with torch.inference_mode():
         out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    for layer in range(len(out.past_key_values.layers)):
-        keys, values = cache_layer(out.past_key_values, layer)
-        check_finite(keys, f"keys of layer {layer}", lm)
-        check_finite(values, f"values of layer {layer}", lm)
+    check_cache(out.past_key_values, lm)
     check_finite(out.logits, "the logits", lm)
     return out.past_key_values
 

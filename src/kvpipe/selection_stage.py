@@ -15,6 +15,7 @@ turns them into the notes' tables with paired bootstrap CIs.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from kvpipe.prompt import build_prompt
 from kvpipe.selection import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_k
 
 ROLES = ("scout", "main")
+log = logging.getLogger(__name__)
 UNANSWERABLE = "unanswerable"
 
 
@@ -112,6 +114,7 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
             results = sessions[role].answer([c[3] for c in conditions], cfg["max_new_tokens"], cfg["rerotate"])
             clock[role]["pruned_answers_s"] = time.perf_counter() - t0
             clock[role]["pruned_conditions"] = len(conditions)
+            clock[role]["prune_copy_s"] = sessions[role].prune_seconds
             for (method, r, source, sel), res in zip(conditions, results):
                 prediction, em, f1 = score_prediction(res.text, list(row.answers))
                 answers.append(base | {"role": role, "model": lms[role].slug, "method": method, "retention": r,
@@ -120,6 +123,8 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
         for role in ROLES:
             timings.append(base | {"role": role, "model": lms[role].slug, "prompt_tokens": len(tokens[role]),
                                    **clock[role]})
+        log.info("sample %d/%d (%s): %s", len(timings) // 2, len(samples), row.id,
+                 ", ".join(f"{r} {sum(v for k, v in clock[r].items() if k.endswith('_s')):.1f}s" for r in ROLES))
     return pd.DataFrame(answers), pd.DataFrame(overlaps), pd.DataFrame(timings)
 
 

@@ -1,0 +1,67 @@
+"""Cost of the selection stage with the default pair and grid on SQuAD v2.
+
+Samples n SQuAD questions with the production sampler (both tokenizers, max_context_tokens
+from config/squad_v2.yaml), runs the whole stage (kvpipe.selection_stage.run_selection) and
+records its wall time, plus the per-condition overhead beyond each condition's own question
+forward and decode steps: (cache copy + pruning + selection scoring) per condition, divided
+by the model's context prefill time (target: at most 0.10). Writes bench/results/selection.json
+and leaves the stage's outputs in bench/results/selection_squad/.
+
+    python bench/selection_bench.py [--n 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from kvpipe.config import load_config, run_models
+from kvpipe.sampling import sample_to_file
+from kvpipe.selection_stage import run_selection
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/selection.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = load_config(["config.yaml", "config/squad_v2.yaml"])
+    pair = config["run"]["pairs"][0]
+    scout, main_ = (args.results / "models" / config["pairs"][pair][r] for r in ("scout", "main"))
+    out_dir = args.out.parent / "selection_squad"
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "samples.parquet"
+        sample_to_file("squad_v2", config["datasets"]["squad_v2"], [args.results / "models" / m for m in run_models(config)],
+                       config["prompt"], config["sampling"] | {"n": args.n}, samples)
+        start = time.perf_counter()
+        run_selection(scout, main_, samples, pair, "squad_v2", config["selection"], config["prompt"], "cpu",
+                      config["extraction"]["dtype"], out_dir)
+        wall = time.perf_counter() - start
+    timings = pd.read_parquet(out_dir / "timings.parquet")
+    n_cond = timings["pruned_conditions"] + 1                     # pruned batch + the full-KV condition
+    per_condition = (timings["prune_copy_s"] + timings["scoring_s"]) / n_cond
+    timings["overhead_ratio"] = per_condition / timings["prefill_s"]
+    by_role = timings.groupby("model").agg(prefill_s=("prefill_s", "median"), full_answer_s=("full_answer_s", "median"),
+                                           pruned_batch_s=("pruned_answers_s", "median"),
+                                           prune_copy_s=("prune_copy_s", "median"), scoring_s=("scoring_s", "median"),
+                                           overhead_ratio_median=("overhead_ratio", "median"),
+                                           overhead_ratio_max=("overhead_ratio", "max"))
+    record = {"dataset": "squad_v2", "n_samples": args.n, "pair": pair, "grid": config["selection"]["retention"],
+              "methods": config["selection"]["methods"], "max_new_tokens": config["selection"]["max_new_tokens"],
+              "stage_wall_s": round(wall, 1), "target_wall_s": 3600, "meets_wall_target": wall <= 3600,
+              "per_model": by_role.round(4).to_dict(orient="index"), "target_overhead_ratio": 0.10,
+              "meets_overhead_target": bool((timings["overhead_ratio"] <= 0.10).all())}
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

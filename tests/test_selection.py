@@ -11,6 +11,7 @@ from kvpipe.errors import KvpipeError
 from kvpipe.metrics import squad_exact, squad_f1
 from kvpipe.prompt import QUESTION, build_prompt
 from kvpipe.selection import Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
+from kvpipe.selection_report import aggregate, summary_markdown
 from kvpipe.selection_stage import overlap_row, run_pair, score_prediction
 
 
@@ -191,3 +192,39 @@ def test_methods_from_config(smoke_config):
     snap = [m for m in methods if m.name == "snapkv"][0]
     assert (snap.window, snap.kernel, snap.pooling) == (64, 3, "avg")
     assert [m.name for m in methods] == ["q2c", "snapkv", "random"]
+
+
+def test_per_head_selection_with_identical_heads_equals_shared(session, tiny_main):
+    s, _ = session
+    n_ctx = s.context.stop - s.context.start
+    shared = top_k(np.random.default_rng(1).random(n_ctx), 0.5)
+    layers, heads = tiny_main.card["num_layers"], tiny_main.card["num_kv_heads"]
+    per_head = np.broadcast_to(shared, (layers, heads, len(shared))).copy()
+    a_shared, a_heads = s.answer([shared, per_head], 6)
+    assert a_shared.token_ids == a_heads.token_ids and a_shared.kept == a_heads.kept
+
+
+def test_per_head_scores_reduce_to_the_shared_scores(session):
+    s, _ = session
+    inputs = _inputs(s)
+    for method in (Q2C(), SnapKV(window=16, kernel=5, pooling="max"), Random(0)):
+        heads = method.head_scores(inputs)
+        assert heads.shape[:2] == (len(s.keys()), s.keys()[0].shape[0])
+        np.testing.assert_allclose(method.score(inputs), method.reduce_heads(heads).sum(0))
+    sel = top_k(Q2C().head_scores(inputs), 0.25)
+    assert sel.shape[-1] == round(0.25 * (s.context.stop - s.context.start))
+    assert not all(np.array_equal(sel[0, 0], sel[l, h]) for l in range(sel.shape[0]) for h in range(sel.shape[1]))
+    (ans,) = s.answer([sel], 4)
+    assert ans.kept == s.tokens.context_start + sel.shape[-1]
+
+
+def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
+    cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2, "per_head": True}
+    answers, overlaps, timings = run_pair({"scout": model_dirs["tiny-scout"], "main": model_dirs["tiny-main"]},
+                                          samples.head(2), "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
+    per_head = answers[answers["source"] == "own_per_head"]
+    assert set(per_head["method"]) == {"q2c", "snapkv"} and set(per_head["role"]) == {"scout", "main"}
+    agg = aggregate(answers, overlaps, cfg)
+    assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
+    text = summary_markdown(agg, answers, timings, cfg, "tiny", "synthetic-small")
+    assert "per-head − shared" in text

@@ -89,45 +89,56 @@ class Session:
         """Post-RoPE keys [Hkv, T, d] of the full context cache, per layer."""
         return [cache_layer(self.cache, l)[0][0] for l in range(len(self.cache.layers))]
 
-    def _batched_cache(self, keeps: list[np.ndarray], rerotate: bool) -> tuple[DynamicCache, torch.Tensor, int]:
-        """Pruned caches left-aligned in one batch, their key mask, and the padded length."""
-        length = max(len(k) for k in keeps)
-        mask = torch.zeros(len(keeps), length, dtype=torch.long, device=self.lm.device)
-        layers = []
+    def _kept_index(self, selection: np.ndarray, layer: int, heads: int) -> torch.Tensor:
+        """Cache indices [heads, n] one row keeps at a layer: the template, then its context selection."""
+        sel = selection if selection.ndim == 1 else selection[layer]
+        context = torch.as_tensor(self.tokens.context_start + np.sort(sel, axis=-1), device=self.lm.device)
+        context = context.expand(heads, -1) if context.ndim == 1 else context
+        prefix = torch.arange(self.tokens.context_start, device=self.lm.device).expand(heads, -1)
+        return torch.cat([prefix, context], dim=1)
+
+    def _batched_cache(self, selections: list[np.ndarray], rerotate: bool) -> tuple[DynamicCache, torch.Tensor, list[int]]:
+        """Pruned caches left-aligned in one batch, the key mask, and each row's kept length."""
+        kept = [self.tokens.context_start + sel.shape[-1] for sel in selections]
+        length = max(kept)
+        mask = torch.zeros(len(selections), length, dtype=torch.long, device=self.lm.device)
+        for r, n in enumerate(kept):
+            mask[r, :n] = 1
         tables = rope_tables(self.lm.model, torch.arange(self.tokens.context_end, device=self.lm.device)) if rerotate else None
+        layers = []
         for layer in range(len(self.cache.layers)):
             keys, values = cache_layer(self.cache, layer)
-            kb = keys.new_zeros((len(keeps), keys.shape[1], length, keys.shape[3]))
-            vb = values.new_zeros((len(keeps), values.shape[1], length, values.shape[3]))
-            for r, keep in enumerate(keeps):
-                idx = torch.as_tensor(keep, device=keys.device)
-                k = keys[0, :, idx]
-                if rerotate:  # move kept keys to positions 0..len-1
+            heads, d = keys.shape[1], keys.shape[3]
+            kb = keys.new_zeros((len(selections), heads, length, d))
+            vb = values.new_zeros((len(selections), heads, length, values.shape[3]))
+            for r, sel in enumerate(selections):
+                idx = self._kept_index(sel, layer, heads)                      # [heads, n]
+                k = torch.gather(keys[0], 1, idx[..., None].expand(-1, -1, d))
+                if rerotate:  # move kept keys to positions 0..n-1
                     cos, sin = tables
-                    k = apply_rope(invert_rope(k.float(), cos[idx], sin[idx]), cos[: len(idx)], sin[: len(idx)]).to(k.dtype)
-                kb[r, :, : len(idx)] = k
-                vb[r, :, : len(idx)] = values[0, :, idx]
+                    n = idx.shape[1]
+                    k = apply_rope(invert_rope(k.float(), cos[idx], sin[idx]), cos[:n], sin[:n]).to(k.dtype)
+                kb[r, :, : idx.shape[1]] = k
+                vb[r, :, : idx.shape[1]] = torch.gather(values[0], 1, idx[..., None].expand(-1, -1, values.shape[3]))
             layers.append((kb, vb))
-        for r, keep in enumerate(keeps):
-            mask[r, : len(keep)] = 1
-        return DynamicCache(ddp_cache_data=layers), mask, length
+        return DynamicCache(ddp_cache_data=layers), mask, kept
 
     def answer(self, selections: list[np.ndarray], max_new_tokens: int, rerotate: bool = False,
                capture_row: int | None = None) -> list[Answer]:
-        """Answer from caches keeping the template plus each selection (context-relative indices).
+        """Answer from caches keeping the template plus each selection of context-relative indices.
 
+        A selection is [k] (shared by all layers and heads) or [layers, kv_heads, k] (per head).
         With capture_row, the question queries of that row are kept for Q2C scoring (the row
         must keep the whole context).
         """
-        prefix = np.arange(self.tokens.context_start)
-        keeps = [np.concatenate([prefix, self.tokens.context_start + np.sort(sel)]) for sel in selections]
         started = time.perf_counter()
-        cache, mask, length = self._batched_cache(keeps, rerotate)
+        cache, mask, kept = self._batched_cache(selections, rerotate)
         self.prune_seconds += time.perf_counter() - started
-        batch, nq = len(keeps), len(self.question_ids)
+        length = max(kept)
+        batch, nq = len(selections), len(self.question_ids)
         start = torch.full((batch, 1), self.tokens.context_end, device=self.lm.device)
         if rerotate:
-            start = torch.as_tensor([[len(k)] for k in keeps], device=self.lm.device)
+            start = torch.as_tensor([[n] for n in kept], device=self.lm.device)
         ids = self.question_ids[None].expand(batch, -1)
         positions = start + torch.arange(nq, device=self.lm.device)[None]
         eos = self.lm.tokenizer.eos_token_id
@@ -163,8 +174,8 @@ class Session:
                 fed += 1
         cache_length = cache.get_seq_length()
         answers = []
-        for r, keep in enumerate(keeps):
+        for r, n in enumerate(kept):
             toks = [t for t in generated[r] if t != eos]
-            answers.append(Answer(toks, self.lm.tokenizer.decode(toks, skip_special_tokens=True).strip(), len(keep),
-                                  cache_length - (length - len(keep))))
+            answers.append(Answer(toks, self.lm.tokenizer.decode(toks, skip_special_tokens=True).strip(), n,
+                                  cache_length - (length - n)))
         return answers

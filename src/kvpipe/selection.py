@@ -1,7 +1,9 @@
 """Token-selection methods: one small class per method with a common `score` interface.
 
 A selection is a set of *context* token positions shared by all layers and heads (what a
-scout can send to another model). Template and question tokens are never candidates.
+scout can send to another model); as an option for a model's own use, each (layer, KV head)
+keeps its own top positions (`head_scores`, same budget per head). Template and question
+tokens are never candidates.
 Scores come from query states captured on the forward pass and the cached (post-RoPE)
 keys; attention is only ever materialised for a few query rows against the prompt, so the
 memory is O(queries x prompt) per layer, never O(prompt²).
@@ -12,15 +14,16 @@ For a layer l, query head h (in KV group g(h)), query row i at cache index t_i a
 
 Q2C (question -> context), over the question tokens Q of the full-KV question pass:
 
-    s_Q2C[j] = Σ_l mean_h Σ_{i ∈ Q} A[l, h, i, j]                        for context j
+    s_Q2C[l, g, j] = mean_{h ∈ g} Σ_{i ∈ Q} A[l, h, i, j]                for context j
+    s_Q2C[j] = Σ_l mean_g s_Q2C[l, g, j]
 
 SnapKV, over the observation window W = the last `window` context tokens of the prefill:
 
     a[l, h, j] = Σ_{i ∈ W} A[l, h, i, j]                                 for context j ∉ W
-    a[l, ., j] aggregated over the query heads of each KV group and then over groups
-               (`head_reduce`: mean or max)
-    s_SnapKV[j] = Σ_l pool_k(a[l])[j]        (`pooling` avg or max over a 1-D window of
+    a[l, g, j] = reduce over the query heads h of KV group g (`head_reduce`: mean or max)
+    p[l, g, j] = pool_k(a[l, g])[j]          (`pooling` avg or max over a 1-D window of
                                               `kernel` positions, stride 1, same length)
+    s_SnapKV[j] = Σ_l reduce_g p[l, g, j]
     window tokens get +inf (always kept) when `keep_window`.
 
 Random: s[j] ~ U(0, 1), seeded by (seed, sample), the same for every model of a pair.
@@ -60,28 +63,35 @@ def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch
 
 
 class SelectionMethod(ABC):
-    """Scores context tokens; higher means keep."""
+    """Scores context tokens; higher means keep.
+
+    `head_scores` gives one score per (layer, KV head, context token); `score` reduces it to
+    the shared selection a scout can send: reduce over heads, then sum over layers.
+    """
 
     name: ClassVar[str]
-    needs_question: ClassVar[bool] = False   # scores need the question pass (else prefill only)
 
     @abstractmethod
+    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
+        """float64 [layers, kv_heads, n_context]."""
+
+    def reduce_heads(self, scores: np.ndarray) -> np.ndarray:
+        return scores.mean(axis=1)
+
     def score(self, inputs: ScoringInputs) -> np.ndarray:
         """One score per context token, float64 [n_context]."""
+        return self.reduce_heads(self.head_scores(inputs)).sum(axis=0)
 
 
 class Q2C(SelectionMethod):
-    """Question-to-context attention, summed over question tokens and layers, mean over heads."""
+    """Question-to-context attention, summed over question tokens, mean over a KV group's query heads."""
 
     name = "q2c"
-    needs_question = True
 
-    def score(self, inputs: ScoringInputs) -> np.ndarray:
-        total = 0.0
-        for q, k in zip(inputs.question_queries, inputs.keys):
-            attn = attention_rows(q, k, inputs.question_index)[..., inputs.context]
-            total = total + attn.sum(dim=2).mean(dim=(0, 1))
-        return total.double().cpu().numpy()
+    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
+        layers = [attention_rows(q, k, inputs.question_index)[..., inputs.context].sum(dim=2).mean(dim=1)
+                  for q, k in zip(inputs.question_queries, inputs.keys)]
+        return torch.stack(layers).double().cpu().numpy()
 
 
 @dataclass
@@ -102,34 +112,38 @@ class SnapKV(SelectionMethod):
         "kvpress": {"window": 64, "kernel": 5, "pooling": "avg", "head_reduce": "mean", "keep_window": True},
     }
 
-    def score(self, inputs: ScoringInputs) -> np.ndarray:
+    def reduce_heads(self, scores: np.ndarray) -> np.ndarray:
+        return scores.max(axis=1) if self.head_reduce == "max" else scores.mean(axis=1)
+
+    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
         ctx = inputs.context
         n_ctx = ctx.stop - ctx.start
         w = min(self.window, inputs.window_queries[0].shape[1], n_ctx)
-        total = torch.zeros(n_ctx - w)
+        pad = self.kernel // 2
+        pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
+        layers = []
         for q, k in zip(inputs.window_queries, inputs.keys):
             attn = attention_rows(q[:, -w:], k, inputs.window_index[-w:])[..., ctx.start:ctx.stop - w]
-            per_head = attn.sum(dim=2)                             # [Hkv, group, n_ctx - w]
-            reduce = (lambda x, d: x.amax(dim=d)) if self.head_reduce == "max" else (lambda x, d: x.mean(dim=d))
-            a = reduce(reduce(per_head, 1), 0)[None, None]         # [1, 1, n_ctx - w]
-            pad = self.kernel // 2
-            pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
-            pooled = pool(F.pad(a, (pad, pad), mode="replicate"), self.kernel, stride=1)[0, 0]
-            total = total + pooled[: n_ctx - w].cpu()
-        tail = np.full(w, np.inf if self.keep_window else 0.0)
-        return np.concatenate([total.double().numpy(), tail])
+            per_head = attn.sum(dim=2)                                     # [Hkv, group, n_ctx - w]
+            a = per_head.amax(dim=1) if self.head_reduce == "max" else per_head.mean(dim=1)
+            pooled = pool(F.pad(a[:, None], (pad, pad), mode="replicate"), self.kernel, stride=1)[:, 0, : n_ctx - w]
+            layers.append(pooled.cpu())
+        scores = torch.stack(layers).double().numpy()
+        tail = np.full(scores.shape[:2] + (w,), np.inf if self.keep_window else 0.0)
+        return np.concatenate([scores, tail], axis=2)
 
 
 @dataclass
 class Random(SelectionMethod):
-    """Uniform random scores, seeded per sample (identical for both models of a pair)."""
+    """Uniform random scores, seeded per sample (identical for both models of a pair and all heads)."""
 
     seed: int = 0
     name: ClassVar[str] = "random"
 
-    def score(self, inputs: ScoringInputs) -> np.ndarray:
+    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
         n = inputs.context.stop - inputs.context.start
-        return np.random.default_rng([self.seed, inputs.sample_idx]).random(n)
+        shape = (len(inputs.keys), inputs.keys[0].shape[0], n)
+        return np.broadcast_to(np.random.default_rng([self.seed, inputs.sample_idx]).random(n), shape).copy()
 
 
 def build_methods(cfg: dict[str, Any]) -> list[SelectionMethod]:
@@ -147,7 +161,11 @@ def build_methods(cfg: dict[str, Any]) -> list[SelectionMethod]:
 
 
 def top_k(scores: np.ndarray, retention: float) -> np.ndarray:
-    """Sorted indices of the round(retention * n) highest scores (at least 1; ties: earlier first)."""
-    k = max(1, int(round(retention * len(scores))))
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    return np.sort(order[:k])
+    """Sorted indices of the round(retention * n) highest scores on the last axis (at least 1; ties: earlier first).
+
+    [n] scores give a shared selection [k]; [layers, heads, n] give per-head selections [layers, heads, k].
+    """
+    n = scores.shape[-1]
+    k = max(1, int(round(retention * n)))
+    order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
+    return np.sort(order, axis=-1)

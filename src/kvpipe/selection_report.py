@@ -79,6 +79,10 @@ def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]
             for m in methods:
                 own, moved = series(role, m, r, "own"), series(role, m, r, "transfer")
                 add("transfer", role, m, r, "f1_own", boot.mean(own))
+                if (role, m, r, "own_per_head") in f1.index.droplevel("sample_idx"):
+                    per_head = series(role, m, r, "own_per_head")
+                    add("transfer", role, m, r, "f1_own_per_head", boot.mean(per_head))
+                    add("transfer", role, m, r, "delta_per_head_vs_shared", boot.delta(per_head, own))
                 add("transfer", role, m, r, f"f1_from_{other}", boot.mean(moved))
                 add("transfer", role, m, r, f"delta_{direction}", boot.delta(moved, own))
                 add("transfer", role, m, r, "delta_own_vs_full", boot.delta(own, full))
@@ -182,12 +186,12 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataF
             f"{_cell(get('transfer', 'scout', m, r, 'f1_from_main'))} | {_cell(rev, True)} {_verdict(rev)} | "
             f"{'—' if nr is None else f'{nr:+.3f}'} | "
             f"{'—' if rm is None else f'{rm[0]:.3f} / {rs[0]:.3f}'} |")
-    lines += ["", "## Against the random baseline", "",
-              "| model | method | retention | own − random | own − full KV |", "|---|---|---|---|---|"]
+    lines += ["", "## Against the random baseline and full KV", "",
+              "| model | method | retention | own − random | own − full KV | per-head − shared |", "|---|---|---|---|---|---|"]
     for (role, m, r), _ in tr.groupby(["role", "method", "retention"]):
-        vs_rand, vs_full = get("transfer", role, m, r, "delta_own_vs_random"), get("transfer", role, m, r, "delta_own_vs_full")
-        lines.append(f"| {role} | {m} | {r:.2f} | {'—' if vs_rand is None else _cell(vs_rand, True) + ' ' + _verdict(vs_rand)} | "
-                     f"{_cell(vs_full, True)} {_verdict(vs_full)} |")
+        cells = [get("transfer", role, m, r, q) for q in ("delta_own_vs_random", "delta_own_vs_full", "delta_per_head_vs_shared")]
+        lines.append(f"| {role} | {m} | {r:.2f} | " + " | ".join(
+            "—" if c is None else f"{_cell(c, True)} {_verdict(c)}" for c in cells) + " |")
     if len(timings):
         t = timings.groupby("role")[["prefill_s", "full_answer_s", "scoring_s"]].median()
         lines += ["", "## Time (median per sample, seconds)", "", "| model | context prefill | full-KV answer | scoring |",

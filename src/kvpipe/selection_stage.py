@@ -4,9 +4,10 @@ Per pair and sample, each model's context is prefilled once (kvpipe.answering.Se
 The full-KV answer comes first; its question pass yields the Q2C scores. Then, for every
 method and retention below 1, one batch answers all pruned conditions of that model:
 
-    own        the model's own selection
-    transfer   the partner's selection (main <- scout: forward; scout <- main: reverse)
-    random     the seeded random selection (the same positions for both models)
+    own           the model's own selection
+    transfer      the partner's selection (main <- scout: forward; scout <- main: reverse)
+    random        the seeded random selection (the same positions for both models)
+    own_per_head  with selection.per_head: the model's own per-(layer, KV head) selections
 
 At retention 1 every condition keeps the whole context and equals the full-KV answer.
 Outputs per-sample answers and scores, scout/main overlap, and timings; kvpipe.selection_report
@@ -53,10 +54,15 @@ def overlap_row(a: np.ndarray, b: np.ndarray, n: int) -> dict[str, float]:
             "jaccard_random": expected / (2 * k - expected)}
 
 
-def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int) -> dict[str, np.ndarray]:
+def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per method: (shared scores [n_context], per-head scores [layers, kv_heads, n_context])."""
     inputs = ScoringInputs(session.context, sample_idx, session.window_queries, session.window_index,
                            session.question_queries, session.question_index, session.question_keys)
-    return {m.name: m.score(inputs) for m in methods}
+    out = {}
+    for m in methods:
+        heads = m.head_scores(inputs)
+        out[m.name] = (m.reduce_heads(heads).sum(axis=0), heads)
+    return out
 
 
 def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
@@ -93,11 +99,12 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
                                    "source": "none", "prediction": prediction, "exact": em, "f1": f1, "n_context": n_ctx,
                                    "n_kept_context": n_ctx, "cache_length": full.cache_length})
         n_ctx = sessions["main"].context.stop - sessions["main"].context.start
-        selections = {role: {m.name: {r: top_k(scores[role][m.name], r) for r in retentions if r < 1}
+        selections = {role: {m.name: {r: top_k(scores[role][m.name][0], r) for r in retentions if r < 1}
                              for m in methods} for role in ROLES}
         for m in methods:
-            finite = np.isfinite(scores["scout"][m.name]) & np.isfinite(scores["main"][m.name])
-            rho = spearmanr(scores["scout"][m.name][finite], scores["main"][m.name][finite]).statistic
+            a, b = scores["scout"][m.name][0], scores["main"][m.name][0]
+            finite = np.isfinite(a) & np.isfinite(b)
+            rho = spearmanr(a[finite], b[finite]).statistic
             for r in retentions:
                 if r < 1:
                     overlaps.append(base | {"method": m.name, "retention": r, "spearman": float(rho),
@@ -108,6 +115,9 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
             conditions = [(m.name, r, source, selections[role if source == "own" else other][m.name][r])
                           for m in methods for r in retentions if r < 1
                           for source in (("own", "transfer") if m.name != "random" else ("own",))]
+            if cfg["per_head"]:
+                conditions += [(m.name, r, "own_per_head", top_k(scores[role][m.name][1], r))
+                               for m in methods if m.name != "random" for r in retentions if r < 1]
             if not conditions:
                 continue
             t0 = time.perf_counter()
@@ -119,7 +129,8 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
                 prediction, em, f1 = score_prediction(res.text, list(row.answers))
                 answers.append(base | {"role": role, "model": lms[role].slug, "method": method, "retention": r,
                                        "source": source, "prediction": prediction, "exact": em, "f1": f1,
-                                       "n_context": n_ctx, "n_kept_context": len(sel), "cache_length": res.cache_length})
+                                       "n_context": n_ctx, "n_kept_context": sel.shape[-1],
+                                       "cache_length": res.cache_length})
         for role in ROLES:
             timings.append(base | {"role": role, "model": lms[role].slug, "prompt_tokens": len(tokens[role]),
                                    **clock[role]})

@@ -51,7 +51,8 @@ def _verdict(v: tuple[float, float, float]) -> str:
 def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
     """Tidy table of every headline mean and delta with its bootstrap interval."""
     boot = Bootstrap(answers["sample_idx"].unique(), cfg["bootstrap"], cfg["ci"], cfg["seed"])
-    f1 = answers.set_index(["role", "method", "retention", "source", "sample_idx"])["f1"]
+    f1 = answers.set_index(["role", "method", "retention", "source", "sample_idx"])["f1"].sort_index()
+    conditions = set(f1.index.droplevel("sample_idx"))
     rows = []
 
     def add(table: str, role: str, method: str, retention: float, quantity: str, v: tuple[float, float, float]) -> None:
@@ -79,7 +80,7 @@ def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]
             for m in methods:
                 own, moved = series(role, m, r, "own"), series(role, m, r, "transfer")
                 add("transfer", role, m, r, "f1_own", boot.mean(own))
-                if (role, m, r, "own_per_head") in f1.index.droplevel("sample_idx"):
+                if (role, m, r, "own_per_head") in conditions:
                     per_head = series(role, m, r, "own_per_head")
                     add("transfer", role, m, r, "f1_own_per_head", boot.mean(per_head))
                     add("transfer", role, m, r, "delta_per_head_vs_shared", boot.delta(per_head, own))

@@ -111,7 +111,7 @@ def write_figures(agg: pd.DataFrame, out_dir: Path, title: str) -> None:
         for (method, quantity), g in tr[(tr["role"] == role) & tr["quantity"].isin(["f1_own", f"f1_from_{other}", "f1"])
                                         ].groupby(["method", "quantity"]):
             g = g.sort_values("retention")
-            label = f"{method}, {'own' if quantity == 'f1_own' else ('from ' + other if 'from' in quantity else 'random')}"
+            label = "random" if method == "random" else f"{method}, {'own' if quantity == 'f1_own' else 'from ' + other}"
             line = ax.plot(g["retention"], g["value"], "o-" if "own" in quantity else "s--", label=label)[0]
             ax.fill_between(g["retention"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.15)
         full = agg[(agg["table"] == "full_kv") & (agg["role"] == role) & (agg["quantity"] == "f1")]
@@ -163,9 +163,11 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataF
         cells = [get("full_kv", role, "full", 1.0, q) for q in ("f1", "exact", "f1_has_answer", "f1_no_answer")]
         lines.append(f"| {model} ({role}) | " + " | ".join("—" if c is None else _cell(c) for c in cells) + " |")
     lines += ["", "## Selection overlap between scout and main", "",
+              "Random selections are seeded per sample and shared by both models, so they are left out here; "
+              "the random expectation column is the overlap two independent random selections would have.", "",
               "| method | retention | overlap |A∩B|/k | notes | random expectation | overlap − random | Jaccard | Spearman ρ of scores |",
               "|---|---|---|---|---|---|---|---|"]
-    ov = agg[agg["table"] == "overlap"]
+    ov = agg[(agg["table"] == "overlap") & (agg["method"] != "random")]  # random: the same positions by design
     for (m, r), _ in ov.groupby(["method", "retention"]):
         note = NOTES.get(("overlap", m, r))
         lines.append(f"| {m} | {r:.2f} | {_cell(get('overlap', 'pair', m, r, 'overlap'))} | "
@@ -189,7 +191,7 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataF
             f"{'—' if rm is None else f'{rm[0]:.3f} / {rs[0]:.3f}'} |")
     lines += ["", "## Against the random baseline and full KV", "",
               "| model | method | retention | own − random | own − full KV | per-head − shared |", "|---|---|---|---|---|---|"]
-    for (role, m, r), _ in tr.groupby(["role", "method", "retention"]):
+    for (role, m, r), _ in tr[tr["retention"] < 1].groupby(["role", "method", "retention"]):
         cells = [get("transfer", role, m, r, q) for q in ("delta_own_vs_random", "delta_own_vs_full", "delta_per_head_vs_shared")]
         lines.append(f"| {role} | {m} | {r:.2f} | " + " | ".join(
             "—" if c is None else f"{_cell(c, True)} {_verdict(c)}" for c in cells) + " |")

@@ -46,10 +46,11 @@ def write_figures(table: pd.DataFrame, out_dir: Path, title: str) -> None:
         grid = view.pivot(index="kind", columns="scout_layer", values="value").reindex(kinds)
         im = ax.imshow(grid.to_numpy(), aspect="auto", cmap=cmap, vmin=lims[0], vmax=lims[1])
         ax.set_yticks(range(len(kinds)), [KIND_LABELS[k] for k in kinds])
-        ax.set_xticks(range(grid.shape[1]), [f"{s}" for s in grid.columns], fontsize=7)
+        main_of = view.drop_duplicates("scout_layer").set_index("scout_layer")["main_layer"]
+        ax.set_xticks(range(grid.shape[1]), [f"{s}\n{main_of[s]}" for s in grid.columns], fontsize=6)
         ax.set_title(f"ridge scout→main, test tokens: {metric}")
         fig.colorbar(im, ax=ax)
-    axes[-1].set_xlabel("scout layer (main layer by relative depth)")
+    axes[-1].set_xlabel("scout layer / main layer (aligned by relative depth)")
     fig.suptitle(title)
     _save(fig, out_dir, FIGURES[0])
     plt.close(fig)

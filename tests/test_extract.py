@@ -81,6 +81,14 @@ def test_reapplying_rope_to_stored_pre_rope_keys_gives_cached_keys(kv_main, tiny
         assert not np.allclose(pre.numpy(), cached, atol=1e-3)
 
 
+def test_read_shard_returns_one_sample_range(kv_main):
+    root, manifest = kv_main
+    second = kvstore.read_shard(root, 0, 1, columns=["sample_idx"])
+    assert set(second.column("sample_idx").to_pylist()) == {4, 5}
+    with pytest.raises(KvpipeError, match="missing shard file"):
+        kvstore.read_shard(root, 0, 9)
+
+
 def test_manifest_shards_and_hashes(kv_main, samples, tiny_main, smoke_config):
     root, manifest = kv_main
     lengths = [len(build_prompt(tiny_main.tokenizer, smoke_config["prompt"], r.context, r.question)) for r in samples.itertuples()]

@@ -1,7 +1,6 @@
 import dataclasses
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -209,7 +208,7 @@ def test_per_head_scores_reduce_to_the_shared_scores(session):
     inputs = _inputs(s)
     for method in (Q2C(), SnapKV(window=16, kernel=5, pooling="max"), Random(0)):
         heads = method.head_scores(inputs)
-        assert heads.shape[:2] == (len(s.keys()), s.keys()[0].shape[0])
+        assert heads.shape[:2] == (len(s.question_keys), s.question_keys[0].shape[0])
         np.testing.assert_allclose(method.score(inputs), method.reduce_heads(heads).sum(0))
     sel = top_k(Q2C().head_scores(inputs), 0.25)
     assert sel.shape[-1] == round(0.25 * (s.context.stop - s.context.start))

@@ -78,16 +78,15 @@ class Session:
         self.window_queries = [rope_queries(lm, r[0], self.window_index) for r in raw]
         self.question_ids = torch.as_tensor(tokens.input_ids[tokens.context_end:], device=lm.device)
         self.question_rows = np.flatnonzero(tokens.segment[tokens.context_end:] == QUESTION)
+        # set by answer(..., capture_row=r): the question's queries and that row's keys, per layer
         self.question_queries: list[torch.Tensor] = []
+        self.question_keys: list[torch.Tensor] = []
+        self.question_index = torch.empty(0, dtype=torch.long, device=lm.device)
         self.prune_seconds = 0.0   # time spent copying and pruning caches, summed over answer() calls
 
     @property
     def context(self) -> slice:
         return slice(self.tokens.context_start, self.tokens.context_end)
-
-    def keys(self) -> list[torch.Tensor]:
-        """Post-RoPE keys [Hkv, T, d] of the full context cache, per layer."""
-        return [cache_layer(self.cache, l)[0][0] for l in range(len(self.cache.layers))]
 
     def _kept_index(self, selection: np.ndarray, layer: int, heads: int) -> torch.Tensor:
         """Cache indices [heads, n] one row keeps at a layer: the template, then its context selection."""

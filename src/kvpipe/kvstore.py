@@ -15,7 +15,6 @@ are fixed-size lists of num_kv_heads * head_dim floats, head-major.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +120,12 @@ def read_layer(root: Path, layer: int, columns: list[str] | None = None) -> pa.T
     return table.sort_by([("sample_idx", "ascending"), ("position", "ascending")])
 
 
-def iter_shards(root: Path, layer: int, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """One layer, shard by shard, so a reader's memory is bounded by one shard."""
-    for path in sorted((Path(root) / f"layer={layer:02d}").glob("shard-*.parquet")):
-        yield pq.read_table(path, columns=columns)
+def read_shard(root: Path, layer: int, shard: int, columns: list[str] | None = None) -> pa.Table:
+    """One (layer, shard) file: read shard by shard to keep memory bounded by one shard."""
+    path = Path(root) / shard_file(layer, shard)
+    if not path.is_file():
+        raise KvpipeError(f"{path}: missing shard file (is the KV dataset complete?)")
+    return pq.read_table(path, columns=columns)
 
 
 def matrix(table: pa.Table, kind: str) -> np.ndarray:

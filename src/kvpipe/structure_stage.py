@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from kvpipe import kvstore
 from kvpipe.errors import KvpipeError
@@ -69,8 +68,7 @@ class PairData:
         return len(self.scout_manifest["shards"])
 
     def read(self, role: str, layer: int, shard: int) -> Any:
-        root = self.scout if role == "scout" else self.main
-        return pq.read_table(root / kvstore.shard_file(layer, shard))
+        return kvstore.read_shard(self.scout if role == "scout" else self.main, layer, shard)
 
 
 def relative_depth(n_scout: int, n_main: int) -> list[tuple[int, int]]:

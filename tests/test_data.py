@@ -116,3 +116,27 @@ def test_sampling_length_filter_and_shortfall(smoke_config, model_dirs):
     assert (kept["prompt_tokens"] <= limit).all()
     with pytest.raises(KvpipeError, match="sampling.n: dataset d has only"):
         sample(examples, toks, smoke_config["prompt"], dict(n=40, seed=0, answerable_only=True, max_context_tokens=limit), "d")
+
+
+def test_hub_dataset_is_converted(monkeypatch):
+    import datasets
+
+    calls = []
+    table = datasets.Dataset.from_dict({
+        "id": ["a", "b"], "title": ["T", "T"], "context": ["Paris is big.", "Paris is big."], "question": ["q1", "q2"],
+        "answers": [{"text": ["Paris"], "answer_start": [0]}, {"text": [], "answer_start": []}]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, split: calls.append((hub_id, split)) or table)
+    frame = load_squad(hub_id="rajpurkar/squad_v2", split="validation")
+    assert calls == [("rajpurkar/squad_v2", "validation")]
+    assert list(frame["is_impossible"]) == [False, True] and frame.loc[0, "answers"][0]["text"] == "Paris"
+
+
+def test_unreachable_hub_dataset_is_one_line(monkeypatch):
+    import datasets
+
+    def offline(hub_id, split):
+        raise ConnectionError("Couldn't reach 'rajpurkar/squad_v2' on the Hub (LocalEntryNotFoundError)\ndetails")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(KvpipeError, match=r"^hub dataset rajpurkar/squad_v2 \(validation\): ConnectionError: Couldn't reach"):
+        load_squad(hub_id="rajpurkar/squad_v2")

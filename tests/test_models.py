@@ -113,3 +113,35 @@ def test_local_source_refuses_pickle_checkpoints(tmp_path, model_dirs):
     with pytest.raises(KvpipeError, match="cannot load a safetensors model"):
         materialize("x", {"source": "local", "path": str(d)}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_hub_source_pins_revision_and_safetensors(tmp_path, monkeypatch, smoke_config):
+    """The hub path is not reachable here: check what it asks the hub for, then save as usual."""
+    model, tokenizer = models.build_source("t", smoke_config["models"]["tiny-scout"])
+    calls = {}
+
+    class FakeAuto:
+        def __init__(self, name, obj):
+            self.name, self.obj = name, obj
+
+        def from_pretrained(self, where, **kwargs):
+            calls[self.name] = (where, kwargs)
+            return self.obj
+
+    monkeypatch.setattr(models, "AutoModelForCausalLM", FakeAuto("model", model))
+    monkeypatch.setattr(models, "AutoTokenizer", FakeAuto("tokenizer", tokenizer))
+    card = materialize("hub", {"source": "hf", "id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "abc123"}, tmp_path / "m")
+    assert calls["model"] == ("Qwen/Qwen2.5-0.5B-Instruct", {"dtype": "auto", "use_safetensors": True, "revision": "abc123"})
+    assert calls["tokenizer"] == ("Qwen/Qwen2.5-0.5B-Instruct", {"revision": "abc123"})
+    assert card["source"]["revision"] == "abc123" and (tmp_path / "m" / "model.safetensors").exists()
+
+
+def test_unreachable_hub_is_one_line(monkeypatch):
+    class Offline:
+        @staticmethod
+        def from_pretrained(where, **kwargs):
+            raise OSError(f"We couldn't connect to 'https://huggingface.co' to load the files of {where}.\nmore")
+
+    monkeypatch.setattr(models, "AutoTokenizer", Offline)
+    with pytest.raises(KvpipeError, match=r"^org/model: cannot load a safetensors model and tokenizer \(We couldn't connect"):
+        models.build_source("x", {"source": "hf", "id": "org/model", "revision": "main"})

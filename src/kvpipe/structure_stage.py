@@ -171,12 +171,12 @@ def analyse_pair(scout_root: Path, main_root: Path, pair: str, cfg: dict[str, An
     sub = _Subsample(cfg["cka_tokens"], cfg["seed"])
     shuffle_rng = np.random.default_rng(cfg["seed"] + 1)
 
-    def shard_matrices(shard: int) -> tuple[np.ndarray, dict[tuple[str, int, str], np.ndarray]]:
+    def shard_matrices(shard: int, scout_ls: list[int], main_ls: list[int]) -> tuple[np.ndarray, dict]:
         """Sample ids and float64 rows of the analysed segments, per (role, layer, kind), of one shard."""
-        tables = {("scout", s): data.read("scout", s, shard) for s in scout_layers}
-        tables.update({("main", m): data.read("main", m, shard) for m in main_layers})
-        first = tables[("scout", scout_layers[0])]
-        _check_alignment(first, tables[("main", main_layers[0])], pair)
+        tables = {("scout", s): data.read("scout", s, shard) for s in scout_ls}
+        tables.update({("main", m): data.read("main", m, shard) for m in main_ls})
+        first = tables[("scout", scout_ls[0])]
+        _check_alignment(first, tables[("main", main_ls[0])], pair)
         keep = pc.is_in(pc.cast(first.column("segment"), pa.string()), value_set=pa.array(segments, pa.string()))
         mats = {(role, layer, kind): kvstore.matrix(table.filter(keep), kind).astype(np.float64)
                 for (role, layer), table in tables.items() for kind in KINDS}
@@ -184,7 +184,7 @@ def analyse_pair(scout_root: Path, main_root: Path, pair: str, cfg: dict[str, An
 
     # Pass 1: calibration statistics (and the CKA subsample).
     for shard in range(data.n_shards):
-        sample_idx, mats = shard_matrices(shard)
+        sample_idx, mats = shard_matrices(shard, scout_layers, main_layers)  # every layer: CKA needs them all
         sub.offer(sample_idx, mats)
         fold = fold_of[sample_idx]
         for f in range(folds):
@@ -216,7 +216,7 @@ def analyse_pair(scout_root: Path, main_root: Path, pair: str, cfg: dict[str, An
     scores = np.zeros((len(KINDS), len(aligned), len(PREDICTORS), len(test_ids), len(groups), 4))
     tokens = np.zeros(len(test_ids))
     for shard in range(data.n_shards):
-        sample_idx, mats = shard_matrices(shard)
+        sample_idx, mats = shard_matrices(shard, sorted({s for s, _ in aligned}), sorted({m for _, m in aligned}))
         is_test = fold_of[sample_idx] == -1
         if not is_test.any():
             continue

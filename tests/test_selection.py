@@ -223,6 +223,8 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
                                           samples.head(2), "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
     per_head = answers[answers["source"] == "own_per_head"]
     assert set(per_head["method"]) == {"q2c", "snapkv"} and set(per_head["role"]) == {"scout", "main"}
+    assert set(answers["retention"]) == {0.5, 1.0}
+    assert set(answers.loc[answers["retention"] == 1.0, "method"]) == {"full"}  # 1.0 is not in this grid
     agg = aggregate(answers, overlaps, cfg)
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
     text = summary_markdown(agg, answers, timings, cfg, "tiny", "synthetic-small")

@@ -90,7 +90,8 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
             scores[role] = _scores(s, methods, row.sample_idx)
             clock[role] = {"prefill_s": t1 - t0, "full_answer_s": t2 - t1, "scoring_s": time.perf_counter() - t2}
             prediction, em, f1 = score_prediction(full.text, list(row.answers))
-            for method in [m.name for m in methods]:
+            # at retention 1 every selection keeps the whole context: the conditions are the full-KV answer
+            for method in [m.name for m in methods] if 1.0 in retentions else []:
                 for source in (("own", "transfer") if method != "random" else ("own",)):
                     answers.append(base | {"role": role, "model": lms[role].slug, "method": method, "retention": 1.0,
                                            "source": source, "prediction": prediction, "exact": em, "f1": f1,

@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -229,3 +230,18 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
     text = summary_markdown(agg, answers, timings, cfg, "tiny", "synthetic-small")
     assert "per-head − shared" in text
+
+
+def test_has_answer_and_no_answer_breakdown():
+    rows = []
+    for i in range(6):
+        impossible = i >= 4
+        for role in ("scout", "main"):
+            rows.append({"sample_idx": i, "role": role, "model": role, "method": "full", "retention": 1.0,
+                         "source": "none", "f1": 0.0 if impossible else 1.0, "exact": 0.0 if impossible else 1.0,
+                         "is_impossible": impossible})
+    cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0}
+    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]), cfg)
+    main = agg[(agg["table"] == "full_kv") & (agg["role"] == "main")].set_index("quantity")["value"]
+    assert main["f1_has_answer"] == 1.0 and main["f1_no_answer"] == 0.0
+    assert main["f1"] == pytest.approx(4 / 6)

@@ -1,9 +1,9 @@
-"""Peak memory of the structure stage at 1x and 4x samples: it must not grow with n.
+"""Peak memory of KV extraction and of the structure stage at 1x and 4x samples: neither may grow with n.
 
 Builds two random-initialised Qwen2 models with the default pair's KV shapes scaled down in
 depth (scout 8 layers x 2 KV heads x 64, main 8 layers x 2 x 128, one shared tokenizer),
-extracts n and 4n synthetic samples with the production code, then runs the structure
-stage for each in a fresh child process and records its peak RSS and wall time.
+extracts n and 4n synthetic samples with the production code, each extraction and each
+structure run in a fresh child process, and records peak RSS and wall time.
 Writes bench/results/structure.json.
 
     python bench/structure_bench.py [--n 40]
@@ -29,14 +29,28 @@ SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "he
 MAIN = SCOUT | {"hidden_size": 512, "heads": 8, "intermediate_size": 1024, "seed": 2}
 
 
-def _child(scout: str, main: str, cfg: dict, queue: mp.Queue) -> None:
-    from kvpipe.structure_stage import analyse_pair
-
+def _child(task: str, args: tuple, queue: mp.Queue) -> None:
     start = time.perf_counter()
-    table, facts = analyse_pair(Path(scout), Path(main), "bench", cfg)
-    queue.put({"seconds": round(time.perf_counter() - start, 1), "rows": len(table),
-               "test_tokens": facts["n_test_tokens"],
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+    if task == "extract":
+        manifest = extract(*args)
+        out = {"rows_per_layer": manifest["rows_per_layer"]}
+    else:
+        from kvpipe.structure_stage import analyse_pair
+
+        table, facts = analyse_pair(*args)
+        out = {"rows": len(table), "test_tokens": facts["n_test_tokens"]}
+    queue.put(out | {"seconds": round(time.perf_counter() - start, 1),
+                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+
+
+def _in_child(task: str, *args) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(task, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def main() -> None:
@@ -61,19 +75,16 @@ def main() -> None:
             sampling = {"n": n, "seed": 0, "answerable_only": True, "max_context_tokens": 4096}
             sample_to_file("bench", dataset, list(dirs.values()), config["prompt"], sampling, samples)
             kv = {role: root / f"kv{n}" / role for role in dirs}
-            for role in dirs:
-                extract(dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
-            queue: mp.Queue = mp.get_context("spawn").Queue()
-            proc = mp.get_context("spawn").Process(target=_child, args=(str(kv["scout"]), str(kv["main"]),
-                                                                         config["structure"], queue))
-            proc.start()
-            result = queue.get()
-            proc.join()
+            extraction_runs = {role: _in_child("extract", dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
+                               for role in dirs}
+            result = _in_child("structure", kv["scout"], kv["main"], "bench", config["structure"])
             kv_mb = sum(f.stat().st_size for f in kv["main"].rglob("*.parquet")) / 2**20
-            record["runs"][f"{factor}x"] = result | {"n_samples": n, "main_kv_mb_on_disk": round(kv_mb, 1)}
+            record["runs"][f"{factor}x"] = result | {"n_samples": n, "main_kv_mb_on_disk": round(kv_mb, 1),
+                                                     "extract_main": extraction_runs["main"]}
             print(factor, record["runs"][f"{factor}x"], flush=True)
-    one, four = record["runs"]["1x"]["peak_rss_mb"], record["runs"]["4x"]["peak_rss_mb"]
-    record["rss_ratio_4x_over_1x"] = round(four / one, 3)
+    one, four = record["runs"]["1x"], record["runs"]["4x"]
+    record["rss_ratio_4x_over_1x"] = round(four["peak_rss_mb"] / one["peak_rss_mb"], 3)
+    record["extract_rss_ratio_4x_over_1x"] = round(four["extract_main"]["peak_rss_mb"] / one["extract_main"]["peak_rss_mb"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))

@@ -46,6 +46,11 @@ def score_prediction(text: str, answers: list[dict[str, Any]]) -> tuple[str, flo
     return prediction, squad_exact(prediction, golds), squad_f1(prediction, golds)
 
 
+def sources(method: str) -> tuple[str, ...]:
+    """Where a model's selection can come from; random selections are shared, so only 'own'."""
+    return ("own",) if method == "random" else ("own", "transfer")
+
+
 def overlap_row(a: np.ndarray, b: np.ndarray, n: int) -> dict[str, float]:
     """Overlap of two equal-size selections of n candidates, with the random-selection expectation."""
     k, inter = len(a), len(np.intersect1d(a, b))
@@ -78,28 +83,29 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
         if not np.array_equal(tokens["scout"].input_ids, tokens["main"].input_ids):
             raise KvpipeError(f"pair {pair}: scout and main tokenise sample {row.id} differently; selection transfer "
                               "needs a shared tokenizer (token alignment is not implemented)")
+        n_ctx = tokens["main"].context_end - tokens["main"].context_start   # the same for both: same tokens
         base = {"sample_idx": row.sample_idx, "sample_id": row.id, "is_impossible": bool(row.is_impossible)}
+
+        def record(role: str, method: str, retention: float, source: str, answer: Any, n_kept: int) -> None:
+            prediction, em, f1 = score_prediction(answer.text, list(row.answers))
+            answers.append(base | {"role": role, "model": lms[role].slug, "method": method, "retention": retention,
+                                   "source": source, "prediction": prediction, "exact": em, "f1": f1,
+                                   "n_context": n_ctx, "n_kept_context": n_kept, "cache_length": answer.cache_length})
+
         sessions, scores, clock = {}, {}, {}
         for role in ROLES:
             t0 = time.perf_counter()
             sessions[role] = s = Session(lms[role], tokens[role], window)
             t1 = time.perf_counter()
-            n_ctx = s.context.stop - s.context.start
             (full,) = s.answer([np.arange(n_ctx)], cfg["max_new_tokens"], cfg["rerotate"], capture_row=0)
             t2 = time.perf_counter()
             scores[role] = _scores(s, methods, row.sample_idx)
             clock[role] = {"prefill_s": t1 - t0, "full_answer_s": t2 - t1, "scoring_s": time.perf_counter() - t2}
-            prediction, em, f1 = score_prediction(full.text, list(row.answers))
+            record(role, "full", 1.0, "none", full, n_ctx)
             # at retention 1 every selection keeps the whole context: the conditions are the full-KV answer
             for method in [m.name for m in methods] if 1.0 in retentions else []:
-                for source in (("own", "transfer") if method != "random" else ("own",)):
-                    answers.append(base | {"role": role, "model": lms[role].slug, "method": method, "retention": 1.0,
-                                           "source": source, "prediction": prediction, "exact": em, "f1": f1,
-                                           "n_context": n_ctx, "n_kept_context": n_ctx, "cache_length": full.cache_length})
-            answers.append(base | {"role": role, "model": lms[role].slug, "method": "full", "retention": 1.0,
-                                   "source": "none", "prediction": prediction, "exact": em, "f1": f1, "n_context": n_ctx,
-                                   "n_kept_context": n_ctx, "cache_length": full.cache_length})
-        n_ctx = sessions["main"].context.stop - sessions["main"].context.start
+                for source in sources(method):
+                    record(role, method, 1.0, source, full, n_ctx)
         selections = {role: {m.name: {r: top_k(scores[role][m.name][0], r) for r in retentions if r < 1}
                              for m in methods} for role in ROLES}
         for m in methods:
@@ -115,7 +121,7 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
             other = "main" if role == "scout" else "scout"
             conditions = [(m.name, r, source, selections[role if source == "own" else other][m.name][r])
                           for m in methods for r in retentions if r < 1
-                          for source in (("own", "transfer") if m.name != "random" else ("own",))]
+                          for source in sources(m.name)]
             if cfg["per_head"]:
                 conditions += [(m.name, r, "own_per_head", top_k(scores[role][m.name][1], r))
                                for m in methods if m.name != "random" for r in retentions if r < 1]
@@ -126,12 +132,8 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
             clock[role]["pruned_answers_s"] = time.perf_counter() - t0
             clock[role]["pruned_conditions"] = len(conditions)
             clock[role]["prune_copy_s"] = sessions[role].prune_seconds
-            for (method, r, source, sel), res in zip(conditions, results):
-                prediction, em, f1 = score_prediction(res.text, list(row.answers))
-                answers.append(base | {"role": role, "model": lms[role].slug, "method": method, "retention": r,
-                                       "source": source, "prediction": prediction, "exact": em, "f1": f1,
-                                       "n_context": n_ctx, "n_kept_context": sel.shape[-1],
-                                       "cache_length": res.cache_length})
+            for (method, r, source, sel), res in zip(conditions, results, strict=True):
+                record(role, method, r, source, res, sel.shape[-1])
         for role in ROLES:
             timings.append(base | {"role": role, "model": lms[role].slug, "prompt_tokens": len(tokens[role]),
                                    **clock[role]})

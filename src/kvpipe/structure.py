@@ -112,6 +112,11 @@ class LinearMap:
         return np.asarray(X, np.float64) @ self.W + self.b
 
 
+def pooled(parts: list[RidgeStats]) -> RidgeStats:
+    """The statistics of all rows summarised by parts (e.g. the calibration folds)."""
+    return sum(parts[1:], parts[0])
+
+
 def fit_ridge(stats: RidgeStats, alpha: float) -> LinearMap:
     """Ridge regression with an unpenalised intercept from sufficient statistics."""
     if stats.n == 0:
@@ -132,15 +137,15 @@ def squared_error(m: LinearMap, stats: RidgeStats) -> float:
 
 def choose_alpha(folds: list[RidgeStats], grid: np.ndarray) -> float:
     """The α of grid (relative to the mean feature variance) with least k-fold held-out error."""
-    total = sum(folds[1:], folds[0])
+    total = pooled(folds)
     mx = total.sx / total.n
     scale = max(float(np.trace(total.sxx - total.n * np.outer(mx, mx))) / total.p, 1e-12)
     errors = []
     for rel in grid:
         err = 0.0
         for k, held in enumerate(folds):
-            rest = [f for j, f in enumerate(folds) if j != k]
-            err += squared_error(fit_ridge(sum(rest[1:], rest[0]), rel * scale), held)
+            rest = pooled([f for j, f in enumerate(folds) if j != k])
+            err += squared_error(fit_ridge(rest, rel * scale), held)
         errors.append(err)
     return float(grid[int(np.argmin(errors))] * scale)
 

@@ -36,6 +36,7 @@ from kvpipe.structure import (
     fit_ridge,
     mean_map,
     metrics_from_scores,
+    pooled,
     row_scores,
 )
 from kvpipe.stats import bootstrap_counts, percentile_ci
@@ -206,10 +207,9 @@ def analyse_pair(scout_root: Path, main_root: Path, pair: str, cfg: dict[str, An
             for pred in ("none", "shuffled", "self"):
                 fold_stats = [stats[(kind, s, m, pred, f)] for f in range(folds)]
                 alpha = choose_alpha(fold_stats, grid)
-                maps[(kind, s, m, pred)] = fit_ridge(sum(fold_stats[1:], fold_stats[0]), alpha)
+                maps[(kind, s, m, pred)] = fit_ridge(pooled(fold_stats), alpha)
                 alphas[f"{kind}/{s}->{m}/{pred}"] = alpha
-            calibration = [stats[(kind, s, m, "none", f)] for f in range(folds)]
-            maps[(kind, s, m, "mean")] = mean_map(sum(calibration[1:], calibration[0]))
+            maps[(kind, s, m, "mean")] = mean_map(pooled([stats[(kind, s, m, "none", f)] for f in range(folds)]))
 
     # Pass 2: per-test-sample scores of every predictor.
     index = {sid: i for i, sid in enumerate(test_ids)}

@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kvpipe.errors import KvpipeError
+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """SHA-256 hex digest of a file, read in chunks."""
@@ -58,8 +60,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     """Read a JSON file, naming the file in the error if it is missing or malformed."""
-    from kvpipe.errors import KvpipeError
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:

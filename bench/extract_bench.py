@@ -2,7 +2,7 @@
 
 Needs the default pipeline's models and samples (run `snakemake --cores 2` first).
 For each model of the default pair: time bare prefills (the same call extraction makes,
-without storing anything), then `kvpipe.extract.extract` into a temporary directory,
+without storing anything), then `kvpipe.kv.extract.extract` into a temporary directory,
 then bare prefills again; the ratio divides extraction time by the mean bare time.
 Writes a JSON record (default bench/results/extract.json).
 
@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 from kvpipe.config import load_config, run_models
-from kvpipe.extract import extract, forward
-from kvpipe.loading import load_model
-from kvpipe.prompt import build_prompt
+from kvpipe.data.prompt import build_prompt
+from kvpipe.kv.extract import extract, forward
+from kvpipe.models.load import load_model
 
 
 def bare_seconds(lm, prompts) -> float:

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kvpipe.answering import Session
 from kvpipe.config import load_config, run_models
-from kvpipe.loading import load_model
-from kvpipe.prompt import CONTEXT, build_prompt
-from kvpipe.selection_stage import score_prediction
+from kvpipe.data.prompt import CONTEXT, build_prompt
+from kvpipe.inference.session import Session
+from kvpipe.models.load import load_model
+from kvpipe.selection.stage import score_prediction
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Cost of the selection stage with the default pair and grid on SQuAD v2.
 
 Samples n SQuAD questions with the production sampler (both tokenizers, max_context_tokens
-from config/squad_v2.yaml), runs the whole stage (kvpipe.selection_stage.run_selection) and
+from config/squad_v2.yaml), runs the whole stage (kvpipe.selection.stage.run_selection) and
 records its wall time, plus the per-condition overhead beyond each condition's own question
 forward and decode steps: (cache copy + pruning + selection scoring) per condition, divided
 by the model's context prefill time (target: at most 0.10). Writes bench/results/selection.json
@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 
 from kvpipe.config import load_config, run_models
-from kvpipe.sampling import sample_to_file
-from kvpipe.selection_stage import run_selection
+from kvpipe.data.sampling import sample_to_file
+from kvpipe.selection.stage import run_selection
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from kvpipe.config import load_config
-from kvpipe.extract import extract
-from kvpipe.models import materialize
-from kvpipe.sampling import sample_to_file
+from kvpipe.data.sampling import sample_to_file
+from kvpipe.kv.extract import extract
+from kvpipe.models.materialize import materialize
 
 SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "heads": 8, "kv_heads": 2,
          "intermediate_size": 512, "vocab_size": 512, "tokenizer_seed": 0, "seed": 1}
@@ -35,7 +35,7 @@ def _child(task: str, args: tuple, queue: mp.Queue) -> None:
         manifest = extract(*args)
         out = {"rows_per_layer": manifest["rows_per_layer"]}
     else:
-        from kvpipe.structure_stage import analyse_pair
+        from kvpipe.structure.stage import analyse_pair
 
         table, facts = analyse_pair(*args)
         out = {"rows": len(table), "test_tokens": facts["n_test_tokens"]}

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from kvpipe.config import load_config
-from kvpipe.loading import load_model
-from kvpipe.models import materialize
-from kvpipe.sampling import sample_to_file
+from kvpipe.data.sampling import sample_to_file
+from kvpipe.models.load import load_model
+from kvpipe.models.materialize import materialize
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "smoke" / "config.yaml"

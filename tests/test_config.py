@@ -3,11 +3,10 @@ import sys
 
 import pytest
 import yaml
+from conftest import REPO, SMOKE
 
 from kvpipe.config import deep_merge, load_config, run_models, validate
 from kvpipe.errors import KvpipeError
-
-from conftest import REPO, SMOKE
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@ import re
 
 import pandas as pd
 import pytest
-
-from kvpipe.errors import KvpipeError
-from kvpipe.loading import load_tokenizer
-from kvpipe.sampling import sample
-from kvpipe.squad import load_squad
-from kvpipe.synthetic import generate
-
 from conftest import SQUAD_SAMPLE
+
+from kvpipe.data.sampling import sample
+from kvpipe.data.squad import load_squad
+from kvpipe.data.synthetic import generate
+from kvpipe.errors import KvpipeError
+from kvpipe.models.load import load_tokenizer
 
 
 def _official(qas, context="Paris is the capital of France."):

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from kvpipe import extract as ex
-from kvpipe import kvstore
+from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.prompt import build_prompt
-from kvpipe.rope import apply_rope, invert_rope, rope_tables
+from kvpipe.kv import extract as ex
+from kvpipe.kv import store as kvstore
+from kvpipe.models.rope import apply_rope, invert_rope, rope_tables
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "zstd"}
 
@@ -158,7 +158,7 @@ def test_corrupt_or_changed_inputs_are_recomputed(tmp_path, model_dirs, samples_
 
 
 def _hooked(monkeypatch, lm_dir, hook_module, fn):
-    from kvpipe.loading import load_model
+    from kvpipe.models.load import load_model
 
     lm = load_model(lm_dir, "cpu", "float32")
     hook_module(lm.model).register_forward_hook(lambda m, i, o: fn(o))

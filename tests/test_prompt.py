@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
+from kvpipe.data.prompt import CONTEXT, QUESTION, TEMPLATE, build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.loading import load_tokenizer
-from kvpipe.prompt import CONTEXT, QUESTION, TEMPLATE, build_prompt
+from kvpipe.models.load import load_tokenizer
 
 
 @pytest.mark.parametrize("model", ["tiny-main", "tiny-llama"])

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kvpipe.answering import Session
+from kvpipe.data.prompt import QUESTION, build_prompt
+from kvpipe.data.qa_metrics import squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
-from kvpipe.metrics import squad_exact, squad_f1
-from kvpipe.prompt import QUESTION, build_prompt
-from kvpipe.selection import Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
-from kvpipe.selection_report import aggregate, summary_markdown
-from kvpipe.selection_stage import overlap_row, run_pair, score_prediction
+from kvpipe.inference.session import Session
+from kvpipe.selection.methods import Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
+from kvpipe.selection.report import aggregate, summary_markdown
+from kvpipe.selection.stage import overlap_row, run_pair, score_prediction
 
 
 @pytest.mark.parametrize("pred, golds, em, f1", [

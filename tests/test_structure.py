@@ -2,19 +2,19 @@ import numpy as np
 import pytest
 from scipy.stats import ortho_group
 
-from kvpipe import extract as ex
 from kvpipe.errors import KvpipeError
-from kvpipe.structure import (
+from kvpipe.kv import extract as ex
+from kvpipe.structure.cka import linear_cka
+from kvpipe.structure.ridge import (
     RidgeStats,
     choose_alpha,
     fit_ridge,
-    linear_cka,
     mean_map,
     metrics_from_scores,
     row_scores,
     squared_error,
 )
-from kvpipe.structure_stage import analyse_pair, relative_depth, split_samples
+from kvpipe.structure.stage import analyse_pair, relative_depth, split_samples
 
 rng = np.random.default_rng(0)
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from kvpipe import kvstore
-
 from conftest import REPO, SMOKE
+
+from kvpipe.kv import store as kvstore
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

@@ -36,7 +36,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_materialize(args: argparse.Namespace) -> None:
-    from kvpipe.models import materialize
+    from kvpipe.models.materialize import materialize
 
     config = _config(args)
     card = materialize(args.model, _entry(config, "models", args.model), args.out)
@@ -44,7 +44,7 @@ def cmd_materialize(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from kvpipe.sampling import sample_to_file
+    from kvpipe.data.sampling import sample_to_file
 
     config = _config(args)
     frame = sample_to_file(args.dataset, _entry(config, "datasets", args.dataset), args.tokenizer, config["prompt"],
@@ -53,7 +53,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> None:
-    from kvpipe.extract import extract
+    from kvpipe.kv.extract import extract
 
     config = _config(args)
     manifest = extract(args.model_dir, args.samples, args.out, config["extraction"], config["prompt"],
@@ -63,7 +63,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 
 def cmd_structure(args: argparse.Namespace) -> None:
-    from kvpipe.structure_stage import run_structure
+    from kvpipe.structure.stage import run_structure
 
     config = _config(args)
     _entry(config, "pairs", args.pair)
@@ -72,7 +72,7 @@ def cmd_structure(args: argparse.Namespace) -> None:
 
 
 def cmd_selection(args: argparse.Namespace) -> None:
-    from kvpipe.selection_stage import run_selection
+    from kvpipe.selection.stage import run_selection
 
     config = _config(args)
     _entry(config, "pairs", args.pair)

@@ -66,3 +66,15 @@ def read_json(path: Path) -> Any:
         raise KvpipeError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
         raise KvpipeError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def write_parquet(frame: Any, path: Path) -> None:
+    """Write a pandas DataFrame as Parquet, atomically, without the pandas index."""
+    with atomic_path(Path(path)) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 # The kvpipe modules each workflow stage executes.
 STAGE_MODULES = {
-    "materialize": ("kvpipe.models", "kvpipe.tiny", "kvpipe.io"),
-    "sample": ("kvpipe.sampling", "kvpipe.squad", "kvpipe.synthetic", "kvpipe.prompt", "kvpipe.loading", "kvpipe.io"),
-    "extract": ("kvpipe.extract", "kvpipe.kvstore", "kvpipe.prompt", "kvpipe.rope", "kvpipe.loading", "kvpipe.io"),
-    "structure": ("kvpipe.structure", "kvpipe.structure_stage", "kvpipe.structure_report", "kvpipe.kvstore", "kvpipe.stats",
+    "materialize": ("kvpipe.models", "kvpipe.models.tiny", "kvpipe.io"),
+    "sample": ("kvpipe.data.sampling", "kvpipe.data.squad", "kvpipe.data.synthetic", "kvpipe.data.prompt", "kvpipe.models.load", "kvpipe.io"),
+    "extract": ("kvpipe.kv.extract", "kvpipe.kv.store", "kvpipe.data.prompt", "kvpipe.models.rope", "kvpipe.models.load", "kvpipe.io"),
+    "structure": ("kvpipe.structure", "kvpipe.structure.stage", "kvpipe.structure.report", "kvpipe.kv.store", "kvpipe.stats",
                   "kvpipe.io"),
-    "selection": ("kvpipe.selection", "kvpipe.selection_stage", "kvpipe.selection_report", "kvpipe.answering",
-                  "kvpipe.metrics", "kvpipe.prompt", "kvpipe.rope", "kvpipe.loading", "kvpipe.extract", "kvpipe.stats",
+    "selection": ("kvpipe.selection", "kvpipe.selection.stage", "kvpipe.selection.report", "kvpipe.inference.session",
+                  "kvpipe.data.qa_metrics", "kvpipe.data.prompt", "kvpipe.models.rope", "kvpipe.models.load", "kvpipe.kv.extract", "kvpipe.stats",
                   "kvpipe.io"),
 }
 

@@ -46,7 +46,7 @@ def model_gpus():
     return 1 if config["device"] == "cuda" else 0
 
 
-# Figure names (kvpipe.structure_report.FIGURES, kvpipe.selection_report.FIGURES), without importing matplotlib.
+# Figure names (kvpipe.structure.report.FIGURES, kvpipe.selection.report.FIGURES), without importing matplotlib.
 STRUCTURE_FIGURES = ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")
 SELECTION_FIGURES = ("f1_vs_retention", "overlap")
 

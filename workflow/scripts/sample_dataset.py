@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # this checkout's kvpipe
-from kvpipe.sampling import sample_to_file
+from kvpipe.data.sampling import sample_to_file
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):

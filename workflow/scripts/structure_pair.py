@@ -3,7 +3,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # this checkout's kvpipe
-from kvpipe.structure_stage import run_structure
+from kvpipe.structure.stage import run_structure
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):

@@ -10,19 +10,19 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
+from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
 from kvpipe.io import atomic_path
-from kvpipe.loading import load_tokenizer
-from kvpipe.prompt import build_prompt
+from kvpipe.models.load import load_tokenizer
 
 
 def load_dataset(name: str, spec: dict[str, Any]) -> pd.DataFrame:
     """All examples of a configured dataset, in the source's order."""
     if spec["source"] == "synthetic":
-        from kvpipe.synthetic import generate
+        from kvpipe.data.synthetic import generate
 
         return generate(spec["seed"], spec["passages"], spec["entities_per_passage"], spec["unanswerable_fraction"])
-    from kvpipe.squad import load_squad
+    from kvpipe.data.squad import load_squad
 
     return load_squad(spec.get("path"), spec.get("hub_id"), spec["split"])
 

@@ -1,6 +1,6 @@
 """The selection-transfer stage: who keeps which context tokens, and what it costs in QA F1.
 
-Per pair and sample, each model's context is prefilled once (kvpipe.answering.Session).
+Per pair and sample, each model's context is prefilled once (kvpipe.inference.session.Session).
 The full-KV answer comes first; its question pass yields the Q2C scores. Then, for every
 method and retention below 1, one batch answers all pruned conditions of that model:
 
@@ -10,7 +10,7 @@ method and retention below 1, one batch answers all pruned conditions of that mo
     own_per_head  with selection.per_head: the model's own per-(layer, KV head) selections
 
 At retention 1 every condition keeps the whole context and equals the full-KV answer.
-Outputs per-sample answers and scores, scout/main overlap, and timings; kvpipe.selection_report
+Outputs per-sample answers and scores, scout/main overlap, and timings; kvpipe.selection.report
 turns them into the notes' tables with paired bootstrap CIs.
 """
 
@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from kvpipe.answering import Session
+from kvpipe.data.prompt import build_prompt
+from kvpipe.data.qa_metrics import normalize_answer, squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
-from kvpipe.loading import load_model
-from kvpipe.metrics import normalize_answer, squad_exact, squad_f1
-from kvpipe.prompt import build_prompt
-from kvpipe.selection import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_k
+from kvpipe.inference.session import Session
+from kvpipe.models.load import load_model
+from kvpipe.selection.methods import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_k
 
 ROLES = ("scout", "main")
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def run_selection(scout_dir: Path, main_dir: Path, samples_path: Path, pair: str
                   prompt: dict[str, Any], device: str, dtype: str, out_dir: Path) -> None:
     """Run a pair and write answers/overlap/timings Parquet, the tables, figures and summary."""
     from kvpipe.io import atomic_path
-    from kvpipe.selection_report import write_report
+    from kvpipe.selection.report import write_report
 
     samples = pd.read_parquet(samples_path)
     answers, overlaps, timings = run_pair({"scout": Path(scout_dir), "main": Path(main_dir)}, samples, pair, cfg,

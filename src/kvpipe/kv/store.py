@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from kvpipe.data.prompt import SEGMENT_NAMES
 from kvpipe.errors import KvpipeError
 from kvpipe.io import atomic_path, read_json, sha256_file, write_json
-from kvpipe.prompt import SEGMENT_NAMES
 
 FORMAT = "kvpipe-kv/1"
 KINDS = ("key", "key_pre_rope", "value")

@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kvpipe import kvstore
+from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
 from kvpipe.io import sha256_file
-from kvpipe.loading import LoadedModel, load_model
-from kvpipe.prompt import build_prompt
+from kvpipe.kv import store as kvstore
+from kvpipe.kv.checks import cache_layer, check_cache, check_finite
+from kvpipe.models.load import LoadedModel, load_model
+from kvpipe.models.rope import invert_rope, rope_tables
 from kvpipe.provenance import code_hash
-from kvpipe.rope import invert_rope, rope_tables
 
 
 def resolve_layers(layers: Any, num_layers: int, slug: str) -> list[int]:
@@ -36,28 +37,6 @@ def resolve_layers(layers: Any, num_layers: int, slug: str) -> list[int]:
     if bad:
         raise KvpipeError(f"extraction.layers: {bad} out of range for model {slug} with {num_layers} layers")
     return sorted(layers)
-
-
-def check_finite(tensor: torch.Tensor, what: str, lm: LoadedModel) -> None:
-    """Fail loudly on NaN/inf, naming the model, the tensor and the compute dtype."""
-    if not torch.isfinite(tensor).all():
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise KvpipeError(f"model {lm.slug}: {bad} non-finite values in {what} with dtype "
-                          f"{str(lm.dtype).removeprefix('torch.')}; use bfloat16 or float32 (extraction.dtype)")
-
-
-def cache_layer(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values) [batch, kv_heads, T, head_dim] of one layer of a transformers cache."""
-    entry = cache.layers[layer]
-    return entry.keys, entry.values
-
-
-def check_cache(cache: Any, lm: LoadedModel) -> None:
-    """Every layer's keys and values must be finite; layers in order, so an overflow is named where it starts."""
-    for layer in range(len(cache.layers)):
-        keys, values = cache_layer(cache, layer)
-        check_finite(keys, f"keys of layer {layer}", lm)
-        check_finite(values, f"values of layer {layer}", lm)
 
 
 def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:

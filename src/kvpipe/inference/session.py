@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvpipe.extract import cache_layer, check_cache, check_finite
-from kvpipe.loading import LoadedModel
-from kvpipe.prompt import QUESTION, PromptTokens
-from kvpipe.rope import apply_rope, invert_rope, rope_tables
+from kvpipe.data.prompt import QUESTION, PromptTokens
+from kvpipe.kv.checks import cache_layer, check_cache, check_finite
+from kvpipe.models.load import LoadedModel
+from kvpipe.models.rope import apply_rope, invert_rope, rope_tables
 
 
 @dataclass

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
-from kvpipe.models import CARD
+
+CARD = "kvpipe_model.json"
 
 
 @dataclass(frozen=True)

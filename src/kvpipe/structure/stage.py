@@ -26,20 +26,19 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kvpipe import kvstore
 from kvpipe.errors import KvpipeError
-from kvpipe.structure import (
+from kvpipe.kv import store as kvstore
+from kvpipe.stats import bootstrap_counts, percentile_ci
+from kvpipe.structure.cka import center_gram, cka_from_grams
+from kvpipe.structure.ridge import (
     RidgeStats,
-    center_gram,
     choose_alpha,
-    cka_from_grams,
     fit_ridge,
     mean_map,
     metrics_from_scores,
     pooled,
     row_scores,
 )
-from kvpipe.stats import bootstrap_counts, percentile_ci
 
 KINDS = kvstore.KINDS
 PREDICTORS = ("none", "mean", "shuffled", "self")  # 'none' = the fitted scout -> main map
@@ -281,7 +280,7 @@ def run_structure(scout_root: Path, main_root: Path, pair: str, dataset: str, cf
                   out_dir: Path) -> pd.DataFrame:
     """Analyse a pair and write metrics.parquet, facts.json, summary.md and figures/ under out_dir."""
     from kvpipe.io import atomic_path, write_json
-    from kvpipe.structure_report import summary_markdown, write_figures
+    from kvpipe.structure.report import summary_markdown, write_figures
 
     table, facts = analyse_pair(Path(scout_root), Path(main_root), pair, cfg)
     out_dir = Path(out_dir)

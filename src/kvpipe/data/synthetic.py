@@ -13,7 +13,7 @@ import random
 
 import pandas as pd
 
-from kvpipe.squad import COLUMNS
+from kvpipe.data.squad import COLUMNS
 
 _SYLLABLES = "ka lo mi re vo sa tu ne zi dar mel qua rin tho vel wyn ost ban cor fel".split()
 _PROFESSIONS = ["glassblower", "cartographer", "beekeeper", "astronomer", "shipwright", "luthier",

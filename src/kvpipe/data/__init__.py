@@ -1,0 +1,1 @@
+"""Datasets (SQuAD v2, synthetic), seeded sampling, chat prompts and QA scoring."""

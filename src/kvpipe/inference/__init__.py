@@ -1,0 +1,1 @@
+"""Giving a model its context KV (cache sources), conditions, and batched answering."""

@@ -1,0 +1,1 @@
+"""Per-model KV extraction, the sharded Parquet KV store and numerics checks."""

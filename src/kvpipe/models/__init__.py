@@ -1,0 +1,1 @@
+"""Model sources, materialisation to safetensors, loading, RoPE tables and tiny test models."""

@@ -1,0 +1,1 @@
+"""Selection transfer: token-selection methods, the stage runner and its report."""

@@ -1,0 +1,1 @@
+"""Structural analysis: CKA and ridge statistics, the stage runner and its report."""

@@ -1,8 +1,15 @@
-# kvpipe workflow: materialise models -> sample datasets -> extract KV caches -> analyse pairs
-# (structure of keys/values; selection transfer and QA F1).
-# Configuration: config.yaml, overlays with --configfile. See README.md.
+# kvpipe workflow: materialise models -> sample datasets -> extract KV caches -> analyse pairs.
+# Each analysis stage is a compute rule and a report rule. Configuration: config.yaml,
+# overlays with --configfile. See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
 
 configfile: workflow.source_path("config.yaml")
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

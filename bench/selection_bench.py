@@ -1,13 +1,13 @@
 """Cost of the selection stage with the default pair and grid on SQuAD v2.
 
-Samples n SQuAD questions with the production sampler (both tokenizers, max_context_tokens
-from config/squad_v2.yaml), runs the whole stage (kvpipe.selection.stage.run_selection) and
+Samples n SQuAD questions with the production sampler (sampling settings of
+config/squad_v2.yaml, the official-format JSON given by --squad), runs the whole stage (kvpipe.selection.stage.run_selection) and
 records its wall time, plus the per-condition overhead beyond each condition's own question
 forward and decode steps: (cache copy + pruning + selection scoring) per condition, divided
 by the model's context prefill time (target: at most 0.10). Writes bench/results/selection.json
 and leaves the stage's outputs in bench/results/selection_squad/.
 
-    python bench/selection_bench.py [--n 50]
+    python bench/selection_bench.py --squad data/squad_v2/dev-v2.0.json [--n 50]
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvpipe.config import load_config, run_models
+from kvpipe.config import load_config, pair_settings
 from kvpipe.data.sampling import sample_to_file
+from kvpipe.selection.report import write_report
 from kvpipe.selection.stage import run_selection
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--squad", type=Path, default=Path("data/squad_v2/dev-v2.0.json"), help="official SQuAD v2 JSON")
     ap.add_argument("--results", type=Path, default=Path("results"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/selection.json"))
     args = ap.parse_args()
@@ -39,12 +41,15 @@ def main() -> None:
     out_dir = args.out.parent / "selection_squad"
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        sample_to_file("squad_v2", config["datasets"]["squad_v2"], [args.results / "models" / m for m in run_models(config)],
-                       config["prompt"], config["sampling"] | {"n": args.n}, samples)
+        sample_to_file("squad_v2", config["datasets"]["squad_v2"] | {"path": str(args.squad)},
+                       args.results / "models" / config["sampling"]["tokenizer"], config["prompt"],
+                       config["sampling"] | {"n": args.n}, samples)
         start = time.perf_counter()
-        run_selection(scout, main_, samples, pair, "squad_v2", config["selection"], config["prompt"], "cpu",
+        run_selection(scout, main_, samples, pair, pair_settings(config, pair, "selection"), config["prompt"], "cpu",
                       config["extraction"]["dtype"], out_dir)
         wall = time.perf_counter() - start
+        write_report(out_dir / "answers.parquet", out_dir / "overlap.parquet", out_dir / "timings.parquet",
+                     out_dir / "facts.json", "squad_v2", out_dir)
     timings = pd.read_parquet(out_dir / "timings.parquet")
     n_cond = timings["pruned_conditions"] + 1                     # pruned batch + the full-KV condition
     per_condition = (timings["prune_copy_s"] + timings["scoring_s"]) / n_cond

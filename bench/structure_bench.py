@@ -23,6 +23,7 @@ from kvpipe.config import load_config
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.kv.extract import extract
 from kvpipe.models.materialize import materialize
+from kvpipe.structure.pair_data import read_passages
 
 SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "heads": 8, "kv_heads": 2,
          "intermediate_size": 512, "vocab_size": 512, "tokenizer_seed": 0, "seed": 1}
@@ -72,12 +73,13 @@ def main() -> None:
             samples = root / f"samples{n}.parquet"
             dataset = {"source": "synthetic", "seed": 0, "passages": n, "entities_per_passage": 2,
                        "unanswerable_fraction": 0.0}
-            sampling = {"n": n, "seed": 0, "answerable_only": True, "max_context_tokens": 4096}
-            sample_to_file("bench", dataset, list(dirs.values()), config["prompt"], sampling, samples)
+            sampling = {"n": n, "seed": 0, "answerable_only": True, "tokenizer": "scout", "max_context_tokens": 4096}
+            sample_to_file("bench", dataset, dirs["scout"], config["prompt"], sampling, samples)
             kv = {role: root / f"kv{n}" / role for role in dirs}
             extraction_runs = {role: _in_child("extract", dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
                                for role in dirs}
-            result = _in_child("structure", kv["scout"], kv["main"], "bench", config["structure"])
+            result = _in_child("structure", kv["scout"], kv["main"], read_passages(samples, kv["main"]), "bench",
+                               config["structure"])
             kv_mb = sum(f.stat().st_size for f in kv["main"].rglob("*.parquet")) / 2**20
             record["runs"][f"{factor}x"] = result | {"n_samples": n, "main_kv_mb_on_disk": round(kv_mb, 1),
                                                      "extract_main": extraction_runs["main"]}

@@ -34,8 +34,7 @@ def model_dirs(tmp_path_factory, smoke_config) -> dict[str, Path]:
 def samples_path(tmp_path_factory, smoke_config, model_dirs) -> Path:
     out = tmp_path_factory.mktemp("data") / "samples.parquet"
     sample_to_file("synthetic-small", smoke_config["datasets"]["synthetic-small"],
-                   [model_dirs["tiny-scout"], model_dirs["tiny-main"], model_dirs["tiny-llama"]],
-                   smoke_config["prompt"], smoke_config["sampling"], out)
+                   model_dirs[smoke_config["sampling"]["tokenizer"]], smoke_config["prompt"], smoke_config["sampling"], out)
     return out
 
 

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from conftest import REPO, SMOKE
 
-from kvpipe.config import deep_merge, load_config, run_models, validate
+from kvpipe.config import deep_merge, load_config, pair_sections, pair_settings, run_models, validate
 from kvpipe.errors import KvpipeError
 
 
@@ -39,12 +39,18 @@ def test_defaults_fill_nested_sources(base):
         (lambda c: c["extraction"].update(shard_sise=3), "extraction: Additional properties"),
         (lambda c: c["pairs"]["tiny"].update(main="nope"), "pairs.tiny.main: 'nope' is not a configured model"),
         (lambda c: c.update(selection={"retention": [0.5, 1.5]}), "selection.retention.1: 1.5 is greater than the maximum of 1"),
-        (lambda c: c.update(selection={"retention": [0.0]}), "selection.retention.0: 0.0 is less than or equal to the minimum of 0"),
+        (lambda c: c.update(selection={"retention": [0.0]}),
+         "selection.retention.0: 0.0 is less than or equal to the minimum of 0"),
         (lambda c: c["models"]["tiny-main"].update(layers="two"), "models.tiny-main.layers: 'two' is not of type 'integer'"),
         (lambda c: c["models"]["tiny-main"].update(source="ftp"), "models.tiny-main: unknown source 'ftp'"),
         (lambda c: c["run"].update(pairs=["tiny", "other"]), "run.pairs.1: 'other' is not in pairs"),
         (lambda c: c["prompt"].update(user="{question} then {context}"), "prompt.user: {context} must come before"),
         (lambda c: c["models"].update({"a/b": c["models"]["tiny-main"]}), "does not match"),
+        (lambda c: c["sampling"].update(tokenizer="ghost"), "sampling.tokenizer: 'ghost' is neither a configured model"),
+        (lambda c: c["pairs"]["tiny"].update(selection={"retention": [2]}),
+         "pairs.tiny.selection.retention.0: 2 is greater than the maximum of 1"),
+        (lambda c: c["pairs"]["tiny"].update(structure={"cv_fold": 2}), "pairs.tiny.structure: Additional properties"),
+        (lambda c: c["selection"].update(methods=["q2c", "h2o"]), "selection.methods.1: 'h2o' is not one of"),
     ],
 )
 def test_schema_errors_name_the_key(base, mutate, expected):
@@ -74,3 +80,27 @@ def test_missing_and_malformed_config_files(tmp_path):
     broken.write_text("models: [unclosed\n")
     with pytest.raises(KvpipeError, match="broken.yaml: not valid YAML at line"):
         load_config([broken])
+
+
+def test_pair_settings_merge_the_pairs_overrides_over_the_global_section(base):
+    base["pairs"]["tiny"]["selection"] = {"max_new_tokens": 3, "snapkv": {"window": 8}}
+    base["pairs"]["other"] = {"scout": "tiny-scout", "main": "tiny-main"}
+    cfg = validate(base)
+    mine, other = pair_settings(cfg, "tiny", "selection"), pair_settings(cfg, "other", "selection")
+    assert mine["max_new_tokens"] == 3 and other["max_new_tokens"] == cfg["selection"]["max_new_tokens"] == 4
+    assert mine["snapkv"] == {"preset": "original", "window": 8}  # nested mappings merge
+    assert mine["retention"] == other["retention"] == cfg["selection"]["retention"]
+    assert pair_settings(cfg, "tiny", "structure") == cfg["structure"]
+    assert pair_sections() == ("structure", "selection")
+
+
+def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):
+    base["sampling"]["tokenizer"] = "Qwen/Qwen2.5-0.5B-Instruct"
+    assert validate(base)["sampling"]["tokenizer"] == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+def test_the_schema_knows_exactly_the_registered_selection_methods():
+    from kvpipe.config import schema
+    from kvpipe.selection.methods import METHODS
+
+    assert schema()["properties"]["selection"]["properties"]["methods"]["items"]["enum"] == sorted(METHODS)

@@ -139,3 +139,29 @@ def test_unreachable_hub_dataset_is_one_line(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(KvpipeError, match=r"^hub dataset rajpurkar/squad_v2 \(validation\): ConnectionError: Couldn't reach"):
         load_squad(hub_id="rajpurkar/squad_v2")
+
+
+def test_samples_depend_on_the_named_tokenizer_only_and_carry_passage_ids(tmp_path, smoke_config, model_dirs):
+    from kvpipe.data.sampling import sample_to_file
+
+    spec = smoke_config["datasets"]["synthetic-small"]
+    a = sample_to_file("d", spec, model_dirs["tiny-scout"], smoke_config["prompt"], smoke_config["sampling"], tmp_path / "a")
+    b = sample_to_file("d", spec, str(model_dirs["tiny-scout"]), smoke_config["prompt"], smoke_config["sampling"],
+                       tmp_path / "b")
+    pd.testing.assert_frame_equal(a, b)
+    assert list(pd.read_parquet(tmp_path / "a")["passage"]) == list(a["passage"])
+    by_passage = a.groupby("passage")["context"].nunique()
+    assert (by_passage == 1).all() and a["passage"].nunique() == a["context"].nunique()
+
+
+def test_unreachable_hub_tokenizer_is_one_line(monkeypatch):
+    import transformers
+
+    from kvpipe.data.sampling import length_tokenizer
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore lines")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(KvpipeError, match=r"^sampling.tokenizer: cannot load tokenizer 'org/tok' \(We couldn't connect"):
+        length_tokenizer("org/tok")

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,8 @@ def test_read_shard_returns_one_sample_range(kv_main):
 
 def test_manifest_shards_and_hashes(kv_main, samples, tiny_main, smoke_config):
     root, manifest = kv_main
-    lengths = [len(build_prompt(tiny_main.tokenizer, smoke_config["prompt"], r.context, r.question)) for r in samples.itertuples()]
+    lengths = [len(build_prompt(tiny_main.tokenizer, smoke_config["prompt"], r.context, r.question))
+               for r in samples.itertuples()]
     assert manifest == json.loads((root / "manifest.json").read_text())
     assert not (root / kvstore.PARTIAL).exists()
     assert [s["samples"] for s in manifest["shards"]] == [[0, 4], [4, 6]]
@@ -169,7 +171,8 @@ def test_non_finite_kv_names_model_layer_and_dtype(tmp_path, model_dirs, samples
     _hooked(monkeypatch, model_dirs["tiny-main"], lambda m: m.model.layers[1].self_attn.v_proj,
             lambda o: o.index_fill_(-1, torch.tensor([3]), float("inf")))
     with pytest.raises(KvpipeError, match="model tiny-main: .* non-finite values in values of layer 1 with dtype float32"):
-        ex.extract(model_dirs["tiny-main"], samples_path, tmp_path, EXTRACTION | {"layers": [0, 1]}, smoke_config["prompt"], "cpu")
+        ex.extract(model_dirs["tiny-main"], samples_path, tmp_path, EXTRACTION | {"layers": [0, 1]}, smoke_config["prompt"],
+                   "cpu")
 
 
 def test_non_finite_logits_fail(tmp_path, model_dirs, samples_path, smoke_config, monkeypatch):
@@ -187,4 +190,18 @@ def test_float16_storage_overflow_is_refused(tmp_path, model_dirs, samples_path,
 
 def test_layers_out_of_range(tmp_path, model_dirs, samples_path, smoke_config):
     with pytest.raises(KvpipeError, match=r"extraction.layers: \[7\] out of range for model tiny-main with 3 layers"):
-        ex.extract(model_dirs["tiny-main"], samples_path, tmp_path, EXTRACTION | {"layers": [0, 7]}, smoke_config["prompt"], "cpu")
+        ex.extract(model_dirs["tiny-main"], samples_path, tmp_path, EXTRACTION | {"layers": [0, 7]}, smoke_config["prompt"],
+                   "cpu")
+
+
+def test_a_prompt_longer_than_the_context_window_names_sample_and_model(tmp_path, model_dirs, samples_path, samples,
+                                                                          smoke_config):
+    small = tmp_path / "model"
+    shutil.copytree(model_dirs["tiny-main"], small)
+    config = json.loads((small / "config.json").read_text())
+    config["max_position_embeddings"] = 16
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(KvpipeError, match=rf"^sample {samples['id'][0]}: its prompt has \d+ tokens for model tiny-main, "
+                                          r"whose context window is 16"):
+        ex.extract(small, samples_path, tmp_path / "kv", EXTRACTION, smoke_config["prompt"], "cpu")
+    assert not (tmp_path / "kv").exists()

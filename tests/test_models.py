@@ -80,7 +80,8 @@ def test_missing_part_is_a_clear_error(tmp_path, parts, monkeypatch):
 
     calls = []
     monkeypatch.setattr(models.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Failed())
-    with pytest.raises(KvpipeError, match="models.fake.packages: pip could not download fake-model-part4==1.0: ERROR: No matching"):
+    with pytest.raises(KvpipeError,
+                       match="models.fake.packages: pip could not download fake-model-part4==1.0: ERROR: No matching"):
         download_wheels([*reqs, "fake-model-part4==1.0"], wheels, "fake")
     assert calls and calls[0][-1] == "fake-model-part4==1.0"  # only the missing wheel is fetched
 

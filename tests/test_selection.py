@@ -1,4 +1,3 @@
-import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -7,12 +6,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvpipe.data.prompt import QUESTION, build_prompt
-from kvpipe.data.qa_metrics import squad_exact, squad_f1
+from kvpipe.data.qa_metrics import score_prediction, squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
+from kvpipe.inference.conditions import Condition
 from kvpipe.inference.session import Session
-from kvpipe.selection.methods import Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
-from kvpipe.selection.report import aggregate, summary_markdown
-from kvpipe.selection.stage import overlap_row, run_pair, score_prediction
+from kvpipe.io import read_json
+from kvpipe.selection.aggregate import aggregate
+from kvpipe.selection.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
+from kvpipe.selection.report import FIGURES, summary_markdown, write_report
+from kvpipe.selection.stage import overlap_row, run_pair, run_selection
 
 
 @pytest.mark.parametrize("pred, golds, em, f1", [
@@ -52,13 +54,16 @@ def session(tiny_main, samples, smoke_config):
     tokens = build_prompt(tiny_main.tokenizer, smoke_config["prompt"], row["context"], row["question"])
     s = Session(tiny_main, tokens, window=16)
     n_ctx = tokens.context_end - tokens.context_start
-    (full,) = s.answer([np.arange(n_ctx)], 8, capture_row=0)
+    (full,) = s.answer(_rows(np.arange(n_ctx)), 8, capture_row=0)
     return s, full
 
 
+def _rows(*selections):
+    return [Condition(f"row {i}", sel) for i, sel in enumerate(selections)]
+
+
 def _inputs(s):
-    return ScoringInputs(s.context, 0, s.window_queries, s.window_index, s.question_queries, s.question_index,
-                         s.question_keys)
+    return ScoringInputs.from_session(s, 0)
 
 
 def test_q2c_equals_attention_of_a_full_forward(session, model_dirs):
@@ -94,72 +99,6 @@ def test_random_selection_is_seeded_per_sample_and_shared_by_models(session):
     assert not np.array_equal(Random(3).score(inputs), Random(4).score(inputs))
 
 
-def test_full_retention_answer_equals_plain_generate(session, tiny_main):
-    s, full = session
-    ids = torch.as_tensor(s.tokens.input_ids)[None]
-    with torch.no_grad():
-        plain = tiny_main.model.generate(ids, max_new_tokens=8, do_sample=False,
-                                         eos_token_id=tiny_main.tokenizer.eos_token_id, pad_token_id=0)
-    expected = [t for t in plain[0, ids.shape[1]:].tolist() if t != tiny_main.tokenizer.eos_token_id]
-    assert full.token_ids == expected and len(expected) > 0
-
-
-def test_cache_holds_kept_plus_question_plus_generated_tokens(session):
-    s, _ = session
-    n_ctx = s.context.stop - s.context.start
-    sel = top_k(np.arange(n_ctx, dtype=float), 0.5)
-    (ans,) = s.answer([sel], 5)
-    n_question_part = len(s.tokens) - s.tokens.context_end
-    # the last generated token is emitted but never fed back, unless generation stopped at EOS earlier
-    assert ans.kept == s.tokens.context_start + len(sel)
-    assert ans.cache_length == ans.kept + n_question_part + len(ans.token_ids) - 1
-    assert s.cache.get_seq_length() == s.tokens.context_end  # the prefilled cache itself is never modified
-
-
-def test_batched_conditions_equal_one_at_a_time(session):
-    s, _ = session
-    n_ctx = s.context.stop - s.context.start
-    rng = np.random.default_rng(0)
-    sels = [np.sort(rng.choice(n_ctx, k, replace=False)) for k in (n_ctx // 4, n_ctx // 2, n_ctx)]
-    batched = s.answer(sels, 6)
-    single = [s.answer([sel], 6)[0] for sel in sels]
-    assert [a.token_ids for a in batched] == [a.token_ids for a in single]
-
-
-def test_evicted_tokens_cannot_leak_into_the_question(tiny_main, samples, smoke_config):
-    """Evict the last context tokens (no kept token attended to them) and change their ids.
-
-    The question tokens' layer-1 keys depend on everything the question attended to at
-    layer 0: they must not change when only evicted tokens change. With the tokens kept,
-    or with the question prefilled over the full context, they would.
-    """
-    row = samples.iloc[0]
-    tokens = build_prompt(tiny_main.tokenizer, smoke_config["prompt"], row["context"], row["question"])
-    n_ctx = tokens.context_end - tokens.context_start
-    evicted = np.arange(tokens.context_end - 5, tokens.context_end)
-    altered = dataclasses.replace(tokens, input_ids=tokens.input_ids.copy())
-    altered.input_ids[evicted] = (altered.input_ids[evicted] + 7) % len(tiny_main.tokenizer)
-    nq = len(tokens) - tokens.context_end
-
-    def question_keys(toks, keep):
-        s = Session(tiny_main, toks, window=8)
-        s.answer([keep], 2, capture_row=0)
-        return s.question_keys[1][..., -nq:, :]
-
-    pruned = np.arange(n_ctx - 5)
-    assert torch.equal(question_keys(tokens, pruned), question_keys(altered, pruned))
-    everything = np.arange(n_ctx)
-    assert not torch.allclose(question_keys(tokens, everything), question_keys(altered, everything))
-
-
-def test_rerotation_keeps_full_context_answers_and_runs_pruned(session):
-    s, full = session
-    n_ctx = s.context.stop - s.context.start
-    rerotated = s.answer([np.arange(n_ctx), top_k(np.arange(n_ctx, dtype=float), 0.25)], 8, rerotate=True)
-    assert rerotated[0].token_ids == full.token_ids
-    assert rerotated[1].kept == s.tokens.context_start + len(top_k(np.arange(n_ctx, dtype=float), 0.25))
-
-
 def test_pair_run_covers_every_condition(model_dirs, samples, smoke_config):
     cfg = smoke_config["selection"] | {"retention": [0.5, 1.0], "max_new_tokens": 3}
     answers, overlaps, timings = run_pair({"scout": model_dirs["tiny-scout"], "main": model_dirs["tiny-main"]},
@@ -181,10 +120,87 @@ def test_pair_run_covers_every_condition(model_dirs, samples, smoke_config):
     assert {"prefill_s", "pruned_answers_s"} <= set(timings.columns)
 
 
+def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, model_dirs, samples, smoke_config):
+    cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2}
+    samples.head(2).to_parquet(tmp_path / "samples.parquet")
+    run_selection(model_dirs["tiny-scout"], model_dirs["tiny-main"], tmp_path / "samples.parquet", "tiny", cfg,
+                  smoke_config["prompt"], "cpu", "float32", tmp_path / "stage")
+    tables = sorted(p.name for p in (tmp_path / "stage").iterdir())
+    assert tables == ["answers.parquet", "facts.json", "overlap.parquet", "timings.parquet"]
+    facts = read_json(tmp_path / "stage" / "facts.json")
+    assert facts == {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_samples": 2, "selection": cfg}
+    stage = tmp_path / "stage"
+    write_report(stage / "answers.parquet", stage / "overlap.parquet", stage / "timings.parquet", stage / "facts.json",
+                 "synthetic-small", tmp_path / "report")
+    figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
+    assert figures == {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
+    assert "tiny-scout (scout) ↔ tiny-main (main), pair tiny, synthetic-small" in (tmp_path / "report/summary.md").read_text()
+    assert (tmp_path / "report/aggregates.parquet").exists()
+
+
 def test_pair_with_different_tokenizers_is_rejected(model_dirs, samples, smoke_config):
     with pytest.raises(KvpipeError, match="tokenise sample .* differently"):
         run_pair({"scout": model_dirs["tiny-llama"], "main": model_dirs["tiny-main"]}, samples.head(1), "mixed",
                  smoke_config["selection"], smoke_config["prompt"], "cpu", "float32")
+
+
+@pytest.fixture(scope="module")
+def eager_attentions(session, model_dirs):
+    """Per layer [Hq, T, T] attention of a plain eager forward over the whole prompt."""
+    s, _ = session
+    with torch.no_grad():
+        out = _eager(model_dirs["tiny-main"])(torch.as_tensor(s.tokens.input_ids)[None], output_attentions=True)
+    return [a[0] for a in out.attentions]
+
+
+def _eager_q2c(method, s, attentions, hkv):
+    rows, n = np.flatnonzero(s.tokens.segment == QUESTION), s.context.stop - s.context.start
+    return np.stack([a[:, rows][:, :, s.context].sum(1).reshape(hkv, -1, n).mean(1).numpy() for a in attentions])
+
+
+def _eager_snapkv(method, s, attentions, hkv):
+    end, n = s.context.stop, s.context.stop - s.context.start
+    w, pad = min(method.window, s.own.window_queries[0].shape[1], n), method.kernel // 2
+    pool = torch.nn.functional.max_pool1d if method.pooling == "max" else torch.nn.functional.avg_pool1d
+    layers = []
+    for a in attentions:
+        col = a[:, end - w:end, s.context.start:end - w].sum(1).reshape(hkv, -1, n - w)
+        col = col.amax(1) if method.head_reduce == "max" else col.mean(1)
+        pooled = pool(torch.nn.functional.pad(col[:, None], (pad, pad), mode="replicate"), method.kernel, stride=1)[:, 0]
+        layers.append(np.concatenate([pooled.numpy(), np.full((hkv, w), np.inf if method.keep_window else 0.0)], axis=1))
+    return np.stack(layers)
+
+
+EAGER = {"q2c": _eager_q2c, "snapkv": _eager_snapkv}   # reference of every attention-based method
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_selection_method_contract(name, session, eager_attentions, smoke_config, tiny_main):
+    s, _ = session
+    inputs, cfg = _inputs(s), smoke_config["selection"]
+    method = METHODS[name].from_config(cfg)
+    layers, hkv, n = tiny_main.card["num_layers"], tiny_main.card["num_kv_heads"], s.context.stop - s.context.start
+    heads, score = method.head_scores(inputs), method.score(inputs)
+    assert heads.shape == (layers, hkv, n) and score.shape == (n,)
+    assert np.array_equal(heads, METHODS[name].from_config(cfg).head_scores(inputs))      # deterministic
+    assert np.array_equal(score, method.score(inputs))
+    pinned = np.zeros(n, dtype=bool)
+    if isinstance(method, SnapKV) and method.keep_window:   # documented: the observation window scores +inf
+        pinned[n - min(method.window, inputs.window_queries[0].shape[1], n):] = True
+    assert np.isposinf(heads[..., pinned]).all() and np.isfinite(heads[..., ~pinned]).all()
+    for r in (0.001, 0.25, 0.5, 1.0):
+        k = max(1, round(r * n))
+        shared, per_head = top_k(score, r), top_k(heads, r)
+        assert shared.shape == (k,) and per_head.shape == (layers, hkv, k)
+        assert (np.diff(shared) > 0).all() and 0 <= shared[0] and shared[-1] < n
+    if method.attention_based:
+        np.testing.assert_allclose(heads, EAGER[name](method, s, eager_attentions, hkv), rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_method_is_a_one_line_error(smoke_config):
+    with pytest.raises(KvpipeError, match=r"^selection.methods: unknown method 'h2o'; known: q2c, random, snapkv$"):
+        build_methods(smoke_config["selection"] | {"methods": ["q2c", "h2o"]})
+    assert METHODS == {"q2c": Q2C, "snapkv": SnapKV, "random": Random}
 
 
 def test_methods_from_config(smoke_config):
@@ -194,27 +210,17 @@ def test_methods_from_config(smoke_config):
     assert [m.name for m in methods] == ["q2c", "snapkv", "random"]
 
 
-def test_per_head_selection_with_identical_heads_equals_shared(session, tiny_main):
-    s, _ = session
-    n_ctx = s.context.stop - s.context.start
-    shared = top_k(np.random.default_rng(1).random(n_ctx), 0.5)
-    layers, heads = tiny_main.card["num_layers"], tiny_main.card["num_kv_heads"]
-    per_head = np.broadcast_to(shared, (layers, heads, len(shared))).copy()
-    a_shared, a_heads = s.answer([shared, per_head], 6)
-    assert a_shared.token_ids == a_heads.token_ids and a_shared.kept == a_heads.kept
-
-
 def test_per_head_scores_reduce_to_the_shared_scores(session):
     s, _ = session
     inputs = _inputs(s)
     for method in (Q2C(), SnapKV(window=16, kernel=5, pooling="max"), Random(0)):
         heads = method.head_scores(inputs)
-        assert heads.shape[:2] == (len(s.question_keys), s.question_keys[0].shape[0])
+        assert heads.shape[:2] == (len(s.question.keys), s.question.keys[0].shape[0])
         np.testing.assert_allclose(method.score(inputs), method.reduce_heads(heads).sum(0))
     sel = top_k(Q2C().head_scores(inputs), 0.25)
     assert sel.shape[-1] == round(0.25 * (s.context.stop - s.context.start))
     assert not all(np.array_equal(sel[0, 0], sel[l, h]) for l in range(sel.shape[0]) for h in range(sel.shape[1]))
-    (ans,) = s.answer([sel], 4)
+    (ans,) = s.answer(_rows(sel), 4)
     assert ans.kept == s.tokens.context_start + sel.shape[-1]
 
 
@@ -228,7 +234,8 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
     assert set(answers.loc[answers["retention"] == 1.0, "method"]) == {"full"}  # 1.0 is not in this grid
     agg = aggregate(answers, overlaps, cfg)
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
-    text = summary_markdown(agg, answers, timings, cfg, "tiny", "synthetic-small")
+    facts = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "selection": cfg}
+    text = summary_markdown(agg, answers, timings, facts, "synthetic-small")
     assert "per-head − shared" in text
 
 

@@ -1,10 +1,17 @@
+import subprocess
+import sys
+
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
 from kvpipe.errors import KvpipeError
+from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
 from kvpipe.structure.cka import linear_cka
+from kvpipe.structure.pair_data import relative_depth
+from kvpipe.structure.report import FIGURES, write_report
 from kvpipe.structure.ridge import (
     RidgeStats,
     choose_alpha,
@@ -14,7 +21,7 @@ from kvpipe.structure.ridge import (
     row_scores,
     squared_error,
 )
-from kvpipe.structure.stage import analyse_pair, relative_depth, split_samples
+from kvpipe.structure.stage import analyse_pair, run_structure
 
 rng = np.random.default_rng(0)
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
@@ -91,20 +98,15 @@ def test_mean_predictor_r2_is_zero_and_a_perfect_map_is_one():
     assert r_mean["cosine"][0] > 0.9
 
 
-def test_split_is_by_sample_and_seeded():
-    fold, test = split_samples(20, 0.5, 3, seed=4)
-    assert len(test) == 10 and set(np.flatnonzero(fold == -1)) == set(test)
-    assert sorted(np.bincount(fold[fold >= 0])) == [3, 3, 4]
-    again, _ = split_samples(20, 0.5, 3, seed=4)
-    assert (again == fold).all() and not (split_samples(20, 0.5, 3, seed=5)[0] == fold).all()
-    with pytest.raises(KvpipeError, match="structure.calibration_fraction"):
-        split_samples(4, 0.5, 3, seed=0)
-
-
 def test_relative_depth_alignment():
     assert relative_depth(24, 28)[0] == (0, 0) and relative_depth(24, 28)[-1] == (23, 27)
     assert relative_depth(2, 3) == [(0, 0), (1, 2)]
     assert [m for _, m in relative_depth(3, 3)] == [0, 1, 2]
+
+
+def _passages(samples: pd.DataFrame) -> np.ndarray:
+    """Passage id per sample_idx."""
+    return samples.sort_values("sample_idx")["passage"].to_numpy()
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +127,9 @@ def _cfg(smoke_config, **kw):
     return smoke_config["structure"] | {"calibration_fraction": 0.5, "cv_folds": 2} | kw
 
 
-def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, smoke_config):
-    table, facts = analyse_pair(kv_dirs["tiny-main"], kv_dirs["tiny-main"], "self", _cfg(smoke_config))
+def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, samples, smoke_config):
+    table, facts = analyse_pair(kv_dirs["tiny-main"], kv_dirs["tiny-main"], _passages(samples), "self",
+                                _cfg(smoke_config))
     assert facts["aligned_layers"] == [(0, 0), (1, 1), (2, 2)]
     fitted = table[(table["baseline"] == "none") & (table["metric"] == "r2") & table["kind"].isin(ex.kvstore.KINDS)]
     assert (fitted["value"] > 0.999).all() and len(fitted) == 3 * 3 * 3  # kinds x layers x (layer + 2 heads)
@@ -142,10 +145,11 @@ def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, smoke_confi
     assert ((ci["ci_low"] <= ci["value"] + 1e-9) & (ci["value"] <= ci["ci_high"] + 1e-9)).all()
 
 
-def test_results_do_not_depend_on_sharding(kv_dirs, smoke_config):
+def test_results_do_not_depend_on_sharding(kv_dirs, samples, smoke_config):
     """Out-of-core accumulation: 2 or 4 samples per shard give the same fitted-map figures."""
     def figures(suffix):
-        table, _ = analyse_pair(kv_dirs["tiny-scout" + suffix], kv_dirs["tiny-main" + suffix], "p", _cfg(smoke_config))
+        table, _ = analyse_pair(kv_dirs["tiny-scout" + suffix], kv_dirs["tiny-main" + suffix], _passages(samples), "p",
+                                _cfg(smoke_config))
         keep = table["baseline"].isin(["none", "mean", "self"]) & table["metric"].isin(["r2", "cosine", "rel_error"])
         return table[keep].sort_values(["kind", "scout_layer", "head", "metric", "baseline"])["value"].to_numpy()
 
@@ -153,9 +157,47 @@ def test_results_do_not_depend_on_sharding(kv_dirs, smoke_config):
     assert len(by4) == 3 * 2 * 3 * 3 * 3  # kinds x aligned layers x heads x metrics x predictors
     np.testing.assert_allclose(by4, by2, rtol=1e-7, atol=1e-9)
     with pytest.raises(KvpipeError, match="sharded differently"):
-        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main-by2"], "p", _cfg(smoke_config))
+        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main-by2"], _passages(samples), "p", _cfg(smoke_config))
 
 
-def test_pair_with_different_tokenizers_is_rejected(kv_dirs, smoke_config):
+def test_pair_with_different_tokenizers_is_rejected(kv_dirs, samples, smoke_config):
     with pytest.raises(KvpipeError, match="pair mixed: scout and main tokens differ .* share a tokenizer"):
-        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-llama"], "mixed", _cfg(smoke_config))
+        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-llama"], _passages(samples), "mixed", _cfg(smoke_config))
+
+
+def test_run_structure_writes_the_table_and_facts_and_the_report_reads_only_them(kv_dirs, samples_path, samples,
+                                                                                  smoke_config, tmp_path):
+    out = tmp_path / "tiny"
+    run_structure(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], samples_path, "tiny", _cfg(smoke_config), out)
+    assert sorted(p.name for p in out.iterdir()) == ["facts.json", "metrics.parquet"]
+    facts, passages = read_json(out / "facts.json"), _passages(samples)
+    assert facts["n_passages"] == len(set(passages)) < len(passages)  # the smoke set has a passage with two questions
+    assert facts["n_calibration_passages"] + facts["n_test_passages"] == facts["n_passages"]
+    assert facts["n_calibration_samples"] + facts["n_test_samples"] == facts["n_samples"] == len(passages)
+    report = tmp_path / "report"
+    write_report(out / "metrics.parquet", out / "facts.json", "synthetic-small", report)
+    summary = (report / "summary.md").read_text()
+    assert "split by passage" in summary and "Does RoPE make the key space shared?" in summary
+    assert sorted(p.name for p in (report / "figures").iterdir()) == sorted(
+        f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda frame: frame.iloc[::-1], "not the sample table the KV dataset .* was extracted from"),
+    (lambda frame: frame.drop(columns="passage"), "no 'passage' column"),
+])
+def test_run_structure_rejects_another_sample_table(kv_dirs, samples, smoke_config, tmp_path, edit, message):
+    other = tmp_path / "samples.parquet"
+    edit(samples).to_parquet(other, index=False)
+    with pytest.raises(KvpipeError, match=message):
+        run_structure(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], other, "tiny", _cfg(smoke_config), tmp_path / "out")
+
+
+@pytest.mark.parametrize("module, absent", [
+    ("report", ["matplotlib", "kvpipe.structure.stage", "kvpipe.structure.cka", "kvpipe.structure.ridge"]),
+    ("stage", ["matplotlib", "kvpipe.structure.report"]),
+])
+def test_report_and_compute_modules_import_independently(module, absent):
+    """The workflow imports report.FIGURES at DAG-build time; report and compute code must not pull each other in."""
+    code = f"import sys, kvpipe.structure.{module}; assert not {set(absent)!r} & set(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,117 +1,207 @@
-"""End-to-end: the Snakemake DAG on the smoke config (tiny models, seconds)."""
+"""End-to-end: the Snakemake DAG on the smoke config (tiny models, seconds), run from a copy of the checkout.
+
+The copy lets tests edit kvpipe modules and watch exactly the expected jobs rerun, and proves
+that jobs run the kvpipe of the checkout they belong to, not an installed one.
+"""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, SMOKE
+from conftest import REPO
 
 from kvpipe.kv import store as kvstore
+from kvpipe.selection.report import FIGURES as SELECTION_FIGURES
+from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
+
+PAIR_JOBS = {"structure": 1, "structure_report": 1, "selection": 1, "selection_report": 1}
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2",
-           "--configfile", str(SMOKE), *args]
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's tracked and untracked-but-not-ignored files, copied to dest."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel, follow_symlinks=False)
+    return dest
+
+
+def snakemake(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    smoke = repo / "tests" / "smoke" / "config.yaml"
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(repo), "--cores", "2", *args,
+           "--configfile", str(smoke), *map(str, overlays)]  # last: --configfile takes every word after it
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
     """Rule -> job count from a dry run's 'Job stats' table (empty when nothing is to be done)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
     stats = proc.stdout.split("Job stats:")[1] if "Job stats:" in proc.stdout else ""
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"}
 
 
+@contextmanager
+def edited(path: Path, text: str = "\n# edited by a test\n") -> Iterator[None]:
+    """Append text to a file for the duration of the block."""
+    original = path.read_text()
+    path.write_text(original + text)
+    try:
+        yield
+    finally:
+        path.write_text(original)
+
+
+def overlay(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / f"overlay-{abs(hash(text))}.yaml"
+    path.write_text(text)
+    return path
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("smk")
-    proc = snakemake(work)
+def repo(tmp_path_factory) -> Path:
+    """A copy of the checkout on which the smoke workflow has run to completion."""
+    copy = copy_checkout(tmp_path_factory.mktemp("checkout"))
+    proc = snakemake(copy)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+    return copy
 
 
-def test_smoke_workflow_builds_every_target(workdir):
-    for stage, figures in (("structure", ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")),
-                           ("selection", ("f1_vs_retention", "overlap"))):
-        out = workdir / "results" / stage / "synthetic-small" / "tiny"
+def test_smoke_workflow_builds_every_target(repo):
+    for stage, figures in (("structure", STRUCTURE_FIGURES), ("selection", SELECTION_FIGURES)):
+        out = repo / "results" / stage / "synthetic-small" / "tiny"
         assert (out / "summary.md").read_text().startswith("# ")
+        assert (out / "facts.json").exists()
         for name in figures:
             assert (out / "figures" / f"{name}.png").stat().st_size > 1000
             assert (out / "figures" / f"{name}.pdf").exists()
-    answers = pd.read_parquet(workdir / "results/selection/synthetic-small/tiny/answers.parquet")
+    answers = pd.read_parquet(repo / "results/selection/synthetic-small/tiny/answers.parquet")
     assert set(answers["method"]) == {"full", "q2c", "snapkv", "random"} and answers["sample_idx"].nunique() == 6
-    samples = pd.read_parquet(workdir / "results/data/synthetic-small/samples.parquet")
+    samples = pd.read_parquet(repo / "results/data/synthetic-small/samples.parquet")
     assert len(samples) == 6 and list(samples.columns)[:7] == ["sample_idx", "id", "title", "context", "question",
                                                                  "answers", "is_impossible"]
     for model, layers in (("tiny-scout", 2), ("tiny-main", 3)):
-        root = workdir / "results/kv/synthetic-small" / model
+        root = repo / "results/kv/synthetic-small" / model
         manifest = kvstore.load_manifest(root)
         assert manifest["model"] == model and manifest["layers"] == list(range(layers))
         assert manifest["n_samples"] == 6
         assert kvstore.read_layer(root, layers - 1).num_rows == manifest["rows_per_layer"]
-        assert (workdir / f"results/logs/extract_kv/synthetic-small/{model}.log").exists()
-        assert (workdir / f"results/benchmarks/extract_kv/synthetic-small/{model}.tsv").exists()
-    card = json.loads((workdir / "results/models/tiny-main/kvpipe_model.json").read_text())
+        assert (repo / f"results/logs/extract_kv/synthetic-small/{model}.log").exists()
+        assert (repo / f"results/benchmarks/extract_kv/synthetic-small/{model}.tsv").exists()
+    card = json.loads((repo / "results/models/tiny-main/kvpipe_model.json").read_text())
     assert card["slug"] == "tiny-main"
 
 
-def test_rerun_does_nothing_and_one_model_change_reruns_only_its_jobs(workdir, tmp_path):
-    assert planned_jobs(snakemake(workdir, "-n")) == {}
-    change = tmp_path / "change.yaml"
-    change.write_text("models:\n  tiny-main: {seed: 9}\n")
-    plan = planned_jobs(snakemake(workdir, "-n", "--configfile", str(SMOKE), str(change)))
+def test_rerun_does_nothing_and_one_model_change_reruns_only_its_jobs(repo, tmp_path):
+    assert planned_jobs(snakemake(repo, "-n")) == {}
+    change = overlay(tmp_path, "models:\n  tiny-main: {seed: 9}\n")
     # that model, its KV, and the analyses of the one pair that uses it; the dataset is not resampled
-    assert plan == {"materialize_model": 1, "extract_kv": 1, "structure": 1, "selection": 1, "all": 1}
-    resources = tmp_path / "resources.yaml"
-    resources.write_text("resources:\n  models:\n    tiny-main: {mem_mb: 1200}\n")
-    assert planned_jobs(snakemake(workdir, "-n", "--configfile", str(SMOKE), str(resources))) == {}
+    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"materialize_model": 1, "extract_kv": 1,
+                                                                        **PAIR_JOBS, "all": 1}
+    resources = overlay(tmp_path, "resources:\n  models:\n    tiny-main: {mem_mb: 1200}\n")
+    assert planned_jobs(snakemake(repo, "-n", overlays=(resources,))) == {}
 
 
-def test_extraction_setting_reruns_extraction_only(workdir, tmp_path):
-    change = tmp_path / "change.yaml"
-    change.write_text("extraction: {storage_dtype: float16}\n")
-    plan = planned_jobs(snakemake(workdir, "-n", "--configfile", str(SMOKE), str(change)))
-    assert plan == {"extract_kv": 2, "structure": 1, "all": 1}  # selection does not read stored KV
+def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
+    change = overlay(tmp_path, "extraction: {storage_dtype: float16}\n")
+    plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
+    assert plan == {"extract_kv": 2, "structure": 1, "structure_report": 1, "all": 1}  # selection reads no stored KV
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("structure/report.py", {"structure_report": 1}),
+    ("selection/report.py", {"selection_report": 1}),
+    ("reporting.py", {"structure_report": 1, "selection_report": 1}),
+    ("structure/cka.py", {"structure": 1, "structure_report": 1}),  # defines linear_cka
+    ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **PAIR_JOBS}),  # every rule that builds prompts
+])
+def test_editing_a_module_reruns_exactly_the_rules_that_run_it(repo, module, expected):
+    assert "def linear_cka" in (repo / "src/kvpipe/structure/cka.py").read_text()
+    with edited(repo / "src" / "kvpipe" / module):
+        assert planned_jobs(snakemake(repo, "-n")) == expected | {"all": 1}
+    assert planned_jobs(snakemake(repo, "-n")) == {}
+
+
+def test_a_new_pair_with_a_new_model_runs_only_that_model_and_pair(repo, tmp_path):
+    change = overlay(tmp_path, "models:\n  tiny-new: {source: tiny, arch: qwen2, layers: 2, hidden_size: 32, seed: 4}\n"
+                               "pairs:\n  tiny2: {scout: tiny-scout, main: tiny-new}\n"
+                               "run:\n  pairs: [tiny, tiny2]\n")
+    plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
+    assert plan == {"materialize_model": 1, "extract_kv": 1, **PAIR_JOBS, "all": 1}
+
+
+def test_one_pair_setting_reruns_only_that_pairs_selection(repo, tmp_path):
+    change = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 3}}\n")
+    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"selection": 1, "selection_report": 1, "all": 1}
+    same = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 4}}\n")  # the global value: nothing changes
+    assert planned_jobs(snakemake(repo, "-n", overlays=(same,))) == {}
+
+
+def test_editing_the_dataset_file_resamples(repo, tmp_path):
+    context = "The Normans were the people who gave their name to Normandy, a region in France."
+    doc = {"version": "v2.0", "data": [{"title": "Normans", "paragraphs": [{"context": context, "qas": [
+        {"id": f"q{i}", "question": f"Question {i} about the Normans?", "is_impossible": False,
+         "answers": [{"text": "Normandy", "answer_start": context.index("Normandy")}]} for i in range(4)]}]}]}
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps(doc))
+    change = overlay(tmp_path, f"datasets:\n  sq: {{source: squad_v2, path: {squad}}}\nsampling: {{n: 3}}\n")
+    target = "results/data/sq/samples.parquet"
+    assert snakemake(repo, target, overlays=(change,)).returncode == 0
+    assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {}
+    doc["data"][0]["paragraphs"][0]["qas"][0]["question"] = "Edited question about the Normans?"
+    squad.write_text(json.dumps(doc))
+    assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {"sample_dataset": 1}
+
+
+def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
+    marker = "kvpipe-planted-marker-7f3a"
+    change = overlay(tmp_path, "datasets:\n  synthetic-marker: {source: synthetic, seed: 5, passages: 4}\n")
+    with edited(repo / "src/kvpipe/data/sampling.py", f"\nraise RuntimeError({marker!r})\n"):
+        proc = snakemake(repo, "results/data/synthetic-marker/samples.parquet", overlays=(change,))
+    assert proc.returncode != 0
+    log = repo / "results/logs/sample_dataset/synthetic-marker.log"
+    assert marker in proc.stderr + (log.read_text() if log.exists() else "")
+    assert marker not in (REPO / "src/kvpipe/data/sampling.py").read_text()
+
+
+def test_html_report_holds_every_figure(repo):
+    proc = snakemake(repo, "--report", str(repo / "results" / "report.html"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (repo / "results" / "report.html").read_text(errors="replace")
+    for name in (*STRUCTURE_FIGURES, *SELECTION_FIGURES):
+        assert f"{name}.png" in html
+
+
+def test_rule_files_are_snakefmt_formatted_and_lint_clean():
+    fmt = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile", "workflow/rules"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stderr
+    lint = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--configfile", "tests/smoke/config.yaml"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
+
+
+def test_every_figure_has_one_caption():
+    for stage, figures in (("structure", STRUCTURE_FIGURES), ("selection", SELECTION_FIGURES)):
+        captions = {p.stem for p in (REPO / "workflow" / "report" / stage).glob("*.rst")} - {"summary"}
+        assert captions == set(figures)
 
 
 def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("pairs:\n  tiny: {scout: tiny-scout, main: ghost}\n")
-    proc = snakemake(tmp_path, "--configfile", str(SMOKE), str(bad))
+    bad = overlay(tmp_path, "pairs:\n  tiny: {scout: tiny-scout, main: ghost}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "1", "--configfile", str(REPO / "tests/smoke/config.yaml"), str(bad)],
+                          capture_output=True, text=True)
     assert proc.returncode != 0
     assert "kvpipe: invalid configuration: config: pairs.tiny.main: 'ghost' is not a configured model" in proc.stderr
     assert "Traceback" not in proc.stderr and "File \"" not in proc.stderr
     assert not (tmp_path / "results").exists()
-
-
-def test_cli_runs_the_stages_without_snakemake(tmp_path):
-    def kvpipe(*args):
-        proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", *args, "-c", str(REPO / "config.yaml"), "-c", str(SMOKE)],
-                              capture_output=True, text=True, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-    kvpipe("materialize", "--model", "tiny-scout", "--out", "m")
-    kvpipe("sample", "--dataset", "synthetic-small", "--tokenizer", "m", "--out", "s.parquet")
-    out = kvpipe("extract", "--model-dir", "m", "--samples", "s.parquet", "--out", "kv")
-    assert "tiny-scout:" in out and kvstore.load_manifest(tmp_path / "kv")["n_samples"] == 6
-    kvpipe("materialize", "--model", "tiny-main", "--out", "m2")
-    kvpipe("extract", "--model-dir", "m2", "--samples", "s.parquet", "--out", "kv2")
-    kvpipe("structure", "--pair", "tiny", "--scout-kv", "kv", "--main-kv", "kv2", "--out", "st")
-    assert (tmp_path / "st" / "metrics.parquet").exists()
-    kvpipe("selection", "--pair", "tiny", "--scout-dir", "m", "--main-dir", "m2", "--samples", "s.parquet", "--out", "sel")
-    assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
-    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection"):
-        help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
-        assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout
-
-
-def test_cli_names_unknown_entries_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "materialize", "--model", "ghost", "--out", "x",
-                           "-c", str(REPO / "config.yaml")], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("kvpipe: error: --model: 'ghost' is not in models "
-                                   "(qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m)")

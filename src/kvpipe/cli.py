@@ -62,23 +62,47 @@ def cmd_extract(args: argparse.Namespace) -> None:
           f"{manifest['bytes'] / 1e6:.1f} MB in {args.out}")
 
 
+def _report(stage: str, out: Path, dataset: str) -> None:
+    """Run a stage's report step on the tables its compute step wrote to out."""
+    out = Path(out)
+    if stage == "structure":
+        from kvpipe.structure.report import write_report
+
+        write_report(out / "metrics.parquet", out / "facts.json", dataset, out)
+    else:
+        from kvpipe.selection.report import write_report
+
+        write_report(out / "answers.parquet", out / "overlap.parquet", out / "timings.parquet", out / "facts.json",
+                     dataset, out)
+
+
 def cmd_structure(args: argparse.Namespace) -> None:
+    from kvpipe.config import pair_settings
     from kvpipe.structure.stage import run_structure
 
     config = _config(args)
     _entry(config, "pairs", args.pair)
-    run_structure(args.scout_kv, args.main_kv, args.pair, args.dataset, config["structure"], args.out)
-    print(f"wrote {args.out}/metrics.parquet, summary.md, figures/")
+    run_structure(args.scout_kv, args.main_kv, args.samples, args.pair, pair_settings(config, args.pair, "structure"),
+                  args.out)
+    _report("structure", args.out, args.dataset)
+    print(f"wrote {args.out}/metrics.parquet, facts.json, summary.md, figures/")
 
 
 def cmd_selection(args: argparse.Namespace) -> None:
+    from kvpipe.config import pair_settings
     from kvpipe.selection.stage import run_selection
 
     config = _config(args)
     _entry(config, "pairs", args.pair)
-    run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, args.dataset, config["selection"],
+    run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, pair_settings(config, args.pair, "selection"),
                   config["prompt"], config["device"], config["extraction"]["dtype"], args.out)
+    _report("selection", args.out, args.dataset)
     print(f"wrote {args.out}/answers.parquet, summary.md, figures/")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    _report(args.stage, args.dir, args.dataset)
+    print(f"wrote {args.dir}/summary.md, figures/")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -99,8 +123,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/models/SLUG)")
     p = add("sample", cmd_sample, "Sample a dataset deterministically into a Parquet table.")
     p.add_argument("--dataset", required=True, help="dataset name from the config")
-    p.add_argument("--tokenizer", required=True, action="append", type=Path,
-                   help="materialised model directory whose tokenizer bounds the prompt length (repeatable)")
+    p.add_argument("--tokenizer", required=True,
+                   help="materialised model directory or hub tokenizer id that counts sampling.max_context_tokens")
     p.add_argument("--out", required=True, type=Path, help="output Parquet file")
     p = add("extract", cmd_extract, "Extract one model's KV cache for a sample table into sharded Parquet.")
     p.add_argument("--model-dir", required=True, type=Path, help="materialised model directory")
@@ -111,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", required=True, help="pair name from the config")
     p.add_argument("--scout-kv", required=True, type=Path, help="KV dataset directory of the scout")
     p.add_argument("--main-kv", required=True, type=Path, help="KV dataset directory of the main model")
+    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file (passage ids for the split)")
     p.add_argument("--dataset", default="", help="dataset name for the report")
     p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/structure/DATASET/PAIR)")
     p = add("selection", cmd_selection, "Token selection by scout and main, overlap, and QA F1 from pruned caches.")
@@ -120,6 +145,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, type=Path, help="samples Parquet file")
     p.add_argument("--dataset", default="", help="dataset name for the report")
     p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/selection/DATASET/PAIR)")
+    p = add("report", cmd_report, "Rewrite a stage's figures and summary from the tables in its directory.")
+    p.add_argument("stage", choices=["structure", "selection"], help="which stage's report")
+    p.add_argument("--dir", required=True, type=Path, help="the stage's output directory (its tables are read)")
+    p.add_argument("--dataset", default="", help="dataset name for the report")
     return top
 
 

@@ -127,11 +127,36 @@ def _check_references(config: Config) -> None:
     for name, spec in datasets.items():
         if spec["source"] == "squad_v2" and not (spec.get("path") or spec.get("hub_id")):
             raise KvpipeError(f"datasets.{name}: give either 'path' or 'hub_id'")
+    tokenizer = config["sampling"]["tokenizer"]
+    if tokenizer not in models and "/" not in tokenizer:
+        raise KvpipeError(f"sampling.tokenizer: {tokenizer!r} is neither a configured model "
+                          f"({', '.join(sorted(models))}) nor a hub tokenizer id (org/name)")
     user = config["prompt"]["user"]
     if user.count("{context}") != 1 or user.count("{question}") != 1:
         raise KvpipeError("prompt.user: must contain {context} and {question} exactly once each")
     if user.index("{context}") > user.index("{question}"):
         raise KvpipeError("prompt.user: {context} must come before {question} (the context is prefilled first)")
+
+
+def pair_sections() -> tuple[str, ...]:
+    """The config sections a pair may override for itself (from the schema)."""
+    pair = schema()["properties"]["pairs"]["additionalProperties"]["properties"]
+    return tuple(name for name in pair if name not in ("scout", "main"))
+
+
+def pair_settings(config: Config, pair: str, section: str) -> dict[str, Any]:
+    """A pair's settings of one section: its own overrides merged over the global section."""
+    return deep_merge(config[section], config["pairs"][pair].get(section, {}))
+
+
+def _check_pair_overrides(config: Config, root: dict[str, Any]) -> None:
+    for name in config["pairs"]:
+        for section in pair_sections():
+            merged = pair_settings(config, name, section)
+            node = root["properties"][section] | {"$defs": root["$defs"]}
+            error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(node).iter_errors(merged))
+            if error is not None:
+                raise KvpipeError(f"{_dotted(['pairs', name, section, *error.absolute_path])}: {error.message}")
 
 
 def validate(config: Config, source: str = "config") -> Config:
@@ -145,6 +170,7 @@ def validate(config: Config, source: str = "config") -> Config:
     _fill_defaults(config, root, root)
     try:
         _check_references(config)
+        _check_pair_overrides(config, root)
     except KvpipeError as err:
         raise KvpipeError(f"{source}: {err}") from None
     return config

@@ -1,33 +1,105 @@
-"""Hashes of the kvpipe code a stage runs, so a code change reruns exactly the stages it touches."""
+"""Hashes of the kvpipe code a workflow script runs, so a code change reruns exactly the rules it touches.
+
+The code of a script is the script itself plus the transitive closure of the kvpipe modules it
+imports, read from the source with ``ast`` (imports inside functions included, since they run
+when the function does). Importing ``kvpipe.a.b`` also runs ``kvpipe`` and ``kvpipe.a``, so
+parent packages belong to the closure. Nothing is cached: files may change between calls.
+"""
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import importlib.util
-from functools import cache
+from collections.abc import Iterable
 from pathlib import Path
 
-# The kvpipe modules each workflow stage executes.
-STAGE_MODULES = {
-    "materialize": ("kvpipe.models", "kvpipe.models.tiny", "kvpipe.io"),
-    "sample": ("kvpipe.data.sampling", "kvpipe.data.squad", "kvpipe.data.synthetic", "kvpipe.data.prompt", "kvpipe.models.load", "kvpipe.io"),
-    "extract": ("kvpipe.kv.extract", "kvpipe.kv.store", "kvpipe.data.prompt", "kvpipe.models.rope", "kvpipe.models.load", "kvpipe.io"),
-    "structure": ("kvpipe.structure", "kvpipe.structure.stage", "kvpipe.structure.report", "kvpipe.kv.store", "kvpipe.stats",
-                  "kvpipe.io"),
-    "selection": ("kvpipe.selection", "kvpipe.selection.stage", "kvpipe.selection.report", "kvpipe.inference.session",
-                  "kvpipe.data.qa_metrics", "kvpipe.data.prompt", "kvpipe.models.rope", "kvpipe.models.load", "kvpipe.kv.extract", "kvpipe.stats",
-                  "kvpipe.io"),
-}
+PACKAGE = "kvpipe"
+SRC = Path(__file__).resolve().parents[1]
 
 
-@cache
-def code_hash(stage: str) -> str:
-    """SHA-256 (first 16 hex digits) over the source of the modules a stage runs."""
-    digest = hashlib.sha256()
-    for name in sorted(STAGE_MODULES[stage]):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            raise ValueError(f"no module named {name}")
-        digest.update(f"{name}\n".encode())
-        digest.update(Path(spec.origin).read_bytes())
+def _candidates(name: str, src: Path) -> tuple[Path, Path]:
+    base = src.joinpath(*name.split("."))
+    return base.with_suffix(".py"), base / "__init__.py"
+
+
+def _is_module(name: str, src: Path) -> bool:
+    return any(path.is_file() for path in _candidates(name, src))
+
+
+def module_path(name: str, src: Path) -> Path:
+    """The file of module ``name`` under ``src``: ``a/b.py`` or ``a/b/__init__.py``."""
+    for path in _candidates(name, src):
+        if path.is_file():
+            return path
+    raise ModuleNotFoundError(f"no module named {name} under {src}", name=name)
+
+
+def _package(path: Path, src: Path) -> list[str] | None:
+    """The package a file under ``src`` belongs to, as name parts; None outside ``src``."""
+    try:
+        rel = path.resolve().relative_to(src.resolve())
+    except ValueError:
+        return None
+    return list(rel.with_suffix("").parts[:-1])  # a/b/m.py -> a.b; a/b/__init__.py -> a.b
+
+
+def _from_base(node: ast.ImportFrom, package: list[str] | None) -> str | None:
+    """The absolute module a ``from ... import`` statement imports from; None if unresolvable."""
+    if not node.level:
+        return node.module
+    if package is None or node.level > len(package):
+        return None
+    parts = package[: len(package) - node.level + 1]
+    return ".".join(parts + [node.module] if node.module else parts)
+
+
+def kvpipe_imports(path: Path, src: Path) -> set[str]:
+    """The kvpipe modules a Python file imports anywhere in it.
+
+    ``from p import x`` imports module ``p.x`` when that is a module under ``src``, else ``p``.
+    Relative imports resolve against the file's package under ``src``.
+    """
+    package = _package(path, src)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (base := _from_base(node, package)):
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.add(sub if alias.name != "*" and _is_module(sub, src) else base)
+    return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
+
+
+def import_closure(roots: Iterable[str], src: Path) -> list[str]:
+    """The sorted kvpipe modules that importing ``roots`` runs: their imports and parent packages, transitively."""
+    todo, seen = list(roots), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parent = name.rpartition(".")[0]
+        todo.extend(([parent] if parent else []) + sorted(kvpipe_imports(module_path(name, src), src)))
+    return sorted(seen)
+
+
+def _digest(own: bytes, modules: Iterable[str], src: Path) -> str:
+    digest = hashlib.sha256(own)
+    for name in import_closure(modules, src):
+        data = module_path(name, src).read_bytes()
+        digest.update(f"\n{name} {len(data)}\n".encode())
+        digest.update(data)
     return digest.hexdigest()[:16]
+
+
+def script_hash(script: Path, src: Path | None = None) -> str:
+    """SHA-256 (first 16 hex digits) over a script and the kvpipe modules its imports run."""
+    src = SRC if src is None else src
+    return _digest(script.read_bytes(), kvpipe_imports(script, src), src)
+
+
+def module_hash(*modules: str, src: Path | None = None) -> str:
+    """SHA-256 (first 16 hex digits) over the kvpipe modules that importing ``modules`` runs."""
+    src = SRC if src is None else src
+    return _digest(b"", modules, src)

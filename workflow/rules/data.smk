@@ -1,24 +1,22 @@
 rule sample_dataset:
-    """Seeded sample of a dataset, shared by every model; prompt length bounded by all their tokenizers.
-
-    The model inputs are ancient(): re-materialising one model must not resample the
-    dataset (and so rerun every model); extract_kv checks that the samples still fit.
-    """
+    """Seeded sample of a dataset, shared by every model; depends on the dataset and `sampling` only."""
     input:
-        models=[ancient(model_card(m)) for m in run_models(config)],
+        data=dataset_files,
+        tokenizer=sampling_tokenizer_card,
     output:
         samples="results/data/{dataset}/samples.parquet",
+    log:
+        "results/logs/sample_dataset/{dataset}.log",
+    conda:
+        "../../envs/kvpipe.yaml"
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         dataset=lambda wc: config["datasets"][wc.dataset],
         sampling=config["sampling"],
         prompt=config["prompt"],
-        code=code_hash("sample"),
-    log:
-        "results/logs/sample_dataset/{dataset}.log",
-    resources:
-        mem_mb=4000,
-        runtime=30,
-    conda:
-        "../../envs/kvpipe.yaml"
+        tokenizer=sampling_tokenizer,
+        code=code("sample_dataset.py"),
     script:
         "../scripts/sample_dataset.py"

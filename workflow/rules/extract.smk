@@ -1,26 +1,29 @@
 rule extract_kv:
     """Per-model KV cache of every sample, as layer-partitioned, sample-sharded Parquet."""
     input:
-        model=lambda wc: model_card(wc.model),
-        samples="results/data/{dataset}/samples.parquet",
+        model=model_card,
+        samples=rules.sample_dataset.output.samples,
     output:
         # Only the manifest is declared: shards beside it survive a failed job, and the
         # rerun skips those the progress file proves complete.
-        manifest=kv_manifest("{dataset}", "{model}"),
-    params:
-        extraction=config["extraction"],
-        prompt=config["prompt"],
-        device=config["device"],
-        code=code_hash("extract"),
+        manifest="results/kv/{dataset}/{model}/manifest.json",
     log:
         "results/logs/extract_kv/{dataset}/{model}.log",
     benchmark:
         "results/benchmarks/extract_kv/{dataset}/{model}.tsv"
+    conda:
+        "../../envs/kvpipe.yaml"
     resources:
         mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
         runtime=lambda wc: model_resources(wc.model).get("runtime"),
         gpu=model_gpus(),
-    conda:
-        "../../envs/kvpipe.yaml"
+    params:
+        extraction=config["extraction"],
+        prompt=config["prompt"],
+        device=config["device"],
+        code=code("extract_kv.py"),
     script:
         "../scripts/extract_kv.py"
+
+
+TARGETS.append(rules.extract_kv.output.manifest)

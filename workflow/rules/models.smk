@@ -1,18 +1,20 @@
 rule materialize_model:
     """Turn a model source into results/models/{model}/ (safetensors, tokenizer, card)."""
+    input:
+        model_source_files,
     output:
         card="results/models/{model}/kvpipe_model.json",
-    params:
-        spec=lambda wc: config["models"][wc.model],
-        code=code_hash("materialize"),
     log:
         "results/logs/materialize_model/{model}.log",
     benchmark:
         "results/benchmarks/materialize_model/{model}.tsv"
+    conda:
+        "../../envs/kvpipe.yaml"
     resources:
         mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
         runtime=lambda wc: model_resources(wc.model).get("runtime"),
-    conda:
-        "../../envs/kvpipe.yaml"
+    params:
+        spec=lambda wc: config["models"][wc.model],
+        code=code("materialize_model.py"),
     script:
         "../scripts/materialize_model.py"

@@ -1,36 +1,69 @@
 rule selection:
     """Q2C / SnapKV / random selection by scout and main, overlap, and QA F1 from pruned caches."""
     input:
-        scout=lambda wc: model_card(config["pairs"][wc.pair]["scout"]),
-        main=lambda wc: model_card(config["pairs"][wc.pair]["main"]),
-        samples="results/data/{dataset}/samples.parquet",
+        scout=pair_model_card("scout"),
+        main=pair_model_card("main"),
+        samples=rules.sample_dataset.output.samples,
     output:
-        summary="results/selection/{dataset}/{pair}/summary.md",
         answers="results/selection/{dataset}/{pair}/answers.parquet",
         overlap="results/selection/{dataset}/{pair}/overlap.parquet",
         timings="results/selection/{dataset}/{pair}/timings.parquet",
-        aggregates="results/selection/{dataset}/{pair}/aggregates.parquet",
-        figures=expand(
-            "results/selection/{{dataset}}/{{pair}}/figures/{name}.{ext}",
-            name=SELECTION_FIGURES,
-            ext=("png", "pdf"),
-        ),
-    params:
-        selection=config["selection"],
-        prompt=config["prompt"],
-        device=config["device"],
-        dtype=config["extraction"]["dtype"],
-        code=code_hash("selection"),
+        facts="results/selection/{dataset}/{pair}/facts.json",
     log:
         "results/logs/selection/{dataset}/{pair}.log",
     benchmark:
         "results/benchmarks/selection/{dataset}/{pair}.tsv"
-    resources:
-        # both models are loaded: the pair's two model budgets together
-        mem_mb=lambda wc: sum(model_resources(m).get("mem_mb") for m in pair_models(wc.pair)),
-        runtime=lambda wc: max(model_resources(m).get("runtime") for m in pair_models(wc.pair)),
-        gpu=model_gpus(),
     conda:
         "../../envs/kvpipe.yaml"
+    resources:
+        # both models are loaded: the pair's two model budgets together
+        mem_mb=lambda wc: sum(
+            model_resources(m).get("mem_mb") for m in pair_models(wc.pair)
+        ),
+        runtime=lambda wc: max(
+            model_resources(m).get("runtime") for m in pair_models(wc.pair)
+        ),
+        gpu=model_gpus(),
+    params:
+        selection=lambda wc: pair_settings(config, wc.pair, "selection"),
+        prompt=config["prompt"],
+        device=config["device"],
+        dtype=config["extraction"]["dtype"],
+        code=code("selection_pair.py"),
     script:
         "../scripts/selection_pair.py"
+
+
+rule selection_report:
+    """Paired-bootstrap tables, figures and summary of selection transfer, from its tables alone."""
+    input:
+        answers=rules.selection.output.answers,
+        overlap=rules.selection.output.overlap,
+        timings=rules.selection.output.timings,
+        facts=rules.selection.output.facts,
+    output:
+        **stage_figures("selection"),
+        **stage_figures("selection", pdf=True),
+        summary=report(
+            "results/selection/{dataset}/{pair}/summary.md",
+            caption="../report/selection/summary.rst",
+            category="selection",
+            subcategory="{pair} on {dataset}",
+            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
+        ),
+        aggregates="results/selection/{dataset}/{pair}/aggregates.parquet",
+    log:
+        "results/logs/selection_report/{dataset}/{pair}.log",
+    conda:
+        "../../envs/kvpipe.yaml"
+    params:
+        code=code("selection_report.py"),
+    script:
+        "../scripts/selection_report.py"
+
+
+localrules:
+    selection_report,
+
+
+TARGETS.append(rules.selection_report.output.summary)

@@ -1,28 +1,55 @@
 rule structure:
     """Scout -> main transfer of keys and values, layer by layer, with baselines and CIs."""
     input:
-        scout=lambda wc: kv_manifest(wc.dataset, config["pairs"][wc.pair]["scout"]),
-        main=lambda wc: kv_manifest(wc.dataset, config["pairs"][wc.pair]["main"]),
+        scout=pair_kv("scout"),
+        main=pair_kv("main"),
+        samples=rules.sample_dataset.output.samples,
     output:
         metrics="results/structure/{dataset}/{pair}/metrics.parquet",
-        summary="results/structure/{dataset}/{pair}/summary.md",
         facts="results/structure/{dataset}/{pair}/facts.json",
-        figures=expand(
-            "results/structure/{{dataset}}/{{pair}}/figures/{name}.{ext}",
-            name=STRUCTURE_FIGURES,
-            ext=("png", "pdf"),
-        ),
-    params:
-        structure=config["structure"],
-        code=code_hash("structure"),
     log:
         "results/logs/structure/{dataset}/{pair}.log",
     benchmark:
         "results/benchmarks/structure/{dataset}/{pair}.tsv"
+    conda:
+        "../../envs/kvpipe.yaml"
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/kvpipe.yaml"
+    params:
+        structure=lambda wc: pair_settings(config, wc.pair, "structure"),
+        code=code("structure_pair.py"),
     script:
         "../scripts/structure_pair.py"
+
+
+rule structure_report:
+    """Figures and summary of the structural analysis, from its tables alone."""
+    input:
+        metrics=rules.structure.output.metrics,
+        facts=rules.structure.output.facts,
+    output:
+        **stage_figures("structure"),
+        **stage_figures("structure", pdf=True),
+        summary=report(
+            "results/structure/{dataset}/{pair}/summary.md",
+            caption="../report/structure/summary.rst",
+            category="structure",
+            subcategory="{pair} on {dataset}",
+            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
+        ),
+    log:
+        "results/logs/structure_report/{dataset}/{pair}.log",
+    conda:
+        "../../envs/kvpipe.yaml"
+    params:
+        code=code("structure_report.py"),
+    script:
+        "../scripts/structure_report.py"
+
+
+localrules:
+    structure_report,
+
+
+TARGETS.append(rules.structure_report.output.summary)

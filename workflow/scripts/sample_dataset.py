@@ -2,10 +2,10 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # this checkout's kvpipe
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # this checkout's kvpipe
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):
-    sample_to_file(snakemake.wildcards.dataset, snakemake.params.dataset, [Path(c).parent for c in snakemake.input.models],
+    sample_to_file(snakemake.wildcards.dataset, snakemake.params.dataset, snakemake.params.tokenizer,
                    snakemake.params.prompt, snakemake.params.sampling, snakemake.output.samples)

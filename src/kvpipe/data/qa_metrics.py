@@ -1,13 +1,15 @@
-"""SQuAD v2 exact match and F1 with the official answer normalisation."""
+"""SQuAD v2 exact match and F1 with the official answer normalisation, and scoring of a generation."""
 
 from __future__ import annotations
 
 import collections
 import re
 import string
+from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 _PUNCT = set(string.punctuation)
+UNANSWERABLE = "unanswerable"
 
 
 def normalize_answer(text: str) -> str:
@@ -37,3 +39,12 @@ def squad_f1(prediction: str, gold_answers: list[str]) -> float:
     """Best token-overlap F1 over the gold answers; [] means unanswerable (only "" scores 1)."""
     golds = gold_answers or [""]
     return max(_f1(prediction, g) for g in golds)
+
+
+def score_prediction(text: str, answers: list[dict[str, Any]]) -> tuple[str, float, float]:
+    """First line of a generation, 'unanswerable' mapped to the empty answer; its EM and F1 against SQuAD answers."""
+    prediction = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if normalize_answer(prediction) == UNANSWERABLE:
+        prediction = ""
+    golds = [a["text"] for a in answers]
+    return prediction, squad_exact(prediction, golds), squad_f1(prediction, golds)

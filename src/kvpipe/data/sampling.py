@@ -1,7 +1,12 @@
-"""Seeded, deterministic sampling of QA examples shared by every model of a dataset."""
+"""Seeded, deterministic sampling of QA examples shared by every model of a dataset.
+
+The sample table depends only on the dataset and the `sampling` section: prompt lengths are
+counted with the one tokenizer it names, so adding a pair or a model never resamples.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.io import atomic_path
+from kvpipe.io import write_parquet
 from kvpipe.models.load import load_tokenizer
 
 
@@ -32,8 +37,8 @@ def sample(examples: pd.DataFrame, tokenizers: Sequence[PreTrainedTokenizerBase]
     """Take the first n examples of a seeded permutation whose prompt fits every tokenizer.
 
     The permutation depends only on the seed and the example ids, so the same seed gives
-    the same samples whatever the row order of the source. Columns added: sample_idx and
-    prompt_tokens (the longest prompt over the tokenizers).
+    the same samples whatever the row order of the source. Columns added: sample_idx,
+    prompt_tokens (the longest prompt over the tokenizers) and passage (id of the context).
     """
     pool = examples.sort_values("id", kind="stable").reset_index(drop=True)
     if sampling["answerable_only"]:
@@ -55,14 +60,30 @@ def sample(examples: pd.DataFrame, tokenizers: Sequence[PreTrainedTokenizerBase]
     out = pool.iloc[kept].reset_index(drop=True)
     out.insert(0, "sample_idx", np.arange(n, dtype=np.int32))
     out["prompt_tokens"] = np.asarray(lengths, dtype=np.int32)
+    out["passage"] = passage_ids(out["context"])
     return out
 
 
-def sample_to_file(name: str, spec: dict[str, Any], model_dirs: Sequence[Path], prompt: dict[str, Any],
+def passage_ids(contexts: pd.Series) -> np.ndarray:
+    """A stable id per distinct context (first 16 hex digits of its SHA-256): questions on one passage share it."""
+    return np.asarray([hashlib.sha256(c.encode()).hexdigest()[:16] for c in contexts], dtype=object)
+
+
+def length_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer that counts prompt lengths: a materialised model directory, else a hub tokenizer id."""
+    if Path(ref).is_dir():
+        return load_tokenizer(Path(ref))
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(ref))
+    except Exception as err:  # the hub client raises many types; report it as one line
+        raise KvpipeError(f"sampling.tokenizer: cannot load tokenizer {ref!r} ({str(err).splitlines()[0]})") from None
+
+
+def sample_to_file(name: str, spec: dict[str, Any], tokenizer: str | Path, prompt: dict[str, Any],
                    sampling: dict[str, Any], out: Path) -> pd.DataFrame:
-    """Load a dataset, sample it with the tokenizers of model_dirs and write the table atomically."""
-    tokenizers = [load_tokenizer(d) for d in model_dirs]
-    frame = sample(load_dataset(name, spec), tokenizers, prompt, sampling, name)
-    with atomic_path(Path(out)) as tmp:
-        frame.to_parquet(tmp, index=False)
+    """Load a dataset, sample it with the length tokenizer and write the table atomically."""
+    frame = sample(load_dataset(name, spec), [length_tokenizer(tokenizer)], prompt, sampling, name)
+    write_parquet(frame, Path(out))
     return frame

@@ -34,3 +34,12 @@ def check_cache(cache: Any, lm: LoadedModel) -> None:
         keys, values = cache_layer(cache, layer)
         check_finite(keys, f"keys of layer {layer}", lm)
         check_finite(values, f"values of layer {layer}", lm)
+
+
+def check_window(lm: LoadedModel, n_tokens: int, sample_id: str, extra: int = 0) -> None:
+    """A prompt of n_tokens (plus `extra` tokens to decode) must fit the model's context window."""
+    window = getattr(lm.model.config, "max_position_embeddings", None)
+    if window is not None and n_tokens + extra > window:
+        more = f" + {extra} tokens to decode" if extra else ""
+        raise KvpipeError(f"sample {sample_id}: its prompt has {n_tokens} tokens{more} for model {lm.slug}, whose "
+                          f"context window is {window}; lower sampling.max_context_tokens")

@@ -12,21 +12,23 @@ inputs verifies and skips finished shards. Memory is bounded by one shard.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
-from kvpipe.data.prompt import build_prompt
+from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.errors import KvpipeError
 from kvpipe.io import sha256_file
 from kvpipe.kv import store as kvstore
-from kvpipe.kv.checks import cache_layer, check_cache, check_finite
+from kvpipe.kv.checks import cache_layer, check_cache, check_finite, check_window
 from kvpipe.models.load import LoadedModel, load_model
 from kvpipe.models.rope import invert_rope, rope_tables
-from kvpipe.provenance import code_hash
+from kvpipe.provenance import module_hash
 
 
 def resolve_layers(layers: Any, num_layers: int, slug: str) -> list[int]:
@@ -76,62 +78,89 @@ def extract_sample(lm: LoadedModel, tokens: Any, layers: list[int], tables: tupl
     return rows
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What every shard of one model's extraction needs."""
+
+    lm: LoadedModel
+    root: Path
+    layers: list[int]
+    storage: np.dtype
+    compression: str
+    schema: Any
+    tables: tuple[torch.Tensor, torch.Tensor]
+
+
+def _prompts(lm: LoadedModel, samples: pd.DataFrame, prompt: dict[str, Any]) -> list[PromptTokens]:
+    """Every sample's prompt for this model's tokenizer, each checked against its context window."""
+    prompts = []
+    for row in samples.itertuples(index=False):
+        tokens = build_prompt(lm.tokenizer, prompt, row.context, row.question)
+        check_window(lm, len(tokens), row.id)
+        prompts.append(tokens)
+    return prompts
+
+
+def _extract_shard(job: _Job, index: int, chunk: pd.DataFrame, prompts: list[PromptTokens], bar: Any) -> dict[str, Any]:
+    """Run the samples of one shard, write one file per layer; return the shard's progress record."""
+    meta: dict[str, list[np.ndarray]] = {k: [] for k in ("sample_idx", "sample_id", "position", "segment",
+                                                         "token_id", "char_start", "char_end")}
+    vectors: dict[int, dict[str, list[np.ndarray]]] = {l: {k: [] for k in kvstore.KINDS} for l in job.layers}
+    for row, tokens in zip(chunk.itertuples(index=False), prompts, strict=True):
+        n = len(tokens)
+        meta["sample_idx"].append(np.full(n, row.sample_idx, np.int32))
+        meta["sample_id"].append(np.full(n, row.id, object))
+        meta["position"].append(np.arange(n, dtype=np.int32))
+        meta["segment"].append(tokens.segment)
+        meta["token_id"].append(tokens.input_ids.astype(np.int32))
+        meta["char_start"].append(tokens.char_start)
+        meta["char_end"].append(tokens.char_end)
+        for layer, kinds in extract_sample(job.lm, tokens, job.layers, job.tables, job.storage).items():
+            for kind, arr in kinds.items():
+                vectors[layer][kind].append(arr)
+        bar.update(1)
+    flat = {k: np.concatenate(v) for k, v in meta.items()}
+    files = {}
+    for layer in job.layers:
+        table = kvstore.build_table(flat, {k: np.concatenate(v) for k, v in vectors[layer].items()}, job.schema)
+        rel = kvstore.shard_file(layer, index)
+        files[rel] = kvstore.write_table(table, job.root / rel, job.compression)
+    first = int(chunk["sample_idx"].iloc[0])
+    return {"index": index, "samples": [first, first + len(chunk)], "rows": len(flat["position"]), "files": files}
+
+
 def extract(model_dir: Path, samples_path: Path, out_dir: Path, extraction: dict[str, Any],
             prompt: dict[str, Any], device: str = "auto", dataset: str = "") -> dict[str, Any]:
     """Extract the KV cache of every sample into out_dir; return the manifest."""
     root = Path(out_dir)
     lm = load_model(model_dir, device, extraction["dtype"])
     samples = pd.read_parquet(samples_path)
+    prompts = _prompts(lm, samples, prompt)
     cfg = lm.model.config
-    layers = resolve_layers(extraction["layers"], cfg.num_hidden_layers, lm.slug)
     width = lm.card["num_kv_heads"] * lm.card["head_dim"]
-    storage = np.dtype(extraction["storage_dtype"])
-    size = extraction["shard_size"]
+    job = _Job(lm, root, resolve_layers(extraction["layers"], cfg.num_hidden_layers, lm.slug),
+               np.dtype(extraction["storage_dtype"]), extraction["compression"],
+               kvstore.schema(width, extraction["storage_dtype"]),
+               rope_tables(lm.model, torch.arange(max(map(len, prompts)), device=lm.device)))
     key = {"format": kvstore.FORMAT, "model_fingerprint": lm.card["fingerprint"],
            "samples_sha256": sha256_file(samples_path), "extraction": extraction, "prompt": prompt,
            "device": lm.device.type, "compute_dtype": str(lm.dtype).removeprefix("torch."),
-           "code": code_hash("extract")}
+           "code": module_hash("kvpipe.kv.extract")}
     done = kvstore.verified_shards(root, key)
     kvstore.remove_stale(root, {rel for shard in done.values() for rel in shard["files"]})
-    sch = kvstore.schema(width, extraction["storage_dtype"])
-    tables = rope_tables(lm.model, torch.arange(int(samples["prompt_tokens"].max()), device=lm.device))
-    n_shards = (len(samples) + size - 1) // size
+    size = extraction["shard_size"]
     started = time.perf_counter()
-    for s in range(n_shards):
-        if s in done:
-            continue
-        chunk = samples.iloc[s * size:(s + 1) * size]
-        meta: dict[str, list[np.ndarray]] = {k: [] for k in ("sample_idx", "sample_id", "position", "segment",
-                                                             "token_id", "char_start", "char_end")}
-        vectors: dict[int, dict[str, list[np.ndarray]]] = {l: {k: [] for k in kvstore.KINDS} for l in layers}
-        for row in chunk.itertuples(index=False):
-            tokens = build_prompt(lm.tokenizer, prompt, row.context, row.question)
-            if len(tokens) > row.prompt_tokens:
-                raise KvpipeError(f"{samples_path}: sample {row.id} has {len(tokens)} tokens for model {lm.slug} but "
-                                  f"was sampled at {row.prompt_tokens}; its tokenizer changed, resample the dataset")
-            n = len(tokens)
-            meta["sample_idx"].append(np.full(n, row.sample_idx, np.int32))
-            meta["sample_id"].append(np.full(n, row.id, object))
-            meta["position"].append(np.arange(n, dtype=np.int32))
-            meta["segment"].append(tokens.segment)
-            meta["token_id"].append(tokens.input_ids.astype(np.int32))
-            meta["char_start"].append(tokens.char_start)
-            meta["char_end"].append(tokens.char_end)
-            for layer, kinds in extract_sample(lm, tokens, layers, tables, storage).items():
-                for kind, arr in kinds.items():
-                    vectors[layer][kind].append(arr)
-        flat = {k: np.concatenate(v) for k, v in meta.items()}
-        files = {}
-        for layer in layers:
-            table = kvstore.build_table(flat, {k: np.concatenate(v) for k, v in vectors[layer].items()}, sch)
-            rel = kvstore.shard_file(layer, s)
-            files[rel] = kvstore.write_table(table, root / rel, extraction["compression"])
-        done[s] = {"index": s, "samples": [s * size, s * size + len(chunk)], "rows": len(flat["position"]),
-                   "files": files}
-        kvstore.write_progress(root, key, done)
+    with tqdm(total=len(samples), desc=f"extract {lm.slug}", unit="sample", mininterval=5) as bar:
+        for s in range((len(samples) + size - 1) // size):
+            rows = slice(s * size, (s + 1) * size)
+            if s in done:
+                bar.update(len(samples.iloc[rows]))
+                continue
+            done[s] = _extract_shard(job, s, samples.iloc[rows], prompts[rows], bar)
+            kvstore.write_progress(root, key, done)
     manifest = {
         "format": kvstore.FORMAT, "key": key, "dataset": dataset, "model": lm.slug,
-        "architecture": lm.card["architecture"], "num_layers": cfg.num_hidden_layers, "layers": layers,
+        "architecture": lm.card["architecture"], "num_layers": cfg.num_hidden_layers, "layers": job.layers,
         "num_kv_heads": lm.card["num_kv_heads"], "head_dim": lm.card["head_dim"], "width": width,
         "storage_dtype": extraction["storage_dtype"], "n_samples": len(samples),
         "rows_per_layer": sum(s["rows"] for s in done.values()),

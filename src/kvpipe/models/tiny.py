@@ -2,7 +2,8 @@
 
 They give the tests and the smoke workflow real Qwen2/Llama code paths (RoPE, GQA, Qwen2's
 k/v projection biases) in milliseconds. The same (vocab_size, tokenizer_seed) always yields the same
-tokenizer, so two tiny models can share one, as same-family real models do.
+tokenizer, so two tiny models can share one, as same-family real models do. Like Qwen2.5, the
+tokenizer's eos is <|endoftext|> while a turn ends with <|im_end|>: the generation config lists both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -22,6 +24,8 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# The trainer gives the special tokens the first ids, in this order.
+END_OF_TEXT, IM_END = SPECIAL_TOKENS.index("<|endoftext|>"), SPECIAL_TOKENS.index("<|im_end|>")
 
 # ChatML, the format of the Qwen2.5 instruct models.
 CHAT_TEMPLATE = (
@@ -58,14 +62,14 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedTokenizer
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
+        eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
 
 
 def build_model(spec: dict[str, Any], vocab_size: int) -> PreTrainedModel:
-    """A random-initialised Qwen2 or Llama model from a `tiny` model source spec."""
+    """A random-initialised Qwen2 or Llama model from a `tiny` model source spec; turns end at <|im_end|> or <|endoftext|>."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=spec["hidden_size"],
@@ -80,6 +84,6 @@ def build_model(spec: dict[str, Any], vocab_size: int) -> PreTrainedModel:
         bos_token_id=None,
     )
     torch.manual_seed(spec["seed"])
-    if spec["arch"] == "qwen2":
-        return Qwen2ForCausalLM(Qwen2Config(**common))
-    return LlamaForCausalLM(LlamaConfig(**common))
+    model = Qwen2ForCausalLM(Qwen2Config(**common)) if spec["arch"] == "qwen2" else LlamaForCausalLM(LlamaConfig(**common))
+    model.generation_config = GenerationConfig(eos_token_id=[IM_END, END_OF_TEXT])
+    return model

@@ -27,17 +27,25 @@ SnapKV, over the observation window W = the last `window` context tokens of the 
     window tokens get +inf (always kept) when `keep_window`.
 
 Random: s[j] ~ U(0, 1), seeded by (seed, sample), the same for every model of a pair.
+
+Every method class registers itself in METHODS by name and builds itself from the
+`selection` config section (`from_config`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from kvpipe.errors import KvpipeError
+
+if TYPE_CHECKING:
+    from kvpipe.inference.session import Session
 
 
 @dataclass
@@ -52,6 +60,15 @@ class ScoringInputs:
     question_index: torch.Tensor            # their cache indices
     keys: list[torch.Tensor]                # per layer [Hkv, T, d], post-RoPE, T ≥ every query index
 
+    @classmethod
+    def from_session(cls, session: Session, sample_idx: int) -> ScoringInputs:
+        """The inputs of a session whose full-context answer captured the question (capture_row)."""
+        own, question = session.own, session.question
+        if question is None or own.window_queries is None or own.window_index is None:
+            raise ValueError("scoring needs the own prefill's window queries and a captured question pass")
+        return cls(session.context, sample_idx, own.window_queries, own.window_index, question.queries,
+                   question.index, question.keys)
+
 
 def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
     """Causal softmax attention of a few queries [Hq, n, d] over keys [Hkv, T, d] -> [Hkv, Hq/Hkv, n, T]."""
@@ -62,14 +79,28 @@ def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch
     return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
 
+METHODS: dict[str, type[SelectionMethod]] = {}
+
+
 class SelectionMethod(ABC):
     """Scores context tokens; higher means keep.
 
     `head_scores` gives one score per (layer, KV head, context token); `score` reduces it to
     the shared selection a scout can send: reduce over heads, then sum over layers.
+    Subclasses register in METHODS under `name`; `attention_based` ones score from attention rows.
     """
 
     name: ClassVar[str]
+    attention_based: ClassVar[bool]   # scores come from attention rows (checked against eager attention in the tests)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        METHODS[cls.name] = cls
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SelectionMethod:
+        """The method as the `selection` config section sets it up."""
+        return cls()
 
     @abstractmethod
     def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
@@ -86,7 +117,8 @@ class SelectionMethod(ABC):
 class Q2C(SelectionMethod):
     """Question-to-context attention, summed over question tokens, mean over a KV group's query heads."""
 
-    name = "q2c"
+    name: ClassVar[str] = "q2c"
+    attention_based: ClassVar[bool] = True
 
     def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
         layers = [attention_rows(q, k, inputs.question_index)[..., inputs.context].sum(dim=2).mean(dim=1)
@@ -104,6 +136,7 @@ class SnapKV(SelectionMethod):
     head_reduce: str = "mean"
     keep_window: bool = True
     name: ClassVar[str] = "snapkv"
+    attention_based: ClassVar[bool] = True
 
     # The two published settings: the SnapKV repository's LongBench configuration and
     # NVIDIA kvpress's SnapKVPress defaults (GQA groups averaged).
@@ -111,6 +144,12 @@ class SnapKV(SelectionMethod):
         "original": {"window": 32, "kernel": 7, "pooling": "max", "head_reduce": "mean", "keep_window": True},
         "kvpress": {"window": 64, "kernel": 5, "pooling": "avg", "head_reduce": "mean", "keep_window": True},
     }
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> SnapKV:
+        """The `selection.snapkv` preset with its overrides."""
+        snap = cfg["snapkv"]
+        return cls(**(cls.PRESETS[snap["preset"]] | {k: v for k, v in snap.items() if k != "preset"}))
 
     def reduce_heads(self, scores: np.ndarray) -> np.ndarray:
         return scores.max(axis=1) if self.head_reduce == "max" else scores.mean(axis=1)
@@ -139,6 +178,12 @@ class Random(SelectionMethod):
 
     seed: int = 0
     name: ClassVar[str] = "random"
+    attention_based: ClassVar[bool] = False
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> Random:
+        """Seeded by `selection.seed`."""
+        return cls(cfg["seed"])
 
     def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
         n = inputs.context.stop - inputs.context.start
@@ -147,17 +192,11 @@ class Random(SelectionMethod):
 
 
 def build_methods(cfg: dict[str, Any]) -> list[SelectionMethod]:
-    """The configured methods (selection.methods), SnapKV from its preset plus overrides."""
-    methods: list[SelectionMethod] = []
-    for name in cfg["methods"]:
-        if name == "q2c":
-            methods.append(Q2C())
-        elif name == "snapkv":
-            snap = cfg["snapkv"]
-            methods.append(SnapKV(**(SnapKV.PRESETS[snap["preset"]] | {k: v for k, v in snap.items() if k != "preset"})))
-        elif name == "random":
-            methods.append(Random(cfg["seed"]))
-    return methods
+    """The methods `selection.methods` names, each from its config (SnapKV: preset plus overrides)."""
+    unknown = [name for name in cfg["methods"] if name not in METHODS]
+    if unknown:
+        raise KvpipeError(f"selection.methods: unknown method {unknown[0]!r}; known: {', '.join(sorted(METHODS))}")
+    return [METHODS[name].from_config(cfg) for name in cfg["methods"]]
 
 
 def top_k(scores: np.ndarray, retention: float) -> np.ndarray:

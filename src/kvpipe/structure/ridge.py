@@ -4,8 +4,8 @@ Statistics are accumulated shard by shard (Σx, Σy, XᵀX, XᵀY, Σ‖y‖², 
 
     W = (Sxx + α I)⁻¹ Sxy,  b = ȳ - x̄ W,   Sxx = XᵀX - n x̄ᵀx̄,  Sxy = XᵀY - n x̄ᵀȳ
 
-α is chosen by k-fold cross-validation over calibration *samples* (never tokens), using the
-exact held-out squared error computed from the folds' statistics.
+α is chosen by k-fold cross-validation over calibration *passages* (never questions or tokens),
+using the exact held-out squared error computed from the folds' statistics.
 """
 
 from __future__ import annotations

@@ -1,0 +1,48 @@
+"""The `kvpipe` command line runs every stage without Snakemake."""
+
+import subprocess
+import sys
+
+from conftest import REPO, SMOKE
+
+from kvpipe.kv import store as kvstore
+
+
+def test_cli_runs_the_stages_without_snakemake(tmp_path):
+    def kvpipe(*args):
+        proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", *args, "-c", str(REPO / "config.yaml"),
+                               "-c", str(SMOKE)], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    kvpipe("materialize", "--model", "tiny-scout", "--out", "m")
+    kvpipe("sample", "--dataset", "synthetic-small", "--tokenizer", "m", "--out", "s.parquet")
+    out = kvpipe("extract", "--model-dir", "m", "--samples", "s.parquet", "--out", "kv")
+    assert "tiny-scout:" in out and kvstore.load_manifest(tmp_path / "kv")["n_samples"] == 6
+    kvpipe("materialize", "--model", "tiny-main", "--out", "m2")
+    kvpipe("extract", "--model-dir", "m2", "--samples", "s.parquet", "--out", "kv2")
+    kvpipe("structure", "--pair", "tiny", "--scout-kv", "kv", "--main-kv", "kv2", "--samples", "s.parquet", "--out", "st")
+    assert (tmp_path / "st" / "metrics.parquet").exists()
+    kvpipe("selection", "--pair", "tiny", "--scout-dir", "m", "--main-dir", "m2", "--samples", "s.parquet",
+           "--out", "sel")
+    assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
+    (tmp_path / "sel" / "summary.md").unlink()
+    kvpipe("report", "selection", "--dir", "sel", "--dataset", "synthetic-small")
+    assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
+    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection", "report"):
+        help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
+        assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout
+
+
+def test_cli_names_unknown_entries_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "materialize", "--model", "ghost", "--out", "x",
+                           "-c", str(REPO / "config.yaml")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == ("kvpipe: error: --model: 'ghost' is not in models "
+                                   "(qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m)")
+
+
+def test_python_code_is_ruff_clean():
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "workflow/scripts"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

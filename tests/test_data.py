@@ -165,3 +165,13 @@ def test_unreachable_hub_tokenizer_is_one_line(monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
     with pytest.raises(KvpipeError, match=r"^sampling.tokenizer: cannot load tokenizer 'org/tok' \(We couldn't connect"):
         length_tokenizer("org/tok")
+
+
+def test_gold_answers_that_normalise_to_empty_are_dropped_as_the_official_script_does():
+    from kvpipe.data.qa_metrics import gold_texts, score_prediction, squad_exact, squad_f1
+
+    assert gold_texts(["The", "Paris", "a ."]) == ["Paris"]
+    assert gold_texts(["the"]) == [""]                       # nothing left: scored as unanswerable
+    assert squad_exact("", ["The"]) == 1.0 and squad_f1("Paris", ["The"]) == 0.0
+    assert squad_f1("Paris", ["an", "Paris"]) == 1.0
+    assert score_prediction("unanswerable", [{"text": "the", "answer_start": 0}])[1:] == (1.0, 1.0)

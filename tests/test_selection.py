@@ -252,3 +252,43 @@ def test_has_answer_and_no_answer_breakdown():
     main = agg[(agg["table"] == "full_kv") & (agg["role"] == "main")].set_index("quantity")["value"]
     assert main["f1_has_answer"] == 1.0 and main["f1_no_answer"] == 0.0
     assert main["f1"] == pytest.approx(4 / 6)
+
+
+def test_query_aware_snapkv_equals_pooled_attention_of_the_last_question_rows(session, eager_attentions, tiny_main):
+    s, _ = session
+    hkv, n, k = tiny_main.card["num_kv_heads"], s.context.stop - s.context.start, 3
+    method = SnapKV(window=4, kernel=3, pooling="avg", protocol="query_aware")
+    rows = np.flatnonzero(s.tokens.segment == QUESTION)[-4:]
+    layers = []
+    for a in eager_attentions:
+        col = a[:, rows][:, :, s.context].sum(1).reshape(hkv, -1, n).mean(1)
+        layers.append(torch.nn.functional.avg_pool1d(torch.nn.functional.pad(col[:, None], (1, 1), mode="replicate"), 3,
+                                                     stride=1)[:, 0].numpy())
+    heads = method.head_scores(_inputs(s), k)
+    np.testing.assert_allclose(heads, np.stack(layers), rtol=1e-4, atol=1e-6)
+    assert np.isfinite(heads).all()                          # the window is the question: no context token is forced
+
+
+def test_budgeted_snapkv_forces_exactly_its_forced_positions(session):
+    s, _ = session
+    n = s.context.stop - s.context.start
+    method = SnapKV(window=16, kernel=3, max_window_fraction=0.5)
+    for k in (1, 4, round(0.25 * n), n):
+        score = method.score(_inputs(s), k)
+        forced = method.forced_positions(n, k)
+        assert np.flatnonzero(np.isposinf(score)).tolist() == forced.tolist() and len(forced) <= 0.5 * k
+        assert set(forced) <= set(top_k(score, k / n))
+
+
+def test_prompt_budget_and_realised_retention(model_dirs, samples, smoke_config):
+    cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2, "budget": "prompt"}
+    answers, overlaps, _ = run_pair({"scout": model_dirs["tiny-scout"], "main": model_dirs["tiny-main"]},
+                                    samples.head(1), "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
+    pruned = answers[answers["retention"] == 0.5]
+    prompt = pruned["n_template"] + pruned["n_context"]
+    assert (pruned["n_kept_context"] == ((0.5 * prompt).round() - pruned["n_template"]).clip(1, pruned["n_context"])).all()
+    np.testing.assert_allclose(pruned["retention_prompt"], (pruned["n_template"] + pruned["n_kept_context"]) / prompt)
+    np.testing.assert_allclose(pruned["retention_context"], pruned["n_kept_context"] / pruned["n_context"])
+    snap = overlaps[overlaps["method"] == "snapkv"]
+    k = pruned["n_kept_context"].iloc[0]
+    assert (snap["n_forced"] <= 0.5 * k).all() and (snap["overlap_random"] >= snap["n_forced"] / k).all()

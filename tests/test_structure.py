@@ -9,19 +9,25 @@ from scipy.stats import ortho_group
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
+from kvpipe.structure import ridge
 from kvpipe.structure.cka import linear_cka
 from kvpipe.structure.pair_data import relative_depth
+from kvpipe.structure.position import rope_basis
 from kvpipe.structure.report import FIGURES, write_report
 from kvpipe.structure.ridge import (
     RidgeStats,
     choose_alpha,
+    dim_scores,
     fit_ridge,
     mean_map,
     metrics_from_scores,
+    pooled,
+    r2_per_dim,
     row_scores,
     squared_error,
 )
 from kvpipe.structure.stage import analyse_pair, run_structure
+from kvpipe.structure.summary import summary_markdown
 
 rng = np.random.default_rng(0)
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
@@ -96,6 +102,63 @@ def test_mean_predictor_r2_is_zero_and_a_perfect_map_is_one():
     np.testing.assert_allclose(r_self["cosine"], 1.0)
     # a shared offset inflates the cosine of the mean predictor: the trap centred R² exposes
     assert r_mean["cosine"][0] > 0.9
+
+
+def test_per_dimension_r2_is_not_dominated_by_one_high_variance_channel():
+    """One predictable channel of 16 with 30x the sd: pooled R² is high, the per-dimension mean is low."""
+    r = np.random.default_rng(3)
+    X = r.normal(size=(4000, 4))
+    Y = r.normal(size=(4000, 16))
+    Y[:, 0] = 30 * X[:, 0]
+    stats = RidgeStats(4, 16)
+    stats.add(X[:2000], Y[:2000])
+    m = fit_ridge(stats, 1e-6)
+    Y_hat, test = m.predict(X[2000:]), Y[2000:]
+    pooled_r2 = metrics_from_scores(row_scores(Y_hat, test, m.b, [slice(None)]), 2000)["r2"][0]
+    split = np.array_split(np.arange(2000), 5)  # additive over samples: sums of per-sample dim_scores
+    summed = sum(dim_scores(Y_hat[rows], test[rows], m.b) for rows in split)
+    per_dim = r2_per_dim(summed, [slice(None), slice(0, 8), slice(8, 16)])
+    assert pooled_r2 > 0.95
+    assert per_dim[0] < 0.1 and per_dim[0] == pytest.approx(1 / 16, abs=0.02)
+    assert per_dim[1] == pytest.approx(1 / 8, abs=0.03) and abs(per_dim[2]) < 0.02
+
+
+def test_cv_scales_alpha_by_the_training_folds_only(monkeypatch):
+    """The held-out fold's rows never set the scale of the α grid it is scored with."""
+    X, Y, _, _ = _planted(noise=0.5)
+    X = X.copy()
+    X[2000:] *= 100  # the third fold's features dominate any scale they enter
+    chunks = np.array_split(np.arange(len(X)), 3)
+    folds = [RidgeStats(12, 8) for _ in chunks]
+    for f, chunk in zip(folds, chunks):
+        f.add(X[chunk], Y[chunk])
+    calls, real = [], ridge.fit_ridge
+    monkeypatch.setattr(ridge, "fit_ridge", lambda stats, alpha: calls.append(alpha) or real(stats, alpha))
+    alpha = choose_alpha(folds, np.array([1.0]))
+
+    def scatter(rows):
+        return float(((X[rows] - X[rows].mean(0)) ** 2).sum()) / X.shape[1]
+
+    for k, used in enumerate(calls):
+        train = np.concatenate([c for j, c in enumerate(chunks) if j != k])
+        assert used == pytest.approx(scatter(train), rel=1e-9)
+    assert alpha == pytest.approx(scatter(np.arange(len(X))), rel=1e-9)
+    assert pooled(folds).n == len(X)
+
+
+def test_rope_basis_recovers_the_rotation_of_each_position():
+    torch = pytest.importorskip("torch")
+    from kvpipe.models.rope import apply_rope
+
+    d, heads, positions = 8, 3, torch.arange(50, dtype=torch.float32)
+    inv_freq = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = torch.outer(positions, inv_freq)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    pre = torch.randn(heads, 50, d, generator=torch.Generator().manual_seed(0))
+    post = apply_rope(pre, cos, sin)
+    rows = lambda t: t.permute(1, 0, 2).reshape(50, heads * d).double().numpy()  # noqa: E731  head-major rows
+    basis = rope_basis(rows(post), rows(pre), d)
+    np.testing.assert_allclose(basis, torch.cat([angles.cos(), angles.sin()], -1).numpy(), atol=1e-5)
 
 
 def test_relative_depth_alignment():
@@ -178,6 +241,9 @@ def test_run_structure_writes_the_table_and_facts_and_the_report_reads_only_them
     write_report(out / "metrics.parquet", out / "facts.json", "synthetic-small", report)
     summary = (report / "summary.md").read_text()
     assert "split by passage" in summary and "Does RoPE make the key space shared?" in summary
+    assert "bootstrap over test passages" in summary and "Thresholds (config `structure.thresholds`)" in summary
+    assert "Resolution: with" in summary and "Position only" in summary and "Do shallow layers transfer values" in summary
+    assert "keys − keys pre-RoPE: not testable on this pair: head sizes differ (8 vs 16)" in summary
     assert sorted(p.name for p in (report / "figures").iterdir()) == sorted(
         f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf"))
 
@@ -201,3 +267,16 @@ def test_report_and_compute_modules_import_independently(module, absent):
     """The workflow imports report.FIGURES at DAG-build time; report and compute code must not pull each other in."""
     code = f"import sys, kvpipe.structure.{module}; assert not {set(absent)!r} & set(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_new_metrics_and_the_equal_head_size_rope_comparison(kv_dirs, samples, smoke_config):
+    table, facts = analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], _passages(samples), "p", _cfg(smoke_config))
+    per_dim = table[table["metric"] == "r2_per_dim"]
+    assert set(per_dim["baseline"]) == {"none", "position"} and len(per_dim) == 3 * 2 * 2 * 3
+    position = table[(table["baseline"] == "position") & (table["metric"] == "r2") & (table["head"] == -1)]
+    assert len(position) == 3 * 2 and position["value"].notna().all()
+    p = table[table["metric"] == "r2_difference_p_holm"]
+    assert len(p) == 2 * 2 and ((p["value"] >= 0) & (p["value"] <= 1)).all()
+    assert set(table[table["metric"] == "r2_depth_slope"]["kind"]) == set(ex.kvstore.KINDS)
+    summary = summary_markdown(table, facts | {"scout_head_dim": 16}, "synthetic-small", FIGURES)
+    assert "not testable" not in summary and "R² keys − keys pre-RoPE | Holm p" in summary

@@ -162,6 +162,17 @@ def test_editing_the_dataset_file_resamples(repo, tmp_path):
     assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {"sample_dataset": 1}
 
 
+def test_a_gguf_path_is_an_input_of_materialisation(repo, tmp_path):
+    gguf = tmp_path / "model.gguf"
+    change = overlay(tmp_path, f"models:\n  tiny-gguf: {{source: gguf, path: {gguf}}}\n")
+    target = "results/models/tiny-gguf/kvpipe_model.json"
+    proc = snakemake(repo, "-n", target, overlays=(change,))
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Missing input files" in said and str(gguf) in said
+    gguf.write_bytes(b"GGUF")
+    assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {"materialize_model": 1}
+
+
 def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
     marker = "kvpipe-planted-marker-7f3a"
     change = overlay(tmp_path, "datasets:\n  synthetic-marker: {source: synthetic, seed: 5, passages: 4}\n")

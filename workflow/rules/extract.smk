@@ -13,6 +13,7 @@ rule extract_kv:
         "results/benchmarks/extract_kv/{dataset}/{model}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
+    threads: workflow.cores  # torch and numpy use every core the run may use
     resources:
         mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
         runtime=lambda wc: model_resources(wc.model).get("runtime"),

@@ -10,6 +10,7 @@ rule materialize_model:
         "results/benchmarks/materialize_model/{model}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
+    threads: workflow.cores  # torch and numpy use every core the run may use
     resources:
         mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
         runtime=lambda wc: model_resources(wc.model).get("runtime"),

@@ -15,6 +15,7 @@ rule selection:
         "results/benchmarks/selection/{dataset}/{pair}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
+    threads: workflow.cores  # torch and numpy use every core the run may use
     resources:
         # both models are loaded: the pair's two model budgets together
         mem_mb=lambda wc: sum(

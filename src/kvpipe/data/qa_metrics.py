@@ -1,4 +1,8 @@
-"""SQuAD v2 exact match and F1 with the official answer normalisation, and scoring of a generation."""
+"""SQuAD v2 exact match and F1 with the official answer normalisation, and scoring of a generation.
+
+As in the official evaluation script, gold answers that normalise to the empty string are
+dropped; a question left without gold answers is scored as unanswerable.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +33,20 @@ def _f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def gold_texts(gold_answers: list[str]) -> list[str]:
+    """The gold answers the official script scores against: those not empty once normalised, else [""]."""
+    return [g for g in gold_answers if normalize_answer(g)] or [""]
+
+
 def squad_exact(prediction: str, gold_answers: list[str]) -> float:
     """1.0 if the normalised prediction equals a normalised gold answer; [] means unanswerable."""
-    golds = gold_answers or [""]
+    golds = gold_texts(gold_answers)
     return float(max(normalize_answer(prediction) == normalize_answer(g) for g in golds))
 
 
 def squad_f1(prediction: str, gold_answers: list[str]) -> float:
     """Best token-overlap F1 over the gold answers; [] means unanswerable (only "" scores 1)."""
-    golds = gold_answers or [""]
+    golds = gold_texts(gold_answers)
     return max(_f1(prediction, g) for g in golds)
 
 

@@ -1,14 +1,28 @@
-"""Every headline number of the selection-transfer stage with its paired bootstrap interval."""
+"""Every headline number of the selection-transfer stage with its paired bootstrap interval.
+
+The family of selection deltas (forward, reverse, own − random, own − full KV; every method and
+retention below 1, both models) gets two-sided bootstrap p-values (normal reference, bootstrap
+standard error) and Holm's correction over the
+whole family (kvpipe.stats.holm): columns `p_value` and `p_holm`, NaN outside it.
+Each forward delta also gets `detectable_forward`: z × its bootstrap standard error, the smallest
+|delta| its interval could tell from 0 at this n. Tables named `<table>_has_answer` and
+`<table>_no_answer` repeat the transfer and overlap tables on answerable / unanswerable samples.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import norm
 
 from kvpipe.reporting import Interval
-from kvpipe.stats import bootstrap_counts, percentile_ci
+from kvpipe.stats import bootstrap_counts, bootstrap_pvalue, holm, percentile_ci
+
+FAMILY = ("delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full")
+SUBSETS = (("has_answer", False), ("no_answer", True))   # (table suffix, is_impossible)
 
 
 class Bootstrap:
@@ -19,27 +33,47 @@ class Bootstrap:
         self.counts = bootstrap_counts(len(self.samples), reps, seed)
         self.level = level
 
-    def mean(self, values: pd.Series) -> Interval:
-        """Mean over samples (values indexed by sample_idx) with its interval."""
+    def replicates(self, values: pd.Series) -> tuple[float, np.ndarray]:
+        """The mean over samples (values indexed by sample_idx) and its bootstrap replicates."""
         v = values.reindex(self.samples).to_numpy(dtype=float)
-        reps = self.counts @ v / self.counts.sum(1)
+        return float(v.mean()), self.counts @ v / self.counts.sum(1)
+
+    def mean(self, values: pd.Series) -> Interval:
+        """Mean over samples with its interval."""
+        value, reps = self.replicates(values)
         lo, hi = percentile_ci(reps, self.level)
-        return float(v.mean()), float(lo), float(hi)
+        return value, float(lo), float(hi)
 
     def delta(self, a: pd.Series, b: pd.Series) -> Interval:
         """Mean of a - b, paired by sample."""
         return self.mean(a.reindex(self.samples) - b.reindex(self.samples))
 
+    def test(self, a: pd.Series, b: pd.Series) -> tuple[Interval, float, float]:
+        """Mean of a - b with its interval, two-sided bootstrap p-value and bootstrap standard error."""
+        value, reps = self.replicates(a.reindex(self.samples) - b.reindex(self.samples))
+        return self.delta(a, b), float(bootstrap_pvalue(reps, value)), float(reps.std(ddof=1))
+
 
 class _Table:
     """Rows of the tidy aggregates table."""
 
-    def __init__(self) -> None:
+    def __init__(self, z: float) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.z = z
 
-    def add(self, table: str, role: str, method: str, retention: float, quantity: str, v: Interval) -> None:
+    def add(self, table: str, role: str, method: str, retention: float, quantity: str, v: Interval,
+            p: float = math.nan) -> None:
         self.rows.append({"table": table, "role": role, "method": method, "retention": retention, "quantity": quantity,
-                          "value": v[0], "ci_low": v[1], "ci_high": v[2]})
+                          "value": v[0], "ci_low": v[1], "ci_high": v[2], "p_value": p})
+
+    def delta(self, table: str, role: str, method: str, r: float, quantity: str, boot: Bootstrap, a: pd.Series,
+              b: pd.Series) -> None:
+        """A delta row; family deltas below retention 1 carry their p-value, forward ones their detectable size."""
+        v, p, se = boot.test(a, b)
+        in_family = table == "transfer" and quantity in FAMILY and r < 1
+        self.add(table, role, method, r, quantity, v, p if in_family else math.nan)
+        if quantity == "delta_forward":
+            self.add(table, role, method, r, "detectable_forward", (self.z * se, math.nan, math.nan))
 
 
 def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap, cfg: dict[str, Any]) -> None:
@@ -53,7 +87,7 @@ def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap, cfg: dict[str,
                 out.add("full_kv", role, "full", 1.0, label, sub.mean(full.loc[mask, "f1"]))
 
 
-def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
+def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = "transfer") -> None:
     f1 = answers.set_index(["role", "method", "retention", "source", "sample_idx"])["f1"].sort_index()
     conditions = set(f1.index.droplevel("sample_idx"))
     methods = [m for m in answers["method"].unique() if m not in ("full", "random")]
@@ -62,34 +96,50 @@ def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
             random = f1.loc[(role, "random", r, "own")] if "random" in answers["method"].values else None
             full = answers[(answers["role"] == role) & (answers["method"] == "full")].set_index("sample_idx")["f1"]
             if random is not None:
-                out.add("transfer", role, "random", r, "f1", boot.mean(random))
+                out.add(table, role, "random", r, "f1", boot.mean(random))
             for m in methods:
                 own, moved = f1.loc[(role, m, r, "own")], f1.loc[(role, m, r, "transfer")]
-                out.add("transfer", role, m, r, "f1_own", boot.mean(own))
+                out.add(table, role, m, r, "f1_own", boot.mean(own))
                 if (role, m, r, "own_per_head") in conditions:
                     per_head = f1.loc[(role, m, r, "own_per_head")]
-                    out.add("transfer", role, m, r, "f1_own_per_head", boot.mean(per_head))
-                    out.add("transfer", role, m, r, "delta_per_head_vs_shared", boot.delta(per_head, own))
-                out.add("transfer", role, m, r, f"f1_from_{other}", boot.mean(moved))
-                out.add("transfer", role, m, r, f"delta_{direction}", boot.delta(moved, own))
-                out.add("transfer", role, m, r, "delta_own_vs_full", boot.delta(own, full))
+                    out.add(table, role, m, r, "f1_own_per_head", boot.mean(per_head))
+                    out.add(table, role, m, r, "delta_per_head_vs_shared", boot.delta(per_head, own))
+                out.add(table, role, m, r, f"f1_from_{other}", boot.mean(moved))
+                out.delta(table, role, m, r, f"delta_{direction}", boot, moved, own)
+                out.delta(table, role, m, r, "delta_own_vs_full", boot, own, full)
                 if random is not None:
-                    out.add("transfer", role, m, r, "delta_own_vs_random", boot.delta(own, random))
+                    out.delta(table, role, m, r, "delta_own_vs_random", boot, own, random)
 
 
-def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap) -> None:
+def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap, table: str = "overlap") -> None:
     for (m, r), group in overlaps.groupby(["method", "retention"]):
         g = group.set_index("sample_idx")
         for quantity in ("overlap", "jaccard", "spearman", "overlap_random", "jaccard_random"):
-            out.add("overlap", "pair", m, r, quantity, boot.mean(g[quantity]))
-        out.add("overlap", "pair", m, r, "overlap_minus_random", boot.delta(g["overlap"], g["overlap_random"]))
+            out.add(table, "pair", m, r, quantity, boot.mean(g[quantity]))
+        out.add(table, "pair", m, r, "overlap_minus_random", boot.delta(g["overlap"], g["overlap_random"]))
+
+
+def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]) -> None:
+    """The transfer and overlap tables again on answerable and on unanswerable samples (when both occur)."""
+    impossible = answers.groupby("sample_idx")["is_impossible"].first()
+    if impossible.all() or not impossible.any():
+        return
+    for suffix, flag in SUBSETS:
+        ids = impossible.index[impossible == flag].to_numpy()
+        boot = Bootstrap(ids, cfg["bootstrap"], cfg["ci"], cfg["seed"])
+        _transfer(out, answers[answers["sample_idx"].isin(ids)], boot, f"transfer_{suffix}")
+        _overlap(out, overlaps[overlaps["sample_idx"].isin(ids)], boot, f"overlap_{suffix}")
 
 
 def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
-    """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high) of every headline figure."""
+    """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high, p_value, p_holm)."""
     boot = Bootstrap(answers["sample_idx"].unique(), cfg["bootstrap"], cfg["ci"], cfg["seed"])
-    out = _Table()
+    out = _Table(float(norm.ppf(0.5 + cfg["ci"] / 2)))
     _full_kv(out, answers, boot, cfg)
     _transfer(out, answers, boot)
     _overlap(out, overlaps, boot)
-    return pd.DataFrame(out.rows)
+    _by_answerability(out, answers, overlaps, cfg)
+    agg = pd.DataFrame(out.rows, columns=["table", "role", "method", "retention", "quantity", "value", "ci_low",
+                                          "ci_high", "p_value"])
+    agg["p_holm"] = holm(agg["p_value"].to_numpy(dtype=float))
+    return agg

@@ -33,7 +33,7 @@ def f1_vs_retention(agg: pd.DataFrame, title: str) -> Any:
 
 
 def overlap(agg: pd.DataFrame, title: str) -> Any:
-    """Scout/main selection overlap per method against retention, with the random expectation."""
+    """Scout/main selection overlap per method against retention, with each method's random expectation."""
     plt = pyplot()
     ov = agg[agg["table"] == "overlap"]
     fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
@@ -41,8 +41,8 @@ def overlap(agg: pd.DataFrame, title: str) -> Any:
         g = g.sort_values("retention")
         line = ax.plot(g["retention"], g["value"], "o-", label=f"{method}: scout ∩ main / k")[0]
         ax.fill_between(g["retention"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.15)
-    rnd = ov[ov["quantity"] == "overlap_random"].groupby("retention")["value"].mean()
-    ax.plot(rnd.index, rnd.values, "k:", label="random expectation")
+        rnd = ov[(ov["method"] == method) & (ov["quantity"] == "overlap_random")].sort_values("retention")
+        ax.plot(rnd["retention"], rnd["value"], ":", color=line.get_color(), label=f"{method}: random expectation")
     ax.set_xlabel("retention")
     ax.set_ylabel("selection overlap")
     ax.legend(fontsize=7)

@@ -17,19 +17,29 @@ Q2C (question -> context), over the question tokens Q of the full-KV question pa
     s_Q2C[l, g, j] = mean_{h ∈ g} Σ_{i ∈ Q} A[l, h, i, j]                for context j
     s_Q2C[j] = Σ_l mean_g s_Q2C[l, g, j]
 
-SnapKV, over the observation window W = the last `window` context tokens of the prefill:
+SnapKV, over an observation window W of w query rows, by `protocol`:
+  query_agnostic (as kvpress evaluates it): W = the last w context tokens of the prefill; the
+    question is never seen. For a budget of k context tokens, w = min(window, n,
+    max(1, ⌊max_window_fraction · k⌋)) and, with `keep_window`, the last ⌊max_window_fraction · k⌋
+    (at most w) context tokens are always kept (+inf), so the window never fills more than that
+    fraction of the budget and the rest is chosen by score. Without a budget, w = min(window, n).
+  query_aware (as in the SnapKV paper): W = the last w = min(window, question tokens) question
+    queries of the full-KV question pass; every context token is scored and none is forced.
+The answering pass always feeds the question over the pruned cache.
 
     a[l, h, j] = Σ_{i ∈ W} A[l, h, i, j]                                 for context j ∉ W
     a[l, g, j] = reduce over the query heads h of KV group g (`head_reduce`: mean or max)
     p[l, g, j] = pool_k(a[l, g])[j]          (`pooling` avg or max over a 1-D window of
                                               `kernel` positions, stride 1, same length)
     s_SnapKV[j] = Σ_l reduce_g p[l, g, j]
-    window tokens get +inf (always kept) when `keep_window`.
+    kept window tokens get +inf; other window tokens 0.
 
 Random: s[j] ~ U(0, 1), seeded by (seed, sample), the same for every model of a pair.
 
 Every method class registers itself in METHODS by name and builds itself from the
-`selection` config section (`from_config`).
+`selection` config section (`from_config`). Scores may depend on the budget k (`head_scores(inputs, k)`,
+`budget_dependent`); `forced_positions(n, k)` names the positions a method keeps whatever the
+scores (depending on n and k only, so shared by every model), which the overlap null needs.
 """
 
 from __future__ import annotations
@@ -92,6 +102,7 @@ class SelectionMethod(ABC):
 
     name: ClassVar[str]
     attention_based: ClassVar[bool]   # scores come from attention rows (checked against eager attention in the tests)
+    budget_dependent: ClassVar[bool] = False   # scores change with the budget k
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -103,15 +114,19 @@ class SelectionMethod(ABC):
         return cls()
 
     @abstractmethod
-    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
-        """float64 [layers, kv_heads, n_context]."""
+    def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
+        """float64 [layers, kv_heads, n_context], for a budget of k context tokens (None: no budget)."""
+
+    def forced_positions(self, n: int, k: int) -> np.ndarray:
+        """Context positions always kept with a budget of k of n (+inf scores); none by default."""
+        return np.empty(0, dtype=np.int64)
 
     def reduce_heads(self, scores: np.ndarray) -> np.ndarray:
         return scores.mean(axis=1)
 
-    def score(self, inputs: ScoringInputs) -> np.ndarray:
+    def score(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
         """One score per context token, float64 [n_context]."""
-        return self.reduce_heads(self.head_scores(inputs)).sum(axis=0)
+        return self.reduce_heads(self.head_scores(inputs, k)).sum(axis=0)
 
 
 class Q2C(SelectionMethod):
@@ -120,7 +135,7 @@ class Q2C(SelectionMethod):
     name: ClassVar[str] = "q2c"
     attention_based: ClassVar[bool] = True
 
-    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
+    def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
         layers = [attention_rows(q, k, inputs.question_index)[..., inputs.context].sum(dim=2).mean(dim=1)
                   for q, k in zip(inputs.question_queries, inputs.keys)]
         return torch.stack(layers).double().cpu().numpy()
@@ -128,15 +143,18 @@ class Q2C(SelectionMethod):
 
 @dataclass
 class SnapKV(SelectionMethod):
-    """Observation-window attention at the end of the context, pooled along the sequence."""
+    """Observation-window attention (end of the context, or end of the prompt), pooled along the sequence."""
 
     window: int = 32
     kernel: int = 7
     pooling: str = "max"
     head_reduce: str = "mean"
     keep_window: bool = True
+    protocol: str = "query_agnostic"
+    max_window_fraction: float = 0.5
     name: ClassVar[str] = "snapkv"
     attention_based: ClassVar[bool] = True
+    budget_dependent: ClassVar[bool] = True
 
     # The two published settings: the SnapKV repository's LongBench configuration and
     # NVIDIA kvpress's SnapKVPress defaults (GQA groups averaged).
@@ -151,24 +169,44 @@ class SnapKV(SelectionMethod):
         snap = cfg["snapkv"]
         return cls(**(cls.PRESETS[snap["preset"]] | {k: v for k, v in snap.items() if k != "preset"}))
 
+    def plan(self, n: int, k: int | None, available: int) -> tuple[int, int]:
+        """(observation rows w, forced context positions) for n context tokens, budget k, `available` captured rows."""
+        if self.protocol == "query_aware":
+            return min(self.window, available), 0
+        cap = min(self.window, available, n)
+        if k is None:
+            return cap, cap if self.keep_window else 0
+        limit = int(self.max_window_fraction * k)
+        w = max(1, min(cap, limit))
+        return w, min(w, limit) if self.keep_window else 0
+
+    def forced_positions(self, n: int, k: int) -> np.ndarray:
+        """The kept tail of the observation window (query_agnostic with keep_window), else none."""
+        return np.arange(n - self.plan(n, k, self.window)[1], n)
+
     def reduce_heads(self, scores: np.ndarray) -> np.ndarray:
         return scores.max(axis=1) if self.head_reduce == "max" else scores.mean(axis=1)
 
-    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
+    def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
         ctx = inputs.context
         n_ctx = ctx.stop - ctx.start
-        w = min(self.window, inputs.window_queries[0].shape[1], n_ctx)
+        aware = self.protocol == "query_aware"
+        queries, index = (inputs.question_queries, inputs.question_index) if aware else \
+            (inputs.window_queries, inputs.window_index)
+        w, forced = self.plan(n_ctx, k, queries[0].shape[1])
+        scored = n_ctx if aware else n_ctx - w
         pad = self.kernel // 2
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         layers = []
-        for q, k in zip(inputs.window_queries, inputs.keys):
-            attn = attention_rows(q[:, -w:], k, inputs.window_index[-w:])[..., ctx.start:ctx.stop - w]
-            per_head = attn.sum(dim=2)                                     # [Hkv, group, n_ctx - w]
+        for q, keys in zip(queries, inputs.keys):
+            attn = attention_rows(q[:, -w:], keys, index[-w:])[..., ctx.start:ctx.start + scored]
+            per_head = attn.sum(dim=2)                                     # [Hkv, group, scored]
             a = per_head.amax(dim=1) if self.head_reduce == "max" else per_head.mean(dim=1)
-            pooled = pool(F.pad(a[:, None], (pad, pad), mode="replicate"), self.kernel, stride=1)[:, 0, : n_ctx - w]
+            pooled = pool(F.pad(a[:, None], (pad, pad), mode="replicate"), self.kernel, stride=1)[:, 0, :scored]
             layers.append(pooled.cpu())
         scores = torch.stack(layers).double().numpy()
-        tail = np.full(scores.shape[:2] + (w,), np.inf if self.keep_window else 0.0)
+        tail = np.zeros(scores.shape[:2] + (n_ctx - scored,))
+        tail[..., tail.shape[-1] - forced:] = np.inf
         return np.concatenate([scores, tail], axis=2)
 
 
@@ -185,7 +223,7 @@ class Random(SelectionMethod):
         """Seeded by `selection.seed`."""
         return cls(cfg["seed"])
 
-    def head_scores(self, inputs: ScoringInputs) -> np.ndarray:
+    def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
         n = inputs.context.stop - inputs.context.start
         shape = (len(inputs.keys), inputs.keys[0].shape[0], n)
         return np.broadcast_to(np.random.default_rng([self.seed, inputs.sample_idx]).random(n), shape).copy()
@@ -204,7 +242,9 @@ def top_k(scores: np.ndarray, retention: float) -> np.ndarray:
 
     [n] scores give a shared selection [k]; [layers, heads, n] give per-head selections [layers, heads, k].
     """
-    n = scores.shape[-1]
-    k = max(1, int(round(retention * n)))
-    order = np.argsort(-scores, axis=-1, kind="stable")[..., :k]
-    return np.sort(order, axis=-1)
+    return top_n(scores, max(1, int(round(retention * scores.shape[-1]))))
+
+
+def top_n(scores: np.ndarray, k: int) -> np.ndarray:
+    """Sorted indices of the k highest scores on the last axis (ties: earlier first)."""
+    return np.sort(np.argsort(-scores, axis=-1, kind="stable")[..., :k], axis=-1)

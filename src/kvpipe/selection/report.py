@@ -15,7 +15,7 @@ import pandas as pd
 from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.reporting import Interval, fmt_ci, pyplot, save_figure, verdict_vs_zero
 from kvpipe.selection import figures
-from kvpipe.selection.aggregate import aggregate
+from kvpipe.selection.aggregate import SUBSETS, aggregate
 
 _DRAW = {"f1_vs_retention": figures.f1_vs_retention, "overlap": figures.overlap}
 FIGURES = tuple(_DRAW)
@@ -61,7 +61,8 @@ def _baselines(get: _Lookup, facts: dict[str, Any]) -> list[str]:
 def _overlaps(get: _Lookup) -> list[str]:
     lines = ["## Selection overlap between scout and main", "",
              "Random selections are seeded per sample and shared by both models, so they are left out here; "
-             "the random expectation column is the overlap two independent random selections would have.", "",
+             "the random expectation column is the exact expected overlap of two independent random selections of "
+             "the same size that both keep the method's forced positions (SnapKV's kept window), per sample.", "",
              "| method | retention | overlap |A∩B|/k | notes | random expectation | overlap − random | Jaccard | "
              "Spearman ρ of scores |",
              "|---|---|---|---|---|---|---|---|"]
@@ -98,6 +99,68 @@ def _transfers(get: _Lookup) -> list[str]:
     return lines
 
 
+def _detectable(get: _Lookup, cfg: dict[str, Any]) -> str:
+    """The smallest forward delta the headline interval could tell from 0 at this n."""
+    rows = get.agg[(get.agg["table"] == "transfer") & (get.agg["quantity"] == "detectable_forward")]
+    if rows.empty:
+        return ""
+    method = next(m for m in cfg["methods"] if m in set(rows["method"]))   # the first configured method
+    head = rows[rows["method"] == method].sort_values("retention").iloc[0]
+    return (f"At this n the smallest forward delta distinguishable from 0 is about ±{head['value']:.3f} F1 "
+            f"(z × the bootstrap standard error of the headline forward delta, {head['method']} at retention "
+            f"{head['retention']:.2f}; {rows['value'].min():.3f}–{rows['value'].max():.3f} over all forward deltas); "
+            "smaller true effects read as ≈ 0. ")
+
+
+def _retention(answers: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
+    pruned = answers[(answers["retention"] < 1) & (answers["source"] == "own")]
+    if pruned.empty:
+        return []
+    lines = ["## Retention kept", "", f"Budget: `selection.budget: {cfg['budget']}`. Means (min–max) over samples of the "
+             "share of context tokens kept and of the pre-question KV (template prefix + context) kept.", "",
+             "| retention | context tokens kept | pre-question KV kept |", "|---|---|---|"]
+    for r, g in pruned.groupby("retention"):
+        cells = [f"{g[c].mean():.3f} ({g[c].min():.3f}–{g[c].max():.3f})" for c in ("retention_context", "retention_prompt")]
+        lines.append(f"| {r:.2f} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _multiplicity(agg: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
+    family = agg[agg["p_holm"].notna()]
+    alpha = 1 - cfg["ci"]
+    lines = ["", "## Multiple comparisons", "",
+             f"The {len(family)} selection deltas above (forward, reverse, own − random, own − full KV; every method, "
+             f"retention below 1 and model) form one family: two-sided p-values from each delta's bootstrap standard error "
+             f"(normal reference), corrected with Holm's "
+             f"step-down method (family-wise error rate {alpha:g}). Deltas that survive:", ""]
+    kept = family[family["p_holm"] < alpha]
+    if kept.empty:
+        return lines + ["none."]
+    lines += ["| model | method | retention | delta | value | p | Holm p |", "|---|---|---|---|---|---|---|"]
+    return lines + [f"| {x.role} | {x.method} | {x.retention:.2f} | {x.quantity} | "
+                    f"{fmt_ci(x.value, x.ci_low, x.ci_high, signed=True)} | {x.p_value:.2g} | {x.p_holm:.2g} |"
+                    for x in kept.itertuples()]
+
+
+def _answerability(get: _Lookup) -> list[str]:
+    lines = ["", "## By answerability (HasAns / NoAns)", "",
+             "| subset | method | retention | main own | Δ forward | scout own | Δ reverse | overlap |",
+             "|---|---|---|---|---|---|---|---|"]
+    found = False
+    for suffix, _ in SUBSETS:
+        tr = get.agg[(get.agg["table"] == f"transfer_{suffix}") & (get.agg["method"] != "random")
+                     & (get.agg["retention"] < 1)]
+        for (m, r), _ in tr.groupby(["method", "retention"]):
+            found = True
+            t = f"transfer_{suffix}"
+            lines.append(f"| {suffix} | {m} | {r:.2f} | {get.cell(t, 'main', m, r, 'f1_own')} | "
+                         f"{get.cell(t, 'main', m, r, 'delta_forward', signed=True, verdict=True)} | "
+                         f"{get.cell(t, 'scout', m, r, 'f1_own')} | "
+                         f"{get.cell(t, 'scout', m, r, 'delta_reverse', signed=True, verdict=True)} | "
+                         f"{get.cell(f'overlap_{suffix}', 'pair', m, r, 'overlap')} |")
+    return lines if found else []
+
+
 def _times(timings: pd.DataFrame) -> list[str]:
     if not len(timings):
         return []
@@ -116,8 +179,9 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataF
     lines = [f"# Selection transfer: {facts['scout']} (scout) ↔ {facts['main']} (main), pair {facts['pair']}, {dataset}",
              "", f"{n} samples; greedy decoding, at most {cfg['max_new_tokens']} new tokens; intervals: {level} % "
              f"bootstrap over samples ({cfg['bootstrap']} resamples), paired for every delta. A delta whose interval "
-             "includes 0 is reported as not distinguishable from 0.", ""]
-    lines += _baselines(get, facts) + [""] + _overlaps(get) + [""] + _transfers(get) + _times(timings)
+             "includes 0 is reported as not distinguishable from 0. " + _detectable(get, cfg), ""]
+    lines += _baselines(get, facts) + [""] + _retention(answers, cfg) + _overlaps(get) + [""] + _transfers(get)
+    lines += _multiplicity(agg, cfg) + _answerability(get) + _times(timings)
     lines += ["", "Figures: " + ", ".join(f"`figures/{name}`" for name in FIGURES) + " (PNG and PDF). Per-sample "
               "answers: `answers.parquet`; overlaps: `overlap.parquet`; every figure above: `aggregates.parquet`.", ""]
     return "\n".join(lines)

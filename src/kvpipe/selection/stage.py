@@ -10,6 +10,10 @@ method and retention below 1, one batch answers all pruned conditions of that mo
     own_per_head  with selection.per_head: the model's own per-(layer, KV head) selections
 
 At retention 1 every condition keeps the whole context and equals the full-KV answer.
+A retention r keeps k context tokens by `selection.budget` (kvpipe.selection.overlap.context_budget);
+answers record both the share of context tokens kept and the share of the pre-question KV
+(template prefix + context) kept. Overlaps carry the method's exact random expectation given the
+positions it always keeps (kvpipe.selection.overlap).
 Writes per-sample answers, scout/main overlaps, timings and the run's facts;
 kvpipe.selection.report turns them into the notes' tables with paired bootstrap CIs.
 """
@@ -34,10 +38,13 @@ from kvpipe.inference.session import Session
 from kvpipe.io import read_json, write_json, write_parquet
 from kvpipe.kv.checks import check_window
 from kvpipe.models.load import CARD, load_model
-from kvpipe.selection.methods import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_k
+from kvpipe.selection.methods import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_n
+from kvpipe.selection.overlap import context_budget, overlap_row
 
+__all__ = ["overlap_row", "run_pair", "run_selection"]
 ROLES = ("scout", "main")
-Scores = dict[str, tuple[np.ndarray, np.ndarray]]   # method -> (shared [n_context], per head [layers, kv_heads, n_context])
+# method -> budget k (None: no budget) -> (shared [n_context], per head [layers, kv_heads, n_context])
+Scores = dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]]
 Selections = dict[str, dict[str, dict[float, np.ndarray]]]   # role -> method -> retention -> [k]
 
 
@@ -46,20 +53,17 @@ def sources(method: str) -> tuple[str, ...]:
     return ("own",) if method == "random" else ("own", "transfer")
 
 
-def overlap_row(a: np.ndarray, b: np.ndarray, n: int) -> dict[str, float]:
-    """Overlap of two equal-size selections of n candidates, with the random-selection expectation."""
-    k, inter = len(a), len(np.intersect1d(a, b))
-    expected = k * k / n
-    return {"overlap": inter / k, "jaccard": inter / (2 * k - inter), "overlap_random": expected / k,
-            "jaccard_random": expected / (2 * k - expected)}
-
-
-def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int) -> Scores:
+def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int, budgets: list[int]) -> Scores:
+    """Every method's scores without a budget and, for budget-dependent methods, at each budget."""
     inputs = ScoringInputs.from_session(session, sample_idx)
-    out = {}
+    out: Scores = {}
     for m in methods:
-        heads = m.head_scores(inputs)
-        out[m.name] = (m.reduce_heads(heads).sum(axis=0), heads)
+        out[m.name] = {}
+        for k in [None, *budgets] if m.budget_dependent else [None]:
+            heads = m.head_scores(inputs, k)
+            out[m.name][k] = (m.reduce_heads(heads).sum(axis=0), heads)
+        for k in [] if m.budget_dependent else budgets:
+            out[m.name][k] = out[m.name][None]
     return out
 
 
@@ -85,6 +89,11 @@ class PairRun:
             check_window(self.lms[role], len(tokens[role]), row.id, self.cfg["max_new_tokens"])
         return tokens
 
+    def budgets(self, tokens: PromptTokens) -> dict[float, int]:
+        """Context tokens kept at each retention below 1, by `selection.budget`."""
+        n_ctx = tokens.context_end - tokens.context_start
+        return {r: context_budget(r, n_ctx, tokens.context_start, self.cfg["budget"]) for r in self.pruned}
+
     def prefill(self, role: str, tokens: PromptTokens, sample_idx: int) -> tuple[Session, Answer, Scores, dict[str, float]]:
         """A model's session, its full-KV answer (capturing the question) and every method's scores, timed."""
         t0 = time.perf_counter()
@@ -93,7 +102,7 @@ class PairRun:
         (full,) = session.answer([Condition(f"{role} full", role=role)], self.cfg["max_new_tokens"], self.cfg["rerotate"],
                                  capture_row=0)
         t2 = time.perf_counter()
-        scores = _scores(session, self.methods, sample_idx)
+        scores = _scores(session, self.methods, sample_idx, sorted(set(self.budgets(tokens).values())))
         return session, full, scores, {"prefill_s": t1 - t0, "full_answer_s": t2 - t1, "scoring_s": time.perf_counter() - t2}
 
     def full_conditions(self, role: str) -> list[Condition]:
@@ -104,33 +113,37 @@ class PairRun:
                            for m in self.methods for source in sources(m.name)]
         return conditions
 
-    def selections(self, scores: dict[str, Scores]) -> Selections:
+    def selections(self, scores: dict[str, Scores], budgets: dict[float, int]) -> Selections:
         """Each model's shared top-k selection per method and retention below 1."""
-        return {role: {m.name: {r: top_k(scores[role][m.name][0], r) for r in self.pruned} for m in self.methods}
+        return {role: {m.name: {r: top_n(scores[role][m.name][k][0], k) for r, k in budgets.items()} for m in self.methods}
                 for role in ROLES}
 
-    def overlaps(self, scores: dict[str, Scores], selections: Selections, n_ctx: int) -> list[dict[str, Any]]:
-        """Scout/main overlap of the selections and the Spearman correlation of the (finite) scores."""
+    def overlaps(self, scores: dict[str, Scores], selections: Selections, budgets: dict[float, int],
+                 n_ctx: int) -> list[dict[str, Any]]:
+        """Scout/main overlap of the selections (null: the method's forced positions plus chance) and the
+        Spearman correlation of the finite budget-free scores."""
         rows = []
         for m in self.methods:
-            a, b = scores["scout"][m.name][0], scores["main"][m.name][0]
+            a, b = scores["scout"][m.name][None][0], scores["main"][m.name][None][0]
             finite = np.isfinite(a) & np.isfinite(b)
             rho = float(spearmanr(a[finite], b[finite]).statistic)
             rows += [{"method": m.name, "retention": r, "spearman": rho,
-                      **overlap_row(selections["scout"][m.name][r], selections["main"][m.name][r], n_ctx)}
-                     for r in self.pruned]
+                      **overlap_row(selections["scout"][m.name][r], selections["main"][m.name][r], n_ctx,
+                                    len(m.forced_positions(n_ctx, k)))}
+                     for r, k in budgets.items()]
         return rows
 
-    def pruned_conditions(self, role: str, selections: Selections, scores: Scores) -> list[Condition]:
+    def pruned_conditions(self, role: str, selections: Selections, scores: Scores,
+                          budgets: dict[float, int]) -> list[Condition]:
         """A model's pruned conditions: own, transfer (and random) selections, plus own per-head ones if asked."""
         other = "main" if role == "scout" else "scout"
         conditions = [Condition(f"{role} {m.name} {r:g} {source}", selections[role if source == "own" else other][m.name][r],
                                 role=role, method=m.name, retention=r, source=source)
                       for m in self.methods for r in self.pruned for source in sources(m.name)]
         if self.cfg["per_head"]:
-            conditions += [Condition(f"{role} {m.name} {r:g} own_per_head", top_k(scores[m.name][1], r), role=role,
+            conditions += [Condition(f"{role} {m.name} {r:g} own_per_head", top_n(scores[m.name][k][1], k), role=role,
                                      method=m.name, retention=r, source="own_per_head")
-                           for m in self.methods if m.name != "random" for r in self.pruned]
+                           for m in self.methods if m.name != "random" for r, k in budgets.items()]
         return conditions
 
     def answer_pruned(self, session: Session, conditions: list[Condition], clock: dict[str, float]) -> list[Answer]:
@@ -141,31 +154,36 @@ class PairRun:
                      prune_copy_s=session.prune_seconds)
         return results
 
-    def record(self, row: Any, condition: Condition, answer: Answer, n_ctx: int) -> dict[str, Any]:
-        """One answers-table row: the condition, its scored prediction and its cache sizes."""
+    def record(self, row: Any, condition: Condition, answer: Answer, tokens: PromptTokens) -> dict[str, Any]:
+        """One answers-table row: the condition, its scored prediction, its cache sizes and realised retention."""
         prediction, em, f1 = score_prediction(answer.text, list(row.answers))
+        prefix, n_ctx = tokens.context_start, tokens.context_end - tokens.context_start
+        kept = condition.n_kept(n_ctx)
         return {"role": condition.role, "model": self.lms[condition.role].slug, "method": condition.method,
                 "retention": condition.retention, "source": condition.source, "prediction": prediction, "exact": em,
-                "f1": f1, "n_context": n_ctx, "n_kept_context": condition.n_kept(n_ctx), "cache_length": answer.cache_length}
+                "f1": f1, "n_context": n_ctx, "n_kept_context": kept, "n_template": prefix,
+                "retention_context": kept / n_ctx, "retention_prompt": (prefix + kept) / (prefix + n_ctx),
+                "cache_length": answer.cache_length}
 
     def sample(self, row: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Answers, overlaps and timings rows of one sample."""
         tokens = self.prompts(row)
         n_ctx = tokens["main"].context_end - tokens["main"].context_start   # the same for both: same tokens
+        budgets = self.budgets(tokens["main"])
         base = {"sample_idx": row.sample_idx, "sample_id": row.id, "is_impossible": bool(row.is_impossible)}
         sessions, scores, clock, answers = {}, {}, {}, []
         for role in ROLES:
             sessions[role], full, scores[role], clock[role] = self.prefill(role, tokens[role], row.sample_idx)
-            answers += [self.record(row, c, full, n_ctx) for c in self.full_conditions(role)]
-        selections = self.selections(scores)
+            answers += [self.record(row, c, full, tokens[role]) for c in self.full_conditions(role)]
+        selections = self.selections(scores, budgets)
         for role in ROLES:
-            conditions = self.pruned_conditions(role, selections, scores[role])
+            conditions = self.pruned_conditions(role, selections, scores[role], budgets)
             if conditions:
                 results = self.answer_pruned(sessions[role], conditions, clock[role])
-                answers += [self.record(row, c, a, n_ctx) for c, a in zip(conditions, results, strict=True)]
+                answers += [self.record(row, c, a, tokens[role]) for c, a in zip(conditions, results, strict=True)]
         timings = [{"role": role, "model": self.lms[role].slug, "prompt_tokens": len(tokens[role]), **clock[role]}
                    for role in ROLES]
-        return ([base | a for a in answers], [base | o for o in self.overlaps(scores, selections, n_ctx)],
+        return ([base | a for a in answers], [base | o for o in self.overlaps(scores, selections, budgets, n_ctx)],
                 [base | t for t in timings])
 
 

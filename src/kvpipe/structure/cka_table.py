@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from kvpipe.kv.store import KINDS
+from kvpipe.stats import cluster_halves
 from kvpipe.structure.cka import center_gram, cka_from_grams
 
 Z = {0.9: 1.645, 0.95: 1.96, 0.99: 2.576}
@@ -43,18 +44,18 @@ def _jackknife_interval(value: float, K: np.ndarray, L: np.ndarray, halves: list
 
 
 def cka_records(sub: TokenSubsample, scout_layers: list[int], main_layers: list[int], aligned: set[tuple[int, int]],
-                level: float, seed: int) -> list[dict[str, Any]]:
+                level: float, seed: int, passages: np.ndarray) -> list[dict[str, Any]]:
     """CKA (biased, debiased) for every scout x main layer, with jackknife CIs on aligned pairs.
 
-    The interval is a delete-half jackknife over samples: CKA on 50 random halves of the
-    sampled samples, sd of those values as the standard error (for d = n/2 the jackknife
-    variance factor (n - d) / d is 1), normal interval clipped to [-1, 1].
+    The interval is a delete-half jackknife over *passages* (passages[i] is the passage of sample
+    i; questions on one passage share their context rows): CKA on 50 random halves of the sampled
+    passages, sd of those values as the standard error (for d = n/2 the jackknife variance factor
+    (n - d) / d is 1), normal interval clipped to [-1, 1].
     """
     out = []
-    units = np.unique(sub.samples)
-    rng = np.random.default_rng(seed)
-    halves = [np.flatnonzero(np.isin(sub.samples, rng.choice(units, len(units) // 2, replace=False)))
-              for _ in range(50)]
+    clusters = np.asarray(passages)[sub.samples]
+    units = np.unique(clusters)
+    halves = [np.flatnonzero(h) for h in cluster_halves(clusters, 50, seed)]
     for kind in KINDS:
         raw = {("main", m): sub.rows[("main", m, kind)] @ sub.rows[("main", m, kind)].T for m in main_layers}
         raw.update({("scout", s): sub.rows[("scout", s, kind)] @ sub.rows[("scout", s, kind)].T for s in scout_layers})

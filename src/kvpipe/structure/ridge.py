@@ -85,19 +85,25 @@ def squared_error(m: LinearMap, stats: RidgeStats) -> float:
                  + 2 * b @ (stats.sx @ W) + stats.n * b @ b)
 
 
+def _feature_scale(stats: RidgeStats) -> float:
+    """Mean per-feature scatter Σ(x - x̄)² (n × variance) of the rows summarised by stats: the α grid's unit."""
+    mx = stats.sx / stats.n
+    return max(float(np.trace(stats.sxx - stats.n * np.outer(mx, mx))) / stats.p, 1e-12)
+
+
 def choose_alpha(folds: list[RidgeStats], grid: np.ndarray) -> float:
-    """The α of grid (relative to the mean feature variance) with least k-fold held-out error."""
-    total = pooled(folds)
-    mx = total.sx / total.n
-    scale = max(float(np.trace(total.sxx - total.n * np.outer(mx, mx))) / total.p, 1e-12)
-    errors = []
-    for rel in grid:
-        err = 0.0
-        for k, held in enumerate(folds):
-            rest = pooled([f for j, f in enumerate(folds) if j != k])
-            err += squared_error(fit_ridge(rest, rel * scale), held)
-        errors.append(err)
-    return float(grid[int(np.argmin(errors))] * scale)
+    """The α of grid (relative to the mean feature scatter) with least k-fold held-out error.
+
+    Each held-out fold is scored with α scaled by the training folds' scatter only (the held-out
+    rows never set the scale); the returned α is scaled by that of all folds, the rows the final
+    map is fitted on.
+    """
+    errors = np.zeros(len(grid))
+    for k, held in enumerate(folds):
+        rest = pooled([f for j, f in enumerate(folds) if j != k])
+        scale = _feature_scale(rest)
+        errors += [squared_error(fit_ridge(rest, rel * scale), held) for rel in grid]
+    return float(grid[int(np.argmin(errors))] * _feature_scale(pooled(folds)))
 
 
 def mean_map(stats: RidgeStats) -> LinearMap:
@@ -127,3 +133,26 @@ def metrics_from_scores(scores: np.ndarray, n_rows: np.ndarray) -> dict[str, np.
     sse, sst, syy, cos = (scores[..., i] for i in range(4))
     with np.errstate(divide="ignore", invalid="ignore"):
         return {"cosine": cos / n_rows, "rel_error": np.sqrt(sse / syy), "r2": 1 - sse / sst}
+
+
+def dim_scores(Y_hat: np.ndarray, Y: np.ndarray, y_ref: np.ndarray) -> np.ndarray:
+    """[q, 2]: per output dimension Σ squared error and Σ (y - y_ref)² over rows (additive over samples)."""
+    return np.stack([np.sum((Y_hat - Y) ** 2, axis=0), np.sum((Y - y_ref) ** 2, axis=0)], axis=-1)
+
+
+def r2_per_dim(scores: np.ndarray, groups: list[slice]) -> np.ndarray:
+    """Per column group, the uniform mean over its dimensions of each dimension's centred R².
+
+    scores: summed dim_scores [..., q, 2]; returns [..., groups]. Pooled R² weights dimensions by
+    their variance, so a few high-variance channels can dominate it; this mean weights them alike.
+    Dimensions with no variance about the reference are left out.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = 1 - scores[..., 0] / np.where(scores[..., 1] > 0, scores[..., 1], np.nan)
+    return np.stack([_nanmean(r2[..., cols]) for cols in groups], axis=-1)
+
+
+def _nanmean(x: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, x, 0).sum(-1) / ok.sum(-1)

@@ -7,13 +7,16 @@ and aligned (scout layer, main layer):
 
   - fits a ridge map on calibration tokens (α by k-fold CV over calibration passages) and
     scores it on test tokens: per-token cosine, relative Frobenius error, centred R²;
+    R² is pooled (variance-weighted) and also averaged uniformly over output dimensions;
   - scores the baselines the same way: the calibration-mean predictor, a map fitted on
-    shuffled token pairings, and the main model paired with itself;
+    shuffled token pairings, the main model paired with itself, and a position-only map
+    from the RoPE basis of each token's position (structure/position.py);
   - per main head as well as for the whole layer;
-  - bootstrap CIs over test samples (all figures come from per-sample sums).
+  - bootstrap CIs over test *passages* (all figures come from per-passage sums), paired
+    R² differences per layer with Holm-adjusted bootstrap p-values, and R² slopes over depth.
 
 Linear CKA (biased and debiased) is computed for every scout layer x main layer on a
-seeded token subsample, with delete-half jackknife intervals for the aligned pairs.
+seeded token subsample, with delete-half jackknife intervals (over passages) for the aligned pairs.
 Writes metrics.parquet and facts.json; structure/report.py turns them into the summary.
 """
 
@@ -31,23 +34,14 @@ from tqdm import tqdm
 from kvpipe.errors import KvpipeError
 from kvpipe.io import write_json, write_parquet
 from kvpipe.splits import split_by_passage
-from kvpipe.stats import bootstrap_counts, percentile_ci
+from kvpipe.stats import bootstrap_counts, cluster_codes
+from kvpipe.structure import records as rec
 from kvpipe.structure.cka_table import TokenSubsample, cka_records
 from kvpipe.structure.pair_data import KINDS, PairData, read_passages
-from kvpipe.structure.ridge import (
-    LinearMap,
-    RidgeStats,
-    choose_alpha,
-    fit_ridge,
-    mean_map,
-    metrics_from_scores,
-    pooled,
-    row_scores,
-)
+from kvpipe.structure.position import rope_basis
+from kvpipe.structure.ridge import LinearMap, RidgeStats, choose_alpha, dim_scores, fit_ridge, mean_map, pooled, row_scores
 
-PREDICTORS = ("none", "mean", "shuffled", "self")  # 'none' = the fitted scout -> main map
-FITTED = ("none", "shuffled", "self")              # the predictors fitted by ridge
-METRICS = ("cosine", "rel_error", "r2")
+PREDICTORS, FITTED, DIM_PREDICTORS = rec.PREDICTORS, rec.FITTED, rec.DIM_PREDICTORS
 
 
 @dataclass(frozen=True)
@@ -60,6 +54,8 @@ class _Run:
     groups: list[slice]   # column groups scored: the whole main layer, then each main KV head
     fold_of: np.ndarray   # calibration fold per sample_idx, -1 = test
     test_ids: np.ndarray  # sorted test sample ids
+    unit_of: np.ndarray   # test passage index (the bootstrap unit) per sample_idx, -1 = calibration
+    n_units: int          # test passages
 
     def shards(self, what: str) -> Iterable[int]:
         """The shard indices, with a progress bar on stderr (the rule log)."""
@@ -74,13 +70,24 @@ def _prepare(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str,
     fold_of, test_ids = split_by_passage(passages, cfg["calibration_fraction"], cfg["cv_folds"], cfg["seed"])
     head_dim = data.main_manifest["head_dim"]
     groups = [slice(None)] + [slice(h * head_dim, (h + 1) * head_dim) for h in range(data.main_manifest["num_kv_heads"])]
-    return _Run(data, cfg, data.aligned_layers(), groups, fold_of, test_ids)
+    unit_of = np.full(len(passages), -1)
+    unit_of[test_ids], n_units = cluster_codes(passages[test_ids])
+    return _Run(data, cfg, data.aligned_layers(), groups, fold_of, test_ids, unit_of, n_units)
+
+
+def _inputs(run: _Run, mats: dict[tuple[str, int, str], np.ndarray], kind: str, s: int, m: int,
+            rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The input rows of each fitted predictor: scout rows, main rows (self), the main's RoPE basis (position)."""
+    basis = rope_basis(mats[("main", m, "key")][rows], mats[("main", m, "key_pre_rope")][rows],
+                       run.data.main_manifest["head_dim"])
+    return {"none": mats[("scout", s, kind)][rows], "self": mats[("main", m, kind)][rows], "position": basis}
 
 
 def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample]:
     """Pass 1: ridge statistics per (kind, scout layer, main layer, fitted predictor, fold), and the CKA subsample."""
     ms, mm, folds = run.data.scout_manifest, run.data.main_manifest, run.cfg["cv_folds"]
-    stats = {(kind, s, m, pred, f): RidgeStats(mm["width"] if pred == "self" else ms["width"], mm["width"])
+    width = {"none": ms["width"], "shuffled": ms["width"], "self": mm["width"], "position": mm["head_dim"]}
+    stats = {(kind, s, m, pred, f): RidgeStats(width[pred], mm["width"])
              for kind in KINDS for s, m in run.aligned for pred in FITTED for f in range(folds)}
     sub = TokenSubsample(run.cfg["cka_tokens"], run.cfg["seed"])
     shuffle_rng = np.random.default_rng(run.cfg["seed"] + 1)
@@ -96,10 +103,10 @@ def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample]:
             perm = shuffle_rng.permutation(int(rows.sum()))
             for kind in KINDS:
                 for s, m in run.aligned:
-                    X, Y = mats[("scout", s, kind)][rows], mats[("main", m, kind)][rows]
-                    stats[(kind, s, m, "none", f)].add(X, Y)
-                    stats[(kind, s, m, "shuffled", f)].add(X, Y[perm])
-                    stats[(kind, s, m, "self", f)].add(Y, Y)
+                    X, Y = _inputs(run, mats, kind, s, m, rows), mats[("main", m, kind)][rows]
+                    for pred in ("none", "self", "position"):
+                        stats[(kind, s, m, pred, f)].add(X[pred], Y)
+                    stats[(kind, s, m, "shuffled", f)].add(X["none"], Y[perm])
     return stats, sub
 
 
@@ -119,69 +126,33 @@ def _fit_maps(run: _Run, stats: dict[tuple, RidgeStats]) -> tuple[dict[tuple, Li
     return maps, alphas
 
 
-def _score_test(run: _Run, maps: dict[tuple, LinearMap]) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 2: summed row_scores [kind, aligned, predictor, test sample, group, 4] and tokens per test sample."""
-    index = {sid: i for i, sid in enumerate(run.test_ids)}
-    scores = np.zeros((len(KINDS), len(run.aligned), len(PREDICTORS), len(run.test_ids), len(run.groups), 4))
-    tokens = np.zeros(len(run.test_ids))
+def _score_test(run: _Run, maps: dict[tuple, LinearMap]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 2, summed per test passage: row_scores [kind, aligned, predictor, passage, group, 4], dim_scores of
+    DIM_PREDICTORS [kind, aligned, predictor, passage, q, 2] and tokens per passage."""
+    width = run.data.main_manifest["width"]
+    scores = np.zeros((len(KINDS), len(run.aligned), len(PREDICTORS), run.n_units, len(run.groups), 4))
+    dims = np.zeros((len(KINDS), len(run.aligned), len(DIM_PREDICTORS), run.n_units, width, 2))
+    tokens = np.zeros(run.n_units)
     scout_ls, main_ls = sorted({s for s, _ in run.aligned}), sorted({m for _, m in run.aligned})
     for shard in run.shards("test pass"):
         sample_idx, mats = run.data.matrices(shard, scout_ls, main_ls, run.cfg["segments"])
         is_test = run.fold_of[sample_idx] == -1
         if not is_test.any():
             continue
-        units = np.array([index[i] for i in sample_idx[is_test]])
+        units = run.unit_of[sample_idx[is_test]]
         np.add.at(tokens, units, 1)
         for k, kind in enumerate(KINDS):
             for a, (s, m) in enumerate(run.aligned):
-                X, Y = mats[("scout", s, kind)][is_test], mats[("main", m, kind)][is_test]
+                X, Y = _inputs(run, mats, kind, s, m, is_test), mats[("main", m, kind)][is_test]
                 y_ref = maps[(kind, s, m, "mean")].b
                 for j, pred in enumerate(PREDICTORS):
-                    Y_hat = maps[(kind, s, m, pred)].predict(Y if pred == "self" else X)
+                    Y_hat = maps[(kind, s, m, pred)].predict(X["none" if pred in ("mean", "shuffled") else pred])
                     for unit in np.unique(units):
                         rows = units == unit
                         scores[k, a, j, unit] += row_scores(Y_hat[rows], Y[rows], y_ref, run.groups)
-    return scores, tokens
-
-
-def _record(kind: str, s: int, m: int, head: int, metric: str, value: float, lo: float, hi: float,
-            baseline: str) -> dict[str, Any]:
-    return {"kind": kind, "scout_layer": s, "main_layer": m, "head": head, "metric": metric, "value": float(value),
-            "ci_low": float(lo), "ci_high": float(hi), "baseline": baseline}
-
-
-def _transfer_records(run: _Run, scores: np.ndarray, tokens: np.ndarray, counts: np.ndarray) -> list[dict[str, Any]]:
-    """Every metric of every predictor and column group, and the map's paired cosine gain over the mean predictor."""
-    level, records = run.cfg["ci"], []
-    for k, kind in enumerate(KINDS):
-        for a, (s, m) in enumerate(run.aligned):
-            per_unit = scores[k, a]                       # [pred, unit, group, 4]
-            point = metrics_from_scores(per_unit.sum(1), tokens.sum())
-            reps = metrics_from_scores(np.einsum("bu,pugs->bpgs", counts, per_unit), (counts @ tokens)[:, None, None])
-            for metric in METRICS:
-                lo, hi = percentile_ci(reps[metric], level)
-                for j, pred in enumerate(PREDICTORS):
-                    for g in range(len(run.groups)):
-                        records.append(_record(kind, s, m, g - 1, metric, point[metric][j, g], lo[j, g], hi[j, g], pred))
-            # paired: how much of the map's cosine the mean predictor already has
-            glo, ghi = percentile_ci(reps["cosine"][:, 0, 0] - reps["cosine"][:, 1, 0], level)
-            records.append(_record(kind, s, m, -1, "cosine_gain_over_mean",
-                                   point["cosine"][0, 0] - point["cosine"][1, 0], glo, ghi, "mean"))
-    return records
-
-
-def _rope_records(run: _Run, scores: np.ndarray, tokens: np.ndarray, counts: np.ndarray) -> list[dict[str, Any]]:
-    """Paired R² differences of the fitted map: post-RoPE keys minus pre-RoPE keys, and minus values."""
-    records = []
-    for a, (s, m) in enumerate(run.aligned):
-        fitted = scores[:, a, 0, :, 0]  # the fitted map on the whole layer: [kind, test sample, 4]
-        reps = [metrics_from_scores(counts @ fitted[k], counts @ tokens)["r2"] for k in range(len(KINDS))]
-        point = [float(metrics_from_scores(fitted[k].sum(0), tokens.sum())["r2"]) for k in range(len(KINDS))]
-        for other in ("key_pre_rope", "value"):
-            o = KINDS.index(other)
-            lo, hi = percentile_ci(reps[0] - reps[o], run.cfg["ci"])
-            records.append(_record(f"key-vs-{other}", s, m, -1, "r2_difference", point[0] - point[o], lo, hi, "none"))
-    return records
+                        if pred in DIM_PREDICTORS:
+                            dims[k, a, DIM_PREDICTORS.index(pred), unit] += dim_scores(Y_hat[rows], Y[rows], y_ref)
+    return scores, dims, tokens
 
 
 def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsample,
@@ -194,7 +165,8 @@ def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsam
             "n_test_passages": len(np.unique(passages[test])), "n_calibration_samples": int((~test).sum()),
             "n_test_samples": len(run.test_ids), "n_test_tokens": int(tokens.sum()), "cka_tokens": int(len(sub.keys)),
             "segments": cfg["segments"], "aligned_layers": run.aligned, "alphas": alphas, "cv_folds": cfg["cv_folds"],
-            "bootstrap": cfg["bootstrap"], "ci": cfg["ci"]}
+            "bootstrap": cfg["bootstrap"], "ci": cfg["ci"], "scout_head_dim": ms["head_dim"], "main_head_dim": mm["head_dim"],
+            "thresholds": cfg["thresholds"]}
 
 
 def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str,
@@ -204,11 +176,14 @@ def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: 
     run = _prepare(Path(scout_root), Path(main_root), passages, pair, cfg)
     stats, sub = _calibrate(run)
     maps, alphas = _fit_maps(run, stats)
-    scores, tokens = _score_test(run, maps)
-    counts = bootstrap_counts(len(run.test_ids), cfg["bootstrap"], cfg["seed"] + 2)
-    records = _transfer_records(run, scores, tokens, counts) + _rope_records(run, scores, tokens, counts)
+    scores, dims, tokens = _score_test(run, maps)
+    counts = bootstrap_counts(run.n_units, cfg["bootstrap"], cfg["seed"] + 2)  # resamples test passages
+    records = rec.transfer_records(run.aligned, run.groups, scores, dims, tokens, counts, cfg["ci"])
+    point, reps = rec.layer_r2(scores, tokens, counts)
+    records += rec.difference_records(run.aligned, point, reps, cfg["ci"])
+    records += rec.depth_slope_records(run.aligned, run.data.scout_manifest["num_layers"], point, reps, cfg["ci"])
     records += cka_records(sub, sorted(run.data.scout_manifest["layers"]), sorted(run.data.main_manifest["layers"]),
-                           set(run.aligned), cfg["ci"], cfg["seed"] + 3)
+                           set(run.aligned), cfg["ci"], cfg["seed"] + 3, passages)
     table = pd.DataFrame.from_records(records)
     table.insert(0, "pair", pair)
     return table, _facts(run, passages, tokens, sub, alphas)

@@ -1,0 +1,37 @@
+import numpy as np
+
+from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, cluster_halves, holm
+
+
+def test_holm_on_a_known_family():
+    # sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> monotone 0.06
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm([0.5, 0.9]), [1.0, 1.0])   # capped at 1
+    np.testing.assert_allclose(holm([0.2]), [0.2])             # a family of one is unadjusted
+    assert np.isnan(holm([0.5, np.nan, 0.01])[1])              # NaN is outside the family
+
+
+def test_bootstrap_pvalue_is_small_only_when_replicates_avoid_zero():
+    r = np.random.default_rng(0)
+    away, around = r.normal(5, 1, size=(999, 1)), r.normal(0, 1, size=(999, 1))
+    assert bootstrap_pvalue(away, [5.0])[0] < 1e-5 < 2 / 1000   # about 2 Φ(-5): finer than 2 / (B + 1)
+    assert bootstrap_pvalue(around, [0.1])[0] > 0.5
+    assert bootstrap_pvalue(np.zeros((10, 2)), [0.0, 0.3]).tolist() == [1.0, 0.0]
+
+
+def test_cluster_bootstrap_resamples_whole_passages():
+    passages = np.array(["b", "a", "b", "c", "a", "b"])
+    codes, k = cluster_codes(passages)
+    assert k == 3 and codes.tolist() == [1, 0, 1, 2, 0, 1]
+    counts = cluster_bootstrap_counts(passages, 500, seed=1)
+    assert counts.shape == (500, 6)
+    for members in ([1, 4], [0, 2, 5]):                      # members of one passage are drawn together
+        assert (counts[:, members] == counts[:, members[:1]]).all()
+    assert (counts[:, [1, 0, 3]].sum(1) == 3).all()          # each resample draws k passages
+    np.testing.assert_array_equal(counts, cluster_bootstrap_counts(passages, 500, seed=1))
+
+
+def test_cluster_halves_keep_passages_whole():
+    passages = np.repeat(np.arange(10), 3)
+    for mask in cluster_halves(passages, 20, seed=0):
+        assert mask.sum() == 15 and (mask.reshape(10, 3).all(1) | ~mask.reshape(10, 3).any(1)).all()

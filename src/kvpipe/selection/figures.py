@@ -35,7 +35,7 @@ def f1_vs_retention(agg: pd.DataFrame, title: str) -> Any:
 def overlap(agg: pd.DataFrame, title: str) -> Any:
     """Scout/main selection overlap per method against retention, with each method's random expectation."""
     plt = pyplot()
-    ov = agg[agg["table"] == "overlap"]
+    ov = agg[(agg["table"] == "overlap") & (agg["method"] != "random")]  # random: the same positions by design
     fig, ax = plt.subplots(figsize=(5.5, 4), constrained_layout=True)
     for method, g in ov[ov["quantity"] == "overlap"].groupby("method"):
         g = g.sort_values("retention")

@@ -39,7 +39,7 @@ def figure_files(name: str) -> tuple[str, str]:
 
 
 def save_figure(fig: Any, out_dir: Path, name: str) -> None:
-    """Save a matplotlib figure as PNG and PDF under out_dir, atomically and without timestamps."""
+    """Save a matplotlib figure as PNG and PDF under out_dir, atomically and without timestamps; then close it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for file in figure_files(name):
@@ -47,6 +47,7 @@ def save_figure(fig: Any, out_dir: Path, name: str) -> None:
             fmt = file.rsplit(".", 1)[1]
             metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
             fig.savefig(tmp, format=fmt, dpi=130, bbox_inches="tight", metadata=metadata)
+    pyplot().close(fig)
 
 
 def pyplot() -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from kvpipe.io import read_json, write_parquet, write_text
-from kvpipe.reporting import Interval, fmt_ci, pyplot, save_figure, verdict_vs_zero
+from kvpipe.reporting import Interval, fmt_ci, save_figure, verdict_vs_zero
 from kvpipe.selection import figures
 from kvpipe.selection.aggregate import SUBSETS, aggregate
 
@@ -194,10 +194,7 @@ def write_report(answers: Path, overlap: Path, timings: Path, facts: Path, datas
     about = read_json(Path(facts))
     agg = aggregate(frames["answers"], frames["overlap"], about["selection"])
     out_dir = Path(out_dir)
-    plt = pyplot()
     for name, draw in _DRAW.items():
-        fig = draw(agg, f"pair {about['pair']} on {dataset}")
-        save_figure(fig, out_dir / "figures", name)
-        plt.close(fig)
+        save_figure(draw(agg, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
     write_parquet(agg, out_dir / "aggregates.parquet")
     write_text(out_dir / "summary.md", summary_markdown(agg, frames["answers"], frames["timings"], about, dataset))

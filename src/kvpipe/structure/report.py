@@ -8,14 +8,13 @@ the drawing functions (kvpipe.reporting.pyplot).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from kvpipe.io import read_json, write_text
 from kvpipe.reporting import pyplot, save_figure
 from kvpipe.structure.summary import KIND_LABELS, summary_markdown
-
-FIGURES = ("transfer_heatmap", "cka_matrices", "cosine_r2_baseline")
 
 
 def _layer_view(table: pd.DataFrame, metric: str, baseline: str = "none") -> pd.DataFrame:
@@ -24,7 +23,7 @@ def _layer_view(table: pd.DataFrame, metric: str, baseline: str = "none") -> pd.
     return sel.sort_values(["kind", "scout_layer"])
 
 
-def _transfer_heatmap(table: pd.DataFrame, out_dir: Path, title: str) -> None:
+def _transfer_heatmap(table: pd.DataFrame, title: str) -> Any:
     plt = pyplot()
     kinds = list(KIND_LABELS)
     rows = [("cosine", "viridis", (0, 1)), ("rel_error", "magma_r", (0, 1.5)), ("r2", "viridis", (0, 1)),
@@ -41,11 +40,10 @@ def _transfer_heatmap(table: pd.DataFrame, out_dir: Path, title: str) -> None:
         fig.colorbar(im, ax=ax)
     axes[-1].set_xlabel("scout layer / main layer (aligned by relative depth)")
     fig.suptitle(title)
-    save_figure(fig, out_dir, FIGURES[0])
-    plt.close(fig)
+    return fig
 
 
-def _cka_matrices(table: pd.DataFrame, out_dir: Path, title: str) -> None:
+def _cka_matrices(table: pd.DataFrame, title: str) -> Any:
     plt = pyplot()
     kinds = list(KIND_LABELS)
     fig, axes = plt.subplots(len(kinds), 2, figsize=(9, 3.6 * len(kinds)), constrained_layout=True)
@@ -60,11 +58,10 @@ def _cka_matrices(table: pd.DataFrame, out_dir: Path, title: str) -> None:
             axes[r, c].set_ylabel("scout layer")
             fig.colorbar(im, ax=axes[r, c])
     fig.suptitle(title)
-    save_figure(fig, out_dir, FIGURES[1])
-    plt.close(fig)
+    return fig
 
 
-def _cosine_r2_baseline(table: pd.DataFrame, out_dir: Path, title: str) -> None:
+def _cosine_r2_baseline(table: pd.DataFrame, title: str) -> Any:
     plt = pyplot()
     kinds = list(KIND_LABELS)
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), sharey=True, constrained_layout=True)
@@ -84,8 +81,11 @@ def _cosine_r2_baseline(table: pd.DataFrame, out_dir: Path, title: str) -> None:
         ax.axhline(0, color="grey", lw=0.5)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    save_figure(fig, out_dir, FIGURES[2])
-    plt.close(fig)
+    return fig
+
+
+_DRAW = {"transfer_heatmap": _transfer_heatmap, "cka_matrices": _cka_matrices, "cosine_r2_baseline": _cosine_r2_baseline}
+FIGURES = tuple(_DRAW)
 
 
 def write_report(metrics: Path, facts: Path, dataset: str, out_dir: Path) -> None:
@@ -93,6 +93,6 @@ def write_report(metrics: Path, facts: Path, dataset: str, out_dir: Path) -> Non
     table, run_facts = pd.read_parquet(metrics), read_json(Path(facts))
     out_dir = Path(out_dir)
     title = f"{run_facts['scout']} → {run_facts['main']} ({dataset})"
-    for draw in (_transfer_heatmap, _cka_matrices, _cosine_r2_baseline):
-        draw(table, out_dir / "figures", title)
+    for name, draw in _DRAW.items():
+        save_figure(draw(table, title), out_dir / "figures", name)
     write_text(out_dir / "summary.md", summary_markdown(table, run_facts, dataset, FIGURES))

@@ -1,4 +1,5 @@
-# kvpipe workflow: materialise models -> sample datasets -> extract KV caches -> analyse pairs.
+# kvpipe workflow: materialise models -> sample datasets -> extract KV caches -> analyse pairs
+# (structure, selection, projection).
 # Each analysis stage is a compute rule and a report rule. Configuration: config.yaml,
 # overlays with --configfile. See README.md.
 from snakemake.utils import min_version
@@ -18,6 +19,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/structure.smk"
 include: "workflow/rules/selection.smk"
+include: "workflow/rules/projection.smk"
 
 
 rule all:

@@ -14,7 +14,6 @@ from kvpipe.models.materialize import materialize
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "smoke" / "config.yaml"
-SQUAD_SAMPLE = REPO.parent / "shared" / "data" / "squad_v2" / "dev-v2.0-sample.json"
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,9 @@ def test_defaults_fill_nested_sources(base):
     assert cfg["models"]["tiny-main"]["intermediate_size"] == 128
     assert cfg["extraction"]["layers"] == "all"
     del base["resources"]
-    assert validate(base)["resources"] == {"default": {"mem_mb": 16000, "runtime": 120}, "models": {}}
+    assert validate(base)["resources"] == {"default": {"mem_mb": 16000, "runtime": 120}, "models": {}, "threads": {},
+                                           "scale": {"mem_mb": {"base": 2000, "per_b": 5000},
+                                                     "runtime": {"base": 30, "per_b": 30}}}
 
 
 @pytest.mark.parametrize(
@@ -91,7 +93,7 @@ def test_pair_settings_merge_the_pairs_overrides_over_the_global_section(base):
     assert mine["snapkv"] == cfg["selection"]["snapkv"] | {"window": 8} and "preset" in mine["snapkv"]  # mappings merge
     assert mine["retention"] == other["retention"] == cfg["selection"]["retention"]
     assert pair_settings(cfg, "tiny", "structure") == cfg["structure"]
-    assert pair_sections() == ("structure", "selection")
+    assert pair_sections() == ("structure", "selection", "projection")
 
 
 def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):

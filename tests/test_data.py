@@ -3,8 +3,8 @@ import re
 
 import pandas as pd
 import pytest
-from conftest import SQUAD_SAMPLE
 
+from kvpipe.data.qa_metrics import score_prediction
 from kvpipe.data.sampling import sample
 from kvpipe.data.squad import load_squad
 from kvpipe.data.synthetic import generate
@@ -62,14 +62,63 @@ def test_hub_style_parquet(tmp_path):
     assert list(out["is_impossible"]) == [False, True]
 
 
-@pytest.mark.skipif(not SQUAD_SAMPLE.exists(), reason="shared SQuAD sample not present")
-def test_real_squad_sample_loads():
-    frame = load_squad(str(SQUAD_SAMPLE))
-    assert len(frame) == 4449 and frame["id"].is_unique
-    assert 0 < frame["is_impossible"].mean() < 1
-    row = frame[~frame["is_impossible"]].iloc[0]
-    ans = row["answers"][0]
-    assert row["context"][ans["answer_start"]:ans["answer_start"] + len(ans["text"])] == ans["text"]
+def _answer(context, text, at=None):
+    return {"text": text, "answer_start": context.index(at or text)}
+
+
+def _official_squad_v2():
+    """An official-format SQuAD v2 document: data -> paragraphs -> qas, with unanswerable questions carrying
+    plausible_answers, several gold answers per question, and gold answers that normalise to empty."""
+    normans = "The Normans were the people who gave their name to Normandy, a region in France."
+    rollo = "Rollo was a Viking leader. The Duchy of Normandy was founded in 911 by treaty with the king."
+    chemistry = "Oxygen is a chemical element. It is the third most abundant element in the universe."
+    return {"version": "v2.0", "data": [
+        {"title": "Normans", "paragraphs": [
+            {"context": normans, "qas": [
+                {"id": "n1", "question": "In what country is Normandy located?", "is_impossible": False,
+                 "answers": [_answer(normans, "France"), _answer(normans, "France"), _answer(normans, "in France")]},
+                {"id": "n2", "question": "Who gave their name to Normandy in the 1000s?", "is_impossible": True,
+                 "answers": [], "plausible_answers": [_answer(normans, "The Normans")]},
+                {"id": "n3", "question": "What kind of place is Normandy?", "is_impossible": False,
+                 "answers": [_answer(normans, "a", "a region"), _answer(normans, "a region")]},  # "a" normalises to empty
+            ]},
+            {"context": rollo, "qas": [
+                {"id": "r1", "question": "When was the Duchy of Normandy founded?", "is_impossible": False,
+                 "answers": [_answer(rollo, "911"), _answer(rollo, "in 911")]},
+                {"id": "r2", "question": "Which article begins the second sentence?", "is_impossible": False,
+                 "answers": [_answer(rollo, "The")]},                 # only gold answer normalises to empty
+            ]},
+        ]},
+        {"title": "Oxygen", "paragraphs": [{"context": chemistry, "qas": [
+            {"id": "o1", "question": "What is the most abundant element?", "is_impossible": True, "answers": [],
+             "plausible_answers": [_answer(chemistry, "Oxygen")]},
+        ]}]},
+    ]}
+
+
+def test_official_squad_v2_fixture_loads_and_scores_as_the_official_script(tmp_path, smoke_config, model_dirs):
+    path = tmp_path / "dev-v2.0.json"
+    path.write_text(json.dumps(_official_squad_v2()))
+    frame = load_squad(str(path)).set_index("id")
+    assert list(frame.index) == ["n1", "n2", "n3", "r1", "r2", "o1"]
+    assert list(frame["title"]) == ["Normans"] * 5 + ["Oxygen"]
+    assert frame["is_impossible"].tolist() == [False, True, False, False, False, True]
+    assert frame.loc["n2", "answers"] == [] and frame.loc["o1", "answers"] == []   # plausible answers are not gold
+    for row in frame[~frame["is_impossible"]].itertuples():
+        for ans in row.answers:
+            assert row.context[ans["answer_start"]:ans["answer_start"] + len(ans["text"])] == ans["text"]
+    golds = frame["answers"]
+    assert score_prediction("Normans", golds["n2"])[1:] == (0.0, 0.0)   # unanswerable: only the empty answer scores
+    assert score_prediction("unanswerable", golds["o1"])[1:] == (1.0, 1.0)
+    assert score_prediction("a region", golds["n3"])[1:] == (1.0, 1.0)
+    assert score_prediction("", golds["n3"])[1:] == (0.0, 0.0)          # gold "a" dropped: not matched by ""
+    assert score_prediction("", golds["r2"])[1:] == (1.0, 1.0)          # nothing left: scored as unanswerable
+    assert score_prediction("The", golds["r2"])[1:] == (1.0, 1.0)       # "The" normalises to the empty answer
+    tok = [load_tokenizer(model_dirs["tiny-main"])]
+    sampled = sample(frame.reset_index(), tok, smoke_config["prompt"],
+                     dict(n=6, seed=0, answerable_only=False, max_context_tokens=4096))
+    assert sorted(sampled["id"]) == sorted(frame.index)
+    assert sampled.groupby("title")["passage"].nunique().to_dict() == {"Normans": 2, "Oxygen": 1}
 
 
 def test_synthetic_is_deterministic_with_unique_answer_spans():

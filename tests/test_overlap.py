@@ -73,7 +73,7 @@ def _answers(n=12):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
-        base = {"sample_idx": i, "is_impossible": i % 3 == 0, "n_context": 100, "n_template": 20}
+        base = {"sample_idx": i, "passage": f"p{i}", "is_impossible": i % 3 == 0, "n_context": 100, "n_template": 20}
         for role in ("scout", "main"):
             rows.append(base | {"role": role, "method": "full", "retention": 1.0, "source": "none", "f1": 1.0,
                                 "exact": 1.0, "retention_context": 1.0, "retention_prompt": 1.0})
@@ -89,7 +89,7 @@ def _answers(n=12):
 def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     answers, overlaps = _answers()
     cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0, "methods": ["q2c", "random"], "budget": "context",
-           "max_new_tokens": 4}
+           "max_new_tokens": 4, "max_samples": None}
     agg = aggregate(answers, overlaps, cfg)
     family = agg[agg["p_value"].notna()]
     assert set(family["quantity"]) == {"delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full"}
@@ -100,7 +100,7 @@ def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     assert sorted(detectable["table"]) == ["transfer", "transfer_has_answer", "transfer_no_answer"]
     assert (detectable["value"] > 0).all()
     assert {"transfer_has_answer", "transfer_no_answer", "overlap_has_answer", "overlap_no_answer"} <= set(agg["table"])
-    facts = {"pair": "p", "scout": "s", "main": "m", "selection": cfg}
+    facts = {"pair": "p", "scout": "s", "main": "m", "selection": cfg, "n_sampled": 12}
     text = summary_markdown(agg, answers, pd.DataFrame(), facts, "d")
     assert text.index("## Full-KV baselines") < text.index("## Retention kept") < text.index("## Multiple comparisons")
     assert "smallest forward delta distinguishable from 0 is about ±" in text and "Holm" in text

@@ -1,3 +1,4 @@
+import copy
 
 import numpy as np
 import pandas as pd
@@ -5,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kvpipe.config import validate
 from kvpipe.data.prompt import QUESTION, build_prompt
 from kvpipe.data.qa_metrics import score_prediction, squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
@@ -15,6 +17,7 @@ from kvpipe.selection.aggregate import aggregate
 from kvpipe.selection.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
 from kvpipe.selection.report import FIGURES, summary_markdown, write_report
 from kvpipe.selection.stage import overlap_row, run_pair, run_selection
+from kvpipe.splits import whole_passages
 
 
 @pytest.mark.parametrize("pred, golds, em, f1", [
@@ -121,20 +124,32 @@ def test_pair_run_covers_every_condition(model_dirs, samples, smoke_config):
 
 
 def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, model_dirs, samples, smoke_config):
-    cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2}
-    samples.head(2).to_parquet(tmp_path / "samples.parquet")
+    """Four sampled questions on three passages (the last two share one); max_samples 3 keeps the first two passages."""
+    cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2, "max_samples": 3}
+    table = samples.iloc[1:5]
+    assert table["passage"].nunique() == 3 and table["passage"].iloc[2] == table["passage"].iloc[3]
+    table.iloc[::-1].to_parquet(tmp_path / "samples.parquet")   # sample order is sample_idx, not row order
     run_selection(model_dirs["tiny-scout"], model_dirs["tiny-main"], tmp_path / "samples.parquet", "tiny", cfg,
                   smoke_config["prompt"], "cpu", "float32", tmp_path / "stage")
     tables = sorted(p.name for p in (tmp_path / "stage").iterdir())
     assert tables == ["answers.parquet", "facts.json", "overlap.parquet", "timings.parquet"]
     facts = read_json(tmp_path / "stage" / "facts.json")
-    assert facts == {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_samples": 2, "selection": cfg}
+    assert facts == {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_samples": 2, "n_sampled": 4,
+                     "selection": cfg}
     stage = tmp_path / "stage"
+    passage = table.set_index("sample_idx")["passage"]
+    for name in ("answers", "overlap"):
+        frame = pd.read_parquet(stage / f"{name}.parquet")
+        assert set(frame["sample_idx"]) == set(table["sample_idx"].iloc[:2])
+        assert frame["passage"].tolist() == passage.loc[frame["sample_idx"]].tolist()
     write_report(stage / "answers.parquet", stage / "overlap.parquet", stage / "timings.parquet", stage / "facts.json",
                  "synthetic-small", tmp_path / "report")
     figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
     assert figures == {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
-    assert "tiny-scout (scout) ↔ tiny-main (main), pair tiny, synthetic-small" in (tmp_path / "report/summary.md").read_text()
+    summary = (tmp_path / "report/summary.md").read_text()
+    assert "tiny-scout (scout) ↔ tiny-main (main), pair tiny, synthetic-small" in summary
+    assert "2 samples from 2 passages: a subset of the 4 sampled (`selection.max_samples: 3`" in summary
+    assert "bootstrap over passages" in summary
     assert (tmp_path / "report/aggregates.parquet").exists()
 
 
@@ -234,9 +249,9 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
     assert set(answers.loc[answers["retention"] == 1.0, "method"]) == {"full"}  # 1.0 is not in this grid
     agg = aggregate(answers, overlaps, cfg)
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
-    facts = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "selection": cfg}
+    facts = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_sampled": 2, "selection": cfg}
     text = summary_markdown(agg, answers, timings, facts, "synthetic-small")
-    assert "per-head − shared" in text
+    assert "per-head − shared" in text and "2 samples from 2 passages (all 2 sampled)" in text
 
 
 def test_has_answer_and_no_answer_breakdown():
@@ -244,7 +259,7 @@ def test_has_answer_and_no_answer_breakdown():
     for i in range(6):
         impossible = i >= 4
         for role in ("scout", "main"):
-            rows.append({"sample_idx": i, "role": role, "model": role, "method": "full", "retention": 1.0,
+            rows.append({"sample_idx": i, "passage": f"p{i}", "role": role, "model": role, "method": "full", "retention": 1.0,
                          "source": "none", "f1": 0.0 if impossible else 1.0, "exact": 0.0 if impossible else 1.0,
                          "is_impossible": impossible})
     cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0}
@@ -252,6 +267,61 @@ def test_has_answer_and_no_answer_breakdown():
     main = agg[(agg["table"] == "full_kv") & (agg["role"] == "main")].set_index("quantity")["value"]
     assert main["f1_has_answer"] == 1.0 and main["f1_no_answer"] == 0.0
     assert main["f1"] == pytest.approx(4 / 6)
+
+
+def _planted_answers(passage_of) -> pd.DataFrame:
+    """Answers of 60 questions on 12 passages (5 each): every condition's F1 is a function of the passage alone."""
+    r = np.random.default_rng(1)
+    level, cost = r.random(12), r.choice([0.0, 0.3], size=12)   # per passage: F1 level, forward-transfer cost
+    rows = []
+    for i in range(60):
+        p, base = i // 5, {"sample_idx": i, "passage": passage_of(i), "is_impossible": False, "exact": 0.0}
+        for role in ("scout", "main"):
+            rows.append(base | {"role": role, "method": "full", "retention": 1.0, "source": "none", "f1": level[i // 5]})
+            for source, f1 in (("own", level[p]), ("transfer", level[p] - (cost[p] if role == "main" else 0.0))):
+                rows.append(base | {"role": role, "method": "q2c", "retention": 0.5, "source": source, "f1": f1})
+            rows.append(base | {"role": role, "method": "random", "retention": 0.5, "source": "own", "f1": level[p] / 2})
+    return pd.DataFrame(rows)
+
+
+def test_every_interval_and_p_value_resamples_passages_not_questions():
+    """Questions on one passage are perfectly correlated: the passage bootstrap's intervals are about √5 times wider
+    than a question bootstrap's (each question its own passage), and its p-values larger."""
+    overlaps = pd.DataFrame(columns=["method", "retention", "sample_idx"])
+    cfg = {"bootstrap": 1000, "ci": 0.95, "seed": 0}
+    by_passage = aggregate(_planted_answers(lambda i: f"p{i // 5}"), overlaps, cfg).set_index(["role", "method", "quantity"])
+    by_question = aggregate(_planted_answers(lambda i: f"q{i}"), overlaps, cfg).set_index(["role", "method", "quantity"])
+    width = (by_passage["ci_high"] - by_passage["ci_low"]) / (by_question["ci_high"] - by_question["ci_low"])
+    for key in (("main", "full", "f1"), ("main", "q2c", "f1_own"), ("main", "q2c", "delta_forward"),
+                ("scout", "q2c", "delta_own_vs_random")):
+        assert 1.6 < width.loc[key] < 3.2, key
+    forward = ("main", "q2c", "delta_forward")
+    assert by_passage.loc[forward, "p_value"] > 10 * by_question.loc[forward, "p_value"]
+
+
+def test_selection_subset_takes_whole_passages_in_sample_order():
+    passages = np.array(["a", "b", "a", "c", "b", "d", "c", "e"], dtype=object)   # sizes a 2, b 2, c 2, d 1, e 1
+    assert whole_passages(passages, None).tolist() == list(range(8))
+    assert whole_passages(passages, 5).tolist() == [0, 1, 2, 4]          # a + b; c would make 6
+    assert whole_passages(passages, 7).tolist() == [0, 1, 2, 3, 4, 5, 6]  # a + b + c + d; e would make 8
+    assert whole_passages(passages, 1).tolist() == [0, 2]                # at least one passage, whole
+    assert whole_passages(passages, 100).tolist() == list(range(8))
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "selection.max_samples: 0 is less than the minimum of 1"),
+    ("ten", "selection.max_samples: 'ten' is not of type 'integer', 'null'"),
+    (2.5, "selection.max_samples: 2.5 is not of type 'integer', 'null'"),
+])
+def test_max_samples_must_be_a_positive_integer_or_null(smoke_config, value, message):
+    config = copy.deepcopy(smoke_config)
+    assert config["selection"]["max_samples"] is None                    # default: every sample
+    config["selection"]["max_samples"] = value
+    with pytest.raises(KvpipeError) as info:
+        validate(config)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    config["selection"]["max_samples"] = 3
+    assert validate(config)["selection"]["max_samples"] == 3
 
 
 def test_query_aware_snapkv_equals_pooled_attention_of_the_last_question_rows(session, eager_attentions, tiny_main):

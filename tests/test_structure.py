@@ -10,6 +10,7 @@ from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
 from kvpipe.structure import ridge
+from kvpipe.structure.cca import fit_cca, held_out_correlations, mean_correlation, unit_sums
 from kvpipe.structure.cka import linear_cka
 from kvpipe.structure.pair_data import relative_depth
 from kvpipe.structure.position import rope_basis
@@ -146,6 +147,45 @@ def test_cv_scales_alpha_by_the_training_folds_only(monkeypatch):
     assert pooled(folds).n == len(X)
 
 
+def _cca_scores(X, Y, top, seed=0):
+    """Fit CCA on the first half from chunked statistics; (test score, shuffled-null score, per-pair test corr)."""
+    half, r = len(X) // 2, np.random.default_rng(seed)
+    xy, yy = RidgeStats(X.shape[1], Y.shape[1]), RidgeStats(Y.shape[1], Y.shape[1])
+    for chunk in np.array_split(np.arange(half), 5):  # shard by shard
+        xy.add(X[chunk], Y[chunk])
+        yy.add(Y[chunk], Y[chunk])
+    cmap = fit_cca(xy, yy, components=8, regularisation=1e-3, top=top)
+    Xt, Yt = X[half:], Y[half:]
+    units = np.arange(len(Xt)) // 50  # 50 rows per test passage
+    true = unit_sums(cmap, Xt, Yt, units, units.max() + 1)
+    null = unit_sums(cmap, Xt, Yt[r.permutation(len(Yt))], units, units.max() + 1)
+    U, V = cmap.project(Xt, Yt)
+    direct = [np.corrcoef(U[:, i], V[:, i])[0, 1] for i in range(top)]
+    np.testing.assert_allclose(held_out_correlations(true.sum(0), len(Xt)), direct, atol=1e-9)  # sums add up
+    return mean_correlation(true.sum(0), len(Xt)), mean_correlation(null.sum(0), len(Xt)), np.array(direct)
+
+
+def test_cca_finds_a_planted_shared_signal_and_its_shuffled_null_is_near_zero():
+    """Y = X A + noise, A reading X's 3 leading dims only: the top 3 canonical correlations on test are near 1, the
+    rest near 0, and the shuffled-pairing null near 0."""
+    r = np.random.default_rng(5)
+    X = r.normal(size=(6000, 24)) * np.r_[[3.0, 2.5, 2.0], np.linspace(1, 0.5, 21)]
+    A = np.zeros((24, 16))
+    A[:3] = r.normal(size=(3, 16))
+    Y = X @ A + 0.3 * r.normal(size=(6000, 16))
+    score, null, per_pair = _cca_scores(X, Y, top=3)
+    assert score > 0.98 and (per_pair > 0.97).all()
+    assert abs(null) < 0.05
+    assert _cca_scores(X, Y, top=5)[2][3:].max() < 0.15   # beyond the shared signal: noise
+
+
+def test_cca_of_an_unrelated_pair_is_at_the_null():
+    r = np.random.default_rng(6)
+    X, Y = r.normal(size=(6000, 24)) * np.linspace(3, 0.5, 24), r.normal(size=(6000, 16)) @ r.normal(size=(16, 16))
+    score, null, _ = _cca_scores(X, Y, top=3)
+    assert abs(score) < 0.05 and abs(score - null) < 0.06
+
+
 def test_rope_basis_recovers_the_rotation_of_each_position():
     torch = pytest.importorskip("torch")
     from kvpipe.models.rope import apply_rope
@@ -202,6 +242,9 @@ def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, samples, sm
     np.testing.assert_allclose(mean["value"], 0.0, atol=1e-12)
     shuffled = table[(table["baseline"] == "shuffled") & (table["metric"] == "r2") & (table["head"] == -1)]
     assert (shuffled["value"].abs() < 0.05).all()
+    cca = table[table["metric"] == "cca"].set_index(["kind", "scout_layer", "baseline"])["value"]
+    assert len(cca) == 3 * 3 * 2 and (cca.xs("none", level="baseline") > 0.999).all()
+    assert (cca.xs("shuffled", level="baseline").abs() < 0.1).all()
     assert set(table.columns) == {"pair", "kind", "scout_layer", "main_layer", "head", "metric", "value",
                                   "ci_low", "ci_high", "baseline"}
     ci = table[table["metric"] == "r2"]
@@ -213,11 +256,11 @@ def test_results_do_not_depend_on_sharding(kv_dirs, samples, smoke_config):
     def figures(suffix):
         table, _ = analyse_pair(kv_dirs["tiny-scout" + suffix], kv_dirs["tiny-main" + suffix], _passages(samples), "p",
                                 _cfg(smoke_config))
-        keep = table["baseline"].isin(["none", "mean", "self"]) & table["metric"].isin(["r2", "cosine", "rel_error"])
+        keep = table["baseline"].isin(["none", "mean", "self"]) & table["metric"].isin(["r2", "cosine", "rel_error", "cca"])
         return table[keep].sort_values(["kind", "scout_layer", "head", "metric", "baseline"])["value"].to_numpy()
 
     by4, by2 = figures(""), figures("-by2")
-    assert len(by4) == 3 * 2 * 3 * 3 * 3  # kinds x aligned layers x heads x metrics x predictors
+    assert len(by4) == 3 * 2 * (3 * 3 * 3 + 1)  # kinds x aligned layers x (heads x metrics x predictors + CCA)
     np.testing.assert_allclose(by4, by2, rtol=1e-7, atol=1e-9)
     with pytest.raises(KvpipeError, match="sharded differently"):
         analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main-by2"], _passages(samples), "p", _cfg(smoke_config))
@@ -244,6 +287,9 @@ def test_run_structure_writes_the_table_and_facts_and_the_report_reads_only_them
     assert "bootstrap over test passages" in summary and "Thresholds (config `structure.thresholds`)" in summary
     assert "Resolution: with" in summary and "Position only" in summary and "Do shallow layers transfer values" in summary
     assert "keys − keys pre-RoPE: not testable on this pair: head sizes differ (8 vs 16)" in summary
+    assert facts["cca"] == {"scout_components": 16, "main_components": 32, "top": 10, "regularisation": 1e-3}
+    assert "Shared subspace: regularised CCA (SVCCA-style: the top 16 / 32 SVD components" in summary
+    assert "mean of the top 10 canonical correlations on test passages" in summary
     assert sorted(p.name for p in (report / "figures").iterdir()) == sorted(
         f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf"))
 
@@ -278,5 +324,10 @@ def test_new_metrics_and_the_equal_head_size_rope_comparison(kv_dirs, samples, s
     p = table[table["metric"] == "r2_difference_p_holm"]
     assert len(p) == 2 * 2 and ((p["value"] >= 0) & (p["value"] <= 1)).all()
     assert set(table[table["metric"] == "r2_depth_slope"]["kind"]) == set(ex.kvstore.KINDS)
+    cca = table[table["metric"] == "cca"]
+    assert len(cca) == 3 * 2 * 2 and set(cca["baseline"]) == {"none", "shuffled"} and (cca["head"] == -1).all()
+    assert ((cca["ci_low"] <= cca["value"]) & (cca["value"] <= cca["ci_high"]) & (cca["value"].abs() <= 1)).all()
+    true, null = (cca[cca["baseline"] == b].set_index(["kind", "scout_layer"])["value"] for b in ("none", "shuffled"))
+    assert (true > null + 0.2).all()   # the tiny pair shares some structure; shuffled pairings share none
     summary = summary_markdown(table, facts | {"scout_head_dim": 16}, "synthetic-small", FIGURES)
     assert "not testable" not in summary and "R² keys − keys pre-RoPE | Holm p" in summary

@@ -18,10 +18,12 @@ import pytest
 from conftest import REPO
 
 from kvpipe.kv import store as kvstore
+from kvpipe.projection.report import FIGURES as PROJECTION_FIGURES
 from kvpipe.selection.report import FIGURES as SELECTION_FIGURES
 from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
 
-PAIR_JOBS = {"structure": 1, "structure_report": 1, "selection": 1, "selection_report": 1}
+STAGE_FIGURES = {"structure": STRUCTURE_FIGURES, "selection": SELECTION_FIGURES, "projection": PROJECTION_FIGURES}
+PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
 
 
 def copy_checkout(dest: Path) -> Path:
@@ -77,7 +79,7 @@ def repo(tmp_path_factory) -> Path:
 
 
 def test_smoke_workflow_builds_every_target(repo):
-    for stage, figures in (("structure", STRUCTURE_FIGURES), ("selection", SELECTION_FIGURES)):
+    for stage, figures in STAGE_FIGURES.items():
         out = repo / "results" / stage / "synthetic-small" / "tiny"
         assert (out / "summary.md").read_text().startswith("# ")
         assert (out / "facts.json").exists()
@@ -114,13 +116,16 @@ def test_rerun_does_nothing_and_one_model_change_reruns_only_its_jobs(repo, tmp_
 def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
     change = overlay(tmp_path, "extraction: {storage_dtype: float16}\n")
     plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
-    assert plan == {"extract_kv": 2, "structure": 1, "structure_report": 1, "all": 1}  # selection reads no stored KV
+    # selection reads no stored KV
+    assert plan == {"extract_kv": 2, "structure": 1, "structure_report": 1, "projection": 1, "projection_report": 1,
+                    "all": 1}
 
 
 @pytest.mark.parametrize("module, expected", [
     ("structure/report.py", {"structure_report": 1}),
     ("selection/report.py", {"selection_report": 1}),
-    ("reporting.py", {"structure_report": 1, "selection_report": 1}),
+    ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1}),
+    ("projection/mlp.py", {"projection": 1, "projection_report": 1}),
     ("structure/cka.py", {"structure": 1, "structure_report": 1}),  # defines linear_cka
     ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **PAIR_JOBS}),  # every rule that builds prompts
 ])
@@ -144,6 +149,15 @@ def test_one_pair_setting_reruns_only_that_pairs_selection(repo, tmp_path):
     assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"selection": 1, "selection_report": 1, "all": 1}
     same = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 4}}\n")  # the global value: nothing changes
     assert planned_jobs(snakemake(repo, "-n", overlays=(same,))) == {}
+
+
+def test_best_cka_layer_map_reads_the_structure_metrics(repo, tmp_path):
+    change = overlay(tmp_path, "pairs:\n  tiny: {projection: {layer_map: best_cka}}\n")
+    proc = snakemake(repo, "-n", "--forceall", "results/projection/synthetic-small/tiny/answers.parquet",
+                     overlays=(change,))
+    assert planned_jobs(proc)["structure"] == 1   # the projection job now needs the structure stage's table
+    proc = snakemake(repo, "-n", "--forceall", "results/projection/synthetic-small/tiny/answers.parquet")
+    assert "structure" not in planned_jobs(proc)
 
 
 def test_editing_the_dataset_file_resamples(repo, tmp_path):
@@ -188,7 +202,7 @@ def test_html_report_holds_every_figure(repo):
     proc = snakemake(repo, "--report", str(repo / "results" / "report.html"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (repo / "results" / "report.html").read_text(errors="replace")
-    for name in (*STRUCTURE_FIGURES, *SELECTION_FIGURES):
+    for name in (name for figures in STAGE_FIGURES.values() for name in figures):
         assert f"{name}.png" in html
 
 
@@ -202,7 +216,7 @@ def test_rule_files_are_snakefmt_formatted_and_lint_clean():
 
 
 def test_every_figure_has_one_caption():
-    for stage, figures in (("structure", STRUCTURE_FIGURES), ("selection", SELECTION_FIGURES)):
+    for stage, figures in STAGE_FIGURES.items():
         captions = {p.stem for p in (REPO / "workflow" / "report" / stage).glob("*.rst")} - {"summary"}
         assert captions == set(figures)
 

@@ -7,6 +7,7 @@ several times; later files override) and calls the same function as the workflow
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -62,18 +63,18 @@ def cmd_extract(args: argparse.Namespace) -> None:
           f"{manifest['bytes'] / 1e6:.1f} MB in {args.out}")
 
 
+REPORT_TABLES = {  # the tables each stage's report reads, in write_report's order (facts.json last)
+    "structure": ("metrics.parquet", "facts.json"),
+    "selection": ("answers.parquet", "overlap.parquet", "timings.parquet", "facts.json"),
+    "projection": ("answers.parquet", "projector_metrics.parquet", "timings.parquet", "facts.json"),
+}
+
+
 def _report(stage: str, out: Path, dataset: str) -> None:
     """Run a stage's report step on the tables its compute step wrote to out."""
     out = Path(out)
-    if stage == "structure":
-        from kvpipe.structure.report import write_report
-
-        write_report(out / "metrics.parquet", out / "facts.json", dataset, out)
-    else:
-        from kvpipe.selection.report import write_report
-
-        write_report(out / "answers.parquet", out / "overlap.parquet", out / "timings.parquet", out / "facts.json",
-                     dataset, out)
+    write_report = importlib.import_module(f"kvpipe.{stage}.report").write_report
+    write_report(*(out / name for name in REPORT_TABLES[stage]), dataset, out)
 
 
 def cmd_structure(args: argparse.Namespace) -> None:
@@ -98,6 +99,19 @@ def cmd_selection(args: argparse.Namespace) -> None:
                   config["prompt"], config["device"], config["extraction"]["dtype"], args.out)
     _report("selection", args.out, args.dataset)
     print(f"wrote {args.out}/answers.parquet, summary.md, figures/")
+
+
+def cmd_projection(args: argparse.Namespace) -> None:
+    from kvpipe.config import pair_settings
+    from kvpipe.projection.stage import run_projection
+
+    config = _config(args)
+    _entry(config, "pairs", args.pair)
+    run_projection(args.scout_kv, args.main_kv, args.samples, args.scout_dir, args.main_dir, args.pair,
+                   pair_settings(config, args.pair, "projection"), config["prompt"], config["device"],
+                   config["extraction"]["dtype"], args.out, args.structure_metrics)
+    _report("projection", args.out, args.dataset)
+    print(f"wrote {args.out}/answers.parquet, projector_metrics.parquet, projectors/, summary.md, figures/")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -145,8 +159,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", required=True, type=Path, help="samples Parquet file")
     p.add_argument("--dataset", default="", help="dataset name for the report")
     p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/selection/DATASET/PAIR)")
+    p = add("projection", cmd_projection, "Fit scout->main KV projectors, inject them, answer; bytes and TTFT.")
+    p.add_argument("--pair", required=True, help="pair name from the config")
+    p.add_argument("--scout-kv", required=True, type=Path, help="KV dataset directory of the scout")
+    p.add_argument("--main-kv", required=True, type=Path, help="KV dataset directory of the main model")
+    p.add_argument("--scout-dir", required=True, type=Path, help="materialised scout model directory")
+    p.add_argument("--main-dir", required=True, type=Path, help="materialised main model directory")
+    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file the KV datasets come from")
+    p.add_argument("--structure-metrics", type=Path, default=None,
+                   help="the structure stage's metrics.parquet (needed by projection.layer_map: best_cka)")
+    p.add_argument("--dataset", default="", help="dataset name for the report")
+    p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/projection/DATASET/PAIR)")
     p = add("report", cmd_report, "Rewrite a stage's figures and summary from the tables in its directory.")
-    p.add_argument("stage", choices=["structure", "selection"], help="which stage's report")
+    p.add_argument("stage", choices=list(REPORT_TABLES), help="which stage's report")
     p.add_argument("--dir", required=True, type=Path, help="the stage's output directory (its tables are read)")
     p.add_argument("--dataset", default="", help="dataset name for the report")
     return top

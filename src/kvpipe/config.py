@@ -138,6 +138,16 @@ def _check_references(config: Config) -> None:
         raise KvpipeError("prompt.user: {context} must come before {question} (the context is prefilled first)")
 
 
+def check_projection(cfg: dict[str, Any], where: str = "projection") -> None:
+    """Cross-references of a (merged) projection section the schema cannot express."""
+    if "main_full" not in cfg["conditions"]:
+        raise KvpipeError(f"{where}.conditions: must include main_full (the reference of every comparison)")
+    for key, known in (("projector", cfg["projectors"]), ("objective", cfg["objectives"])):
+        if cfg["chain"][key] not in known:
+            raise KvpipeError(f"{where}.chain.{key}: {cfg['chain'][key]!r} is not fitted ({where}.{key}s: "
+                              f"{', '.join(known)})")
+
+
 def pair_sections() -> tuple[str, ...]:
     """The config sections a pair may override for itself (from the schema)."""
     pair = schema()["properties"]["pairs"]["additionalProperties"]["properties"]
@@ -157,6 +167,7 @@ def _check_pair_overrides(config: Config, root: dict[str, Any]) -> None:
             error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(node).iter_errors(merged))
             if error is not None:
                 raise KvpipeError(f"{_dotted(['pairs', name, section, *error.absolute_path])}: {error.message}")
+        check_projection(pair_settings(config, name, "projection"), f"pairs.{name}.projection")
 
 
 def validate(config: Config, source: str = "config") -> Config:
@@ -170,6 +181,7 @@ def validate(config: Config, source: str = "config") -> Config:
     _fill_defaults(config, root, root)
     try:
         _check_references(config)
+        check_projection(config["projection"])
         _check_pair_overrides(config, root)
     except KvpipeError as err:
         raise KvpipeError(f"{source}: {err}") from None

@@ -1,6 +1,6 @@
 """Bootstrap helpers shared by the analysis stages: resampling of whole units (samples or passages).
 
-Questions on one passage share their context rows, so the structure stage resamples passages:
+Questions on one passage share their context rows, so the analysis stages resample passages:
 per-sample additive statistics are summed within a passage (cluster_codes) and the passages are
 resampled (bootstrap_counts over them); jackknife halves are drawn over passages likewise.
 """

@@ -11,6 +11,7 @@ from kvpipe.config import pair_settings, run_models, validate
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
+from kvpipe.scheduling import job_resources, uses_cuda
 
 try:
     _validated = validate(config, source="config")
@@ -37,13 +38,6 @@ def code(script):
     return script_hash(Path(workflow.basedir) / "workflow" / "scripts" / script)
 
 
-def model_resources(model):
-    """Scheduler hints of a job holding one model: per-model override, else the default."""
-    res = dict(config["resources"]["default"])
-    res.update(config["resources"]["models"].get(model, {}))
-    return res
-
-
 def pair_model(pair, role):
     return config["pairs"][pair][role]
 
@@ -52,9 +46,30 @@ def pair_models(pair):
     return [pair_model(pair, "scout"), pair_model(pair, "main")]
 
 
-def model_gpus():
-    """Model jobs ask the scheduler for a GPU when the config says the device is CUDA."""
-    return 1 if config["device"] == "cuda" else 0
+def job_model(wc):
+    """The models a per-model job holds: its own."""
+    return [wc.model]
+
+
+def job_pair_models(wc):
+    """The models a pair job holds: the pair's scout and main."""
+    return pair_models(wc.pair)
+
+
+def job_resource(key, models):
+    """Resource function: mem_mb or runtime of a job holding models(wildcards), from their sizes
+    (kvpipe.scheduling; the config's `resources` section)."""
+    return lambda wc: job_resources(config, models(wc))[key]
+
+
+# GPUs of a job that runs a model: 1 when it runs on CUDA (device cuda, or auto on a machine with
+# CUDA), so that `--resources gpu=G` bounds the GPU jobs running at once.
+MODEL_GPUS = 1 if uses_cuda(config["device"]) else 0
+
+
+def rule_threads(rule):
+    """Threads of a rule's jobs (torch's too): resources.threads.<rule>, else every core the run may use."""
+    return config["resources"]["threads"].get(rule, workflow.cores)
 
 
 def stage_figures(stage, pdf=False):
@@ -133,6 +148,13 @@ def pair_model_card(role):
     return lambda wc: one(
         rules.materialize_model.output.card, model=pair_model(wc.pair, role)
     )
+
+
+def projection_structure_metrics(wc):
+    """Input function: the structure stage's metrics, when the pair's projection layer map reads them."""
+    if pair_settings(config, wc.pair, "projection")["layer_map"] != "best_cka":
+        return []
+    return one(rules.structure.output.metrics, dataset=wc.dataset, pair=wc.pair)
 
 
 TARGETS = []  # output patterns of the stages' final rules, registered by the rule files

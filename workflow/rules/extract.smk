@@ -13,11 +13,11 @@ rule extract_kv:
         "results/benchmarks/extract_kv/{dataset}/{model}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
-    threads: workflow.cores  # torch and numpy use every core the run may use
+    threads: rule_threads("extract_kv")
     resources:
-        mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
-        runtime=lambda wc: model_resources(wc.model).get("runtime"),
-        gpu=model_gpus(),
+        mem_mb=job_resource("mem_mb", job_model),
+        runtime=job_resource("runtime", job_model),
+        gpu=MODEL_GPUS,
     params:
         extraction=config["extraction"],
         prompt=config["prompt"],

@@ -10,10 +10,11 @@ rule materialize_model:
         "results/benchmarks/materialize_model/{model}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
-    threads: workflow.cores  # torch and numpy use every core the run may use
+    threads: rule_threads("materialize_model")
     resources:
-        mem_mb=lambda wc: model_resources(wc.model).get("mem_mb"),
-        runtime=lambda wc: model_resources(wc.model).get("runtime"),
+        # CPU only: converting and hashing weights needs no GPU
+        mem_mb=job_resource("mem_mb", job_model),
+        runtime=job_resource("runtime", job_model),
     params:
         spec=lambda wc: config["models"][wc.model],
         code=code("materialize_model.py"),

@@ -15,16 +15,12 @@ rule selection:
         "results/benchmarks/selection/{dataset}/{pair}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
-    threads: workflow.cores  # torch and numpy use every core the run may use
+    threads: rule_threads("selection")
     resources:
-        # both models are loaded: the pair's two model budgets together
-        mem_mb=lambda wc: sum(
-            model_resources(m).get("mem_mb") for m in pair_models(wc.pair)
-        ),
-        runtime=lambda wc: max(
-            model_resources(m).get("runtime") for m in pair_models(wc.pair)
-        ),
-        gpu=model_gpus(),
+        # both models are loaded (on one GPU): the pair's two model budgets together
+        mem_mb=job_resource("mem_mb", job_pair_models),
+        runtime=job_resource("runtime", job_pair_models),
+        gpu=MODEL_GPUS,
     params:
         selection=lambda wc: pair_settings(config, wc.pair, "selection"),
         prompt=config["prompt"],

@@ -13,7 +13,7 @@ rule structure:
         "results/benchmarks/structure/{dataset}/{pair}.tsv"
     conda:
         "../../envs/kvpipe.yaml"
-    threads: workflow.cores  # torch and numpy use every core the run may use
+    threads: rule_threads("structure")  # KV statistics on the CPU: no model, no GPU
     resources:
         mem_mb=8000,
         runtime=120,

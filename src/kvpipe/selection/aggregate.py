@@ -1,5 +1,10 @@
 """Every headline number of the selection-transfer stage with its paired bootstrap interval.
 
+Every interval and p-value resamples *passages*, not questions: questions on one passage share
+their context (and so their selections and much of their answers), so each bootstrap draw takes
+whole passages with all their questions (kvpipe.stats.cluster_bootstrap_counts); resampling
+questions would treat them as independent and make intervals too narrow.
+
 The family of selection deltas (forward, reverse, own − random, own − full KV; every method and
 retention below 1, both models) gets two-sided bootstrap p-values (normal reference, bootstrap
 standard error) and Holm's correction over the
@@ -16,22 +21,30 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy.stats import norm
 
+from kvpipe.errors import KvpipeError
 from kvpipe.reporting import Interval
-from kvpipe.stats import bootstrap_counts, bootstrap_pvalue, holm, percentile_ci
+from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, holm, percentile_ci
 
 FAMILY = ("delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full")
 SUBSETS = (("has_answer", False), ("no_answer", True))   # (table suffix, is_impossible)
 
 
 class Bootstrap:
-    """Means and paired differences of per-sample values with percentile intervals."""
+    """Means and paired differences of per-sample values with percentile intervals over resampled passages."""
 
-    def __init__(self, samples: np.ndarray, reps: int, level: float, seed: int) -> None:
-        self.samples = np.sort(samples)
-        self.counts = bootstrap_counts(len(self.samples), reps, seed)
-        self.level = level
+    def __init__(self, passages: pd.Series, reps: int, level: float, seed: int) -> None:
+        """passages: the passage id of each sample, indexed by sample_idx."""
+        self.passages = passages.sort_index()
+        self.samples = self.passages.index.to_numpy()
+        self.counts = cluster_bootstrap_counts(self.passages.to_numpy(), reps, seed)
+        self.reps, self.level, self.seed = reps, level, seed
+
+    def subset(self, samples: ArrayLike) -> Bootstrap:
+        """The same bootstrap restricted to some samples (their passages resampled)."""
+        return Bootstrap(self.passages.loc[samples], self.reps, self.level, self.seed)
 
     def replicates(self, values: pd.Series) -> tuple[float, np.ndarray]:
         """The mean over samples (values indexed by sample_idx) and its bootstrap replicates."""
@@ -76,15 +89,14 @@ class _Table:
             self.add(table, role, method, r, "detectable_forward", (self.z * se, math.nan, math.nan))
 
 
-def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap, cfg: dict[str, Any]) -> None:
+def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
     for role in ("scout", "main"):
         full = answers[(answers["role"] == role) & (answers["method"] == "full")].set_index("sample_idx")
         out.add("full_kv", role, "full", 1.0, "f1", boot.mean(full["f1"]))
         out.add("full_kv", role, "full", 1.0, "exact", boot.mean(full["exact"]))
         for label, mask in (("f1_has_answer", ~full["is_impossible"]), ("f1_no_answer", full["is_impossible"])):
             if mask.any() and not mask.all():
-                sub = Bootstrap(full.index[mask].to_numpy(), cfg["bootstrap"], cfg["ci"], cfg["seed"])
-                out.add("full_kv", role, "full", 1.0, label, sub.mean(full.loc[mask, "f1"]))
+                out.add("full_kv", role, "full", 1.0, label, boot.subset(full.index[mask]).mean(full.loc[mask, "f1"]))
 
 
 def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = "transfer") -> None:
@@ -119,26 +131,33 @@ def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap, table: str = 
         out.add(table, "pair", m, r, "overlap_minus_random", boot.delta(g["overlap"], g["overlap_random"]))
 
 
-def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]) -> None:
+def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, boot: Bootstrap) -> None:
     """The transfer and overlap tables again on answerable and on unanswerable samples (when both occur)."""
     impossible = answers.groupby("sample_idx")["is_impossible"].first()
     if impossible.all() or not impossible.any():
         return
     for suffix, flag in SUBSETS:
         ids = impossible.index[impossible == flag].to_numpy()
-        boot = Bootstrap(ids, cfg["bootstrap"], cfg["ci"], cfg["seed"])
-        _transfer(out, answers[answers["sample_idx"].isin(ids)], boot, f"transfer_{suffix}")
-        _overlap(out, overlaps[overlaps["sample_idx"].isin(ids)], boot, f"overlap_{suffix}")
+        sub = boot.subset(ids)
+        _transfer(out, answers[answers["sample_idx"].isin(ids)], sub, f"transfer_{suffix}")
+        _overlap(out, overlaps[overlaps["sample_idx"].isin(ids)], sub, f"overlap_{suffix}")
+
+
+def passages_of(answers: pd.DataFrame) -> pd.Series:
+    """The passage of each answered sample, indexed by sample_idx."""
+    if "passage" not in answers.columns:
+        raise KvpipeError("answers table: no 'passage' column; rerun the selection stage")
+    return answers.groupby("sample_idx")["passage"].first()
 
 
 def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
     """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high, p_value, p_holm)."""
-    boot = Bootstrap(answers["sample_idx"].unique(), cfg["bootstrap"], cfg["ci"], cfg["seed"])
+    boot = Bootstrap(passages_of(answers), cfg["bootstrap"], cfg["ci"], cfg["seed"])
     out = _Table(float(norm.ppf(0.5 + cfg["ci"] / 2)))
-    _full_kv(out, answers, boot, cfg)
+    _full_kv(out, answers, boot)
     _transfer(out, answers, boot)
     _overlap(out, overlaps, boot)
-    _by_answerability(out, answers, overlaps, cfg)
+    _by_answerability(out, answers, overlaps, boot)
     agg = pd.DataFrame(out.rows, columns=["table", "role", "method", "retention", "quantity", "value", "ci_low",
                                           "ci_high", "p_value"])
     agg["p_holm"] = holm(agg["p_value"].to_numpy(dtype=float))

@@ -170,15 +170,25 @@ def _times(timings: pd.DataFrame) -> list[str]:
                                     f"{t.loc[role, 'scoring_s']:.3f} |" for role in t.index]
 
 
+def _sample_line(answers: pd.DataFrame, facts: dict[str, Any]) -> str:
+    """The n used, its passages, and whether it is all of the sampled n or a subset of it."""
+    n, cap = answers["sample_idx"].nunique(), facts["selection"]["max_samples"]
+    used = f"{n} samples from {answers['passage'].nunique()} passages"
+    if n < facts["n_sampled"]:
+        return (f"{used}: a subset of the {facts['n_sampled']} sampled (`selection.max_samples: {cap}`; whole passages "
+                "in sample order)")
+    return f"{used} (all {facts['n_sampled']} sampled)"
+
+
 def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataFrame, facts: dict[str, Any],
                      dataset: str) -> str:
     """The notes' three tables regenerated from data, with the notes' figures beside ours."""
     cfg, get = facts["selection"], _Lookup(agg)
-    n = answers["sample_idx"].nunique()
     level = int(round(100 * cfg["ci"]))
     lines = [f"# Selection transfer: {facts['scout']} (scout) ↔ {facts['main']} (main), pair {facts['pair']}, {dataset}",
-             "", f"{n} samples; greedy decoding, at most {cfg['max_new_tokens']} new tokens; intervals: {level} % "
-             f"bootstrap over samples ({cfg['bootstrap']} resamples), paired for every delta. A delta whose interval "
+             "", f"{_sample_line(answers, facts)}; greedy decoding, at most {cfg['max_new_tokens']} new tokens; "
+             f"intervals: {level} % bootstrap over passages (the questions on one passage are resampled together; "
+             f"{cfg['bootstrap']} resamples), paired for every delta. A delta whose interval "
              "includes 0 is reported as not distinguishable from 0. " + _detectable(get, cfg), ""]
     lines += _baselines(get, facts) + [""] + _retention(answers, cfg) + _overlaps(get) + [""] + _transfers(get)
     lines += _multiplicity(agg, cfg) + _answerability(get) + _times(timings)

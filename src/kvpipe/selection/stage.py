@@ -14,8 +14,11 @@ A retention r keeps k context tokens by `selection.budget` (kvpipe.selection.ove
 answers record both the share of context tokens kept and the share of the pre-question KV
 (template prefix + context) kept. Overlaps carry the method's exact random expectation given the
 positions it always keeps (kvpipe.selection.overlap).
-Writes per-sample answers, scout/main overlaps, timings and the run's facts;
-kvpipe.selection.report turns them into the notes' tables with paired bootstrap CIs.
+With `selection.max_samples`, only whole passages of the sample table answer, in sample order
+(kvpipe.splits.whole_passages), so that the structure stage may use more samples than this one.
+Writes per-sample answers and scout/main overlaps (each row with its sample's passage, the
+bootstrap unit), timings and the run's facts; kvpipe.selection.report turns them into the notes'
+tables with paired passage-bootstrap CIs.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ from kvpipe.kv.checks import check_window
 from kvpipe.models.load import CARD, load_model
 from kvpipe.selection.methods import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_n
 from kvpipe.selection.overlap import context_budget, overlap_row
+from kvpipe.splits import whole_passages
 
-__all__ = ["overlap_row", "run_pair", "run_selection"]
+__all__ = ["overlap_row", "run_pair", "run_selection", "selected_samples"]
 ROLES = ("scout", "main")
 # method -> budget k (None: no budget) -> (shared [n_context], per head [layers, kv_heads, n_context])
 Scores = dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]]
@@ -170,7 +174,8 @@ class PairRun:
         tokens = self.prompts(row)
         n_ctx = tokens["main"].context_end - tokens["main"].context_start   # the same for both: same tokens
         budgets = self.budgets(tokens["main"])
-        base = {"sample_idx": row.sample_idx, "sample_id": row.id, "is_impossible": bool(row.is_impossible)}
+        base = {"sample_idx": row.sample_idx, "sample_id": row.id, "passage": row.passage,
+                "is_impossible": bool(row.is_impossible)}
         sessions, scores, clock, answers = {}, {}, {}, []
         for role in ROLES:
             sessions[role], full, scores[role], clock[role] = self.prefill(role, tokens[role], row.sample_idx)
@@ -187,9 +192,22 @@ class PairRun:
                 [base | t for t in timings])
 
 
+def _check_passages(samples: pd.DataFrame) -> None:
+    if "passage" not in samples.columns:
+        raise KvpipeError("sample table: no 'passage' column; rerun the sampling stage")
+
+
+def selected_samples(samples: pd.DataFrame, max_samples: int | None) -> pd.DataFrame:
+    """The samples that answer, in sample order: whole passages, at most max_samples (None: all)."""
+    _check_passages(samples)
+    ordered = samples.sort_values("sample_idx", ignore_index=True)
+    return ordered.iloc[whole_passages(ordered["passage"], max_samples)]
+
+
 def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
              device: str = "auto", dtype: str = "auto") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Answers, overlaps and timings of every condition of a pair on every sample (progress bar on stderr)."""
+    """Answers, overlaps and timings of every condition of a pair on every given sample (progress bar on stderr)."""
+    _check_passages(samples)
     run = PairRun(models, pair, cfg, prompt, device, dtype)
     answers, overlaps, timings = [], [], []
     for row in tqdm(samples.itertuples(index=False), total=len(samples), desc=f"selection {pair}", unit="sample"):
@@ -202,12 +220,13 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
 
 def run_selection(scout_dir: Path, main_dir: Path, samples: Path, pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
                   device: str, dtype: str, out_dir: Path) -> None:
-    """Run a pair; write answers, overlap and timings Parquet and facts.json under out_dir."""
+    """Run a pair on the selected samples; write answers, overlap and timings Parquet and facts.json under out_dir."""
     table = pd.read_parquet(samples)
+    used = selected_samples(table, cfg["max_samples"])
     models = {"scout": Path(scout_dir), "main": Path(main_dir)}
-    answers, overlaps, timings = run_pair(models, table, pair, cfg, prompt, device, dtype)
+    answers, overlaps, timings = run_pair(models, used, pair, cfg, prompt, device, dtype)
     out_dir = Path(out_dir)
     for name, frame in (("answers", answers), ("overlap", overlaps), ("timings", timings)):
         write_parquet(frame, out_dir / f"{name}.parquet")
-    write_json(out_dir / "facts.json", {"pair": pair, "n_samples": len(table), "selection": cfg,
+    write_json(out_dir / "facts.json", {"pair": pair, "n_samples": len(used), "n_sampled": len(table), "selection": cfg,
                                         **{role: read_json(models[role] / CARD)["slug"] for role in ROLES}})

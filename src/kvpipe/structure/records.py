@@ -1,8 +1,8 @@
 """Tidy metric records of the structure stage from per-passage test scores and passage bootstrap counts.
 
 Every figure is a function of sums over test passages (pooled row scores [.., 4], per-dimension
-scores [.., q, 2], token counts), so a bootstrap replicate is the same function of the sums
-weighted by passage resampling counts [B, passages].
+scores [.., q, 2], canonical-pair sums [.., top, 5], token counts), so a bootstrap replicate is the
+same function of the sums weighted by passage resampling counts [B, passages].
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import numpy as np
 
 from kvpipe.kv.store import KINDS
 from kvpipe.stats import bootstrap_pvalue, holm, percentile_ci
+from kvpipe.structure.cca import mean_correlation
 from kvpipe.structure.ridge import metrics_from_scores, r2_per_dim
 
 PREDICTORS = ("none", "mean", "shuffled", "self", "position")  # 'none' = the fitted scout -> main map
 FITTED = ("none", "shuffled", "self", "position")              # the predictors fitted by ridge
 DIM_PREDICTORS = ("none", "position")                          # also scored per output dimension
 METRICS = ("cosine", "rel_error", "r2")
+CCA_PAIRINGS = ("none", "shuffled")                            # CCA scored on true and on shuffled test pairings
 
 
 def record(kind: str, s: int, m: int, head: int, metric: str, value: float, lo: float, hi: float,
@@ -92,4 +94,19 @@ def depth_slope_records(aligned: list[tuple[int, int]], n_scout_layers: int, poi
     for k, kind in enumerate(KINDS):
         lo, hi = percentile_ci(reps[:, k] @ x, level)
         records.append(record(kind, -1, -1, -1, "r2_depth_slope", point[k] @ x, lo, hi, "none"))
+    return records
+
+
+def cca_records(aligned: list[tuple[int, int]], sums: np.ndarray, tokens: np.ndarray, counts: np.ndarray,
+                level: float) -> list[dict[str, Any]]:
+    """The CCA score (metric `cca`) of each kind and aligned layer, on true test pairings (baseline `none`) and
+    on shuffled ones (baseline `shuffled`, the null); sums: [kind, aligned, pairing, passage, top, 5]."""
+    records = []
+    for k, kind in enumerate(KINDS):
+        for a, (s, m) in enumerate(aligned):
+            point = mean_correlation(sums[k, a].sum(1), tokens.sum())                      # [pairing]
+            reps = mean_correlation(np.einsum("bu,puis->bpis", counts, sums[k, a]), (counts @ tokens)[:, None])
+            lo, hi = percentile_ci(reps, level)
+            records += [record(kind, s, m, -1, "cca", point[j], lo[j], hi[j], pairing)
+                        for j, pairing in enumerate(CCA_PAIRINGS)]
     return records

@@ -27,8 +27,8 @@ def _transfer_heatmap(table: pd.DataFrame, title: str) -> Any:
     plt = pyplot()
     kinds = list(KIND_LABELS)
     rows = [("cosine", "viridis", (0, 1)), ("rel_error", "magma_r", (0, 1.5)), ("r2", "viridis", (0, 1)),
-            ("r2_per_dim", "viridis", (0, 1))]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 8.5), constrained_layout=True)
+            ("r2_per_dim", "viridis", (0, 1)), ("cca", "viridis", (0, 1))]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(10, 10.5), constrained_layout=True)
     for ax, (metric, cmap, lims) in zip(axes, rows):
         view = _layer_view(table, metric)
         grid = view.pivot(index="kind", columns="scout_layer", values="value").reindex(kinds)
@@ -36,7 +36,7 @@ def _transfer_heatmap(table: pd.DataFrame, title: str) -> Any:
         ax.set_yticks(range(len(kinds)), [KIND_LABELS[k] for k in kinds])
         main_of = view.drop_duplicates("scout_layer").set_index("scout_layer")["main_layer"]
         ax.set_xticks(range(grid.shape[1]), [f"{s}\n{main_of[s]}" for s in grid.columns], fontsize=6)
-        ax.set_title(f"ridge scout→main, test tokens: {metric}")
+        ax.set_title(f"{'regularised CCA' if metric == 'cca' else 'ridge scout→main'}, test tokens: {metric}")
         fig.colorbar(im, ax=ax)
     axes[-1].set_xlabel("scout layer / main layer (aligned by relative depth)")
     fig.suptitle(title)
@@ -71,7 +71,9 @@ def _cosine_r2_baseline(table: pd.DataFrame, title: str) -> Any:
                                                ("r2", "none", "centred R², ridge map", "-"),
                                                ("r2_per_dim", "none", "per-dimension R², ridge map", "-."),
                                                ("r2", "shuffled", "centred R², shuffled pairs", ":"),
-                                               ("r2", "position", "centred R², position only", "--")]:
+                                               ("r2", "position", "centred R², position only", "--"),
+                                               ("cca", "none", "CCA, mean of top canonical corr.", "-"),
+                                               ("cca", "shuffled", "CCA, shuffled-pairing null", ":")]:
             v = _layer_view(table, metric, baseline)
             v = v[v["kind"] == kind]
             line = ax.plot(v["scout_layer"], v["value"], style, label=label)[0]

@@ -12,6 +12,9 @@ and aligned (scout layer, main layer):
     shuffled token pairings, the main model paired with itself, and a position-only map
     from the RoPE basis of each token's position (structure/position.py);
   - per main head as well as for the whole layer;
+  - fits a regularised CCA (SVCCA-style, structure/cca.py) on calibration tokens and scores the mean
+    of its top canonical correlations on test tokens, and on test tokens whose main rows are
+    permuted across tokens (shard by shard, like the shuffled ridge baseline): the null;
   - bootstrap CIs over test *passages* (all figures come from per-passage sums), paired
     R² differences per layer with Holm-adjusted bootstrap p-values, and R² slopes over depth.
 
@@ -36,6 +39,7 @@ from kvpipe.io import write_json, write_parquet
 from kvpipe.splits import split_by_passage
 from kvpipe.stats import bootstrap_counts, cluster_codes
 from kvpipe.structure import records as rec
+from kvpipe.structure.cca import CanonicalMap, cca_sizes, fit_cca, unit_sums
 from kvpipe.structure.cka_table import TokenSubsample, cka_records
 from kvpipe.structure.pair_data import KINDS, PairData, read_passages
 from kvpipe.structure.position import rope_basis
@@ -126,13 +130,34 @@ def _fit_maps(run: _Run, stats: dict[tuple, RidgeStats]) -> tuple[dict[tuple, Li
     return maps, alphas
 
 
-def _score_test(run: _Run, maps: dict[tuple, LinearMap]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _fit_cca(run: _Run, stats: dict[tuple, RidgeStats]) -> dict[tuple, CanonicalMap]:
+    """Regularised CCA per (kind, scout layer, main layer) from the calibration statistics of the ridge pass."""
+    cfg, folds = run.cfg["cca"], range(run.cfg["cv_folds"])
+    return {(kind, s, m): fit_cca(pooled([stats[(kind, s, m, "none", f)] for f in folds]),
+                                  pooled([stats[(kind, s, m, "self", f)] for f in folds]),
+                                  cfg["components"], cfg["regularisation"], cfg["top"])
+            for kind in KINDS for s, m in run.aligned}
+
+
+def _cca_facts(run: _Run) -> dict[str, Any]:
+    """The CCA settings and the sizes they give on this pair (SVD components per side, canonical pairs scored)."""
+    cfg = run.cfg["cca"]
+    kx, ky, top = cca_sizes(run.data.scout_manifest["width"], run.data.main_manifest["width"], cfg["components"],
+                            cfg["top"])
+    return {"scout_components": kx, "main_components": ky, "top": top, "regularisation": cfg["regularisation"]}
+
+
+def _score_test(run: _Run, maps: dict[tuple, LinearMap],
+                cca: dict[tuple, CanonicalMap]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pass 2, summed per test passage: row_scores [kind, aligned, predictor, passage, group, 4], dim_scores of
-    DIM_PREDICTORS [kind, aligned, predictor, passage, q, 2] and tokens per passage."""
+    DIM_PREDICTORS [kind, aligned, predictor, passage, q, 2], CCA unit_sums of CCA_PAIRINGS (true, then main
+    rows permuted across the shard's test tokens) [kind, aligned, pairing, passage, top, 5] and tokens per passage."""
     width = run.data.main_manifest["width"]
     scores = np.zeros((len(KINDS), len(run.aligned), len(PREDICTORS), run.n_units, len(run.groups), 4))
     dims = np.zeros((len(KINDS), len(run.aligned), len(DIM_PREDICTORS), run.n_units, width, 2))
+    cca_sums = np.zeros((len(KINDS), len(run.aligned), len(rec.CCA_PAIRINGS), run.n_units, _cca_facts(run)["top"], 5))
     tokens = np.zeros(run.n_units)
+    shuffle_rng = np.random.default_rng(run.cfg["seed"] + 4)
     scout_ls, main_ls = sorted({s for s, _ in run.aligned}), sorted({m for _, m in run.aligned})
     for shard in run.shards("test pass"):
         sample_idx, mats = run.data.matrices(shard, scout_ls, main_ls, run.cfg["segments"])
@@ -141,10 +166,13 @@ def _score_test(run: _Run, maps: dict[tuple, LinearMap]) -> tuple[np.ndarray, np
             continue
         units = run.unit_of[sample_idx[is_test]]
         np.add.at(tokens, units, 1)
+        perm = shuffle_rng.permutation(int(is_test.sum()))
         for k, kind in enumerate(KINDS):
             for a, (s, m) in enumerate(run.aligned):
                 X, Y = _inputs(run, mats, kind, s, m, is_test), mats[("main", m, kind)][is_test]
                 y_ref = maps[(kind, s, m, "mean")].b
+                for j, Y_paired in enumerate((Y, Y[perm])):
+                    cca_sums[k, a, j] += unit_sums(cca[(kind, s, m)], X["none"], Y_paired, units, run.n_units)
                 for j, pred in enumerate(PREDICTORS):
                     Y_hat = maps[(kind, s, m, pred)].predict(X["none" if pred in ("mean", "shuffled") else pred])
                     for unit in np.unique(units):
@@ -152,7 +180,7 @@ def _score_test(run: _Run, maps: dict[tuple, LinearMap]) -> tuple[np.ndarray, np
                         scores[k, a, j, unit] += row_scores(Y_hat[rows], Y[rows], y_ref, run.groups)
                         if pred in DIM_PREDICTORS:
                             dims[k, a, DIM_PREDICTORS.index(pred), unit] += dim_scores(Y_hat[rows], Y[rows], y_ref)
-    return scores, dims, tokens
+    return scores, dims, cca_sums, tokens
 
 
 def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsample,
@@ -166,7 +194,7 @@ def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsam
             "n_test_samples": len(run.test_ids), "n_test_tokens": int(tokens.sum()), "cka_tokens": int(len(sub.keys)),
             "segments": cfg["segments"], "aligned_layers": run.aligned, "alphas": alphas, "cv_folds": cfg["cv_folds"],
             "bootstrap": cfg["bootstrap"], "ci": cfg["ci"], "scout_head_dim": ms["head_dim"], "main_head_dim": mm["head_dim"],
-            "thresholds": cfg["thresholds"]}
+            "thresholds": cfg["thresholds"], "cca": _cca_facts(run)}
 
 
 def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str,
@@ -176,9 +204,10 @@ def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: 
     run = _prepare(Path(scout_root), Path(main_root), passages, pair, cfg)
     stats, sub = _calibrate(run)
     maps, alphas = _fit_maps(run, stats)
-    scores, dims, tokens = _score_test(run, maps)
+    scores, dims, cca_sums, tokens = _score_test(run, maps, _fit_cca(run, stats))
     counts = bootstrap_counts(run.n_units, cfg["bootstrap"], cfg["seed"] + 2)  # resamples test passages
     records = rec.transfer_records(run.aligned, run.groups, scores, dims, tokens, counts, cfg["ci"])
+    records += rec.cca_records(run.aligned, cca_sums, tokens, counts, cfg["ci"])
     point, reps = rec.layer_r2(scores, tokens, counts)
     records += rec.difference_records(run.aligned, point, reps, cfg["ci"])
     records += rec.depth_slope_records(run.aligned, run.data.scout_manifest["num_layers"], point, reps, cfg["ci"])

@@ -112,6 +112,21 @@ def _power_line(table: pd.DataFrame, facts: dict[str, Any], last: dict[str, int]
             "(z × bootstrap SE of the difference)."]
 
 
+def _cca_lines(table: pd.DataFrame, facts: dict[str, Any], last: dict[str, int]) -> list[str]:
+    c, cells, beyond = facts["cca"], [], []
+    for kind, label in KIND_LABELS.items():
+        cca, null = (_get(table, kind=kind, metric="cca", baseline=b, **last) for b in ("none", "shuffled"))
+        cells.append(f"{label} {_fmt(cca)} (null {_fmt(null)})")
+        if cca["ci_low"] > null["ci_high"]:
+            beyond.append(label)
+    return ["", f"Shared subspace: regularised CCA (SVCCA-style: the top {c['scout_components']} / "
+            f"{c['main_components']} SVD components of scout / main, ridge {c['regularisation']:g} × their mean "
+            f"variance, fitted on calibration passages), mean of the top {c['top']} canonical correlations on test "
+            "passages at the last layer, beside the shuffled-pairing null (main rows permuted across test tokens): "
+            f"{'; '.join(cells)}. Above the null (lower bound over the null's upper bound): "
+            f"{', '.join(beyond) if beyond else 'none'}."]
+
+
 def _position_lines(table: pd.DataFrame, aligned: list[list[int]], t: dict[str, float]) -> list[str]:
     lines = ["", "Position only: the main's keys and values predicted from the RoPE basis of each token's position "
              "alone (cos/sin of position × the main model's own rotary frequencies), fitted on calibration, R² on test:",
@@ -170,6 +185,7 @@ def summary_markdown(table: pd.DataFrame, facts: dict[str, Any], dataset: str, f
     last = {"scout_layer": s_last, "main_layer": m_last, "head": -1}
     t = facts["thresholds"]
     lines = (_header(facts, dataset) + _transfer_claims(table, last, t) + _cka_and_projection_claims(table, last, t)
-             + _power_line(table, facts, last) + _rope_section(table, facts) + _depth_section(table))
+             + _power_line(table, facts, last) + _cca_lines(table, facts, last) + _rope_section(table, facts)
+             + _depth_section(table))
     lines += ["", f"Figures: {', '.join(f'`figures/{name}`' for name in figures)} (PNG and PDF).", ""]
     return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""The projection stage on the default pair: every condition's F1 with CI, bytes, TTFT ratio, fit time, peak RSS.
+
+For the synthetic set (config.yaml) and for n SQuAD v2 dev questions (config/squad_v2.yaml with the
+official JSON given by --squad, unanswerable questions included), samples, extracts both models' KV
+(reusing verified shards of an earlier run under --work) and runs the whole stage
+(kvpipe.projection.stage.run_projection) in a child process that records its peak RSS; the report's
+tables and summary are copied to bench/results/projection_{dataset}/. A second part fits every
+projector (reconstruction; the attention objective uses a fixed number of prompts) on n and 4n
+samples of two random-initialised models with the default pair's widths (structure_bench.py's)
+and records the peak RSS of each fit: it may not grow with the number of samples.
+Writes bench/results/projection.json.
+
+    python bench/projection_bench.py --squad data/squad_v2/dev-v2.0.json [--n 50] [--memory-n 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from structure_bench import MAIN, SCOUT
+
+from kvpipe.config import load_config, pair_settings
+from kvpipe.data.sampling import sample_to_file
+from kvpipe.kv.extract import extract
+from kvpipe.models.materialize import materialize
+from kvpipe.structure.pair_data import read_passages
+
+KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "timings.parquet", "facts.json",
+        "summary.md")
+
+
+def _stage(*args: object) -> dict:
+    from kvpipe.projection.report import write_report
+    from kvpipe.projection.stage import run_projection
+
+    start = time.perf_counter()
+    run_projection(*args)
+    out = Path(args[10])
+    wall = time.perf_counter() - start
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    write_report(out / "answers.parquet", out / "projector_metrics.parquet", out / "timings.parquet",
+                 out / "facts.json", out.parent.name, out)
+    return {"stage_wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
+
+
+def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
+    from kvpipe.projection.calibration import Calibration
+    from kvpipe.projection.fit import fit_all, kinds_of
+    from kvpipe.projection.layer_map import relative_depth
+
+    start = time.perf_counter()
+    cal = Calibration.open(scout_kv, main_kv, read_passages(samples, main_kv), "bench", relative_depth(8, 8),
+                           tuple(dict.fromkeys(k for p in cfg["projectors"] for k in kinds_of(p, cfg))), cfg)
+    fitted = fit_all(cal, cal.statistics(), cfg | {"objectives": ["reconstruction"]}, None, None)
+    return {"fit_s": round(time.perf_counter() - start, 1), "projectors": len(fitted),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def one_dataset(name: str, config: dict, n: int, work: Path, out: Path) -> dict:
+    """Sample, extract both models, run the stage; copy its report under out; return the record."""
+    pair = config["run"]["pairs"][0]
+    models = {role: Path("results/models") / config["pairs"][pair][role] for role in ("scout", "main")}
+    root = work / name
+    samples = root / "samples.parquet"
+    sample_to_file(name, config["datasets"][name], Path("results/models") / config["sampling"]["tokenizer"],
+                   config["prompt"], config["sampling"] | {"n": n}, samples)
+    kv = {role: root / "kv" / models[role].name for role in models}
+    for role in models:
+        extract(models[role], samples, kv[role], config["extraction"], config["prompt"], "cpu", name)
+    stage_out = root / "projection"
+    cfg = pair_settings(config, pair, "projection")
+    run = _in_child_call(_stage, (kv["scout"], kv["main"], samples, models["scout"], models["main"], pair, cfg,
+                                  config["prompt"], "cpu", config["extraction"]["dtype"], stage_out))
+    dest = out / f"projection_{name}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in KEEP:
+        shutil.copy2(stage_out / file, dest / file)
+    shutil.copytree(stage_out / "figures", dest / "figures", dirs_exist_ok=True)
+    facts = json.loads((stage_out / "facts.json").read_text())
+    agg = pd.read_parquet(stage_out / "aggregates.parquet")
+    cols = ["condition", "projector", "objective", "key_map", "retention", "rank", "n", "f1", "f1_low", "f1_high",
+            "delta_f1", "delta_f1_low", "delta_f1_high", "p_holm", "bytes", "bytes_ratio", "ttft_s", "ttft_ratio",
+            "ttft_ratio_low", "ttft_ratio_high"]
+    injected = agg[agg["condition"].isin(["projected_kv", "mean_kv", "chain"])]
+    return run | {"n_samples": n, "n_test_samples": facts["n_test_samples"], "n_test_passages": facts["n_test_passages"],
+                  "phases_s": facts["phases"], "fit_total_s": round(facts["phases"]["statistics_s"]
+                                                                   + facts["phases"]["attention_data_s"]
+                                                                   + facts["phases"]["fit_s"], 1),
+                  "projectors": {k: {f: v[f] for f in ("fit_s", "params", "bytes", "validation_error")}
+                                 for k, v in facts["projectors"].items()},
+                  "max_ttft_ratio_injected": round(float(injected["ttft_ratio"].max()), 3),
+                  "conditions": agg[cols].round(4).to_dict(orient="records")}
+
+
+def _call(func, args: tuple, queue: mp.Queue) -> None:
+    queue.put(func(*args))
+
+
+def _in_child_call(func, args: tuple) -> dict:
+    """func(*args) in a fresh spawned process (so its peak RSS is its own)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_call, args=(func, args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def memory(n: int, config: dict) -> dict:
+    """Peak RSS of fitting every projector on n and 4n samples of scaled random models."""
+    cfg = config["projection"]
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dirs = {"scout": root / "scout", "main": root / "main"}
+        materialize("scout", SCOUT, dirs["scout"])
+        materialize("main", MAIN, dirs["main"])
+        extraction = config["extraction"] | {"dtype": "float32"}
+        for factor in (1, 4):
+            samples = root / f"samples{factor}.parquet"
+            dataset = {"source": "synthetic", "seed": 0, "passages": n * factor, "entities_per_passage": 2,
+                       "unanswerable_fraction": 0.0}
+            sampling = {"n": n * factor, "seed": 0, "answerable_only": True, "tokenizer": "scout",
+                        "max_context_tokens": 4096}
+            sample_to_file("bench", dataset, dirs["scout"], config["prompt"], sampling, samples)
+            kv = {role: root / f"kv{factor}" / role for role in dirs}
+            for role in dirs:
+                extract(dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
+            runs[f"{factor}x"] = _in_child_call(_fit, (kv["scout"], kv["main"], samples, cfg)) | {"n_samples": n * factor}
+            print(factor, runs[f"{factor}x"], flush=True)
+    ratio = runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"]
+    return {"runs": runs, "rss_ratio_4x_over_1x": round(ratio, 3), "target": 1.1, "meets_target": ratio <= 1.1}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--squad", type=Path, default=Path("data/squad_v2/dev-v2.0.json"), help="official SQuAD v2 JSON")
+    ap.add_argument("--n", type=int, default=50, help="SQuAD questions")
+    ap.add_argument("--memory-n", type=int, default=24)
+    ap.add_argument("--work", type=Path, default=Path("results/bench/projection"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/projection.json"))
+    ap.add_argument("--only", choices=["synthetic", "squad_v2", "memory"], action="append")
+    args = ap.parse_args()
+    only = set(args.only or ["synthetic", "squad_v2", "memory"])
+    record = json.loads(args.out.read_text()) if args.out.exists() else {}
+    record |= {"targets": {"ttft_ratio_injected": 0.3, "fit_total_s_50_samples": 600, "rss_ratio_4x_over_1x": 1.1}}
+    if "synthetic" in only:
+        config = load_config(["config.yaml"])
+        record["synthetic"] = one_dataset("synthetic", config, config["sampling"]["n"], args.work, args.out.parent)
+    if "squad_v2" in only:
+        config = load_config(["config.yaml", "config/squad_v2.yaml"])
+        config["datasets"]["squad_v2"] |= {"path": str(args.squad)}
+        record["squad_v2"] = one_dataset("squad_v2", config, args.n, args.work, args.out.parent)
+    if "memory" in only:
+        record["memory"] = memory(args.memory_n, load_config(["config.yaml"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in record.items() if k != "conditions"}, indent=2)[:4000])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Fit every configured projector for each objective, and save each as safetensors plus a JSON card."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from kvpipe.data.prompt import build_prompt
+from kvpipe.io import atomic_path, sha256_json, write_json
+from kvpipe.models.load import LoadedModel
+from kvpipe.projection import mlp  # noqa: F401  (registers the MLP projector)
+from kvpipe.projection.attention import AttentionSample, collect, fine_tune
+from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.projectors import PROJECTORS, Errors, Projector, Stats
+from kvpipe.structure.ridge import pooled
+
+
+@dataclass
+class Fitted:
+    """A fitted projector with its errors and fit time (seconds, reconstruction fit included)."""
+
+    projector: Projector
+    errors: Errors
+    fit_s: float
+
+
+def kinds_of(name: str, cfg: dict[str, Any]) -> tuple[str, ...]:
+    """What a projector maps: keys (pre-RoPE) and values; ridge also post-RoPE keys when compared."""
+    return ("key", "value", "key_post") if name == "ridge" and cfg["post_rope_comparison"] else ("key", "value")
+
+
+def attention_data(cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel,
+                   prompt: dict[str, Any], cfg: dict[str, Any]) -> tuple[list[AttentionSample], list[AttentionSample]]:
+    """Seeded training and held-out attention samples from the training and validation calibration folds."""
+    rng = np.random.default_rng(cfg["seed"])
+    idx = samples["sample_idx"].to_numpy()
+    train = rng.permutation(idx[cal.part(idx, "train")])[: cfg["attention"]["samples"]]
+    held = rng.permutation(idx[cal.part(idx, "validation")])[: cfg["attention"]["held_out"]]
+    by_idx = samples.set_index("sample_idx")
+
+    def one(i: int) -> AttentionSample:
+        row = by_idx.loc[i]
+        return collect(scout, main, build_prompt(main.tokenizer, prompt, row["context"], row["question"]))
+
+    return [one(int(i)) for i in sorted(train)], [one(int(i)) for i in sorted(held)]
+
+
+def fit_all(cal: Calibration, stats: Stats, cfg: dict[str, Any], main: LoadedModel,
+            attention: tuple[list[AttentionSample], list[AttentionSample]] | None) -> dict[tuple[str, str], Fitted]:
+    """Every (projector, objective) of the config; attention objectives refine a copy of the reconstruction fit."""
+    p, q = cal.widths
+    out = {}
+    for name in cfg["projectors"]:
+        started = time.perf_counter()
+        projector = PROJECTORS[name](len(cal.layer_map), kinds_of(name, cfg), p, q, cfg)
+        errors = projector.fit(cal, stats)
+        fit_s = time.perf_counter() - started
+        out[(name, "reconstruction")] = Fitted(projector, errors, fit_s)
+        if "attention" in cfg["objectives"] and attention is not None:
+            started = time.perf_counter()
+            refined = copy.deepcopy(projector)
+            losses = fine_tune(refined, *attention, cal.layer_map, main, cfg["attention"] | {"seed": cfg["seed"]})
+            out[(name, "attention")] = Fitted(refined, {"attention": losses}, fit_s + time.perf_counter() - started)
+    return {k: v for k, v in out.items() if k[1] in cfg["objectives"]}
+
+
+def main_means(stats: Stats, cal: Calibration) -> dict[str, torch.Tensor]:
+    """The main's calibration mean per layer of pre-RoPE keys and values: [layers, width]."""
+    def mean(j: int, kind: str) -> np.ndarray:
+        s = pooled([stats[(j, kind, f)] for f in range(cal.folds)])
+        return s.sy / s.n
+
+    return {kind: torch.as_tensor(np.stack([mean(j, kind) for j in range(len(cal.layer_map))]), dtype=torch.float32)
+            for kind in ("key", "value")}
+
+
+def fit_data_hash(cal: Calibration) -> str:
+    """Identifies the rows a projector was fitted on: both datasets' shard hashes and the split."""
+    return sha256_json({"scout": [s["files"] for s in cal.data.scout_manifest["shards"]],
+                        "main": [s["files"] for s in cal.data.main_manifest["shards"]],
+                        "calibration": np.flatnonzero(cal.fold_of >= 0).tolist()})
+
+
+def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """projectors/{name}-{objective}.safetensors and .json under out_dir; returns the cards by 'name/objective'."""
+    cards = {}
+    data_hash = fit_data_hash(cal)
+    for (name, objective), f in fitted.items():
+        card = about | {"projector": name, "objective": objective, "kinds": list(f.projector.kinds),
+                        "fit_data_sha256": data_hash, "errors": f.errors,
+                        "calibration_error": float(np.mean([e["calibration"] for e in f.errors.values()])),
+                        "validation_error": float(np.mean([e["validation"] for e in f.errors.values()])),
+                        "params": f.projector.n_params(), "bytes": f.projector.n_bytes(), "fit_s": f.fit_s}
+        base = Path(out_dir) / f"{name}-{objective}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(base.with_suffix(".safetensors")) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in f.projector.state_dict().items()}, str(tmp))
+        write_json(base.with_suffix(".json"), card)
+        cards[f"{name}/{objective}"] = card
+    return cards

@@ -1,0 +1,89 @@
+"""The projection stage: fit scout -> main KV projectors, inject their caches, answer, count bytes and time.
+
+1. Split the pair's samples into calibration and test by passage (kvpipe.splits), accumulate the
+   per-(main layer, kind, fold) statistics in one streamed pass over both KV datasets, and fit each
+   configured projector (kvpipe.projection.projectors) for reconstruction; for the attention
+   objective, refine a copy on the main's attention outputs (kvpipe.projection.attention).
+2. Score every projector per layer on the test passages (projector_metrics.parquet) and save it
+   (projectors/{name}-{objective}.safetensors + .json).
+3. On the test samples (with `max_test_samples`, whole test passages in sample order up to it),
+   answer every condition (kvpipe.projection.conditions) with its bytes and time to first token
+   (answers.parquet, timings.parquet). facts.json holds sizes and settings;
+   kvpipe.projection.report turns the tables into aggregates, figures and the summary.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from kvpipe.io import write_json, write_parquet
+from kvpipe.models.load import load_model
+from kvpipe.projection.answer import Answerer
+from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
+from kvpipe.projection.layer_map import layer_map
+from kvpipe.projection.metrics import projector_metrics
+from kvpipe.projection.payload import text_bytes
+from kvpipe.splits import whole_passages
+from kvpipe.structure.pair_data import read_passages
+
+
+def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, Any], samples: pd.DataFrame,
+           test: pd.DataFrame) -> dict[str, Any]:
+    ms, mm = cal.data.scout_manifest, cal.data.main_manifest
+    calibration = samples[cal.part(samples["sample_idx"].to_numpy(), "calibration")]
+    return {"pair": pair, "scout": ms["model"], "main": mm["model"], "dataset": ms["dataset"],
+            "n_samples": len(samples), "n_calibration_samples": len(calibration), "n_test_samples": len(test),
+            "n_calibration_passages": int(calibration["passage"].nunique()),
+            "n_test_passages": int(test["passage"].nunique()),
+            "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": cal.layer_map},
+            "projectors": {k: {f: c[f] for f in ("fit_s", "params", "bytes", "calibration_error", "validation_error",
+                                                  "errors")} for k, c in cards.items()},
+            "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": cfg}
+
+
+def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
+                   cfg: dict[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
+                   structure_metrics: Path | None = None) -> None:
+    """Fit, score, inject and answer for one pair; write every table and the projectors under out_dir."""
+    out_dir = Path(out_dir)
+    passages = read_passages(Path(samples), Path(scout_kv))
+    table = pd.read_parquet(samples)
+    scout, main = load_model(Path(scout_model), device, dtype), load_model(Path(main_model), device, dtype)
+    lmap = layer_map(cfg["layer_map"], scout.card["num_layers"], main.card["num_layers"], structure_metrics)
+    kinds = tuple(dict.fromkeys(k for name in cfg["projectors"] for k in kinds_of(name, cfg)))
+    cal = Calibration.open(Path(scout_kv), Path(main_kv), passages, pair, lmap, kinds, cfg)
+    clock = [time.perf_counter()]
+    stats = cal.statistics()
+    clock.append(time.perf_counter())
+    attention = attention_data(cal, table, scout, main, prompt, cfg) if "attention" in cfg["objectives"] else None
+    clock.append(time.perf_counter())
+    fitted = fit_all(cal, stats, cfg, main, attention)
+    clock.append(time.perf_counter())
+    about = {"pair": pair, "scout": scout.slug, "main": main.slug,
+             "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": lmap}}
+    cards = save(fitted, cal, about, out_dir / "projectors")
+    write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
+    common = {"projectors": {k: f.projector.eval() for k, f in fitted.items()}, "layer_map": lmap,
+              "means": main_means(stats, cal)}
+    answerer = Answerer(scout, main, common, cfg, prompt, pair)
+    test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
+    test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
+    answers, timings = [], []
+    if cfg["ttft"] and len(test):
+        answerer.warm_up(next(test.itertuples(index=False)))
+    for row in tqdm(test.itertuples(index=False), total=len(test), desc=f"projection {pair}: answers", unit="sample"):
+        records, timing = answerer.sample(row)
+        answers += records
+        timings.append(timing)
+    write_parquet(pd.DataFrame(answers), out_dir / "answers.parquet")
+    clock.append(time.perf_counter())
+    write_parquet(pd.DataFrame(timings), out_dir / "timings.parquet")
+    phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
+    write_json(out_dir / "facts.json", _facts(pair, cal, cfg, cards, table, test) | {"phases": phases})

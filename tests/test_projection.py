@@ -1,0 +1,266 @@
+"""The projection stage on tiny models: projectors, injection, conditions, bytes, the stage's outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kvpipe.config import validate
+from kvpipe.errors import KvpipeError
+from kvpipe.inference.session import Session
+from kvpipe.inference.sources import GivenTensors
+from kvpipe.io import read_json
+from kvpipe.kv import extract as ex
+from kvpipe.projection import payload as pl
+from kvpipe.projection.answer import Answerer
+from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.conditions import CONDITIONS, SampleInputs, plan_all
+from kvpipe.projection.fit import fit_all, kinds_of, main_means
+from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
+from kvpipe.projection.projectors import PROJECTORS
+from kvpipe.projection.stage import run_projection
+from kvpipe.structure.pair_data import read_passages
+
+EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
+ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
+                  "retention", "rank", "prediction", "exact", "f1", "bytes", "ttft_s", "n_context", "n_tokens"}
+
+
+@pytest.fixture(scope="module")
+def kv_dirs(tmp_path_factory, model_dirs, samples_path, smoke_config):
+    root = tmp_path_factory.mktemp("kvs")
+    for slug in ("tiny-scout", "tiny-main"):
+        ex.extract(model_dirs[slug], samples_path, root / slug, EXTRACTION, smoke_config["prompt"], "cpu")
+    ex.extract(model_dirs["tiny-main"], samples_path, root / "tiny-main-by2", EXTRACTION | {"shard_size": 2},
+               smoke_config["prompt"], "cpu")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage_out(tmp_path_factory, kv_dirs, model_dirs, samples_path, smoke_config):
+    out = tmp_path_factory.mktemp("projection")
+    run_projection(kv_dirs / "tiny-scout", kv_dirs / "tiny-main", samples_path, model_dirs["tiny-scout"],
+                   model_dirs["tiny-main"], "tiny", smoke_config["projection"], smoke_config["prompt"], "cpu", "float32",
+                   out)
+    return out
+
+
+def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke_config):
+    answers = pd.read_parquet(stage_out / "answers.parquet")
+    assert ANSWER_COLUMNS <= set(answers.columns)
+    assert set(answers["condition"]) == set(CONDITIONS) == set(smoke_config["projection"]["conditions"])
+    facts = read_json(stage_out / "facts.json")
+    assert len(answers) == facts["n_test_samples"] * answers.groupby("sample_idx").size().iloc[0]
+    metrics = pd.read_parquet(stage_out / "projector_metrics.parquet")
+    assert {"cosine", "rel_error", "r2"} == set(metrics["metric"])
+    assert set(metrics["projector"]) == {"mean", *smoke_config["projection"]["projectors"]}
+    base = metrics[(metrics["projector"] == "mean") & (metrics["metric"] == "r2")]
+    assert np.allclose(base["value"], 0, atol=1e-9)   # R² is skill over the calibration mean
+    for name in smoke_config["projection"]["projectors"]:
+        for objective in smoke_config["projection"]["objectives"]:
+            card = read_json(stage_out / "projectors" / f"{name}-{objective}.json")
+            tensors = load_file(str(stage_out / "projectors" / f"{name}-{objective}.safetensors"))
+            assert card["params"] == sum(t.numel() for t in tensors.values()) > 0
+            assert card["pair"] == "tiny" and card["fit_data_sha256"] and card["layer_map"]["name"] == "relative_depth"
+            assert np.isfinite(card["calibration_error"]) and np.isfinite(card["validation_error"])
+    assert (answers["ttft_s"] > 0).all()
+
+
+# --- projectors fitted on a model paired with itself -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def self_fit(kv_dirs, samples_path, smoke_config, tiny_main):
+    cfg = smoke_config["projection"] | {"alpha_grid": [1e-9], "objectives": ["reconstruction"]}
+    passages = read_passages(samples_path, kv_dirs / "tiny-main")
+    cal = Calibration.open(kv_dirs / "tiny-main", kv_dirs / "tiny-main", passages, "self", relative_depth(3, 3),
+                           ("key", "value", "key_post"), cfg)
+    stats = cal.statistics()
+    return cal, stats, fit_all(cal, stats, cfg, tiny_main, None), cfg
+
+
+@pytest.mark.parametrize("name", sorted(PROJECTORS))
+def test_every_projector_fitted_on_a_model_paired_with_itself_is_the_identity(self_fit, name, tmp_path):
+    cal, _, fitted, cfg = self_fit
+    f = fitted[(name, "reconstruction")]
+    assert set(f.projector.kinds) == set(kinds_of(name, cfg))
+    for kind, err in f.errors.items():
+        assert err["calibration"] < 1e-4 and err["validation"] < 1e-3, (kind, err)
+    x = torch.randn(5, cal.widths[0])
+    for j in range(len(cal.layer_map)):
+        for kind in f.projector.kinds:
+            assert torch.allclose(f.projector(j, kind, x), x, atol=0.05 * x.abs().max())
+    # the saved tensors rebuild the same projector
+    clone = PROJECTORS[name](len(cal.layer_map), f.projector.kinds, *cal.widths, cfg)
+    clone.load_state_dict({k: v.clone() for k, v in f.projector.state_dict().items()})
+    assert torch.equal(clone(1, "value", x), f.projector(1, "value", x))
+    assert f.projector.n_params() > 0 and f.projector.n_bytes() == 4 * f.projector.n_params()
+
+
+def test_statistics_do_not_depend_on_the_sharding(self_fit, kv_dirs, samples_path):
+    cal, stats, _, cfg = self_fit
+    by2 = Calibration.open(kv_dirs / "tiny-main-by2", kv_dirs / "tiny-main-by2",
+                           read_passages(samples_path, kv_dirs / "tiny-main-by2"), "self", cal.layer_map,
+                           cal.kinds, cfg).statistics()
+    for key, s in stats.items():
+        assert by2[key].n == s.n and np.allclose(by2[key].sxy, s.sxy) and np.allclose(by2[key].sxx, s.sxx)
+
+
+def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
+    cal, stats, fitted, cfg = self_fit
+    chosen = {k: f.projector.eval() for k, f in fitted.items() if projectors is None or k[0] in projectors}
+    common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal)}
+    return Answerer(tiny_main, tiny_main, common, cfg | {"conditions": conditions, "ttft": False},
+                    smoke_config["prompt"], "self")
+
+
+def test_identity_projection_reproduces_the_main_answers_token_for_token(self_fit, tiny_main, smoke_config, samples):
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv", "chain"])
+    for row in samples.itertuples(index=False):
+        records, _ = answerer.sample(row)
+        table = pd.DataFrame(records)
+        full = table.loc[table["condition"] == "main_full", "prediction"].item()
+        projected = table[(table["condition"] == "projected_kv") & (table["key_map"] == "pre_rope")]
+        assert (projected["prediction"] == full).all(), projected[["projector", "prediction"]]
+        whole = table[(table["condition"] == "chain") & (table["retention"] == 1.0) & (table["rank"] == -1)]
+        assert whole["prediction"].item() == full
+
+
+def _inputs(self_fit, tiny_main, smoke_config, row, tokens=None):
+    answerer = _answerer(self_fit, tiny_main, smoke_config, list(CONDITIONS))
+    tokens = answerer.prompt_tokens(row) if tokens is None else tokens
+    payload, selections = answerer.scout_side(tokens, row.sample_idx)
+    session = Session(tiny_main, tokens, 1)
+    c = answerer.common
+    return SampleInputs(tokens, row.context, payload, session.own, c["projectors"], c["layer_map"], tiny_main,
+                        c["means"], selections, answerer.cfg), session
+
+
+def test_chain_at_full_retention_and_rank_sends_exactly_the_projected_cache(self_fit, tiny_main, smoke_config, samples):
+    s, _ = _inputs(self_fit, tiny_main, smoke_config, next(samples.itertuples(index=False)))
+    whole = s.payload.truncated(np.arange(len(s.payload)), None)
+    chain, direct = s.projected("ridge", "reconstruction", payload=whole), s.projected("ridge", "reconstruction")
+    assert all(torch.equal(a, b) for a, b in zip(chain.keys + chain.values, direct.keys + direct.values))
+    low = s.payload.truncated(np.arange(len(s.payload)), 2)
+    assert not torch.equal(low.values[0], s.payload.values[0])
+    assert torch.linalg.matrix_rank(low.values[0]).item() <= 2
+
+
+@pytest.mark.parametrize("name", sorted(CONDITIONS))
+def test_every_condition_plans_rows_the_main_model_accepts(self_fit, tiny_main, smoke_config, samples, name):
+    s, _ = _inputs(self_fit, tiny_main, smoke_config, next(samples.itertuples(index=False)))
+    plans = CONDITIONS[name]().plans(s)
+    assert plans and all(p.variant.condition == name for p in plans)
+    assert len({p.variant.label for p in plans}) == len(plans)
+    for p in plans:
+        assert isinstance(p.bytes, int) and p.bytes >= 0
+        if p.selection is not None:
+            assert p.selection.ndim == 1 and p.selection.max() < s.n_context
+        if p.build is not None:
+            kv = GivenTensors(p.build()).context_kv(tiny_main, s.tokens)
+            assert len(kv) == s.tokens.context_end
+
+
+def test_mean_kv_ignores_the_context(self_fit, tiny_main, smoke_config, samples):
+    row = next(samples.itertuples(index=False))
+    s, session = _inputs(self_fit, tiny_main, smoke_config, row)
+    t = s.tokens
+    ids = t.input_ids.copy()
+    rng = np.random.default_rng(0)
+    ids[t.context_start:t.context_end] = rng.integers(10, 200, t.context_end - t.context_start)
+    other_tokens = dataclasses.replace(t, input_ids=ids)
+    other, other_session = _inputs(self_fit, tiny_main, smoke_config, row, other_tokens)
+    assert not torch.equal(session.own.values[0], other_session.own.values[0])   # the context did change
+    answers = []
+    for inputs, sess in ((s, session), (other, other_session)):
+        (plan,) = CONDITIONS["mean_kv"]().plans(inputs)
+        sess.add(GivenTensors(plan.build()), "mean")
+        answers.append(sess.answer([__import__("kvpipe.inference.conditions", fromlist=["Condition"]).Condition(
+            "mean", cache="mean")], 6)[0].token_ids)
+    assert answers[0] == answers[1]
+
+
+def test_bytes_are_counted_from_the_shapes_sent(self_fit, tiny_main, smoke_config, samples):
+    s, _ = _inputs(self_fit, tiny_main, smoke_config, next(samples.itertuples(index=False)))
+    plans = {p.variant.label: p for p in plan_all(s, list(CONDITIONS))}
+    n, widths = len(s.payload), s.widths
+    assert widths == [s.payload.values[j].shape[1] for j in sorted(set(s.layer_map))]
+    by = {(p.variant.condition, p.variant.projector, p.variant.key_map, p.variant.retention, p.variant.rank): p.bytes
+          for p in plans.values()}
+    assert by[("projected_kv", "ridge", "pre_rope", 1.0, -1)] == 2 * n * sum(widths) * 2
+    assert by[("projected_k_own_v", "ridge", "pre_rope", 1.0, -1)] == n * sum(widths) * 2
+    assert by[("main_full", "none", "none", 1.0, -1)] == len(s.context.encode("utf-8"))
+    sel = s.selections[0.5]
+    kept = s.tokens.context_start + len(sel)
+    index = min((s.n_context + 7) // 8, pl.varint_bytes(np.diff(sel, prepend=0)))
+    assert by[("chain", "ridge", "pre_rope", 0.5, 2)] == 2 * sum(min(kept * w, 2 * (kept + w)) * 2 for w in widths) + index
+    assert by[("scout_selection", "none", "none", 0.5, -1)] == len(s.context.encode("utf-8")) + index
+    assert by[("mean_kv", "none", "none", 1.0, -1)] == 0
+
+
+def test_payload_encodings():
+    assert pl.varint_bytes(np.array([0, 127, 128, 16383, 16384])) == 1 + 1 + 2 + 2 + 3
+    dense = np.arange(100)
+    assert pl.index_bytes(dense, 100) == 13            # a bitmap beats 100 one-byte deltas
+    sparse = np.array([5, 900, 1900])
+    assert pl.index_bytes(sparse, 2000) == 1 + 2 + 2   # deltas 5, 895, 1000 beat a 250-byte bitmap
+    assert pl.matrix_bytes(100, 64) == 12800 and pl.matrix_bytes(100, 64, 8) == 8 * 164 * 2
+    assert pl.matrix_bytes(100, 64, 64) == 12800       # factors larger than the matrix: send the matrix
+    assert pl.kv_bytes(10, [64, 64]) == 2 * 2 * 10 * 64 * 2
+
+
+def test_layer_maps():
+    assert relative_depth(24, 28)[0] == 0 and relative_depth(24, 28)[-1] == 23 and len(relative_depth(24, 28)) == 28
+    assert last_aligned(24, 28) == [0] * 5 + list(range(1, 24))
+    assert last_aligned(3, 2) == [1, 2]
+    planted = pd.DataFrame([{"metric": "cka_debiased", "kind": kind, "scout_layer": s, "main_layer": m,
+                             "value": 1.0 if s == (2 - m) else 0.1} for kind in ("key_pre_rope", "value")
+                            for s in range(3) for m in range(3)])
+    assert best_cka(3, 3, planted) == [2, 1, 0]
+    with pytest.raises(KvpipeError, match="best_cka"):
+        best_cka(3, 3, None)
+    assert set(LAYER_MAPS) == {"relative_depth", "last_aligned", "best_cka"}
+
+
+def test_attention_objective_lowers_the_attention_loss(self_fit, tiny_main, smoke_config, samples):
+    from kvpipe.projection.attention import attention_loss, collect, fine_tune
+
+    cal, _, fitted, cfg = self_fit
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    data = [collect(tiny_main, tiny_main, answerer.prompt_tokens(r)) for r in samples.head(3).itertuples(index=False)]
+    projector = PROJECTORS["ridge"](len(cal.layer_map), ("key", "value"), *cal.widths, cfg)
+    with torch.no_grad():
+        for kind in ("key", "value"):
+            projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(3, *projector.weight[kind].shape[1:]))
+    before = float(attention_loss(projector, data[2], cal.layer_map, tiny_main))
+    losses = fine_tune(projector, data[:2], data[2:], cal.layer_map, tiny_main,
+                       {"steps": 30, "lr": 1e-2, "eval_every": 5, "seed": 0})
+    assert losses["validation"] < before
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"conditions": ["projected_kv"]}, "projection.conditions: must include main_full"),
+    ({"chain": {"projector": "mlp"}, "projectors": ["ridge"]}, "projection.chain.projector: 'mlp' is not fitted"),
+    ({"objectives": ["reconstruction"], "chain": {"objective": "attention"}}, "projection.chain.objective"),
+])
+def test_projection_config_cross_references(smoke_config, edit, message):
+    config = dict(smoke_config)
+    config["projection"] = {**smoke_config["projection"], **edit,
+                            "chain": {**smoke_config["projection"]["chain"], **edit.get("chain", {})}}
+    with pytest.raises(KvpipeError, match=message):
+        validate(config)
+
+
+def test_max_test_samples_answers_whole_test_passages_only(tmp_path, kv_dirs, model_dirs, samples_path, smoke_config):
+    cfg = smoke_config["projection"] | {"projectors": ["ridge"], "objectives": ["reconstruction"],
+                                        "conditions": ["main_full", "mean_kv"], "max_test_samples": 1, "ttft": False}
+    run_projection(kv_dirs / "tiny-scout", kv_dirs / "tiny-main", samples_path, model_dirs["tiny-scout"],
+                   model_dirs["tiny-main"], "tiny", cfg, smoke_config["prompt"], "cpu", "float32", tmp_path)
+    answers = pd.read_parquet(tmp_path / "answers.parquet")
+    facts = read_json(tmp_path / "facts.json")
+    assert answers["passage"].nunique() == 1 and facts["n_test_samples"] == answers["sample_idx"].nunique()
+    assert facts["n_test_passages"] == 1 and answers["ttft_s"].isna().all()

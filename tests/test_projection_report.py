@@ -1,0 +1,167 @@
+"""The projection report on a synthetic stage output with planted effects: aggregates, verdicts, figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvpipe.projection.aggregate import BASELINE, aggregate, on_front, pareto_front
+from kvpipe.projection.report import FIGURES, write_report
+from kvpipe.projection.summary import summary_markdown
+from kvpipe.stats import holm
+
+BASE = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.9])   # main_full F1 per passage; both questions of a passage alike
+CFG = {"bootstrap": 300, "ci": 0.95, "seed": 3, "retention": 1.0, "chain": {"retention": [0.5, 1.0], "rank": [4, -1]}}
+# (condition, projector, objective, key_map, retention, rank) -> (F1 as a function of BASE, bytes, ttft_s)
+VARIANTS = {
+    BASELINE: (lambda b: b, 1000, 1.0),
+    ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, 50_000, 0.2),
+    ("projected_kv", "mlp", "attention", "pre_rope", 1.0, -1): (lambda b: 0.5 * b, 50_000, 0.25),
+    ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1): (lambda b: 0.25 * b, 50_000, np.nan),
+    ("projected_k_own_v", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, 25_000, np.nan),
+    ("own_k_projected_v", "ridge", "reconstruction", "none", 1.0, -1): (lambda b: 0 * b, 25_000, np.nan),
+    ("mean_kv", "none", "none", "none", 1.0, -1): (lambda b: 0 * b, 0, 0.1),
+    ("scout_selection", "none", "none", "none", 0.5, -1): (lambda b: b - 0.1, 1100, np.nan),
+    **{("chain", "ridge", "reconstruction", "pre_rope", r, k): (lambda b, r=r, k=k: b * r * (0.9 if k > 0 else 1),
+                                                               50_000 * r * (0.1 if k > 0 else 1) + 10, np.nan)
+       for r in (0.5, 1.0) for k in (4, -1)},
+}
+
+
+def _answers(questions_per_passage: int = 2) -> pd.DataFrame:
+    rows = []
+    for variant, (f1, nbytes, ttft) in VARIANTS.items():
+        for p, value in enumerate(f1(BASE)):
+            for q in range(questions_per_passage):
+                idx = questions_per_passage * p + q
+                rows.append(dict(zip(("condition", "projector", "objective", "key_map", "retention", "rank"), variant))
+                            | {"sample_idx": idx, "sample_id": f"s{idx}", "passage": f"p{p}", "is_impossible": q == 1,
+                               "prediction": "x", "exact": float(value == 1), "f1": value, "bytes": int(nbytes),
+                               "ttft_s": ttft, "n_context": 100, "n_tokens": 120})
+    return pd.DataFrame(rows)
+
+
+def _metrics() -> pd.DataFrame:
+    rows = []
+    for projector, objective, kinds in (("ridge", "reconstruction", ("key", "key_post", "value")),
+                                        ("mlp", "attention", ("key", "value")), ("mean", "none", ("key", "value"))):
+        for kind in kinds:
+            for layer in range(4):
+                good = {"key": 0.9, "key_post": 0.5, "value": 0.2}[kind] * (projector != "mean")
+                for metric, value in (("cosine", 0.5 + good / 2), ("rel_error", 1 - good), ("r2", good - 0.01 * layer)):
+                    rows.append({"projector": projector, "objective": objective, "kind": kind, "main_layer": layer,
+                                 "scout_layer": layer // 2, "relative_depth": layer / 3, "metric": metric,
+                                 "value": value, "ci_low": value - 0.05, "ci_high": value + 0.05})
+    return pd.DataFrame(rows)
+
+
+FACTS = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "dataset": "synthetic-small", "n_samples": 20,
+         "n_test_samples": 12, "n_calibration_samples": 8, "n_test_passages": 6,
+         "layer_map": {"name": "relative_depth", "scout_layer_of_main": [0, 0, 1, 1]},
+         "projectors": {"ridge/reconstruction": {"fit_s": 1.5, "params": 4096, "bytes": 8192, "calibration_error": 0.1,
+                                                 "validation_error": 0.12}},
+         "projection": CFG, "text_bytes_mean": 1000.0}
+
+
+@pytest.fixture(scope="module")
+def agg() -> pd.DataFrame:
+    return aggregate(_answers(), CFG)
+
+
+def _row(agg: pd.DataFrame, variant: tuple) -> pd.Series:
+    sel = agg[[tuple(r) == variant for r in agg[["condition", "projector", "objective", "key_map", "retention",
+                                                  "rank"]].itertuples(index=False)]]
+    assert len(sel) == 1
+    return sel.iloc[0]
+
+
+def test_aggregates_recover_the_planted_effects(agg):
+    assert len(agg) == len(VARIANTS) and agg.iloc[0]["condition"] == "main_full"
+    assert (agg["n"] == 12).all() and (agg["n_passages"] == 6).all()
+    full, ridge = _row(agg, BASELINE), _row(agg, ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1))
+    assert full["f1"] == pytest.approx(BASE.mean()) and full["f1_has_answer"] == pytest.approx(BASE.mean())
+    assert (ridge["delta_f1"], ridge["delta_f1_low"], ridge["delta_f1_high"], ridge["p_value"]) == (0, 0, 0, 1)
+    assert not ridge["survives"]
+    assert (ridge["ttft_ratio"], ridge["ttft_ratio_low"], ridge["ttft_ratio_high"]) == pytest.approx((0.2, 0.2, 0.2))
+    assert ridge["bytes_ratio"] == 50
+    null = _row(agg, ("mean_kv", "none", "none", "none", 1.0, -1))
+    assert null["f1"] == 0 and null["delta_f1"] == pytest.approx(-BASE.mean()) and null["survives"]
+    assert null["delta_f1_low"] < -BASE.mean() < null["delta_f1_high"] < 0 and null["bytes"] == 0
+    post = _row(agg, ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1))
+    assert np.isnan(post["ttft_ratio"]) and post["delta_f1"] == pytest.approx(-0.75 * BASE.mean())
+
+
+def test_holm_is_applied_over_every_variant_but_main_full(agg):
+    family = agg["condition"] != "main_full"
+    assert agg.loc[~family, ["p_value", "p_holm", "detectable"]].isna().all().all()
+    np.testing.assert_allclose(agg.loc[family, "p_holm"], holm(agg.loc[family, "p_value"]))
+    assert (agg["survives"] == (agg["p_holm"] < 0.05)).all()
+    assert (agg.loc[family, "p_holm"] >= agg.loc[family, "p_value"]).all() and (agg.loc[family, "detectable"] >= 0).all()
+
+
+def test_intervals_resample_passages_not_questions():
+    """Both questions of a passage score alike: the intervals must equal those of one question per passage."""
+    two, one = aggregate(_answers(2), CFG), aggregate(_answers(1), CFG)
+    cols = ["f1_low", "f1_high", "delta_f1_low", "delta_f1_high"]
+    np.testing.assert_allclose(two[cols], one[cols], rtol=1e-12)
+    assert (two["f1_high"] - two["f1_low"]).iloc[0] > 0.1
+    per_question = _answers(2).assign(passage=lambda a: a["sample_id"])   # what resampling questions would give
+    assert not np.allclose(aggregate(per_question, CFG)[cols], two[cols])
+
+
+def test_pareto_front_keeps_the_best_f1_at_no_more_bytes():
+    cost = [0, 10, 10, 100, 50, 1000, 100]
+    value = [0.1, 0.5, 0.4, 0.6, 0.3, 0.6, 0.6]
+    assert pareto_front(cost, value).tolist() == [True, True, False, True, False, False, False]
+    diagnostic = pd.DataFrame({"condition": ["main_full", "projected_k_own_v", "mean_kv"], "bytes": [1000, 10, 0],
+                               "f1": [0.8, 0.9, 0.0]})   # the hybrid needs the main's own prefill: never on the front
+    assert on_front(diagnostic).tolist() == [True, False, True]
+
+
+def test_summary_states_the_verdicts(agg):
+    text = summary_markdown(agg, _answers(), _metrics(), FACTS, "synthetic-small")
+    lines = text.splitlines()
+    ridge = next(line for line in lines if line.startswith("| projected_kv ridge/reconstruction |"))
+    assert "indistinguishable from main_full" in ridge and "above mean_kv" in ridge
+    mlp = next(line for line in lines if line.startswith("| projected_kv mlp/attention |"))
+    assert "below main_full" in mlp
+    keys = next(line for line in lines if line.startswith("| ridge/reconstruction |") and "value-only" in line)
+    assert "above value-only transfer" in keys
+    assert "12 test samples on 6 passages" in text and "relative_depth" in text and "0.9997" in text
+    assert "smallest ΔF1 distinguishable from 0" in text and "Deltas that survive:" in text
+    survivors, front = text.split("Deltas that survive:")[1].split("\n")[0].split("Pareto front")
+    assert "mean_kv" in survivors and "projected_kv ridge/reconstruction," not in survivors
+    assert front.endswith("main_full, mean_kv.")
+    assert "| projected_kv ridge/reconstruction | 0.200 | 0.200 [0.200, 0.200] | meets |" in text
+    chain = [line for line in lines if line.startswith("| ridge/reconstruction | 0.50 |")]
+    assert len(chain) == 2 and all("below projected_kv" in line for line in chain)
+
+
+def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    _answers().to_parquet(stage / "answers.parquet")
+    _metrics().to_parquet(stage / "metrics.parquet")
+    pd.DataFrame({"sample_idx": range(12), "scout_prefill_s": 0.1, "main_prefill_s": 0.5, "answer_s": 0.2}).to_parquet(
+        stage / "timings.parquet")
+    (stage / "facts.json").write_text(json.dumps(FACTS))
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        write_report(stage / "answers.parquet", stage / "metrics.parquet", stage / "timings.parquet",
+                     stage / "facts.json", "synthetic-small", out)
+    names = {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
+    assert {p.name for p in (outs[0] / "figures").iterdir()} == names
+    for rel in [f"figures/{n}" for n in names] + ["summary.md", "aggregates.parquet"]:
+        assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
+    assert "Median per sample: scout prefill 0.100 s, main prefill 0.500 s" in (outs[0] / "summary.md").read_text()
+
+
+def test_report_module_imports_no_matplotlib():
+    """The workflow imports report.FIGURES at DAG-build time."""
+    code = "import sys, kvpipe.projection.report; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

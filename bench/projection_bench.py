@@ -64,7 +64,7 @@ def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
 
 
-def one_dataset(name: str, config: dict, n: int, work: Path, out: Path) -> dict:
+def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_samples: int | None = None) -> dict:
     """Sample, extract both models, run the stage; copy its report under out; return the record."""
     pair = config["run"]["pairs"][0]
     models = {role: Path("results/models") / config["pairs"][pair][role] for role in ("scout", "main")}
@@ -77,6 +77,8 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path) -> dict:
         extract(models[role], samples, kv[role], config["extraction"], config["prompt"], "cpu", name)
     stage_out = root / "projection"
     cfg = pair_settings(config, pair, "projection")
+    if ttft_samples is not None:
+        cfg["ttft_samples"] = ttft_samples
     run = _in_child_call(_stage, (kv["scout"], kv["main"], samples, models["scout"], models["main"], pair, cfg,
                                   config["prompt"], "cpu", config["extraction"]["dtype"], stage_out))
     dest = out / f"projection_{name}"
@@ -149,17 +151,19 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("results/bench/projection"))
     ap.add_argument("--out", type=Path, default=Path("bench/results/projection.json"))
     ap.add_argument("--only", choices=["synthetic", "squad_v2", "memory"], action="append")
+    ap.add_argument("--ttft-samples", type=int, default=None, help="override projection.ttft_samples")
     args = ap.parse_args()
     only = set(args.only or ["synthetic", "squad_v2", "memory"])
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     record |= {"targets": {"ttft_ratio_injected": 0.3, "fit_total_s_50_samples": 600, "rss_ratio_4x_over_1x": 1.1}}
     if "synthetic" in only:
         config = load_config(["config.yaml"])
-        record["synthetic"] = one_dataset("synthetic", config, config["sampling"]["n"], args.work, args.out.parent)
+        record["synthetic"] = one_dataset("synthetic", config, config["sampling"]["n"], args.work, args.out.parent,
+                                          args.ttft_samples)
     if "squad_v2" in only:
         config = load_config(["config.yaml", "config/squad_v2.yaml"])
         config["datasets"]["squad_v2"] |= {"path": str(args.squad)}
-        record["squad_v2"] = one_dataset("squad_v2", config, args.n, args.work, args.out.parent)
+        record["squad_v2"] = one_dataset("squad_v2", config, args.n, args.work, args.out.parent, args.ttft_samples)
     if "memory" in only:
         record["memory"] = memory(args.memory_n, load_config(["config.yaml"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)

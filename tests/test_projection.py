@@ -68,7 +68,7 @@ def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke
             assert card["params"] == sum(t.numel() for t in tensors.values()) > 0
             assert card["pair"] == "tiny" and card["fit_data_sha256"] and card["layer_map"]["name"] == "relative_depth"
             assert np.isfinite(card["calibration_error"]) and np.isfinite(card["validation_error"])
-    assert (answers["ttft_s"] > 0).all()
+    assert (answers["ttft_s"] > 0).all()   # ttft_samples: null times every row of every test sample
 
 
 # --- projectors fitted on a model paired with itself -------------------------------------------------
@@ -114,14 +114,14 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
     cal, stats, fitted, cfg = self_fit
     chosen = {k: f.projector.eval() for k, f in fitted.items() if projectors is None or k[0] in projectors}
     common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal)}
-    return Answerer(tiny_main, tiny_main, common, cfg | {"conditions": conditions, "ttft": False},
+    return Answerer(tiny_main, tiny_main, common, cfg | {"conditions": conditions},
                     smoke_config["prompt"], "self")
 
 
 def test_identity_projection_reproduces_the_main_answers_token_for_token(self_fit, tiny_main, smoke_config, samples):
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv", "chain"])
     for row in samples.itertuples(index=False):
-        records, _ = answerer.sample(row)
+        records, _ = answerer.sample(row, ttft=False)
         table = pd.DataFrame(records)
         full = table.loc[table["condition"] == "main_full", "prediction"].item()
         projected = table[(table["condition"] == "projected_kv") & (table["key_map"] == "pre_rope")]
@@ -257,7 +257,7 @@ def test_projection_config_cross_references(smoke_config, edit, message):
 
 def test_max_test_samples_answers_whole_test_passages_only(tmp_path, kv_dirs, model_dirs, samples_path, smoke_config):
     cfg = smoke_config["projection"] | {"projectors": ["ridge"], "objectives": ["reconstruction"],
-                                        "conditions": ["main_full", "mean_kv"], "max_test_samples": 1, "ttft": False}
+                                        "conditions": ["main_full", "mean_kv"], "max_test_samples": 1, "ttft_samples": 0}
     run_projection(kv_dirs / "tiny-scout", kv_dirs / "tiny-main", samples_path, model_dirs["tiny-scout"],
                    model_dirs["tiny-main"], "tiny", cfg, smoke_config["prompt"], "cpu", "float32", tmp_path)
     answers = pd.read_parquet(tmp_path / "answers.parquet")

@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from kvpipe.errors import KvpipeError
+from kvpipe.errors import KvpipeError, error_line
 
 GPU_LOCKS = Path(".snakemake") / "kvpipe-gpus"  # under the run's working directory
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")  # one entry per GPU of the machine (Linux driver)
@@ -69,7 +69,7 @@ def claim_gpus(count: int, stack: ExitStack, lock_dir: Path = GPU_LOCKS) -> list
 def rule_script(smk: Any) -> Iterator[None]:
     """Run a rule's script: output to the rule's log, torch threads and GPUs from the job's allocation.
 
-    On a KvpipeError print one line (log and terminal) and exit 1.
+    On a KvpipeError (or an OSError naming a file) print one line (log and terminal) and exit 1.
     """
     terminal = sys.stderr
     log = open(smk.log[0], "w") if smk.log else None
@@ -83,8 +83,10 @@ def rule_script(smk: Any) -> Iterator[None]:
             if gpus:
                 print(f"GPUs: CUDA_VISIBLE_DEVICES={','.join(gpus)}", flush=True)
             yield
-    except KvpipeError as err:
-        line = f"kvpipe: error in rule {smk.rule}: {err}"
+    except (KvpipeError, OSError) as err:
+        if error_line(err) is None:
+            raise
+        line = f"kvpipe: error in rule {smk.rule}: {error_line(err)}"
         print(line, file=sys.stderr)
         if log is not None:
             print(line, file=terminal)

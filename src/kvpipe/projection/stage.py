@@ -76,10 +76,12 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
     answers, timings = [], []
-    if cfg["ttft"] and len(test):
+    timed = len(test) if cfg["ttft_samples"] is None else cfg["ttft_samples"]
+    if timed and len(test):
         answerer.warm_up(next(test.itertuples(index=False)))
-    for row in tqdm(test.itertuples(index=False), total=len(test), desc=f"projection {pair}: answers", unit="sample"):
-        records, timing = answerer.sample(row)
+    rows = test.itertuples(index=False)
+    for i, row in enumerate(tqdm(rows, total=len(test), desc=f"projection {pair}: answers", unit="sample")):
+        records, timing = answerer.sample(row, ttft=i < timed)
         answers += records
         timings.append(timing)
     write_parquet(pd.DataFrame(answers), out_dir / "answers.parquet")

@@ -72,8 +72,10 @@ class PairData:
     def matrices(self, shard: int, scout_layers: list[int], main_layers: list[int],
                  segments: list[str]) -> tuple[np.ndarray, dict[tuple[str, int, str], np.ndarray]]:
         """Sample ids and float64 rows of the given segments, per (role, layer, kind), of one shard."""
-        tables = {("scout", s): kvstore.read_shard(self.scout, s, shard) for s in scout_layers}
-        tables.update({("main", m): kvstore.read_shard(self.main, m, shard) for m in main_layers})
+        tables = {("scout", s): kvstore.read_shard(self.scout, s, shard, manifest=self.scout_manifest)
+                  for s in scout_layers}
+        tables.update({("main", m): kvstore.read_shard(self.main, m, shard, manifest=self.main_manifest)
+                       for m in main_layers})
         first = tables[("scout", scout_layers[0])]
         _check_alignment(first, tables[("main", main_layers[0])], self.pair)
         keep = pc.is_in(pc.cast(first.column("segment"), pa.string()), value_set=pa.array(segments, pa.string()))

@@ -236,7 +236,7 @@ def test_attention_objective_lowers_the_attention_loss(self_fit, tiny_main, smok
     with torch.no_grad():
         for kind in ("key", "value"):
             projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(3, *projector.weight[kind].shape[1:]))
-    before = float(attention_loss(projector, data[2], cal.layer_map, tiny_main))
+    before = float(attention_loss(projector, data[2], cal.layer_map, tiny_main).detach())
     losses = fine_tune(projector, data[:2], data[2:], cal.layer_map, tiny_main,
                        {"steps": 30, "lr": 1e-2, "eval_every": 5, "seed": 0})
     assert losses["validation"] < before

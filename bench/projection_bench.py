@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
-from structure_bench import MAIN, SCOUT
+from structure_bench import MAIN, SCOUT, in_child, peak_rss_mb
 
 from kvpipe.config import load_config, pair_settings
 from kvpipe.data.sampling import sample_to_file
@@ -45,10 +43,10 @@ def _stage(*args: object) -> dict:
     run_projection(*args)
     out = Path(args[10])
     wall = time.perf_counter() - start
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = peak_rss_mb()
     write_report(out / "answers.parquet", out / "projector_metrics.parquet", out / "timings.parquet",
                  out / "facts.json", out.parent.name, out)
-    return {"stage_wall_s": round(wall, 1), "peak_rss_mb": round(rss)}
+    return {"stage_wall_s": round(wall, 1), "peak_rss_mb": rss}
 
 
 def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
@@ -61,7 +59,7 @@ def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
                            tuple(dict.fromkeys(k for p in cfg["projectors"] for k in kinds_of(p, cfg))), cfg)
     fitted = fit_all(cal, cal.statistics(), cfg | {"objectives": ["reconstruction"]}, None, None)
     return {"fit_s": round(time.perf_counter() - start, 1), "projectors": len(fitted),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_samples: int | None = None) -> dict:
@@ -79,8 +77,8 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_sam
     cfg = pair_settings(config, pair, "projection")
     if ttft_samples is not None:
         cfg["ttft_samples"] = ttft_samples
-    run = _in_child_call(_stage, (kv["scout"], kv["main"], samples, models["scout"], models["main"], pair, cfg,
-                                  config["prompt"], "cpu", config["extraction"]["dtype"], stage_out))
+    run = in_child(_stage, kv["scout"], kv["main"], samples, models["scout"], models["main"], pair, cfg,
+                   config["prompt"], "cpu", config["extraction"]["dtype"], stage_out)
     dest = out / f"projection_{name}"
     dest.mkdir(parents=True, exist_ok=True)
     for file in KEEP:
@@ -100,21 +98,6 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_sam
                                  for k, v in facts["projectors"].items()},
                   "max_ttft_ratio_injected": round(float(injected["ttft_ratio"].max()), 3),
                   "conditions": agg[cols].round(4).to_dict(orient="records")}
-
-
-def _call(func, args: tuple, queue: mp.Queue) -> None:
-    queue.put(func(*args))
-
-
-def _in_child_call(func, args: tuple) -> dict:
-    """func(*args) in a fresh spawned process (so its peak RSS is its own)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_call, args=(func, args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
 
 
 def memory(n: int, config: dict) -> dict:
@@ -137,7 +120,7 @@ def memory(n: int, config: dict) -> dict:
             kv = {role: root / f"kv{factor}" / role for role in dirs}
             for role in dirs:
                 extract(dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
-            runs[f"{factor}x"] = _in_child_call(_fit, (kv["scout"], kv["main"], samples, cfg)) | {"n_samples": n * factor}
+            runs[f"{factor}x"] = in_child(_fit, kv["scout"], kv["main"], samples, cfg) | {"n_samples": n * factor}
             print(factor, runs[f"{factor}x"], flush=True)
     ratio = runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"]
     return {"runs": runs, "rss_ratio_4x_over_1x": round(ratio, 3), "target": 1.1, "meets_target": ratio <= 1.1}

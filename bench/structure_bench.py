@@ -30,24 +30,36 @@ SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "he
 MAIN = SCOUT | {"hidden_size": 512, "heads": 8, "intermediate_size": 1024, "seed": 2}
 
 
-def _child(task: str, args: tuple, queue: mp.Queue) -> None:
+def _extract(*args) -> dict:
     start = time.perf_counter()
-    if task == "extract":
-        manifest = extract(*args)
-        out = {"rows_per_layer": manifest["rows_per_layer"]}
-    else:
-        from kvpipe.structure.stage import analyse_pair
-
-        table, facts = analyse_pair(*args)
-        out = {"rows": len(table), "test_tokens": facts["n_test_tokens"]}
-    queue.put(out | {"seconds": round(time.perf_counter() - start, 1),
-                     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+    manifest = extract(*args)
+    return {"rows_per_layer": manifest["rows_per_layer"], "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": peak_rss_mb()}
 
 
-def _in_child(task: str, *args) -> dict:
+def _structure(*args) -> dict:
+    from kvpipe.structure.stage import analyse_pair
+
+    start = time.perf_counter()
+    table, facts = analyse_pair(*args)
+    return {"rows": len(table), "test_tokens": facts["n_test_tokens"], "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _call(func, args: tuple, queue: mp.Queue) -> None:
+    queue.put(func(*args))
+
+
+def in_child(func, *args) -> dict:
+    """func(*args) in a fresh spawned process (so the peak RSS it reports is its own)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(task, args, queue))
+    proc = ctx.Process(target=_call, args=(func, args, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -76,9 +88,9 @@ def main() -> None:
             sampling = {"n": n, "seed": 0, "answerable_only": True, "tokenizer": "scout", "max_context_tokens": 4096}
             sample_to_file("bench", dataset, dirs["scout"], config["prompt"], sampling, samples)
             kv = {role: root / f"kv{n}" / role for role in dirs}
-            extraction_runs = {role: _in_child("extract", dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
+            extraction_runs = {role: in_child(_extract, dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
                                for role in dirs}
-            result = _in_child("structure", kv["scout"], kv["main"], read_passages(samples, kv["main"]), "bench",
+            result = in_child(_structure, kv["scout"], kv["main"], read_passages(samples, kv["main"]), "bench",
                                config["structure"])
             kv_mb = sum(f.stat().st_size for f in kv["main"].rglob("*.parquet")) / 2**20
             record["runs"][f"{factor}x"] = result | {"n_samples": n, "main_kv_mb_on_disk": round(kv_mb, 1),

@@ -10,7 +10,7 @@ For main layer j and mapped kind, X is the scout's layer layer_map[j] and Y the 
 
 Calibration passages are dealt to CV folds (kvpipe.splits.split_by_passage); the last fold is
 also the held-out validation part for iterative fits (MLP, attention objective). Memory is one
-shard of both models plus the per-(layer, kind, fold) sufficient statistics, whatever the n.
+layer of one shard of both models plus the per-(layer, kind, fold) sufficient statistics, whatever the n.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from kvpipe.structure.ridge import RidgeStats
 
 COLUMN = {"key": "key_pre_rope", "key_post": "key", "value": "value"}   # mapped kind -> KV dataset column
 SEGMENTS = ["template", "context"]
-Block = dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]   # (main layer, kind) -> (X, Y) rows
+Rows = tuple[tuple[int, str], tuple[np.ndarray, np.ndarray]]   # ((main layer, kind), (X, Y))
 
 
 @dataclass
@@ -72,20 +72,28 @@ class Calibration:
         return {"calibration": fold >= 0, "train": (fold >= 0) & (fold != self.validation_fold),
                 "validation": fold == self.validation_fold, "test": fold == -1}[which]
 
-    def blocks(self, which: str, desc: str = "") -> Iterator[tuple[np.ndarray, Block]]:
-        """Per shard with rows in `which`: their sample ids and the (X, Y) rows of every (main layer, kind)."""
-        scout_layers = sorted(set(self.layer_map))
-        main_layers = list(range(len(self.layer_map)))
+    def blocks(self, which: str, desc: str = "") -> Iterator[tuple[np.ndarray, Iterator[Rows]]]:
+        """Per shard with rows in `which`: their sample ids and, read one main layer at a time, the (X, Y) rows
+        of every (main layer, kind) in layer order. Memory is one layer of one shard of each model."""
         for shard in tqdm(range(self.data.n_shards), desc=f"projection {self.data.pair}: {desc or which}", unit="shard"):
             lo, hi = self.data.scout_manifest["shards"][shard]["samples"]
             if not self.part(np.arange(lo, hi), which).any():
                 continue   # nothing of this part in the shard: do not read it
-            sample_idx, mats = self.data.matrices(shard, scout_layers, main_layers, SEGMENTS)
+            sample_idx, keep = self.data.select(shard, SEGMENTS, self.layer_map[0], 0)
             rows = self.part(sample_idx, which)
-            if not rows.any():
-                continue
-            yield sample_idx[rows], {(j, kind): (mats[("scout", s, COLUMN[kind])][rows], mats[("main", j, COLUMN[kind])][rows])
-                                     for j, s in enumerate(self.layer_map) for kind in self.kinds}
+            if rows.any():
+                yield sample_idx[rows], self._rows(shard, keep, None if rows.all() else rows)
+
+    def _rows(self, shard: int, keep: Any, rows: np.ndarray | None) -> Iterator[Rows]:
+        columns = sorted({COLUMN[kind] for kind in self.kinds})
+        scout_layer, scout = -1, {}
+        for j, s in enumerate(self.layer_map):
+            if s != scout_layer:   # consecutive main layers often share their scout layer
+                scout_layer, scout = s, self.data.layer(shard, "scout", s, columns, keep)
+            main = self.data.layer(shard, "main", j, columns, keep)
+            for kind in self.kinds:
+                X, Y = scout[COLUMN[kind]], main[COLUMN[kind]]
+                yield (j, kind), (X, Y) if rows is None else (X[rows], Y[rows])
 
     def statistics(self) -> dict[tuple[int, str, int], RidgeStats]:
         """Sufficient statistics per (main layer, kind, calibration fold), in one pass."""
@@ -94,7 +102,7 @@ class Calibration:
                  for f in range(self.folds)}
         for sample_idx, block in self.blocks("calibration", "statistics"):
             fold = self.fold_of[sample_idx]
-            for (j, kind), (X, Y) in block.items():
+            for (j, kind), (X, Y) in block:
                 for f in np.unique(fold):
                     stats[(j, kind, int(f))].add(X[fold == f], Y[fold == f])
         return stats

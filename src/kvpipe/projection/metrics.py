@@ -31,7 +31,7 @@ def _passage_scores(cal: Calibration, fitted: dict[tuple[str, str], Fitted], mea
     for sample_idx, block in cal.blocks("test", "test metrics"):
         units = unit_of[sample_idx]
         np.add.at(rows, units, 1)
-        for (j, kind), (X, Y) in block.items():
+        for (j, kind), (X, Y) in block:
             preds = {("mean", "none"): np.broadcast_to(means[(j, kind)], Y.shape)}
             x = torch.as_tensor(X, dtype=torch.float32)
             preds.update({key: f.projector(j, kind, x).double().numpy() for key, f in fitted.items()

@@ -79,7 +79,7 @@ class MLPProjector(Projector):
     def _epoch(self, cal: Calibration, optimiser: torch.optim.Optimizer, gen: torch.Generator) -> None:
         batch = self.settings["mlp"]["batch_tokens"]
         for _, block in cal.blocks("train", "mlp epoch"):
-            for (j, kind), (X, Y) in block.items():
+            for (j, kind), (X, Y) in block:
                 if kind not in self.kinds:
                     continue
                 x, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(Y, dtype=torch.float32)
@@ -119,7 +119,7 @@ def relative_errors(projector: Projector, cal: Calibration, which: str) -> dict[
     sy: dict[tuple[int, str], np.ndarray] = {}
     n: dict[tuple[int, str], int] = {}
     for _, block in cal.blocks(which, f"{projector.name} {which} error"):
-        for (j, kind), (X, Y) in block.items():
+        for (j, kind), (X, Y) in block:
             if kind not in projector.kinds:
                 continue
             y_hat = projector(j, kind, torch.as_tensor(X, dtype=torch.float32)).double().numpy()

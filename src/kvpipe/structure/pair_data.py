@@ -69,19 +69,27 @@ class PairData:
             raise KvpipeError(f"pair {self.pair}: no aligned layers were extracted for both models (extraction.layers)")
         return aligned
 
+    def select(self, shard: int, segments: list[str], scout_layer: int, main_layer: int) -> tuple[np.ndarray, pa.Array]:
+        """One shard's row mask for the given segments and the sample id of each kept row; tokens checked alike."""
+        meta = ["sample_idx", "position", "token_id", "segment"]
+        scout = kvstore.read_shard(self.scout, scout_layer, shard, meta, self.scout_manifest)
+        _check_alignment(scout, kvstore.read_shard(self.main, main_layer, shard, meta, self.main_manifest), self.pair)
+        keep = pc.is_in(pc.cast(scout.column("segment"), pa.string()), value_set=pa.array(segments, pa.string()))
+        return scout.column("sample_idx").to_numpy()[np.asarray(keep)], keep
+
+    def layer(self, shard: int, role: str, layer: int, kinds: list[str], keep: pa.Array) -> dict[str, np.ndarray]:
+        """float64 rows of the kept tokens, per kind, of one (role, layer) shard file; only those columns are read."""
+        root, manifest = (self.scout, self.scout_manifest) if role == "scout" else (self.main, self.main_manifest)
+        table = kvstore.read_shard(root, layer, shard, list(kinds), manifest).filter(keep)
+        return {kind: kvstore.matrix(table, kind).astype(np.float64) for kind in kinds}
+
     def matrices(self, shard: int, scout_layers: list[int], main_layers: list[int],
                  segments: list[str]) -> tuple[np.ndarray, dict[tuple[str, int, str], np.ndarray]]:
         """Sample ids and float64 rows of the given segments, per (role, layer, kind), of one shard."""
-        tables = {("scout", s): kvstore.read_shard(self.scout, s, shard, manifest=self.scout_manifest)
-                  for s in scout_layers}
-        tables.update({("main", m): kvstore.read_shard(self.main, m, shard, manifest=self.main_manifest)
-                       for m in main_layers})
-        first = tables[("scout", scout_layers[0])]
-        _check_alignment(first, tables[("main", main_layers[0])], self.pair)
-        keep = pc.is_in(pc.cast(first.column("segment"), pa.string()), value_set=pa.array(segments, pa.string()))
-        mats = {(role, layer, kind): kvstore.matrix(table.filter(keep), kind).astype(np.float64)
-                for (role, layer), table in tables.items() for kind in KINDS}
-        return first.column("sample_idx").to_numpy()[np.asarray(keep)], mats
+        sample_idx, keep = self.select(shard, segments, scout_layers[0], main_layers[0])
+        mats = {(role, layer, kind): m for role, layers in (("scout", scout_layers), ("main", main_layers))
+                for layer in layers for kind, m in self.layer(shard, role, layer, KINDS, keep).items()}
+        return sample_idx, mats
 
 
 def read_passages(samples: Path, kv_root: Path) -> np.ndarray:

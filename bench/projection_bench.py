@@ -31,8 +31,8 @@ from kvpipe.kv.extract import extract
 from kvpipe.models.materialize import materialize
 from kvpipe.structure.pair_data import read_passages
 
-KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "timings.parquet", "facts.json",
-        "summary.md")
+KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "facts.json", "summary.md",
+        "ttft.parquet", "timings.parquet", "timings.json", "ttft_aggregates.parquet", "timing.md")
 
 
 def _stage(*args: object) -> dict:
@@ -85,16 +85,18 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_sam
         shutil.copy2(stage_out / file, dest / file)
     shutil.copytree(stage_out / "figures", dest / "figures", dirs_exist_ok=True)
     facts = json.loads((stage_out / "facts.json").read_text())
-    agg = pd.read_parquet(stage_out / "aggregates.parquet")
-    cols = ["condition", "projector", "objective", "key_map", "retention", "rank", "n", "f1", "f1_low", "f1_high",
-            "delta_f1", "delta_f1_low", "delta_f1_high", "p_holm", "bytes", "bytes_ratio", "ttft_s", "ttft_ratio",
-            "ttft_ratio_low", "ttft_ratio_high"]
+    timing = json.loads((stage_out / "timings.json").read_text())
+    variant = ["condition", "projector", "objective", "key_map", "retention", "rank"]
+    agg = pd.read_parquet(stage_out / "aggregates.parquet").merge(
+        pd.read_parquet(stage_out / "ttft_aggregates.parquet").drop(columns=["n"]), on=variant, how="left")
+    cols = [*variant, "n", "f1", "f1_low", "f1_high", "delta_f1", "delta_f1_low", "delta_f1_high", "p_holm", "bytes",
+            "bytes_ratio", "ttft_s", "ttft_ratio", "ttft_ratio_low", "ttft_ratio_high"]
     injected = agg[agg["condition"].isin(["projected_kv", "mean_kv", "chain"])]
+    phases = timing["phases"]
     return run | {"n_samples": n, "n_test_samples": facts["n_test_samples"], "n_test_passages": facts["n_test_passages"],
-                  "phases_s": facts["phases"], "fit_total_s": round(facts["phases"]["statistics_s"]
-                                                                   + facts["phases"]["attention_data_s"]
-                                                                   + facts["phases"]["fit_s"], 1),
-                  "projectors": {k: {f: v[f] for f in ("fit_s", "params", "bytes", "validation_error")}
+                  "phases_s": phases, "fit_total_s": round(phases["statistics_s"] + phases["attention_data_s"]
+                                                           + phases["fit_s"], 1),
+                  "projectors": {k: {"fit_s": timing["fit_s"][k]} | {f: v[f] for f in ("params", "bytes", "validation_error")}
                                  for k, v in facts["projectors"].items()},
                   "max_ttft_ratio_injected": round(float(injected["ttft_ratio"].max()), 3),
                   "conditions": agg[cols].round(4).to_dict(orient="records")}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from kvpipe.inference.sources import GivenTensors
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
 from kvpipe.projection import payload as pl
+from kvpipe.projection.aggregate import VARIANT
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import CONDITIONS, SampleInputs, plan_all
@@ -28,7 +30,7 @@ from kvpipe.structure.pair_data import read_passages
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
-                  "retention", "rank", "prediction", "exact", "f1", "bytes", "ttft_s", "n_context", "n_tokens"}
+                  "retention", "rank", "prediction", "exact", "f1", "bytes", "n_context", "n_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,14 @@ def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke
             assert card["params"] == sum(t.numel() for t in tensors.values()) > 0
             assert card["pair"] == "tiny" and card["fit_data_sha256"] and card["layer_map"]["name"] == "relative_depth"
             assert np.isfinite(card["calibration_error"]) and np.isfinite(card["validation_error"])
-    assert (answers["ttft_s"] > 0).all()   # ttft_samples: null times every row of every test sample
+    # every measured second is in the timing files: ttft_samples null times every row of every test sample
+    ttft = pd.read_parquet(stage_out / "ttft.parquet")
+    assert len(ttft) == len(answers) and (ttft["ttft_s"] > 0).all()
+    assert ttft.merge(answers, on=["sample_idx", *VARIANT], validate="one_to_one").shape[0] == len(answers)
+    timing = read_json(stage_out / "timings.json")
+    assert set(timing["fit_s"]) == {f"{p}/{o}" for p in smoke_config["projection"]["projectors"]
+                                    for o in smoke_config["projection"]["objectives"]}
+    assert "fit_s" not in json.dumps(facts) and not any(c.endswith("_s") for c in answers.columns)
 
 
 # --- projectors fitted on a model paired with itself -------------------------------------------------
@@ -121,7 +130,8 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
 def test_identity_projection_reproduces_the_main_answers_token_for_token(self_fit, tiny_main, smoke_config, samples):
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv", "chain"])
     for row in samples.itertuples(index=False):
-        records, _ = answerer.sample(row, ttft=False)
+        records, ttft, _ = answerer.sample(row, ttft=False)
+        assert ttft == []
         table = pd.DataFrame(records)
         full = table.loc[table["condition"] == "main_full", "prediction"].item()
         projected = table[(table["condition"] == "projected_kv") & (table["key_map"] == "pre_rope")]
@@ -263,4 +273,4 @@ def test_max_test_samples_answers_whole_test_passages_only(tmp_path, kv_dirs, mo
     answers = pd.read_parquet(tmp_path / "answers.parquet")
     facts = read_json(tmp_path / "facts.json")
     assert answers["passage"].nunique() == 1 and facts["n_test_samples"] == answers["sample_idx"].nunique()
-    assert facts["n_test_passages"] == 1 and answers["ttft_s"].isna().all()
+    assert facts["n_test_passages"] == 1 and pd.read_parquet(tmp_path / "ttft.parquet").empty

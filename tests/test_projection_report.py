@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvpipe.projection.aggregate import BASELINE, aggregate, on_front, pareto_front
-from kvpipe.projection.report import FIGURES, write_report
+from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, on_front, pareto_front, ttft_aggregate
+from kvpipe.projection.report import FIGURES, TIMING_FILES, write_report
 from kvpipe.projection.summary import summary_markdown
 from kvpipe.stats import holm
 
@@ -35,14 +35,22 @@ VARIANTS = {
 
 def _answers(questions_per_passage: int = 2) -> pd.DataFrame:
     rows = []
-    for variant, (f1, nbytes, ttft) in VARIANTS.items():
+    for variant, (f1, nbytes, _) in VARIANTS.items():
         for p, value in enumerate(f1(BASE)):
             for q in range(questions_per_passage):
                 idx = questions_per_passage * p + q
                 rows.append(dict(zip(("condition", "projector", "objective", "key_map", "retention", "rank"), variant))
                             | {"sample_idx": idx, "sample_id": f"s{idx}", "passage": f"p{p}", "is_impossible": q == 1,
                                "prediction": "x", "exact": float(value == 1), "f1": value, "bytes": int(nbytes),
-                               "ttft_s": ttft, "n_context": 100, "n_tokens": 120})
+                               "n_context": 100, "n_tokens": 120})
+    return pd.DataFrame(rows)
+
+
+def _ttft(questions_per_passage: int = 2) -> pd.DataFrame:
+    """The stage's ttft.parquet: rows only for the variants it timed."""
+    rows = [dict(zip(VARIANT, variant)) | {"sample_idx": idx, "ttft_s": ttft}
+            for variant, (_, _, ttft) in VARIANTS.items() if not np.isnan(ttft)
+            for idx in range(questions_per_passage * len(BASE))]
     return pd.DataFrame(rows)
 
 
@@ -63,7 +71,7 @@ def _metrics() -> pd.DataFrame:
 FACTS = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "dataset": "synthetic-small", "n_samples": 20,
          "n_test_samples": 12, "n_calibration_samples": 8, "n_test_passages": 6,
          "layer_map": {"name": "relative_depth", "scout_layer_of_main": [0, 0, 1, 1]},
-         "projectors": {"ridge/reconstruction": {"fit_s": 1.5, "params": 4096, "bytes": 8192, "calibration_error": 0.1,
+         "projectors": {"ridge/reconstruction": {"params": 4096, "bytes": 8192, "calibration_error": 0.1,
                                                  "validation_error": 0.12}},
          "projection": CFG, "text_bytes_mean": 1000.0}
 
@@ -87,13 +95,21 @@ def test_aggregates_recover_the_planted_effects(agg):
     assert full["f1"] == pytest.approx(BASE.mean()) and full["f1_has_answer"] == pytest.approx(BASE.mean())
     assert (ridge["delta_f1"], ridge["delta_f1_low"], ridge["delta_f1_high"], ridge["p_value"]) == (0, 0, 0, 1)
     assert not ridge["survives"]
-    assert (ridge["ttft_ratio"], ridge["ttft_ratio_low"], ridge["ttft_ratio_high"]) == pytest.approx((0.2, 0.2, 0.2))
-    assert ridge["bytes_ratio"] == 50
+    assert ridge["bytes_ratio"] == 50 and not any("ttft" in c for c in agg.columns)
     null = _row(agg, ("mean_kv", "none", "none", "none", 1.0, -1))
     assert null["f1"] == 0 and null["delta_f1"] == pytest.approx(-BASE.mean()) and null["survives"]
     assert null["delta_f1_low"] < -BASE.mean() < null["delta_f1_high"] < 0 and null["bytes"] == 0
     post = _row(agg, ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1))
-    assert np.isnan(post["ttft_ratio"]) and post["delta_f1"] == pytest.approx(-0.75 * BASE.mean())
+    assert post["delta_f1"] == pytest.approx(-0.75 * BASE.mean())
+
+
+def test_ttft_ratios_are_paired_to_main_full_over_the_timed_variants():
+    ttft = ttft_aggregate(_answers(), _ttft(), CFG)
+    timed = {v for v, (_, _, t) in VARIANTS.items() if not np.isnan(t)}
+    assert {tuple(r) for r in ttft[list(VARIANT)].itertuples(index=False)} == timed and (ttft["n"] == 12).all()
+    ridge = _row(ttft, ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1))
+    assert (ridge["ttft_ratio"], ridge["ttft_ratio_low"], ridge["ttft_ratio_high"]) == pytest.approx((0.2, 0.2, 0.2))
+    assert _row(ttft, BASELINE)["ttft_ratio"] == 1 and ttft_aggregate(_answers(), _ttft().iloc[:0], CFG).empty
 
 
 def test_holm_is_applied_over_every_variant_but_main_full(agg):
@@ -137,7 +153,7 @@ def test_summary_states_the_verdicts(agg):
     survivors, front = text.split("Deltas that survive:")[1].split("\n")[0].split("Pareto front")
     assert "mean_kv" in survivors and "projected_kv ridge/reconstruction," not in survivors
     assert front.endswith("main_full, mean_kv.")
-    assert "| projected_kv ridge/reconstruction | 0.200 | 0.200 [0.200, 0.200] | meets |" in text
+    assert "timing.md" in text and "TTFT" not in text
     chain = [line for line in lines if line.startswith("| ridge/reconstruction | 0.50 |")]
     assert len(chain) == 2 and all("below projected_kv" in line for line in chain)
 
@@ -147,18 +163,27 @@ def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
     stage.mkdir()
     _answers().to_parquet(stage / "answers.parquet")
     _metrics().to_parquet(stage / "metrics.parquet")
-    pd.DataFrame({"sample_idx": range(12), "scout_prefill_s": 0.1, "main_prefill_s": 0.5, "answer_s": 0.2}).to_parquet(
-        stage / "timings.parquet")
     (stage / "facts.json").write_text(json.dumps(FACTS))
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        write_report(stage / "answers.parquet", stage / "metrics.parquet", stage / "timings.parquet",
-                     stage / "facts.json", "synthetic-small", out)
+    for i, out in enumerate(outs):   # the second run measured other times
+        timing = {name: stage / f"{i}-{name}" for name in TIMING_FILES}
+        pd.DataFrame({"sample_idx": range(12), "scout_prefill_s": 0.1 + i, "main_prefill_s": 0.5 + i,
+                      "answer_s": 0.2}).to_parquet(timing["timings.parquet"])
+        ttft = _ttft()
+        ttft["ttft_s"] *= 1 + i
+        ttft.to_parquet(timing["ttft.parquet"])
+        timing["timings.json"].write_text(json.dumps({"fit_s": {"ridge/reconstruction": 1.5 + i},
+                                                      "phases": {"statistics_s": 2.0, "fit_s": 1.5 + i}}))
+        write_report(stage / "answers.parquet", stage / "metrics.parquet", stage / "facts.json", timing,
+                     "synthetic-small", out)
     names = {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
     assert {p.name for p in (outs[0] / "figures").iterdir()} == names
     for rel in [f"figures/{n}" for n in names] + ["summary.md", "aggregates.parquet"]:
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
-    assert "Median per sample: scout prefill 0.100 s, main prefill 0.500 s" in (outs[0] / "summary.md").read_text()
+    timing_md = (outs[0] / "timing.md").read_text()
+    assert "Median per sample: scout prefill 0.100 s, main prefill 0.500 s" in timing_md
+    assert "| projected_kv ridge/reconstruction | 12 | 0.200 | 0.200 [0.200, 0.200] | meets |" in timing_md
+    assert "| ridge/reconstruction | 1.5 |" in timing_md and "main prefill 1.500 s" in (outs[1] / "timing.md").read_text()
 
 
 def test_report_module_imports_no_matplotlib():

@@ -66,15 +66,16 @@ def cmd_extract(args: argparse.Namespace) -> None:
 REPORT_TABLES = {  # the tables each stage's report reads, in write_report's order (facts.json last)
     "structure": ("metrics.parquet", "facts.json"),
     "selection": ("answers.parquet", "overlap.parquet", "timings.parquet", "facts.json"),
-    "projection": ("answers.parquet", "projector_metrics.parquet", "timings.parquet", "facts.json"),
+    "projection": ("answers.parquet", "projector_metrics.parquet", "facts.json"),
 }
 
 
 def _report(stage: str, out: Path, dataset: str) -> None:
-    """Run a stage's report step on the tables its compute step wrote to out."""
+    """Run a stage's report step on the tables (and timing files, where it has them) its compute step wrote to out."""
     out = Path(out)
-    write_report = importlib.import_module(f"kvpipe.{stage}.report").write_report
-    write_report(*(out / name for name in REPORT_TABLES[stage]), dataset, out)
+    report = importlib.import_module(f"kvpipe.{stage}.report")
+    timing = {name: out / name for name in getattr(report, "TIMING_FILES", ())}
+    report.write_report(*(out / name for name in REPORT_TABLES[stage]), *([timing] if timing else []), dataset, out)
 
 
 def cmd_structure(args: argparse.Namespace) -> None:
@@ -83,8 +84,8 @@ def cmd_structure(args: argparse.Namespace) -> None:
 
     config = _config(args)
     _entry(config, "pairs", args.pair)
-    run_structure(args.scout_kv, args.main_kv, args.samples, args.pair, pair_settings(config, args.pair, "structure"),
-                  args.out)
+    cfg = pair_settings(config, args.pair, "structure") | {"alignment": {"pool": config["alignment"]["pool"]}}
+    run_structure(args.scout_kv, args.main_kv, args.samples, args.pair, cfg, args.out)
     _report("structure", args.out, args.dataset)
     print(f"wrote {args.out}/metrics.parquet, facts.json, summary.md, figures/")
 
@@ -95,8 +96,9 @@ def cmd_selection(args: argparse.Namespace) -> None:
 
     config = _config(args)
     _entry(config, "pairs", args.pair)
-    run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, pair_settings(config, args.pair, "selection"),
-                  config["prompt"], config["device"], config["extraction"]["dtype"], args.out)
+    cfg = pair_settings(config, args.pair, "selection") | {"alignment": {"min_cover": config["alignment"]["min_cover"]}}
+    run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, cfg, config["prompt"], config["device"],
+                  config["extraction"]["dtype"], args.out)
     _report("selection", args.out, args.dataset)
     print(f"wrote {args.out}/answers.parquet, summary.md, figures/")
 

@@ -72,6 +72,13 @@ def rule_threads(rule):
     return config["resources"]["threads"].get(rule, workflow.cores)
 
 
+def stage_timing_files(stage):
+    """A stage's measured seconds (kvpipe.<stage>.report.TIMING_FILES), apart so that its other outputs are
+    byte-identical between runs."""
+    names = importlib.import_module(f"kvpipe.{stage}.report").TIMING_FILES
+    return [f"results/{stage}/{{dataset}}/{{pair}}/{n}" for n in names]
+
+
 def stage_figures(stage, pdf=False):
     """Output files of a stage's figures, named once in kvpipe.<stage>.report.FIGURES.
 

@@ -10,8 +10,8 @@ rule projection:
     output:
         answers="results/projection/{dataset}/{pair}/answers.parquet",
         metrics="results/projection/{dataset}/{pair}/projector_metrics.parquet",
-        timings="results/projection/{dataset}/{pair}/timings.parquet",
         facts="results/projection/{dataset}/{pair}/facts.json",
+        timing=stage_timing_files("projection"),
         projectors=directory("results/projection/{dataset}/{pair}/projectors"),
     log:
         "results/logs/projection/{dataset}/{pair}.log",
@@ -40,8 +40,8 @@ rule projection_report:
     input:
         answers=rules.projection.output.answers,
         metrics=rules.projection.output.metrics,
-        timings=rules.projection.output.timings,
         facts=rules.projection.output.facts,
+        timing=rules.projection.output.timing,
     output:
         **stage_figures("projection"),
         **stage_figures("projection", pdf=True),
@@ -53,6 +53,14 @@ rule projection_report:
             labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
         ),
         aggregates="results/projection/{dataset}/{pair}/aggregates.parquet",
+        timing=report(
+            "results/projection/{dataset}/{pair}/timing.md",
+            caption="../report/projection/timing.rst",
+            category="projection",
+            subcategory="{pair} on {dataset}",
+            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "timing"},
+        ),
+        ttft="results/projection/{dataset}/{pair}/ttft_aggregates.parquet",
     log:
         "results/logs/projection_report/{dataset}/{pair}.log",
     conda:

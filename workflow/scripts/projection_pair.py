@@ -1,4 +1,4 @@
-"""Rule projection: a pair's KV datasets and models x samples -> projectors, answers, metrics, timings, facts."""
+"""Rule projection: a pair's KV datasets and models x samples -> projectors, answers, metrics, facts, timing files."""
 import sys
 from pathlib import Path
 

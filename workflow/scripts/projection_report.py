@@ -1,4 +1,4 @@
-"""Rule projection_report: answers, projector metrics, timings and facts -> aggregates, figures and summary."""
+"""Rule projection_report: answers, projector metrics, facts and timing files -> aggregates, figures, summary, timing."""
 import sys
 from pathlib import Path
 
@@ -7,5 +7,6 @@ from kvpipe.projection.report import write_report
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):
-    write_report(snakemake.input.answers, snakemake.input.metrics, snakemake.input.timings, snakemake.input.facts,
+    timing = {Path(path).name: path for path in snakemake.input.timing}
+    write_report(snakemake.input.answers, snakemake.input.metrics, snakemake.input.facts, timing,
                  snakemake.wildcards.dataset, Path(snakemake.output.summary).parent)

@@ -1,4 +1,5 @@
-"""Per-variant F1, bytes and time to first token of the projection stage, with passage-bootstrap intervals.
+"""Per-variant F1 and bytes (aggregate) and time to first token (ttft_aggregate) of the projection stage,
+with passage-bootstrap intervals.
 
 Every variant (condition, projector, objective, key_map, retention, rank) answers the same test
 questions, so deltas are paired by sample. Questions on one passage share its context, so every
@@ -50,15 +51,16 @@ def _order(variant: tuple) -> tuple:
 class Paired:
     """Per-sample values of every variant ([samples, variants] per column) and passage-bootstrap means of them."""
 
-    def __init__(self, answers: pd.DataFrame, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, answers: pd.DataFrame, cfg: Mapping[str, Any],
+                 columns: Sequence[str] = ("f1", "exact", "bytes")) -> None:
         per_sample = answers.groupby("sample_idx")[["passage", "is_impossible"]].first()
         self.impossible = per_sample["is_impossible"].to_numpy(dtype=bool)
         self.passage, _ = cluster_codes(per_sample["passage"].to_numpy())
         self.counts = cluster_bootstrap_counts(per_sample["passage"].to_numpy(), cfg["bootstrap"], cfg["seed"])
         self.level = cfg["ci"]
         self.wide = {col: answers.pivot(index="sample_idx", columns=list(VARIANT), values=col).reindex(per_sample.index)
-                     for col in ("f1", "exact", "bytes", "ttft_s")}
-        self.variants: list[tuple] = sorted(self.wide["f1"].columns, key=_order)
+                     for col in columns}
+        self.variants: list[tuple] = sorted(self.wide[columns[0]].columns, key=_order)
 
     def matrix(self, col: str, variants: Sequence[tuple] | None = None) -> np.ndarray:
         """[samples, variants] values of one answers column (NaN where a variant has no answer)."""
@@ -145,7 +147,7 @@ def _delta_columns(out: pd.DataFrame, p: Paired, base: int) -> None:
 
 
 def aggregate(answers: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per variant: F1, exact, HasAns/NoAns F1, ΔF1 vs main_full (Holm), bytes and TTFT, with intervals.
+    """One row per variant: F1, exact, HasAns/NoAns F1, ΔF1 vs main_full (Holm) and bytes, with intervals.
 
     cfg is the stage's config section (bootstrap, ci, seed). Interval columns are `<name>_low` / `<name>_high`.
     """
@@ -164,6 +166,20 @@ def aggregate(answers: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
     _delta_columns(out, p, base)
     out["bytes"] = p.means(p.matrix("bytes"))[0]
     out["bytes_ratio"] = out["bytes"] / out["bytes"].iloc[base]
-    out["ttft_s"] = p.means(p.matrix("ttft_s"))[0]
-    out["ttft_ratio"], out["ttft_ratio_low"], out["ttft_ratio_high"] = _ttft_ratio(p, base)
+    return out
+
+
+def ttft_aggregate(answers: pd.DataFrame, ttft: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per variant with a measured time: mean TTFT and its ratio to main_full's, with a paired interval."""
+    timed = answers[["sample_idx", "passage", "is_impossible", *VARIANT]].merge(ttft, on=["sample_idx", *VARIANT])
+    if timed.empty:
+        return pd.DataFrame(columns=[*VARIANT, "n", "ttft_s", "ttft_ratio", "ttft_ratio_low", "ttft_ratio_high"])
+    p = Paired(timed, cfg, ("ttft_s",))
+    if BASELINE not in p.variants:
+        raise KvpipeError(f"ttft: no {BASELINE[0]} rows (the baseline of every ratio)")
+    out = pd.DataFrame(p.variants, columns=list(VARIANT))
+    t = p.matrix("ttft_s")
+    out["n"] = (~np.isnan(t)).sum(0)
+    out["ttft_s"] = p.means(t)[0]
+    out["ttft_ratio"], out["ttft_ratio_low"], out["ttft_ratio_high"] = _ttft_ratio(p, p.variants.index(BASELINE))
     return out

@@ -94,8 +94,8 @@ class Answerer:
         self.scout_side(tokens, row.sample_idx)
         Session(self.main, tokens, 1).answer([Condition("warm-up")], 1)
 
-    def sample(self, row: Any, ttft: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Answers-table rows and the timings row of one test sample (ttft: measure each row's TTFT)."""
+    def sample(self, row: Any, ttft: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+        """Answers-table rows, TTFT rows (ttft: measure each row's; else none) and the timings row of one test sample."""
         tokens = self.prompt_tokens(row)
         t0 = time.perf_counter()
         payload, selections = self.scout_side(tokens, row.sample_idx)
@@ -109,15 +109,16 @@ class Answerer:
         answers = self.answer(session, plans)
         t3 = time.perf_counter()
         session.contexts = {OwnPrefill.name: session.own}   # free the answered caches
-        ttfts = [self.ttft(session, inputs, p, prefill_s) if ttft else float("nan") for p in plans]
+        ttfts = [{"sample_idx": row.sample_idx} | asdict(p.variant) | {"ttft_s": self.ttft(session, inputs, p, prefill_s)}
+                 for p in plans] if ttft else []
         base = {"sample_idx": row.sample_idx, "sample_id": row.id, "passage": row.passage,
                 "is_impossible": bool(row.is_impossible)}
         records = []
-        for plan, answer, ttft in zip(plans, answers, ttfts, strict=True):
+        for plan, answer in zip(plans, answers, strict=True):
             prediction, em, f1 = score_prediction(answer.text, list(row.answers))
             records.append(base | asdict(plan.variant) | {
-                "prediction": prediction, "exact": em, "f1": f1, "bytes": plan.bytes, "ttft_s": ttft,
+                "prediction": prediction, "exact": em, "f1": f1, "bytes": plan.bytes,
                 "n_context": tokens.context_end - tokens.context_start, "n_tokens": answer.kept})
         timing = {"sample_idx": row.sample_idx, "scout_prefill_s": t1 - t0, "main_prefill_s": prefill_s,
                   "answer_s": t3 - t2, "rows": len(plans), "ttft_total_s": time.perf_counter() - t3}
-        return records, timing
+        return records, ttfts, timing

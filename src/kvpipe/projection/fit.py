@@ -98,7 +98,7 @@ def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[st
                         "fit_data_sha256": data_hash, "errors": f.errors,
                         "calibration_error": float(np.mean([e["calibration"] for e in f.errors.values()])),
                         "validation_error": float(np.mean([e["validation"] for e in f.errors.values()])),
-                        "params": f.projector.n_params(), "bytes": f.projector.n_bytes(), "fit_s": f.fit_s}
+                        "params": f.projector.n_params(), "bytes": f.projector.n_bytes()}
         base = Path(out_dir) / f"{name}-{objective}"
         base.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(base.with_suffix(".safetensors")) as tmp:

@@ -1,9 +1,10 @@
-"""Report of the projection stage, from its tables alone: aggregates, figures and summary.
+"""Report of the projection stage, from its tables alone: aggregates, figures, summary and timing.
 
-Reads answers, projector metrics and timings Parquet and facts.json (written by the stage's compute
-rule); the numbers come from kvpipe.projection.aggregate, the figures from kvpipe.projection.figures,
-the text from kvpipe.projection.summary. The workflow imports FIGURES when it builds the DAG, so
-matplotlib is imported only inside the drawing functions.
+Reads answers and projector metrics Parquet and facts.json (written by the stage's compute rule)
+for the run-invariant outputs, and the timing files (ttft.parquet, timings.parquet, timings.json)
+for timing.md and ttft_aggregates.parquet; the numbers come from kvpipe.projection.aggregate, the
+figures from kvpipe.projection.figures, the text from kvpipe.projection.summary. The workflow
+imports FIGURES when it builds the DAG, so matplotlib is imported only inside the drawing functions.
 """
 
 from __future__ import annotations
@@ -14,24 +15,29 @@ import pandas as pd
 
 from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.projection import figures
-from kvpipe.projection.aggregate import aggregate
-from kvpipe.projection.summary import summary_markdown
+from kvpipe.projection.aggregate import aggregate, ttft_aggregate
+from kvpipe.projection.summary import summary_markdown, timing_markdown
 from kvpipe.reporting import save_figure
 
 _DRAW = {"f1_vs_bytes": figures.f1_vs_bytes, "f1_by_condition": figures.f1_by_condition,
          "r2_by_layer": figures.r2_by_layer}
 FIGURES = tuple(_DRAW)
+TIMING_FILES = ("ttft.parquet", "timings.parquet", "timings.json")   # what the stage measured in seconds
 
 
-def write_report(answers: Path, metrics: Path, timings: Path, facts: Path, dataset: str, out_dir: Path) -> None:
-    """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables."""
-    frames = {name: pd.read_parquet(path) for name, path in (("answers", answers), ("metrics", metrics),
-                                                               ("timings", timings))}
+def write_report(answers: Path, metrics: Path, facts: Path, timing: dict[str, Path], dataset: str,
+                 out_dir: Path) -> None:
+    """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables;
+    ttft_aggregates.parquet and timing.md from its timing files (timing: TIMING_FILES name -> path)."""
+    answers_t, metrics_t = pd.read_parquet(answers), pd.read_parquet(metrics)
     about = read_json(Path(facts))
-    agg = aggregate(frames["answers"], about["projection"])
+    agg = aggregate(answers_t, about["projection"])
     out_dir = Path(out_dir)
     for name, draw in _DRAW.items():
-        save_figure(draw(agg, frames["metrics"], f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
+        save_figure(draw(agg, metrics_t, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
     write_parquet(agg, out_dir / "aggregates.parquet")
-    write_text(out_dir / "summary.md", summary_markdown(agg, frames["answers"], frames["metrics"], about, dataset,
-                                                        frames["timings"]))
+    write_text(out_dir / "summary.md", summary_markdown(agg, answers_t, metrics_t, about, dataset))
+    ttft = ttft_aggregate(answers_t, pd.read_parquet(timing["ttft.parquet"]), about["projection"])
+    write_parquet(ttft, out_dir / "ttft_aggregates.parquet")
+    write_text(out_dir / "timing.md", timing_markdown(ttft, pd.read_parquet(timing["timings.parquet"]),
+                                                      read_json(Path(timing["timings.json"])), about, dataset))

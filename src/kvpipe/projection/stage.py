@@ -7,9 +7,11 @@
 2. Score every projector per layer on the test passages (projector_metrics.parquet) and save it
    (projectors/{name}-{objective}.safetensors + .json).
 3. On the test samples (with `max_test_samples`, whole test passages in sample order up to it),
-   answer every condition (kvpipe.projection.conditions) with its bytes and time to first token
-   (answers.parquet, timings.parquet). facts.json holds sizes and settings;
-   kvpipe.projection.report turns the tables into aggregates, figures and the summary.
+   answer every condition (kvpipe.projection.conditions) with its bytes (answers.parquet) and time to
+   first token (ttft.parquet). facts.json holds sizes and settings. Every time measured lives in the
+   timing files (ttft.parquet, timings.parquet per sample, timings.json: phases and fit times), so that
+   every other output is byte-identical between runs; kvpipe.projection.report turns the tables into
+   aggregates, figures, the summary and the timing report.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 
 from kvpipe.io import write_json, write_parquet
 from kvpipe.models.load import load_model
+from kvpipe.projection.aggregate import VARIANT
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
@@ -43,8 +46,8 @@ def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, An
             "n_calibration_passages": int(calibration["passage"].nunique()),
             "n_test_passages": int(test["passage"].nunique()),
             "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": cal.layer_map},
-            "projectors": {k: {f: c[f] for f in ("fit_s", "params", "bytes", "calibration_error", "validation_error",
-                                                  "errors")} for k, c in cards.items()},
+            "projectors": {k: {f: c[f] for f in ("params", "bytes", "calibration_error", "validation_error", "errors")}
+                           for k, c in cards.items()},
             "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": cfg}
 
 
@@ -75,17 +78,20 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     answerer = Answerer(scout, main, common, cfg, prompt, pair)
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
-    answers, timings = [], []
+    answers, ttfts, timings = [], [], []
     timed = len(test) if cfg["ttft_samples"] is None else cfg["ttft_samples"]
     if timed and len(test):
         answerer.warm_up(next(test.itertuples(index=False)))
     rows = test.itertuples(index=False)
     for i, row in enumerate(tqdm(rows, total=len(test), desc=f"projection {pair}: answers", unit="sample")):
-        records, timing = answerer.sample(row, ttft=i < timed)
+        records, ttft, timing = answerer.sample(row, ttft=i < timed)
         answers += records
+        ttfts += ttft
         timings.append(timing)
     write_parquet(pd.DataFrame(answers), out_dir / "answers.parquet")
     clock.append(time.perf_counter())
     write_parquet(pd.DataFrame(timings), out_dir / "timings.parquet")
+    write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *VARIANT, "ttft_s"]), out_dir / "ttft.parquet")
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
-    write_json(out_dir / "facts.json", _facts(pair, cal, cfg, cards, table, test) | {"phases": phases})
+    write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()}})
+    write_json(out_dir / "facts.json", _facts(pair, cal, cfg, cards, table, test))

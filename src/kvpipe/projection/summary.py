@@ -74,9 +74,8 @@ def _header(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dat
     lines += _detectable(agg)
     projectors = facts.get("projectors", {})
     if projectors:
-        lines += ["| projector | parameters | bytes | fit time (s) | calibration error | validation error |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {p['params']:,} | {p['bytes']:,} | {p['fit_s']:.1f} | {p['calibration_error']:.3f} | "
+        lines += ["| projector | parameters | bytes | calibration error | validation error |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {p['params']:,} | {p['bytes']:,} | {p['calibration_error']:.3f} | "
                   f"{p['validation_error']:.3f} |" for name, p in projectors.items()]
     return lines
 
@@ -148,22 +147,31 @@ def _question_c(agg: pd.DataFrame, paired: Paired) -> list[str]:
     return lines
 
 
-def _question_d(agg: pd.DataFrame, timings: pd.DataFrame | None) -> list[str]:
-    measured = agg[agg["ttft_ratio"].notna() & (agg["condition"] != BASELINE[0])]
-    lines = ["", "## (d) How much of the main model's prefill time does injection save?", "",
-             f"Target (notes): time to first token ≤ {TTFT_TARGET}× main_full's. Ratio of mean TTFTs over the samples "
+def _question_d() -> list[str]:
+    return ["", "## (d) How much of the main model's prefill time does injection save?", "",
+            "Answered in timing.md beside this file, with the projectors' fit times: measured times differ between "
+            "runs, every number in this file does not.", ""]
+
+
+def _timing_tables(ttft: pd.DataFrame, timings: pd.DataFrame, timing: dict[str, Any]) -> list[str]:
+    measured = ttft[ttft["condition"] != BASELINE[0]]
+    lines = [f"Target (notes): time to first token ≤ {TTFT_TARGET}× main_full's. Ratio of mean TTFTs over the samples "
              "where both were measured, with a paired interval; 'meets' needs the whole interval below the target.", ""]
-    if timings is not None and len(timings):
+    if len(timings):
         med = timings[["scout_prefill_s", "main_prefill_s"]].median()
         lines += [f"Median per sample: scout prefill {med['scout_prefill_s']:.3f} s, main prefill "
                   f"{med['main_prefill_s']:.3f} s.", ""]
     if measured.empty:
-        return lines + ["No TTFT was measured for an injected cache."]
-    lines += ["| variant | TTFT (s) | ratio to main_full | target |", "|---|---|---|---|"]
-    for _, r in measured.iterrows():
-        verdict = ("meets" if r["ttft_ratio_high"] <= TTFT_TARGET else "misses" if r["ttft_ratio_low"] > TTFT_TARGET
-                   else f"undecided (interval spans {TTFT_TARGET})")
-        lines.append(f"| {label(r)} | {r['ttft_s']:.3f} | {_ci(r, 'ttft_ratio')} | {verdict} |")
+        lines += ["No TTFT was measured for an injected cache."]
+    else:
+        lines += ["| variant | n | TTFT (s) | ratio to main_full | target |", "|---|---|---|---|---|"]
+        for _, r in measured.iterrows():
+            verdict = ("meets" if r["ttft_ratio_high"] <= TTFT_TARGET else "misses"
+                       if r["ttft_ratio_low"] > TTFT_TARGET else f"undecided (interval spans {TTFT_TARGET})")
+            lines.append(f"| {label(r)} | {r['n']} | {r['ttft_s']:.3f} | {_ci(r, 'ttft_ratio')} | {verdict} |")
+    lines += ["", "## Fitting", "", "| projector | fit time (s) |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timing["fit_s"].items()]
+    lines += ["", "Stage phases (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in timing["phases"].items())]
     return lines
 
 
@@ -175,20 +183,29 @@ def _all_variants(agg: pd.DataFrame, alpha: float) -> list[str]:
              f"Deltas that survive: {', '.join(label(r) for _, r in kept.iterrows()) or 'none'}. "
              "On the F1–bytes Pareto front (diagnostic hybrids left out): "
              f"{', '.join(label(r) for _, r in agg[on_front(agg)].iterrows())}.", "",
-             "| variant | n | F1 | exact | HasAns F1 | NoAns F1 | ΔF1 vs main_full | Holm p | bytes | × text | TTFT × |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | n | F1 | exact | HasAns F1 | NoAns F1 | ΔF1 vs main_full | Holm p | bytes | × text |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         lines.append(f"| {label(r)} | {r['n']} | {_ci(r, 'f1')} | {r['exact']:.3f} | {_ci(r, 'f1_has_answer')} | "
                      f"{_ci(r, 'f1_no_answer')} | {_ci(r, 'delta_f1', signed=True)} | {_num(r['p_holm'])} | "
-                     f"{r['bytes']:,.0f} | {_num(r['bytes_ratio'], '.3g')} | {_num(r['ttft_ratio'], '.3g')} |")
+                     f"{r['bytes']:,.0f} | {_num(r['bytes_ratio'], '.3g')} |")
     return lines
 
 
 def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, metrics: pd.DataFrame, facts: dict[str, Any],
-                     dataset: str, timings: pd.DataFrame | None = None) -> str:
-    """The notes' four questions answered from the stage's tables, the notes' figures beside ours, with verdicts."""
+                     dataset: str) -> str:
+    """The notes' four questions answered from the stage's tables, the notes' figures beside ours, with verdicts
+    (the fourth, on time, in timing_markdown)."""
     paired = Paired(answers, facts["projection"])
     lines = _header(agg, answers, facts, dataset) + [""] + _question_a(agg, paired) + [""]
-    lines += _question_b(agg, metrics, paired) + _question_c(agg, paired) + _question_d(agg, timings)
+    lines += _question_b(agg, metrics, paired) + _question_c(agg, paired) + _question_d()
     lines += _all_variants(agg, 1 - facts["projection"]["ci"])
     return "\n".join(lines + [""])
+
+
+def timing_markdown(ttft: pd.DataFrame, timings: pd.DataFrame, timing: dict[str, Any], facts: dict[str, Any],
+                    dataset: str) -> str:
+    """The notes' fourth question (time to first token with an injected cache) and the fit times, from the timing files."""
+    lines = [f"# Projection timing: {facts['scout']} (scout) → {facts['main']} (main), pair {facts['pair']}, {dataset}",
+             "", "## (d) How much of the main model's prefill time does injection save?", ""]
+    return "\n".join(lines + _timing_tables(ttft, timings, timing) + [""])

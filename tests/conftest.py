@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +18,46 @@ from kvpipe.models.materialize import materialize
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "smoke" / "config.yaml"
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's tracked and untracked-but-not-ignored files, copied to dest."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel, follow_symlinks=False)
+    return dest
+
+
+def snakemake_command(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> list[str]:
+    """snakemake on repo's Snakefile and smoke config, 2 cores (args before the config files)."""
+    smoke = repo / "tests" / "smoke" / "config.yaml"
+    return [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(repo), "--cores", "2", *args,
+            "--configfile", str(smoke), *map(str, overlays)]  # last: --configfile takes every word after it
+
+
+def snakemake(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_command(repo, *args, overlays=overlays), capture_output=True, text=True,
+                          timeout=600)
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table (empty when nothing is to be done)."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = proc.stdout.split("Job stats:")[1] if "Job stats:" in proc.stdout else ""
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"}
+
+
+@pytest.fixture(scope="session")
+def smoke_repo(tmp_path_factory) -> Path:
+    """A copy of the checkout on which the smoke workflow has run to completion."""
+    copy = copy_checkout(tmp_path_factory.mktemp("checkout"))
+    proc = snakemake(copy)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return copy
 
 
 @pytest.fixture(scope="session")

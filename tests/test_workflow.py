@@ -5,8 +5,6 @@ that jobs run the kvpipe of the checkout they belong to, not an installed one.
 """
 
 import json
-import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, planned_jobs, snakemake
 
 from kvpipe.kv import store as kvstore
 from kvpipe.projection.report import FIGURES as PROJECTION_FIGURES
@@ -24,32 +22,6 @@ from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
 
 STAGE_FIGURES = {"structure": STRUCTURE_FIGURES, "selection": SELECTION_FIGURES, "projection": PROJECTION_FIGURES}
 PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
-
-
-def copy_checkout(dest: Path) -> Path:
-    """The checkout's tracked and untracked-but-not-ignored files, copied to dest."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel, follow_symlinks=False)
-    return dest
-
-
-def snakemake(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
-    smoke = repo / "tests" / "smoke" / "config.yaml"
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(repo), "--cores", "2", *args,
-           "--configfile", str(smoke), *map(str, overlays)]  # last: --configfile takes every word after it
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """Rule -> job count from a dry run's 'Job stats' table (empty when nothing is to be done)."""
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    stats = proc.stdout.split("Job stats:")[1] if "Job stats:" in proc.stdout else ""
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", stats, re.M) if m[1] != "total"}
 
 
 @contextmanager
@@ -70,12 +42,8 @@ def overlay(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A copy of the checkout on which the smoke workflow has run to completion."""
-    copy = copy_checkout(tmp_path_factory.mktemp("checkout"))
-    proc = snakemake(copy)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return copy
+def repo(smoke_repo) -> Path:
+    return smoke_repo
 
 
 def test_smoke_workflow_builds_every_target(repo):
@@ -217,7 +185,7 @@ def test_rule_files_are_snakefmt_formatted_and_lint_clean():
 
 def test_every_figure_has_one_caption():
     for stage, figures in STAGE_FIGURES.items():
-        captions = {p.stem for p in (REPO / "workflow" / "report" / stage).glob("*.rst")} - {"summary"}
+        captions = {p.stem for p in (REPO / "workflow" / "report" / stage).glob("*.rst")} - {"summary", "timing"}
         assert captions == set(figures)
 
 

@@ -1,0 +1,138 @@
+"""Run every benchmark, then write the one table of their results (bench/results/TABLE.md and README.md).
+
+    python bench/run_all.py --squad /path/to/dev-v2.0.json [--kvpress-python .venv-bench/bin/python]
+    python bench/run_all.py --table-only          # rebuild the table from the recorded bench/results/*.json
+
+Each benchmark writes its own bench/results/*.json (see bench/README.md); the table reads only
+those files, so every number in it, and in the README block between the `bench-table` markers,
+comes from a recorded run. Every comparison is a ratio measured within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+BEGIN, END = "<!-- bench-table: written by bench/run_all.py -->", "<!-- /bench-table -->"
+
+
+def steps(squad: str, kvpress_python: str) -> list[list[str]]:
+    """The benchmark commands, in order (each writes its bench/results/*.json)."""
+    py = sys.executable
+    return [[py, "bench/extract_bench.py"], [py, "bench/structure_bench.py"], [py, "bench/parquet_bench.py"],
+            [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
+            [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
+            [kvpress_python, "bench/kvpress_bench.py", "--squad", squad],
+            [py, "bench/pipeline_record.py", "synthetic"]]
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _verdict(value: float, target: float, higher_is_better: bool = False) -> str:
+    return "met" if (value >= target if higher_is_better else value <= target) else "**missed**"
+
+
+def _pipeline_wall() -> float | None:
+    """Sum of the recorded default run's job wall times (Snakemake benchmark files; jobs ran one at a time)."""
+    files = sorted((RESULTS / "pipeline_synthetic").glob("benchmark__*.tsv"))
+    if not files:
+        return None
+    total = 0.0
+    for path in files:
+        with open(path) as f:
+            total += float(next(csv.DictReader(f, delimiter="\t"))["s"])
+    return total
+
+
+def rows() -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, measured, target, verdict, source) per line of the table."""
+    out = []
+    if ext := _load("extract"):
+        for model, m in ext["models"].items():
+            out.append((f"extraction / bare forward, {model}", f"{m['ratio_extraction_over_bare']:.3f}", "≤ 1.15",
+                        _verdict(m["ratio_extraction_over_bare"], 1.15), "extract.json"))
+    if sel := _load("selection"):
+        # own and transferred selections per method (random ones are shared: own only), per retention below 1
+        pruned = sum(1 if m == "random" else 2 for m in sel["methods"]) * sum(r < 1 for r in sel["grid"])
+        for model, m in sel["per_model"].items():
+            ratio = m["pruned_batch_s"] / pruned / m["prefill_s"]
+            out.append((f"selection: one pruned condition / context prefill, {model} ({pruned} per batch)",
+                        f"{ratio:.3f}", "—", "", "selection.json"))
+    if kvp := _load("kvpress"):
+        for grid in kvp["grids"].values():
+            out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, {grid['conditions_per_prefill']} "
+                        f"retentions per prefill, {kvp['model']}", f"{grid['speedup_kvpipe_over_kvpress']:.2f}×",
+                        "≥ 3×", _verdict(grid["speedup_kvpipe_over_kvpress"], 3, True), "kvpress.json"))
+            out.append((f"kept-position agreement with kvpress (per layer and KV head), {grid['conditions_per_prefill']} "
+                        "retentions", f"{grid['kept_position_agreement']:.3f}", "—", "", "kvpress.json"))
+    if pq := _load("parquet"):
+        for run in pq["runs"]:
+            if run["compression"] == "zstd":
+                out.append((f"KV shard write / read (zstd, width {run['width']}, hash-checked read)",
+                            f"{run['write_mb_s']:.0f} / {run['read_mb_s']:.0f} MB/s", "—", "", "parquet.json"))
+    if thr := _load("threads"):
+        out.append(("extraction job under Snakemake / run directly", f"{thr['ratio_snakemake_over_direct']:.3f}",
+                    "≤ 1.1", _verdict(thr["ratio_snakemake_over_direct"], 1.1), "threads.json"))
+    if st := _load("structure"):
+        out.append(("peak RSS 4× / 1× samples: extraction", f"{st['extract_rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
+                    _verdict(st["extract_rss_ratio_4x_over_1x"], 1.1), "structure.json"))
+        out.append(("peak RSS 4× / 1× samples: structure", f"{st['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
+                    _verdict(st["rss_ratio_4x_over_1x"], 1.1), "structure.json"))
+    if proj := _load("projection"):
+        mem = proj["memory"]
+        out.append(("peak RSS 4× / 1× samples: projector fitting", f"{mem['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
+                    _verdict(mem["rss_ratio_4x_over_1x"], 1.1), "projection.json"))
+        sq = proj["squad_v2"]
+        out.append(("TTFT with an injected cache / own prefill (worst injected variant, SQuAD v2)",
+                    f"{sq['max_ttft_ratio_injected']:.3f}", "≤ 0.3", _verdict(sq["max_ttft_ratio_injected"], 0.3),
+                    "projection.json"))
+        out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{sq['fit_total_s']:.0f}", "≤ 600",
+                    _verdict(sq["fit_total_s"], 600), "projection.json"))
+    if (wall := _pipeline_wall()) is not None:
+        out.append(("default config end to end (s, sum of job wall times)", f"{wall:.0f}", "—", "",
+                    "pipeline_synthetic/"))
+    return out
+
+
+def table() -> str:
+    lines = ["| benchmark | measured | target | | record (bench/results/) |", "|---|---|---|---|---|"]
+    lines += [f"| {b} | {m} | {t} | {v} | `{s}` |" for b, m, t, v, s in rows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(readme: Path = REPO / "README.md") -> None:
+    """bench/results/TABLE.md and the README block between the markers."""
+    text = table()
+    (RESULTS / "TABLE.md").write_text(text)
+    body = readme.read_text()
+    head, rest = body.split(BEGIN)
+    readme.write_text(f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--squad", help="official SQuAD v2 JSON (needed unless --table-only)")
+    ap.add_argument("--kvpress-python", default=sys.executable, help="a Python with kvpress (pip install '.[bench]')")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    if not args.table_only:
+        if not args.squad:
+            ap.error("--squad is required to run the benchmarks")
+        for cmd in steps(args.squad, args.kvpress_python):
+            print("+", " ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True, cwd=REPO)
+    write_table()
+    print((RESULTS / "TABLE.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

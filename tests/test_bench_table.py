@@ -1,0 +1,23 @@
+"""The README's benchmark table is the one bench/run_all.py writes from the recorded bench/results files."""
+
+import importlib.util
+
+from conftest import REPO
+
+
+def _run_all():
+    spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_is_written_from_the_recorded_results():
+    run_all = _run_all()
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(run_all.BEGIN)[1].split(run_all.END)[0]
+    assert block.strip() == run_all.table().strip()
+    assert (REPO / "bench" / "results" / "TABLE.md").read_text() == run_all.table()
+    rows = run_all.rows()
+    assert len(rows) >= 8 and all((REPO / "bench" / "results" / source).exists() for *_, source in rows)
+    assert {"met", "**missed**", ""} >= {verdict for _, _, _, verdict, _ in rows}

@@ -1,0 +1,74 @@
+"""Faults and determinism on the smoke workflow: SIGKILL mid-stage, then resume; two runs, one result.
+
+Each case works on a copy of the completed smoke run. A kill case forces one compute stage to run
+again and SIGKILLs the whole run, Snakemake and job, once that stage's progress bar reaches a
+count (tests/faults/sitecustomize.py): nothing it leaves may pass for complete (the stage's output
+is absent and a dry run plans the stage again), and rerunning finishes the work with every result
+file byte-identical to the uninterrupted run's. Measured seconds (logs, Snakemake benchmarks and
+each stage's timing files) are the only files allowed to differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO, planned_jobs, snakemake, snakemake_command
+
+from kvpipe.projection.report import TIMING_FILES
+
+HOOK = REPO / "tests" / "faults"
+TIMED = {*TIMING_FILES, "ttft_aggregates.parquet", "timing.md"}   # what a stage measured in seconds
+UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")
+
+
+def result_digests(repo: Path) -> dict[str, str]:
+    """SHA-256 of every result file but the measured seconds."""
+    return {path.relative_to(repo).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted((repo / "results").rglob("*")) if path.is_file()
+            and not path.relative_to(repo).as_posix().startswith(UNTIMED_DIRS) and path.name not in TIMED}
+
+
+def differences(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+@pytest.fixture(scope="module")
+def run(smoke_repo, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A copy of the completed smoke run and its result digests."""
+    copy = tmp_path_factory.mktemp("faults") / "repo"
+    shutil.copytree(smoke_repo, copy, symlinks=True)
+    return copy, result_digests(copy)
+
+
+def test_two_runs_of_one_config_give_byte_identical_results(run):
+    repo, expected = run
+    assert any(k.endswith("answers.parquet") for k in expected) and any(k.endswith(".pdf") for k in expected)
+    proc = snakemake(repo, "--forceall")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert differences(result_digests(repo), expected) == []
+
+
+@pytest.mark.parametrize(("rule", "bar", "count", "output"), [
+    ("extract_kv", "extract tiny-main", 5, "results/kv/synthetic-small/tiny-main/manifest.json"),
+    ("structure", "structure tiny", 1, "results/structure/synthetic-small/tiny/metrics.parquet"),
+    ("selection", "selection tiny", 2, "results/selection/synthetic-small/tiny/answers.parquet"),
+    ("projection", "projection tiny: answers", 1, "results/projection/synthetic-small/tiny/answers.parquet"),
+])
+def test_sigkill_mid_stage_leaves_nothing_complete_and_the_rerun_gives_the_same_results(run, rule, bar, count, output):
+    repo, expected = run
+    env = os.environ | {"KVPIPE_KILL_AT": f"{bar}:{count}",
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))}
+    killed = subprocess.run(snakemake_command(repo, "--forcerun", rule), env=env, start_new_session=True,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]   # killed mid-stage, not finished
+    assert not (repo / output).exists()
+    assert planned_jobs(snakemake(repo, "-n", "--rerun-incomplete")).get(rule, 0) >= 1
+    rerun = snakemake(repo, "--rerun-incomplete")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert differences(result_digests(repo), expected) == []

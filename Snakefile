@@ -20,6 +20,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/structure.smk"
 include: "workflow/rules/selection.smk"
 include: "workflow/rules/projection.smk"
+include: "workflow/rules/pairs.smk"
 
 
 rule all:

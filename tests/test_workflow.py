@@ -22,6 +22,7 @@ from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
 
 STAGE_FIGURES = {"structure": STRUCTURE_FIGURES, "selection": SELECTION_FIGURES, "projection": PROJECTION_FIGURES}
 PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
+RUN_JOBS = {**PAIR_JOBS, "pairs_summary": 1}   # a pair's jobs and the run's cross-pair summary
 
 
 @contextmanager
@@ -54,6 +55,7 @@ def test_smoke_workflow_builds_every_target(repo):
         for name in figures:
             assert (out / "figures" / f"{name}.png").stat().st_size > 1000
             assert (out / "figures" / f"{name}.pdf").exists()
+    assert "| tiny | same (qwen2) |" in (repo / "results/pairs/synthetic-small/summary.md").read_text()
     answers = pd.read_parquet(repo / "results/selection/synthetic-small/tiny/answers.parquet")
     assert set(answers["method"]) == {"full", "q2c", "snapkv", "random"} and answers["sample_idx"].nunique() == 6
     samples = pd.read_parquet(repo / "results/data/synthetic-small/samples.parquet")
@@ -76,7 +78,7 @@ def test_rerun_does_nothing_and_one_model_change_reruns_only_its_jobs(repo, tmp_
     change = overlay(tmp_path, "models:\n  tiny-main: {seed: 9}\n")
     # that model, its KV, and the analyses of the one pair that uses it; the dataset is not resampled
     assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"materialize_model": 1, "extract_kv": 1,
-                                                                        **PAIR_JOBS, "all": 1}
+                                                                        **RUN_JOBS, "all": 1}
     resources = overlay(tmp_path, "resources:\n  models:\n    tiny-main: {mem_mb: 1200}\n")
     assert planned_jobs(snakemake(repo, "-n", overlays=(resources,))) == {}
 
@@ -92,10 +94,10 @@ def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
 @pytest.mark.parametrize("module, expected", [
     ("structure/report.py", {"structure_report": 1}),
     ("selection/report.py", {"selection_report": 1}),
-    ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1}),
+    ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
     ("projection/mlp.py", {"projection": 1, "projection_report": 1}),
-    ("structure/cka.py", {"structure": 1, "structure_report": 1}),  # defines linear_cka
-    ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **PAIR_JOBS}),  # every rule that builds prompts
+    ("structure/cka.py", {"structure": 1, "structure_report": 1, "pairs_summary": 1}),  # defines linear_cka
+    ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **RUN_JOBS}),  # every rule that builds prompts
 ])
 def test_editing_a_module_reruns_exactly_the_rules_that_run_it(repo, module, expected):
     assert "def linear_cka" in (repo / "src/kvpipe/structure/cka.py").read_text()
@@ -109,12 +111,13 @@ def test_a_new_pair_with_a_new_model_runs_only_that_model_and_pair(repo, tmp_pat
                                "pairs:\n  tiny2: {scout: tiny-scout, main: tiny-new}\n"
                                "run:\n  pairs: [tiny, tiny2]\n")
     plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
-    assert plan == {"materialize_model": 1, "extract_kv": 1, **PAIR_JOBS, "all": 1}
+    assert plan == {"materialize_model": 1, "extract_kv": 1, **RUN_JOBS, "all": 1}
 
 
 def test_one_pair_setting_reruns_only_that_pairs_selection(repo, tmp_path):
     change = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 3}}\n")
-    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"selection": 1, "selection_report": 1, "all": 1}
+    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"selection": 1, "selection_report": 1,
+                                                                        "pairs_summary": 1, "all": 1}
     same = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 4}}\n")  # the global value: nothing changes
     assert planned_jobs(snakemake(repo, "-n", overlays=(same,))) == {}
 

@@ -23,6 +23,12 @@ config.clear()
 config.update(_validated)
 
 
+RUN_PAIRS = config["run"][
+    "pairs"
+]  # the pairs a run builds, and their models (the cross-pair summary's inputs)
+RUN_MODELS = run_models(config)
+
+
 def _alternatives(names):
     return "|".join(re.escape(n) for n in sorted(names))
 

@@ -1,0 +1,140 @@
+"""Across the pairs of a run: one row per pair from its structure and selection tables, and the notes' predictions.
+
+Per pair: same or cross family (the two models' architectures), key and value transfer at the last
+aligned layer (centred R², per-dimension R² and debiased CKA, pre-RoPE keys, with their
+intervals), Q2C overlap of the scout's selection with the main's beside its null, and forward /
+reverse ΔF1 at 50 % and 75 % retention. Reads only the stages' tables; the verdicts on the notes'
+two cross-family predictions (lower overlap, key transfer failing) use the intervals: a prediction
+is undecided where they overlap.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvpipe.io import read_json, write_parquet, write_text
+from kvpipe.reporting import fmt_ci
+
+RETENTIONS = (0.5, 0.75)
+TRANSFER = {"keys": "key_pre_rope", "values": "value"}   # pre-RoPE keys: fair across head sizes and RoPE setups
+STRUCTURE = ("r2", "r2_per_dim", "cka_debiased")
+
+
+def _pick(frame: pd.DataFrame, **match: Any) -> pd.Series | None:
+    rows = frame.loc[(frame[list(match)] == pd.Series(match)).all(axis=1)]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _interval(row: pd.Series | None) -> tuple[float, float, float]:
+    return (float("nan"),) * 3 if row is None else (float(row["value"]), float(row["ci_low"]), float(row["ci_high"]))
+
+
+def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates: pd.DataFrame,
+             architectures: dict[str, str]) -> dict[str, Any]:
+    """The pair's row: family, transfer at the last aligned layer, Q2C overlap and ΔF1, each as (value, low, high)."""
+    scout, main = facts["scout"], facts["main"]
+    whole = metrics[(metrics["head"] == -1) & (metrics["baseline"] == "none")]
+    last = int(whole["main_layer"].max())
+    row: dict[str, Any] = {"pair": pair, "scout": scout, "main": main, "scout_family": architectures[scout],
+                           "main_family": architectures[main], "last_main_layer": last,
+                           "keys_r2_threshold": float(facts["thresholds"]["keys_r2"])}
+    row["cross_family"] = row["scout_family"] != row["main_family"]
+    for name, kind in TRANSFER.items():
+        for metric in STRUCTURE:
+            row[f"{name}_{metric}"] = _interval(_pick(whole, kind=kind, main_layer=last, metric=metric))
+    for r in RETENTIONS:
+        row[f"overlap_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r, quantity="overlap"))
+        row[f"overlap_null_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r,
+                                                     quantity="overlap_random"))
+        row[f"overlap_gain_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r,
+                                                     quantity="overlap_minus_random"))
+        row[f"delta_forward_{r:g}"] = _interval(_pick(aggregates, table="transfer", role="main", method="q2c",
+                                                      retention=r, quantity="delta_forward"))
+        row[f"delta_reverse_{r:g}"] = _interval(_pick(aggregates, table="transfer", role="scout", method="q2c",
+                                                      retention=r, quantity="delta_reverse"))
+    return row
+
+
+def _tidy(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    records = []
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, tuple):
+                records.append({"pair": row["pair"], "cross_family": row["cross_family"], "quantity": key,
+                                "value": value[0], "ci_low": value[1], "ci_high": value[2]})
+    return pd.DataFrame.from_records(records, columns=["pair", "cross_family", "quantity", "value", "ci_low", "ci_high"])
+
+
+def _lower_overlap(rows: list[dict[str, Any]]) -> str:
+    same = [r for r in rows if not r["cross_family"]]
+    cross = [r for r in rows if r["cross_family"]]
+    if not same or not cross:
+        return "not tested: the run needs a same-family and a cross-family pair"
+    gain = "overlap_gain_0.5"
+    best_same_low = min(r[gain][1] for r in same)
+    worst_cross_high = max(r[gain][2] for r in cross)
+    if worst_cross_high < best_same_low:
+        return "holds: every cross-family pair's Q2C overlap gain over chance lies below every same-family pair's"
+    if min(r[gain][1] for r in cross) > max(r[gain][2] for r in same):
+        return "does not hold: the cross-family pairs overlap more than the same-family ones"
+    return "undecided: the intervals of cross- and same-family overlap gains overlap"
+
+
+def _key_transfer_fails(rows: list[dict[str, Any]]) -> str:
+    cross = [r for r in rows if r["cross_family"]]
+    if not cross:
+        return "not tested: the run has no cross-family pair"
+    verdicts = []
+    for r in cross:
+        _, low, high = r["keys_r2"]
+        threshold = r["keys_r2_threshold"]
+        verdicts.append("fails" if high < threshold else "transfers" if low >= threshold else "undecided")
+    if all(v == "fails" for v in verdicts):
+        return f"holds: on every cross-family pair the keys' centred R² interval lies below {cross[0]['keys_r2_threshold']}"
+    if any(v == "transfers" for v in verdicts):
+        return "does not hold: keys transfer across families on " + ", ".join(
+            r["pair"] for r, v in zip(cross, verdicts, strict=True) if v == "transfers")
+    return "undecided: " + ", ".join(f"{r['pair']} {v}" for r, v in zip(cross, verdicts, strict=True))
+
+
+def ci(v: tuple[float, float, float], signed: bool = False) -> str:
+    """The value with its interval; '—' where the pair's run has no such number (e.g. a retention not in its grid)."""
+    return "—" if math.isnan(v[0]) else fmt_ci(*v, signed=signed)
+
+
+def summary_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
+    """The cross-pair table and the notes' two cross-family predictions with verdicts."""
+    lines = [f"# Pairs on {dataset}", "",
+             "Last aligned layer; keys are pre-RoPE (fair across head sizes). Intervals are the stages' passage "
+             "bootstraps. Overlap: Q2C, the scout's selection against the main's at 50 % retention, beside the "
+             "chance overlap of the same budget (null). ΔF1: the main answering from the scout's selection minus "
+             "from its own (forward), and the scout from the main's (reverse).", "",
+             "| pair | family | keys R² | keys per-dim R² | keys CKA | values R² | values CKA | Q2C overlap (null) | "
+             "ΔF1 fwd 50 % | ΔF1 fwd 75 % | ΔF1 rev 50 % | ΔF1 rev 75 % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        family = f"cross ({r['scout_family']} → {r['main_family']})" if r["cross_family"] else f"same ({r['main_family']})"
+        lines.append(f"| {r['pair']} | {family} | {ci(r['keys_r2'])} | {ci(r['keys_r2_per_dim'])} | "
+                     f"{ci(r['keys_cka_debiased'])} | {ci(r['values_r2'])} | {ci(r['values_cka_debiased'])} | "
+                     f"{ci(r['overlap_0.5'])} ({ci(r['overlap_null_0.5'][:1] + (math.nan, math.nan))}) | "
+                     + " | ".join(ci(r[f"delta_{d}_{x:g}"], signed=True) for d in ("forward", "reverse") for x in RETENTIONS)
+                     + " |")
+    lines += ["", "## The notes' cross-family predictions", "",
+              f"- Lower overlap across families: {_lower_overlap(rows)}.",
+              f"- Key transfer fails across families: {_key_transfer_fails(rows)}.", ""]
+    return "\n".join(lines)
+
+
+def write_pairs_summary(pairs: dict[str, dict[str, Path]], cards: dict[str, Path], dataset: str, out_dir: Path) -> None:
+    """summary.md and pairs.parquet under out_dir. pairs: name -> {structure_metrics, structure_facts,
+    selection_aggregates}; cards: model slug -> its kvpipe_model.json (for the architecture)."""
+    architectures = {slug: read_json(Path(card))["architecture"] for slug, card in cards.items()}
+    rows = [pair_row(name, pd.read_parquet(p["structure_metrics"]), read_json(Path(p["structure_facts"])),
+                     pd.read_parquet(p["selection_aggregates"]), architectures) for name, p in pairs.items()]
+    out_dir = Path(out_dir)
+    write_parquet(_tidy(rows), out_dir / "pairs.parquet")
+    write_text(out_dir / "summary.md", summary_markdown(rows, dataset))

@@ -156,7 +156,10 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int) 
             "f1": {k: round(float(np.mean(v)), 4) for k, v in f1.items()},
             "same_answer_fraction": round(float(np.mean(same_answer)), 4),
             "kept_position_agreement": round(float(np.mean(agree)), 4),
-            "prompt_tokens_mean": round(float(np.mean([len(p) for p in prompts])), 1)}
+            "prompt_tokens_mean": round(float(np.mean([len(p) for p in prompts])), 1),
+            "examples": [{"question": row.question, "gold": list(row.answers), "retentions": grid,
+                          "kvpipe": ours["answers"][i], "kvpress": theirs["answers"][i]}
+                         for i, row in enumerate(rows.head(3).itertuples())]}
 
 
 def main() -> None:

@@ -43,8 +43,8 @@ def main() -> None:
     facts.setdefault("n_sampled", facts["n_samples"])
     facts["selection"].setdefault("max_samples", None)
     write_json(args.dir / "facts.json", facts)
-    write_report(args.dir / "answers.parquet", args.dir / "overlap.parquet", args.dir / "timings.parquet",
-                 args.dir / "facts.json", args.dataset, args.dir)
+    write_report(args.dir / "answers.parquet", args.dir / "overlap.parquet", args.dir / "facts.json",
+                 {"timings.parquet": args.dir / "timings.parquet"}, args.dataset, args.dir)
     print(f"rewrote the report in {args.dir}")
 
 

@@ -18,6 +18,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 from kvpipe.config import load_config
 from kvpipe.data.sampling import sample_to_file
@@ -61,7 +62,13 @@ def in_child(func, *args) -> dict:
     queue = ctx.Queue()
     proc = ctx.Process(target=_call, args=(func, args, queue))
     proc.start()
-    result = queue.get()
+    while True:   # a child that dies (an exception, the OOM killer) never puts a result: say so, do not wait forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{func.__name__} died in its child process (exit code {proc.exitcode})") from None
     proc.join()
     return result
 

@@ -39,7 +39,7 @@ def test_cli_names_unknown_entries_in_one_line(tmp_path):
                            "-c", str(REPO / "config.yaml")], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("kvpipe: error: --model: 'ghost' is not in models "
-                                   "(qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m)")
+                                   "(gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m)")
 
 
 def test_python_code_is_ruff_clean():

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, planned_jobs, snakemake, snakemake_command
 
-from kvpipe.projection.report import TIMING_FILES
+from kvpipe.projection import report as projection_report
+from kvpipe.selection import report as selection_report
 
 HOOK = REPO / "tests" / "faults"
-TIMED = {*TIMING_FILES, "ttft_aggregates.parquet", "timing.md"}   # what a stage measured in seconds
+TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md"}
 UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")
 
 

@@ -9,10 +9,10 @@ import torch
 from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
 from kvpipe.inference.conditions import Condition
-from kvpipe.inference.decode import stop_ids
+from kvpipe.inference.decode import reply_end_id, stop_ids
 from kvpipe.inference.session import Session
 from kvpipe.inference.sources import CACHE_SOURCES, ContextKV, GivenTensors, OwnPrefill
-from kvpipe.models.tiny import END_OF_TEXT, IM_END
+from kvpipe.models.tiny import END_OF_TEXT, IM_END, build_tokenizer
 from kvpipe.selection.methods import top_k
 
 
@@ -89,6 +89,19 @@ def test_tiny_models_end_turns_like_qwen(tiny_main):
     assert tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"]) == [IM_END, END_OF_TEXT]
     assert tiny_main.model.generation_config.eos_token_id == [IM_END, END_OF_TEXT]   # kept by save_pretrained
     assert stop_ids(tiny_main) == sorted([IM_END, END_OF_TEXT])
+
+
+@pytest.mark.parametrize("template, expected", [
+    (None, IM_END),                                                                     # ChatML
+    ("{% for m in messages %}{{ m['content'] }} <|endoftext|>{% endfor %}", END_OF_TEXT),
+    ("{% for m in messages %}{{ m['content'] }}.{% endfor %}", None),                  # no added token after a reply
+    ("{% for m in messages %}{{ m['role'] }}{% endfor %}", None),                      # no reply rendered
+    ("{{ raise_exception('user turns only') }}", None),
+])
+def test_the_reply_end_is_the_added_token_the_template_closes_a_reply_with(template, expected):
+    tok = build_tokenizer()
+    tok.chat_template = template or tok.chat_template
+    assert reply_end_id(tok) == expected
 
 
 def test_decoding_stops_at_the_end_of_turn_id_of_the_generation_config(tiny_main, tokens):

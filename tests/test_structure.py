@@ -3,16 +3,20 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from scipy.stats import ortho_group
 
+from kvpipe.alignment import Alignment
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
+from kvpipe.kv import store as kvstore
 from kvpipe.structure import ridge
 from kvpipe.structure.cca import fit_cca, held_out_correlations, mean_correlation, unit_sums
 from kvpipe.structure.cka import linear_cka
-from kvpipe.structure.pair_data import relative_depth
+from kvpipe.structure.pair_data import KINDS, ShardRows, relative_depth
 from kvpipe.structure.position import rope_basis
 from kvpipe.structure.report import FIGURES, write_report
 from kvpipe.structure.ridge import (
@@ -27,7 +31,7 @@ from kvpipe.structure.ridge import (
     row_scores,
     squared_error,
 )
-from kvpipe.structure.stage import analyse_pair, run_structure
+from kvpipe.structure.stage import _Run, analyse_pair, run_structure
 from kvpipe.structure.summary import summary_markdown
 
 rng = np.random.default_rng(0)
@@ -227,7 +231,8 @@ def kv_dirs(tmp_path_factory, model_dirs, samples_path, smoke_config):
 
 
 def _cfg(smoke_config, **kw):
-    return smoke_config["structure"] | {"calibration_fraction": 0.5, "cv_folds": 2} | kw
+    alignment = {"pool": smoke_config["alignment"]["pool"]}   # what the rule passes (workflow/rules/structure.smk)
+    return smoke_config["structure"] | {"calibration_fraction": 0.5, "cv_folds": 2, "alignment": alignment} | kw
 
 
 def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, samples, smoke_config):
@@ -266,9 +271,65 @@ def test_results_do_not_depend_on_sharding(kv_dirs, samples, smoke_config):
         analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main-by2"], _passages(samples), "p", _cfg(smoke_config))
 
 
-def test_pair_with_different_tokenizers_is_rejected(kv_dirs, samples, smoke_config):
-    with pytest.raises(KvpipeError, match="pair mixed: scout and main tokens differ .* share a tokenizer"):
-        analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-llama"], _passages(samples), "mixed", _cfg(smoke_config))
+def _unaligned(run, shard, scout_layers, main_layers):
+    """The stage's rows the way it read them before token alignment: every requested layer's table of both models,
+    tokens checked alike, the segments' rows of both kept by the scout's segment mask."""
+    data = run.data
+    tables = {("scout", s): kvstore.read_shard(data.scout, s, shard) for s in scout_layers}
+    tables.update({("main", m): kvstore.read_shard(data.main, m, shard) for m in main_layers})
+    first = tables[("scout", scout_layers[0])]
+    for col in ("sample_idx", "position", "token_id"):
+        assert first.column(col).equals(tables[("main", main_layers[0])].column(col))
+    keep = pc.is_in(pc.cast(first.column("segment"), pa.string()), value_set=pa.array(run.cfg["segments"], pa.string()))
+    mats = {(role, layer, kind): kvstore.matrix(table.filter(keep), kind).astype(np.float64)
+            for (role, layer), table in tables.items() for kind in KINDS}
+    kept = first.filter(keep)
+    segment = pc.cast(kept.column("segment"), pa.string()).to_numpy(zero_copy_only=False)
+    return ShardRows(keep, keep, Alignment.identity(len(kept)), segment, kept.column("sample_idx").to_numpy()), mats
+
+
+def test_a_pair_sharing_a_tokenizer_gives_exactly_the_unaligned_results(kv_dirs, samples, smoke_config, monkeypatch):
+    cfg = _cfg(smoke_config, segments=["template", "context", "question"])
+    aligned, facts = analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], _passages(samples), "p", cfg)
+    al = facts["alignment"]
+    assert al["identity"] and al["pool"] is None and al["main_tokens"] == al["scout_tokens"] > 0
+    assert al["main_unmatched"] == {"template": 0, "context": 0, "question": 0} and al["scout_unused"] == 0
+    monkeypatch.setattr(_Run, "matrices", _unaligned)
+    unaligned, _ = analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], _passages(samples), "p", cfg)
+    pd.testing.assert_frame_equal(aligned, unaligned, check_exact=True)
+
+
+@pytest.mark.parametrize("pool", ["mean", "max_overlap"])
+def test_a_pair_with_different_tokenizers_runs_on_aligned_tokens(kv_dirs, samples_path, samples, smoke_config, tmp_path,
+                                                                 pool):
+    cfg = _cfg(smoke_config, segments=["template", "context", "question"], alignment={"pool": pool})
+    out = tmp_path / "mixed"
+    run_structure(kv_dirs["tiny-llama"], kv_dirs["tiny-main"], samples_path, "mixed", cfg, out)
+    table, facts = pd.read_parquet(out / "metrics.parquet"), read_json(out / "facts.json")
+    al = facts["alignment"]
+    assert not al["identity"] and al["pool"] == pool
+    main, scout = (kvstore.read_layer(kv_dirs[m], 0, ["sample_idx", "position", "segment"]).column("segment").to_pylist()
+                   for m in ("tiny-main", "tiny-llama"))
+    assert al["main_tokens"] == len(main) and al["scout_tokens"] == len(scout)
+    # template tokens cover no context or question character: they, and only they, have no counterpart
+    assert al["main_unmatched"] == {"template": main.count("template"), "context": 0, "question": 0}
+    assert al["scout_unused"] == scout.count("template")
+    test_main_tokens = facts["n_test_tokens"]
+    assert 0 < test_main_tokens < len(main) - main.count("template")
+    same, _ = analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], _passages(samples), "p", cfg)
+    key = ["kind", "scout_layer", "main_layer", "head", "metric", "baseline"]   # both scouts have two layers
+    pd.testing.assert_frame_equal(table[key], same[key])
+    fitted = table[(table["baseline"] == "none") & (table["metric"] == "r2") & (table["head"] == -1)]
+    assert len(fitted) == 3 * 2 and fitted["value"].notna().all()
+    cka = table[table["metric"] == "cka"]
+    assert len(cka) == 3 * 2 * 3 and cka["value"].between(0, 1).all()
+    report = tmp_path / "report"
+    write_report(out / "metrics.parquet", out / "facts.json", "synthetic-small", report)
+    summary = (report / "summary.md").read_text()
+    assert (f"Tokens: the tokenizers differ; each main token is paired with the scout tokens covering its characters "
+            f"({'the mean of their rows' if pool == 'mean' else 'the row of the one sharing the most characters'}; "
+            f"`alignment.pool: {pool}`). {main.count('template')} of {len(main)} main tokens have no scout counterpart "
+            f"and are left out (template {main.count('template')}, context 0, question 0)") in summary
 
 
 def test_run_structure_writes_the_table_and_facts_and_the_report_reads_only_them(kv_dirs, samples_path, samples,
@@ -286,6 +347,7 @@ def test_run_structure_writes_the_table_and_facts_and_the_report_reads_only_them
     assert "split by passage" in summary and "Does RoPE make the key space shared?" in summary
     assert "bootstrap over test passages" in summary and "Thresholds (config `structure.thresholds`)" in summary
     assert "Resolution: with" in summary and "Position only" in summary and "Do shallow layers transfer values" in summary
+    assert "Tokens: both models tokenise every sample alike; main token i is paired with scout token i." in summary
     assert "keys − keys pre-RoPE: not testable on this pair: head sizes differ (8 vs 16)" in summary
     assert facts["cca"] == {"scout_components": 16, "main_components": 32, "top": 10, "regularisation": 1e-3}
     assert "Shared subspace: regularised CCA (SVCCA-style: the top 16 / 32 SVD components" in summary

@@ -201,3 +201,13 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
     assert "kvpipe: invalid configuration: config: pairs.tiny.main: 'ghost' is not a configured model" in proc.stderr
     assert "Traceback" not in proc.stderr and "File \"" not in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_cross_family_overlay_plans_both_directions_and_the_pairs_summary(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+                           "--cores", "2", "--configfile", str(REPO / "config/cross_family.yaml")],
+                          capture_output=True, text=True)
+    plan = planned_jobs(proc)
+    assert plan["structure"] == plan["selection"] == 5 and plan["pairs_summary"] == 1
+    assert plan["extract_kv"] == plan["materialize_model"] == 4   # qwen 0.5b/1.5b, smollm2, gemma3
+    assert "projection" not in plan   # run.stages leaves it out: it needs a shared tokenizer

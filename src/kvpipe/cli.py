@@ -65,7 +65,7 @@ def cmd_extract(args: argparse.Namespace) -> None:
 
 REPORT_TABLES = {  # the tables each stage's report reads, in write_report's order (facts.json last)
     "structure": ("metrics.parquet", "facts.json"),
-    "selection": ("answers.parquet", "overlap.parquet", "timings.parquet", "facts.json"),
+    "selection": ("answers.parquet", "overlap.parquet", "facts.json"),
     "projection": ("answers.parquet", "projector_metrics.parquet", "facts.json"),
 }
 

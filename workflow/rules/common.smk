@@ -21,6 +21,12 @@ except KvpipeError as err:
     sys.exit(1)
 config.clear()
 config.update(_validated)
+for _spec in config["models"].values():
+    # a relative chat template is looked up in the working directory, then among the checkout's (config/templates/)
+    _template = _spec.get("chat_template")
+    if _template and not Path(_template).is_absolute() and not Path(_template).exists():
+        if Path(workflow.basedir, _template).exists():
+            _spec["chat_template"] = str(Path(workflow.basedir, _template))
 
 
 RUN_PAIRS = config["run"][
@@ -107,9 +113,10 @@ def stage_figures(stage, pdf=False):
 
 
 def model_source_files(wc):
-    """Local files a model source reads (a GGUF file or an HF directory): inputs, so edits rerun."""
+    """Local files a model source reads (a GGUF file or an HF directory, its chat template): inputs, so edits rerun."""
     spec = config["models"][wc.model]
-    return [spec["path"]] if spec["source"] in ("gguf", "local") else []
+    paths = [spec["path"]] if spec["source"] in ("gguf", "local") else []
+    return paths + ([spec["chat_template"]] if spec.get("chat_template") else [])
 
 
 def dataset_files(wc):
@@ -180,8 +187,11 @@ def all_targets():
         "pair": config["run"]["pairs"],
         "model": run_models(config),
     }
+    skipped = {"structure", "selection", "projection"} - set(config["run"]["stages"])
     out = []
     for pattern in TARGETS:
+        if pattern.split("/")[1] in skipped:
+            continue
         names = set(re.findall(r"{(\w+)}", pattern))
         out += expand(pattern, **{k: v for k, v in values.items() if k in names})
     return list(dict.fromkeys(out))

@@ -7,7 +7,7 @@ rule selection:
     output:
         answers="results/selection/{dataset}/{pair}/answers.parquet",
         overlap="results/selection/{dataset}/{pair}/overlap.parquet",
-        timings="results/selection/{dataset}/{pair}/timings.parquet",
+        timing=stage_timing_files("selection"),
         facts="results/selection/{dataset}/{pair}/facts.json",
     log:
         "results/logs/selection/{dataset}/{pair}.log",
@@ -22,7 +22,9 @@ rule selection:
         runtime=job_resource("runtime", job_pair_models),
         gpu=MODEL_GPUS,
     params:
-        selection=lambda wc: pair_settings(config, wc.pair, "selection"),
+        # with the one alignment setting selection reads (only for a pair whose tokenizers differ)
+        selection=lambda wc: pair_settings(config, wc.pair, "selection")
+        | {"alignment": {"min_cover": config["alignment"]["min_cover"]}},
         prompt=config["prompt"],
         device=config["device"],
         dtype=config["extraction"]["dtype"],
@@ -36,8 +38,8 @@ rule selection_report:
     input:
         answers=rules.selection.output.answers,
         overlap=rules.selection.output.overlap,
-        timings=rules.selection.output.timings,
         facts=rules.selection.output.facts,
+        timing=rules.selection.output.timing,
     output:
         **stage_figures("selection"),
         **stage_figures("selection", pdf=True),
@@ -49,6 +51,13 @@ rule selection_report:
             labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
         ),
         aggregates="results/selection/{dataset}/{pair}/aggregates.parquet",
+        timing=report(
+            "results/selection/{dataset}/{pair}/timing.md",
+            caption="../report/selection/timing.rst",
+            category="selection",
+            subcategory="{pair} on {dataset}",
+            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "timing"},
+        ),
     log:
         "results/logs/selection_report/{dataset}/{pair}.log",
     conda:

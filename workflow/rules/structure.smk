@@ -18,7 +18,9 @@ rule structure:
         mem_mb=8000,
         runtime=120,
     params:
-        structure=lambda wc: pair_settings(config, wc.pair, "structure"),
+        # with the one alignment setting structure reads (only for a pair whose tokenizers differ)
+        structure=lambda wc: pair_settings(config, wc.pair, "structure")
+        | {"alignment": {"pool": config["alignment"]["pool"]}},
         code=code("structure_pair.py"),
     script:
         "../scripts/structure_pair.py"

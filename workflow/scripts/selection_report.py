@@ -7,5 +7,6 @@ from kvpipe.selection.report import write_report
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):
-    write_report(snakemake.input.answers, snakemake.input.overlap, snakemake.input.timings, snakemake.input.facts,
+    timing = {Path(path).name: path for path in snakemake.input.timing}
+    write_report(snakemake.input.answers, snakemake.input.overlap, snakemake.input.facts, timing,
                  snakemake.wildcards.dataset, Path(snakemake.output.summary).parent)

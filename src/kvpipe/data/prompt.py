@@ -1,7 +1,10 @@
 """Chat-template prompts whose tokens are labelled template / context / question.
 
 The prompt is rendered once with the model's chat template and tokenised once; each token
-is labelled by the character span it covers. The context tokens form one contiguous block
+is labelled by the character span it covers. Spans are recorded on one character axis that
+every model shares, whatever its chat template: the context's characters, then the question's
+(numbered from len(context)); template tokens cover none (-1). kvpipe.alignment pairs the tokens
+of two tokenizers by these spans. The context tokens form one contiguous block
 and every question token comes after it, so a cache can be prefilled on the tokens up to
 the end of the context, pruned, and then fed the rest without changing the tokenisation.
 """
@@ -22,17 +25,27 @@ SEGMENT_NAMES = ("template", "context", "question")
 
 @dataclass(frozen=True)
 class PromptTokens:
-    """A tokenised prompt with per-token segment labels and context character offsets."""
+    """A tokenised prompt with per-token segment labels and character offsets (context, then question)."""
 
     input_ids: np.ndarray      # int64 [T]
     segment: np.ndarray        # int8 [T]: TEMPLATE, CONTEXT or QUESTION
-    char_start: np.ndarray     # int32 [T]: offset into the context, -1 outside it
-    char_end: np.ndarray       # int32 [T]
+    char_start: np.ndarray     # int32 [T]: offset into the context, or len(context) + offset into the question;
+    char_end: np.ndarray       # int32 [T]   -1 for template tokens
     context_start: int         # index of the first context token
     context_end: int           # one past the last context token: the question part starts here
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def same_tokens(self, other: PromptTokens) -> bool:
+        """Whether both prompts are the same tokens: the same ids covering the same characters."""
+        return all(np.array_equal(getattr(self, f), getattr(other, f)) for f in ("input_ids", "char_start", "char_end"))
+
+    @property
+    def context_spans(self) -> np.ndarray:
+        """int64 [n_context, 2]: the character span of each context token."""
+        ctx = slice(self.context_start, self.context_end)
+        return np.stack([self.char_start[ctx], self.char_end[ctx]], axis=1).astype(np.int64)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any], context: str, question: str) -> tuple[str, int, int]:
@@ -63,7 +76,9 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, prompt: dict[str, Any], con
         raise KvpipeError("prompt: the context produced no tokens")
     if (np.diff(ctx_idx) != 1).any() or (in_context & in_question).any() or np.flatnonzero(in_question).min() <= ctx_idx[-1]:
         raise KvpipeError("prompt.user: context and question tokens overlap; separate them with text")
-    char_start = np.where(in_context, np.clip(starts - c0, 0, len(context)), -1).astype(np.int32)
-    char_end = np.where(in_context, np.clip(ends - c0, 0, len(context)), -1).astype(np.int32)
+    n_ctx, n_q = len(context), len(question)   # the shared axis: context characters, then question characters
+    char_start, char_end = (np.where(in_context, np.clip(x - c0, 0, n_ctx),
+                                     np.where(in_question, n_ctx + np.clip(x - q0, 0, n_q), -1)).astype(np.int32)
+                            for x in (starts, ends))
     return PromptTokens(np.asarray(enc["input_ids"], dtype=np.int64), segment, char_start, char_end,
                         int(ctx_idx[0]), int(ctx_idx[-1]) + 1)

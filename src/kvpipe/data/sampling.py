@@ -26,7 +26,8 @@ def load_dataset(name: str, spec: dict[str, Any]) -> pd.DataFrame:
     if spec["source"] == "synthetic":
         from kvpipe.data.synthetic import generate
 
-        return generate(spec["seed"], spec["passages"], spec["entities_per_passage"], spec["unanswerable_fraction"])
+        return generate(spec["seed"], spec["passages"], spec["entities_per_passage"], spec["unanswerable_fraction"],
+                        spec.get("mode", "single"), spec.get("hops"))
     from kvpipe.data.squad import load_squad
 
     return load_squad(spec.get("path"), spec.get("hub_id"), spec["split"])

@@ -5,19 +5,40 @@ birth year, profession, workplace, founded organisation), so every question has
 same-typed distractors elsewhere in the passage and its answer occurs exactly once: a
 selection that drops the answer's tokens loses the answer. Names are made of random
 syllables, so no model can answer from memory.
+
+The multi-hop mode links the people of a passage by two relations (mentor, employer) and asks
+for an attribute of a person reached only by following them from the named one ("In which
+town was the mentor of X's employer born?"): 2 hops compose one relation with one attribute,
+3 hops two relations. Every person has every attribute, and the people of a chain are
+distinct, so answering with the attribute of the named person (or of any person along the
+way) gives a wrong answer of the right type.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import pandas as pd
 
 from kvpipe.data.squad import COLUMNS
+from kvpipe.errors import KvpipeError
 
 _SYLLABLES = "ka lo mi re vo sa tu ne zi dar mel qua rin tho vel wyn ost ban cor fel".split()
-_PROFESSIONS = ["glassblower", "cartographer", "beekeeper", "astronomer", "shipwright", "luthier",
-                "botanist", "clockmaker", "stonemason", "archivist", "falconer", "tanner"]
+_PROFESSIONS = [
+    "glassblower",
+    "cartographer",
+    "beekeeper",
+    "astronomer",
+    "shipwright",
+    "luthier",
+    "botanist",
+    "clockmaker",
+    "stonemason",
+    "archivist",
+    "falconer",
+    "tanner",
+]
 _ORG_KINDS = ["Guild", "Society", "Academy", "Company", "League", "Institute"]
 
 # (fact template, question template, attribute holding the answer)
@@ -41,23 +62,46 @@ def _unique(rng: random.Random, make, used: set[str]) -> str:
     return value
 
 
-def generate(seed: int = 0, passages: int = 200, entities_per_passage: int = 4,
-             unanswerable_fraction: float = 0.0) -> pd.DataFrame:
-    """Generate passages with one question per entity; unanswerable ones ask about an absent entity."""
+def generate(
+    seed: int = 0,
+    passages: int = 200,
+    entities_per_passage: int = 4,
+    unanswerable_fraction: float = 0.0,
+    mode: str = "single",
+    hops: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Generate passages with one question per entity; unanswerable ones ask about an absent entity.
+
+    mode "single" asks for an attribute of a named person; "multihop" for one of a person reached
+    over ``hops`` facts (each question's count drawn from ``hops``, default every supported count;
+    recorded in an extra ``hops`` column and as the id's ``-h<k>`` suffix).
+    """
+    if mode == "multihop":
+        return _multihop(seed, passages, entities_per_passage, unanswerable_fraction, HOPS if hops is None else hops)
+    if mode != "single":
+        raise KvpipeError(f"mode: {mode!r} is not a synthetic mode (single, multihop)")
+    if hops is not None:
+        raise KvpipeError("hops: only with mode: multihop")
+    return _single(seed, passages, entities_per_passage, unanswerable_fraction)
+
+
+def _single(seed: int, passages: int, entities_per_passage: int, unanswerable_fraction: float) -> pd.DataFrame:
     rng = random.Random(seed)
     rows = []
     for p in range(passages):
         used: set[str] = set()
         people = []
         for _ in range(entities_per_passage):
-            people.append({
-                "name": _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", used),
-                "town": _unique(rng, lambda: _word(rng, 3), used),
-                "year": _unique(rng, lambda: str(rng.randint(1400, 1899)), used),
-                "profession": _unique(rng, lambda: rng.choice(_PROFESSIONS), used),
-                "city": _unique(rng, lambda: _word(rng, 2) + " " + rng.choice(["Harbour", "Ford", "Vale"]), used),
-                "org": _unique(rng, lambda: f"{_word(rng, 2)} {rng.choice(_ORG_KINDS)}", used),
-            })
+            people.append(
+                {
+                    "name": _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", used),
+                    "town": _unique(rng, lambda: _word(rng, 3), used),
+                    "year": _unique(rng, lambda: str(rng.randint(1400, 1899)), used),
+                    "profession": _unique(rng, lambda: rng.choice(_PROFESSIONS), used),
+                    "city": _unique(rng, lambda: _word(rng, 2) + " " + rng.choice(["Harbour", "Ford", "Vale"]), used),
+                    "org": _unique(rng, lambda: f"{_word(rng, 2)} {rng.choice(_ORG_KINDS)}", used),
+                }
+            )
         sentences = [(fact, person) for person in people for fact in _FACTS]
         rng.shuffle(sentences)
         context, spans = "", {}
@@ -72,12 +116,134 @@ def generate(seed: int = 0, passages: int = 200, entities_per_passage: int = 4,
             qid = f"syn{seed}-{p:05d}-{e}"
             if rng.random() < unanswerable_fraction:
                 absent = _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", used)
-                rows.append({"id": qid, "title": f"Passage {p}", "context": context,
-                             "question": question.format(name=absent), "answers": [], "is_impossible": True})
+                rows.append(
+                    {
+                        "id": qid,
+                        "title": f"Passage {p}",
+                        "context": context,
+                        "question": question.format(name=absent),
+                        "answers": [],
+                        "is_impossible": True,
+                    }
+                )
                 continue
             value = person[attr]
-            rows.append({"id": qid, "title": f"Passage {p}", "context": context,
-                         "question": question.format(name=person["name"]),
-                         "answers": [{"text": value, "answer_start": spans[(person["name"], attr)]}],
-                         "is_impossible": False})
+            rows.append(
+                {
+                    "id": qid,
+                    "title": f"Passage {p}",
+                    "context": context,
+                    "question": question.format(name=person["name"]),
+                    "answers": [{"text": value, "answer_start": spans[(person["name"], attr)]}],
+                    "is_impossible": False,
+                }
+            )
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# Multi-hop mode. Relations between the people of a passage: (relation, fact template); every person has one of each,
+# held by two different other people, so a chain can always go on without turning back.
+_RELATIONS = [
+    ("mentor", "{name} was mentored by {other}."),
+    ("employer", "{name} was employed by {other}."),
+]
+# The attributes a multi-hop question asks for (each at the end of its fact, and unique in the passage).
+_HOP_FACTS = [
+    ("{name} was born in the town of {town}.", "In which town was {who} born?", "town"),
+    ("{name} was born in the year {year}.", "In what year was {who} born?", "year"),
+    ("{name} founded the {org}.", "What did {who} found?", "org"),
+]
+HOPS = (2, 3)  # the hop counts the multi-hop mode supports: facts composed per question
+
+
+def chain_phrase(name: str, relations: Sequence[str]) -> str:
+    """The person reached from ``name`` over ``relations`` (in order), e.g. "the mentor of X's employer"."""
+    who = f"{name}'s {relations[0]}"
+    for relation in relations[1:]:
+        who = f"the {relation} of {who}"
+    return who
+
+
+def _chains(start: dict, by_name: dict[str, dict], length: int) -> list[tuple[tuple[str, ...], dict]]:
+    """Every path of ``length`` relations from ``start`` that visits no person twice: (relations, end)."""
+    paths: list[tuple[tuple[str, ...], list[dict]]] = [((), [start])]
+    for _ in range(length):
+        paths = [
+            (rels + (rel,), seen + [by_name[seen[-1][rel]]])
+            for rels, seen in paths
+            for rel, _ in _RELATIONS
+            if all(p is not by_name[seen[-1][rel]] for p in seen)
+        ]
+    return [(rels, seen[-1]) for rels, seen in paths]
+
+
+def _multihop_passage(rng: random.Random, n: int) -> tuple[list[dict], str, dict[tuple[str, str], int]]:
+    """Draw people, relations and the shuffled passage until every answerable value occurs once in it."""
+    while True:
+        used: set[str] = set()
+        people = [
+            {
+                "name": _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", used),
+                "town": _unique(rng, lambda: _word(rng, 3), used),
+                "year": _unique(rng, lambda: str(rng.randint(1400, 1899)), used),
+                "org": _unique(rng, lambda: f"{_word(rng, 2)} {rng.choice(_ORG_KINDS)}", used),
+            }
+            for _ in range(n)
+        ]
+        for person in people:
+            others = [other["name"] for other in people if other is not person]
+            for (relation, _), other in zip(_RELATIONS, rng.sample(others, len(_RELATIONS))):
+                person[relation] = other
+        sentences = [
+            (template.format(**person), person[attr], attr, person) for person in people for template, _, attr in _HOP_FACTS
+        ]
+        sentences += [
+            (template.format(name=person["name"], other=person[relation]), None, None, person)
+            for person in people
+            for relation, template in _RELATIONS
+        ]
+        rng.shuffle(sentences)
+        context, spans = "", {}
+        for text, value, attr, person in sentences:
+            if value is not None:
+                spans[(person["name"], attr)] = len(context) + text.rindex(value)
+            context += text + " "
+        context = context.strip()
+        lowered = context.lower()
+        if all(lowered.count(person[attr].lower()) == 1 for person in people for _, _, attr in _HOP_FACTS):
+            return people, context, spans
+
+
+def _multihop(
+    seed: int, passages: int, entities_per_passage: int, unanswerable_fraction: float, hops: Sequence[int]
+) -> pd.DataFrame:
+    hops = list(hops)
+    if not hops or any(h not in HOPS for h in hops):
+        raise KvpipeError(f"hops: {hops} must be a non-empty list of hop counts from {list(HOPS)}")
+    if entities_per_passage < 3:
+        raise KvpipeError(f"entities_per_passage: multihop needs at least 3 people per passage (got {entities_per_passage})")
+    rng = random.Random(seed)
+    rows = []
+    for p in range(passages):
+        people, context, spans = _multihop_passage(rng, entities_per_passage)
+        by_name = {person["name"]: person for person in people}
+        for e, person in enumerate(people):
+            count = rng.choice(hops)
+            relations, end = rng.choice(_chains(person, by_name, count - 1))
+            _, question, attr = rng.choice(_HOP_FACTS)
+            row = {"id": f"mh{seed}-{p:05d}-{e}-h{count}", "title": f"Passage {p}", "context": context, "hops": count}
+            if rng.random() < unanswerable_fraction:
+                absent = _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", set(by_name))
+                rows.append(
+                    row | {"question": question.format(who=chain_phrase(absent, relations)), "answers": [], "is_impossible": True}
+                )
+                continue
+            rows.append(
+                row
+                | {
+                    "question": question.format(who=chain_phrase(person["name"], relations)),
+                    "answers": [{"text": end[attr], "answer_start": spans[(end["name"], attr)]}],
+                    "is_impossible": False,
+                }
+            )
+    return pd.DataFrame(rows, columns=[*COLUMNS, "hops"])

@@ -4,15 +4,18 @@ The question part (question + closing template) is fed after the pruning, at its
 RoPE positions (right after the context), so it never attends to evicted tokens; with
 `rerotate` it follows on from the kept entries instead. Every row shares the question ids
 and positions, so the batch is exact. Decoding is greedy and a row stops at any end-of-turn
-id: those of the model's generation config plus the tokenizer's eos.
+id: those of the model's generation config, the tokenizer's eos and the token the chat template
+closes a reply with (Gemma's <end_of_turn>, which the Gemma 3 GGUF's generation config lacks).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jinja2
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kvpipe.data.prompt import QUESTION, PromptTokens
@@ -32,11 +35,29 @@ class Answer:
     cache_length: int     # cache length after decoding
 
 
+REPLY = "kvpipe-reply"
+
+
+def reply_end_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The added token the chat template closes an assistant reply with (<|im_end|>, <end_of_turn>, <|eot_id|>);
+    None if the reply is followed by no added token or the template cannot render one."""
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": REPLY}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except jinja2.TemplateError:
+        return None
+    if REPLY not in text:
+        return None
+    ids = tokenizer(text[text.rindex(REPLY) + len(REPLY):].lstrip(), add_special_tokens=False)["input_ids"]
+    return ids[0] if ids and ids[0] in tokenizer.added_tokens_decoder else None
+
+
 def stop_ids(lm: LoadedModel) -> list[int]:
-    """Every end-of-turn id: the generation config's eos_token_id (int or list) and the tokenizer's eos."""
+    """Every end-of-turn id: the generation config's eos_token_id (int or list), the tokenizer's eos and
+    the chat template's reply end."""
     configured = lm.model.generation_config.eos_token_id
     ids = configured if isinstance(configured, list) else [configured]
-    return sorted({int(i) for i in [*ids, lm.tokenizer.eos_token_id] if i is not None})
+    return sorted({int(i) for i in [*ids, lm.tokenizer.eos_token_id, reply_end_id(lm.tokenizer)] if i is not None})
 
 
 def _question_pass(lm: LoadedModel, tokens: PromptTokens, batch: PrunedBatch, positions: torch.Tensor,
@@ -58,25 +79,32 @@ def _question_pass(lm: LoadedModel, tokens: PromptTokens, batch: PrunedBatch, po
 
 def _greedy(lm: LoadedModel, batch: PrunedBatch, out: CausalLMOutputWithPast, positions: torch.Tensor,
             max_new_tokens: int, stops: torch.Tensor) -> list[list[int]]:
-    """Greedy tokens per row, each up to and including its first stop id."""
+    """Greedy tokens per row, each up to and including its first stop id.
+
+    A row that has stopped leaves the batch (cache, mask and positions keep the rows still
+    decoding), so every step computes only those.
+    """
     rows, nq = len(batch.kept), positions.shape[1]
-    done = torch.zeros(rows, dtype=torch.bool, device=lm.device)
     generated: list[list[int]] = [[] for _ in range(rows)]
-    fed = 0
+    active = torch.arange(rows, device=lm.device)   # the row of each batch entry
+    mask = torch.cat([batch.mask, batch.mask.new_ones(rows, nq)], dim=1)
+    last = positions[:, -1:]
     for step in range(max_new_tokens):
         check_finite(out.logits, "the logits", lm)
         nxt = out.logits[:, -1].argmax(-1)
-        for r in range(rows):
-            if not done[r]:
-                generated[r].append(int(nxt[r]))
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or step == max_new_tokens - 1:
+        for entry, row in enumerate(active.tolist()):
+            generated[row].append(int(nxt[entry]))
+        going = ~torch.isin(nxt, stops)
+        if not bool(going.any()) or step == max_new_tokens - 1:
             break
-        out = lm.model(input_ids=nxt[:, None], past_key_values=batch.cache, use_cache=True,
-                       attention_mask=torch.cat([batch.mask, batch.mask.new_ones(rows, nq + fed + 1)], dim=1),
-                       position_ids=positions[:, -1:] + fed + 1,
-                       cache_position=torch.tensor([batch.length + nq + fed], device=lm.device))
-        fed += 1
+        if not bool(going.all()):
+            keep = going.nonzero()[:, 0]
+            batch.cache.batch_select_indices(keep)
+            active, nxt, mask, last = active[keep], nxt[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        out = lm.model(input_ids=nxt[:, None], past_key_values=batch.cache, use_cache=True, attention_mask=mask,
+                       position_ids=last + step + 1,
+                       cache_position=torch.tensor([batch.length + nq + step], device=lm.device))
     return generated
 
 
@@ -92,10 +120,10 @@ def decode(lm: LoadedModel, tokens: PromptTokens, batch: PrunedBatch, max_new_to
     with torch.inference_mode():
         out, capture = _question_pass(lm, tokens, batch, positions, capture_row)
         generated = _greedy(lm, batch, out, positions, max_new_tokens, torch.as_tensor(stops, device=lm.device))
-    cache_length = batch.cache.get_seq_length()
     answers = []
-    for toks, n in zip(generated, batch.kept, strict=True):
-        toks = [t for t in toks if t not in stops]
+    for raw, n in zip(generated, batch.kept, strict=True):
+        toks = [t for t in raw if t not in stops]
+        # its cache held the kept entries, the question part and every generated token but the last (never fed)
         answers.append(Answer(toks, lm.tokenizer.decode(toks, skip_special_tokens=True).strip(), n,
-                              cache_length - (batch.length - n)))
+                              n + nq + len(raw) - 1))
     return answers, capture

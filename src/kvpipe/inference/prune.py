@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from kvpipe.inference.sources import ContextKV
 from kvpipe.models.load import LoadedModel
-from kvpipe.models.rope import apply_rope, invert_rope, rope_tables
+from kvpipe.models.rope import apply_rope, invert_rope, layer_rope_tables
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def prune_batch(lm: LoadedModel, rows: Sequence[tuple[ContextKV, np.ndarray]], c
     tables = None
     if rerotate:  # tables cover every stated position and every position 0..n-1 a row moves to
         size = max(max(len(kv), int(kv.positions.max()) + 1) for kv, _ in rows)
-        tables = rope_tables(lm.model, torch.arange(size, device=lm.device))
+        tables = layer_rope_tables(lm.model, torch.arange(size, device=lm.device))
     layers = []
     for layer in range(len(rows[0][0].keys)):
         first = rows[0][0]
@@ -63,7 +63,7 @@ def prune_batch(lm: LoadedModel, rows: Sequence[tuple[ContextKV, np.ndarray]], c
             idx = kept_index(sel, layer, heads, context_start, lm.device)      # [heads, n]
             k = torch.gather(kv.keys[layer], 1, idx[..., None].expand(-1, -1, d))
             if tables is not None:  # move kept keys to positions 0..n-1
-                cos, sin = tables
+                cos, sin = tables[layer]
                 pos, n = kv.positions[idx], idx.shape[1]
                 k = apply_rope(invert_rope(k.float(), cos[pos], sin[pos]), cos[:n], sin[:n]).to(k.dtype)
             kb[r, :, : idx.shape[1]] = k

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens
 from kvpipe.errors import KvpipeError
@@ -54,7 +55,11 @@ class CacheSource(ABC):
 
 @dataclass(frozen=True)
 class OwnPrefill(CacheSource):
-    """The model prefills the prompt up to the end of the context, capturing the last `window` queries."""
+    """The model prefills the prompt up to the end of the context, capturing the last `window` queries.
+
+    A config-less DynamicCache keeps every token in every layer: a model's default cache keeps only
+    the last sliding_window - 1 tokens of sliding-window layers (Gemma 3). Attention is the same.
+    """
 
     window: int = 64
     name: ClassVar[str] = "own_prefill"
@@ -63,13 +68,13 @@ class OwnPrefill(CacheSource):
         ids = torch.as_tensor(tokens.input_ids[: tokens.context_end], device=lm.device)[None]
         w = min(self.window, tokens.context_end - tokens.context_start)
         with torch.inference_mode(), capture_queries(lm, last=w) as raw:
-            cache = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+            cache = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache()).past_key_values
         check_cache(cache, lm)
         layers = [cache_layer(cache, layer) for layer in range(len(cache.layers))]
         index = torch.arange(tokens.context_end - w, tokens.context_end, device=lm.device)
         return ContextKV([k[0] for k, _ in layers], [v[0] for _, v in layers],
                          torch.arange(tokens.context_end, device=lm.device),
-                         [rope_queries(lm, r[0], index) for r in raw], index)
+                         [rope_queries(lm, r[0], index, layer) for layer, r in enumerate(raw)], index)
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,9 +1,11 @@
 """Per-model KV-cache extraction of a sample table into the sharded Parquet KV dataset.
 
 For each sample the chat prompt is run through the model once (use_cache=True); the cache
-holds post-RoPE keys and values per layer. Pre-RoPE keys are obtained by the exact inverse
-rotation with the model's own RoPE tables. Every logit and cache tensor is checked for
-non-finite values (the FP16 overflow trap), and so is the cast to the storage dtype.
+holds post-RoPE keys and values of every token in every layer. Pre-RoPE keys are obtained
+by the exact inverse rotation with each layer's own RoPE tables (Gemma 3's sliding-window
+layers rotate with another base than its full-attention layers). Every logit and cache
+tensor is checked for non-finite values (the FP16 overflow trap), and so is the cast to the
+storage dtype.
 
 Shards are written atomically and recorded in a progress file; a rerun with the same
 inputs verifies and skips finished shards. Memory is bounded by one shard.
@@ -20,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.errors import KvpipeError
@@ -27,7 +30,7 @@ from kvpipe.io import sha256_file
 from kvpipe.kv import store as kvstore
 from kvpipe.kv.checks import cache_layer, check_cache, check_finite, check_window
 from kvpipe.models.load import LoadedModel, load_model
-from kvpipe.models.rope import invert_rope, rope_tables
+from kvpipe.models.rope import invert_rope, layer_rope_tables
 from kvpipe.provenance import module_hash
 
 
@@ -42,10 +45,14 @@ def resolve_layers(layers: Any, num_layers: int, slug: str) -> list[int]:
 
 
 def forward(lm: LoadedModel, input_ids: np.ndarray) -> Any:
-    """One prefill with cache; the cache, then the logits, must be finite."""
+    """One prefill with cache; the cache, then the logits, must be finite.
+
+    A config-less DynamicCache keeps every token in every layer: a model's default cache keeps only
+    the last sliding_window - 1 tokens of sliding-window layers (Gemma 3). Attention is the same.
+    """
     ids = torch.as_tensor(input_ids, device=lm.device).unsqueeze(0)
     with torch.inference_mode():
-        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache())
     check_cache(out.past_key_values, lm)
     check_finite(out.logits, "the logits", lm)
     return out.past_key_values
@@ -62,16 +69,16 @@ def _to_rows(x: torch.Tensor, storage: np.dtype, what: str, lm: LoadedModel) -> 
     return out
 
 
-def extract_sample(lm: LoadedModel, tokens: Any, layers: list[int], tables: tuple[torch.Tensor, torch.Tensor],
+def extract_sample(lm: LoadedModel, tokens: Any, layers: list[int], tables: list[tuple[torch.Tensor, torch.Tensor]],
                    storage: np.dtype) -> dict[int, dict[str, np.ndarray]]:
-    """KV rows of one prompt for each requested layer: {layer: {kind: [T, H*D]}}."""
+    """KV rows of one prompt for each requested layer: {layer: {kind: [T, H*D]}} (tables: RoPE tables per layer)."""
     cache = forward(lm, tokens.input_ids)
     n = len(tokens)
-    cos, sin = tables[0][:n], tables[1][:n]
     rows = {}
     for layer in layers:
         keys, values = cache_layer(cache, layer)
-        pre = invert_rope(keys.float(), cos, sin)
+        cos, sin = tables[layer]
+        pre = invert_rope(keys.float(), cos[:n], sin[:n])
         rows[layer] = {"key": _to_rows(keys, storage, f"keys of layer {layer}", lm),
                        "key_pre_rope": _to_rows(pre, storage, f"pre-RoPE keys of layer {layer}", lm),
                        "value": _to_rows(values, storage, f"values of layer {layer}", lm)}
@@ -88,7 +95,7 @@ class _Job:
     storage: np.dtype
     compression: str
     schema: Any
-    tables: tuple[torch.Tensor, torch.Tensor]
+    tables: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _prompts(lm: LoadedModel, samples: pd.DataFrame, prompt: dict[str, Any]) -> list[PromptTokens]:
@@ -141,7 +148,7 @@ def extract(model_dir: Path, samples_path: Path, out_dir: Path, extraction: dict
     job = _Job(lm, root, resolve_layers(extraction["layers"], cfg.num_hidden_layers, lm.slug),
                np.dtype(extraction["storage_dtype"]), extraction["compression"],
                kvstore.schema(width, extraction["storage_dtype"]),
-               rope_tables(lm.model, torch.arange(max(map(len, prompts)), device=lm.device)))
+               layer_rope_tables(lm.model, torch.arange(max(map(len, prompts)), device=lm.device)))
     key = {"format": kvstore.FORMAT, "model_fingerprint": lm.card["fingerprint"],
            "samples_sha256": sha256_file(samples_path), "extraction": extraction, "prompt": prompt,
            "device": lm.device.type, "compute_dtype": str(lm.dtype).removeprefix("torch."),

@@ -8,8 +8,9 @@ Layout of results/kv/{dataset}/{model}/:
     manifest.json                  written last; its presence means the dataset is complete
 
 One row per (sample, token) in each layer file. Columns: sample_idx, sample_id, position,
-segment (template/context/question), token_id, char_start, char_end (offsets into the
-context, -1 outside it), key (post-RoPE, as cached), key_pre_rope, value; the last three
+segment (template/context/question), token_id, char_start, char_end (character offsets into
+the context, then the question numbered from len(context); -1 for template tokens: the axis
+kvpipe.alignment pairs tokenizers on), key (post-RoPE, as cached), key_pre_rope, value; the last three
 are fixed-size lists of num_kv_heads * head_dim floats, head-major.
 Every read checks the file's SHA-256 against manifest.json (read_shard).
 """

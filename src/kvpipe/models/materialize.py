@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
+from transformers import PreTrainedTokenizerBase
+
 from kvpipe.errors import KvpipeError
 from kvpipe.io import atomic_path, sha256_file, sha256_json, write_json
 from kvpipe.models.load import CARD
@@ -20,12 +23,25 @@ def fingerprint(directory: Path) -> str:
     return sha256_json({p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != CARD})
 
 
+def _check_chat_template(slug: str, spec: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> None:
+    """The tokenizer must have a chat template that renders a system and a user message, as every kvpipe prompt does."""
+    if tokenizer.chat_template is None:
+        raise KvpipeError(f"models.{slug}: the tokenizer has no chat template; name a Jinja file in models.{slug}.chat_template")
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+                                      tokenize=False, add_generation_prompt=True)
+    except jinja2.TemplateError as err:
+        field = f"models.{slug}.chat_template" if spec.get("chat_template") else f"models.{slug}"
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise KvpipeError(f"{field}: the chat template cannot render a system and a user message "
+                          f"({type(err).__name__}: {first})") from None
+
+
 def materialize(slug: str, spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Build out_dir (safetensors weights, tokenizer, config, kvpipe_model.json) from a source spec."""
     out_dir = Path(out_dir)
     model, tokenizer = build_source(slug, spec)
-    if tokenizer.chat_template is None:
-        raise KvpipeError(f"models.{slug}: the tokenizer has no chat template")
+    _check_chat_template(slug, spec, tokenizer)
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

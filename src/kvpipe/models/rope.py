@@ -9,6 +9,10 @@ and may carry an attention scale s (cos = s cos θ, sin = s sin θ). Since rotat
 a rotation by 90° in each pair, the inverse is the rotation by -θ divided by s²:
 
     k = (k_rot * cos - rotate_half(k_rot) * sin) / (cos² + sin²)
+
+Layers may differ: Gemma 3's sliding-window layers rotate with `rotary_emb_local`
+(rope_local_base_freq, 10k) and its full-attention layers with `rotary_emb` (rope_theta, 1M),
+so such a model's tables are asked for per layer.
 """
 
 from __future__ import annotations
@@ -25,9 +29,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rope_tables(model: PreTrainedModel, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [T, head_dim] in float32 for the given absolute positions."""
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+def _rotary(model: PreTrainedModel, layer: int | None) -> torch.nn.Module | None:
+    """The rotary module of `layer`: `rotary_emb_local` for a sliding-window layer of a model that has one."""
+    inner = getattr(model, "model", model)
+    local = getattr(inner, "rotary_emb_local", None)
+    if local is None:
+        return getattr(inner, "rotary_emb", None)
+    if layer is None:
+        raise KvpipeError(f"{type(model).__name__}: its layers use different RoPE tables; pass the layer")
+    return local if model.config.layer_types[layer] == "sliding_attention" else inner.rotary_emb
+
+
+def rope_tables(model: PreTrainedModel, positions: torch.Tensor,
+                layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim] in float32 for the given absolute positions (of `layer`, where layers differ)."""
+    rotary = _rotary(model, layer)
     if rotary is None:
         raise KvpipeError(f"{type(model).__name__}: no rotary_emb module; only RoPE models are supported")
     head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
@@ -38,6 +54,15 @@ def rope_tables(model: PreTrainedModel, positions: torch.Tensor) -> tuple[torch.
     if cos.shape[-1] != head_dim:
         raise KvpipeError(f"{type(model).__name__}: partial rotary embeddings are not supported")
     return cos[0].float(), sin[0].float()
+
+
+def layer_rope_tables(model: PreTrainedModel, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """rope_tables of every layer, each distinct table computed once."""
+    if getattr(getattr(model, "model", model), "rotary_emb_local", None) is None:
+        return [rope_tables(model, positions)] * model.config.num_hidden_layers
+    types = model.config.layer_types
+    tables = {kind: rope_tables(model, positions, types.index(kind)) for kind in set(types)}
+    return [tables[kind] for kind in types]
 
 
 def apply_rope(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

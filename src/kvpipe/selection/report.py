@@ -1,7 +1,8 @@
-"""Report of the selection-transfer stage, from its tables alone: aggregates, figures and summary.
+"""Report of the selection-transfer stage, from its tables alone: aggregates, figures, summary and timing.
 
-Reads answers, overlap and timings Parquet and facts.json (written by kvpipe.selection.stage);
-the numbers come from kvpipe.selection.aggregate, the figures from kvpipe.selection.figures.
+Reads answers and overlap Parquet and facts.json (written by kvpipe.selection.stage) for the
+run-invariant outputs, and its timing file (timings.parquet) for timing.md; the numbers come from
+kvpipe.selection.aggregate, the figures from kvpipe.selection.figures.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from kvpipe.selection.aggregate import SUBSETS, aggregate
 
 _DRAW = {"f1_vs_retention": figures.f1_vs_retention, "overlap": figures.overlap}
 FIGURES = tuple(_DRAW)
+TIMING_FILES = ("timings.parquet",)   # what the stage measured in seconds
 NOTES = {  # the notes' figures (Qwen2.5 3B -> 7B, SQuAD v2, 50 samples)
     ("overlap", "q2c", 0.5): 0.863, ("overlap", "q2c", 0.75): 0.915,
     ("overlap", "snapkv", 0.5): 0.895, ("overlap", "snapkv", 0.75): 0.949,
@@ -72,6 +74,28 @@ def _overlaps(get: _Lookup) -> list[str]:
         lines.append(f"| {m} | {r:.2f} | {get.cell(*key, 'overlap')} | {_note(('overlap', m, r))} | "
                      f"{get(*key, 'overlap_random')[0]:.3f} | {get.cell(*key, 'overlap_minus_random', signed=True)} | "
                      f"{get.cell(*key, 'jaccard')} | {get.cell(*key, 'spearman')} |")
+    return lines
+
+
+def _character_overlaps(get: _Lookup, cfg: dict[str, Any]) -> list[str]:
+    """For a pair whose tokenizers differ: how selections cross tokenizers, and the overlap in characters."""
+    ov = get.agg[(get.agg["table"] == "overlap") & (get.agg["method"] != "random")
+                 & (get.agg["quantity"] == "char_overlap")]
+    if ov.empty:
+        return []
+    lines = ["", "## Selection overlap in characters (the tokenizers differ)", "",
+             "The models tokenise the samples differently, so a selection crosses by the characters it keeps: a main "
+             f"token is kept when the scout's kept tokens cover at least {cfg['alignment']['min_cover']:g} of its "
+             "characters (`alignment.min_cover`), then the main's budget is met exactly by the scout's scores mapped to "
+             "main tokens (the max over the scout tokens covering each), and likewise from main to scout. The overlap "
+             "above is counted in main tokens. Here: the share of the main's kept context characters that the scout's "
+             "own selection keeps too, beside its exact expectation for a random scout selection of the same size "
+             "that keeps the method's forced positions (the main's selection held fixed).", "",
+             "| method | retention | character overlap | random expectation | overlap − random |", "|---|---|---|---|---|"]
+    for (m, r), _ in ov.groupby(["method", "retention"]):
+        key = ("overlap", "pair", m, r)
+        lines.append(f"| {m} | {r:.2f} | {get.cell(*key, 'char_overlap')} | {get(*key, 'char_overlap_random')[0]:.3f} | "
+                     f"{get.cell(*key, 'char_overlap_minus_random', signed=True)} |")
     return lines
 
 
@@ -161,13 +185,18 @@ def _answerability(get: _Lookup) -> list[str]:
     return lines if found else []
 
 
-def _times(timings: pd.DataFrame) -> list[str]:
+def timing_markdown(timings: pd.DataFrame, facts: dict[str, Any], dataset: str) -> str:
+    """Median seconds per sample of each model's steps, from the stage's timing file."""
+    lines = [f"# Selection timing: {facts['scout']} (scout) ↔ {facts['main']} (main), pair {facts['pair']}, {dataset}",
+             "", "Median per sample, seconds (measured times differ between runs; the stage's other outputs do not).",
+             ""]
     if not len(timings):
-        return []
-    t = timings.groupby("role")[["prefill_s", "full_answer_s", "scoring_s"]].median()
-    return ["", "## Time (median per sample, seconds)", "", "| model | context prefill | full-KV answer | scoring |",
-            "|---|---|---|---|"] + [f"| {role} | {t.loc[role, 'prefill_s']:.2f} | {t.loc[role, 'full_answer_s']:.2f} | "
-                                    f"{t.loc[role, 'scoring_s']:.3f} |" for role in t.index]
+        return "\n".join(lines + ["No sample was answered.", ""])
+    t = timings.groupby("role")[["prefill_s", "full_answer_s", "scoring_s", "pruned_answers_s"]].median()
+    lines += ["| model | context prefill | full-KV answer | scoring | pruned conditions (one batch) |", "|---|---|---|---|---|"]
+    lines += [f"| {role} | {t.loc[role, 'prefill_s']:.2f} | {t.loc[role, 'full_answer_s']:.2f} | "
+              f"{t.loc[role, 'scoring_s']:.3f} | {t.loc[role, 'pruned_answers_s']:.2f} |" for role in t.index]
+    return "\n".join(lines + [""])
 
 
 def _sample_line(answers: pd.DataFrame, facts: dict[str, Any]) -> str:
@@ -180,8 +209,7 @@ def _sample_line(answers: pd.DataFrame, facts: dict[str, Any]) -> str:
     return f"{used} (all {facts['n_sampled']} sampled)"
 
 
-def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataFrame, facts: dict[str, Any],
-                     dataset: str) -> str:
+def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dataset: str) -> str:
     """The notes' three tables regenerated from data, with the notes' figures beside ours."""
     cfg, get = facts["selection"], _Lookup(agg)
     level = int(round(100 * cfg["ci"]))
@@ -190,21 +218,25 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, timings: pd.DataF
              f"intervals: {level} % bootstrap over passages (the questions on one passage are resampled together; "
              f"{cfg['bootstrap']} resamples), paired for every delta. A delta whose interval "
              "includes 0 is reported as not distinguishable from 0. " + _detectable(get, cfg), ""]
-    lines += _baselines(get, facts) + [""] + _retention(answers, cfg) + _overlaps(get) + [""] + _transfers(get)
-    lines += _multiplicity(agg, cfg) + _answerability(get) + _times(timings)
+    lines += _baselines(get, facts) + [""] + _retention(answers, cfg) + _overlaps(get) + _character_overlaps(get, cfg)
+    lines += [""] + _transfers(get)
+    lines += _multiplicity(agg, cfg) + _answerability(get)
     lines += ["", "Figures: " + ", ".join(f"`figures/{name}`" for name in FIGURES) + " (PNG and PDF). Per-sample "
-              "answers: `answers.parquet`; overlaps: `overlap.parquet`; every figure above: `aggregates.parquet`.", ""]
+              "answers: `answers.parquet`; overlaps: `overlap.parquet`; every figure above: `aggregates.parquet`; "
+              "time per step: `timing.md`.", ""]
     return "\n".join(lines)
 
 
-def write_report(answers: Path, overlap: Path, timings: Path, facts: Path, dataset: str, out_dir: Path) -> None:
-    """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables."""
-    frames = {name: pd.read_parquet(path) for name, path in (("answers", answers), ("overlap", overlap),
-                                                               ("timings", timings))}
+def write_report(answers: Path, overlap: Path, facts: Path, timing: dict[str, Path], dataset: str,
+                 out_dir: Path) -> None:
+    """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables;
+    timing.md from its timing file (timing: TIMING_FILES name -> path)."""
+    frames = {name: pd.read_parquet(path) for name, path in (("answers", answers), ("overlap", overlap))}
     about = read_json(Path(facts))
     agg = aggregate(frames["answers"], frames["overlap"], about["selection"])
     out_dir = Path(out_dir)
     for name, draw in _DRAW.items():
         save_figure(draw(agg, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
     write_parquet(agg, out_dir / "aggregates.parquet")
-    write_text(out_dir / "summary.md", summary_markdown(agg, frames["answers"], frames["timings"], about, dataset))
+    write_text(out_dir / "summary.md", summary_markdown(agg, frames["answers"], about, dataset))
+    write_text(out_dir / "timing.md", timing_markdown(pd.read_parquet(timing["timings.parquet"]), about, dataset))

@@ -6,14 +6,18 @@ method and retention below 1, one batch answers all pruned conditions of that mo
 
     own           the model's own selection
     transfer      the partner's selection (main <- scout: forward; scout <- main: reverse)
-    random        the seeded random selection (the same positions for both models)
+    random        the seeded random selection (the same positions for both models when they share a tokenizer)
     own_per_head  with selection.per_head: the model's own per-(layer, KV head) selections
 
 At retention 1 every condition keeps the whole context and equals the full-KV answer.
-A retention r keeps k context tokens by `selection.budget` (kvpipe.selection.overlap.context_budget);
-answers record both the share of context tokens kept and the share of the pre-question KV
-(template prefix + context) kept. Overlaps carry the method's exact random expectation given the
-positions it always keeps (kvpipe.selection.overlap).
+A retention r keeps k context tokens of each model by `selection.budget`
+(kvpipe.selection.overlap.context_budget); answers record both the share of context tokens kept and
+the share of the pre-question KV (template prefix + context) kept. Models that tokenise a sample
+differently exchange selections through the characters their tokens cover (kvpipe.alignment): a
+partner's selection becomes exactly k of the receiving model's tokens, those its kept characters
+cover by at least `alignment.min_cover`, filled or cut by the partner's scores. Overlaps (in the
+main's tokens, and across tokenizers also in characters) carry the method's exact random
+expectation given the positions it always keeps (kvpipe.selection.overlap).
 With `selection.max_samples`, only whole passages of the sample table answer, in sample order
 (kvpipe.splits.whole_passages), so that the structure stage may use more samples than this one.
 Writes per-sample answers and scout/main overlaps (each row with its sample's passage, the
@@ -32,6 +36,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
+from kvpipe.alignment import Alignment, align
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import score_prediction
 from kvpipe.errors import KvpipeError
@@ -42,14 +47,16 @@ from kvpipe.io import read_json, write_json, write_parquet
 from kvpipe.kv.checks import check_window
 from kvpipe.models.load import CARD, load_model
 from kvpipe.selection.methods import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_n
-from kvpipe.selection.overlap import context_budget, overlap_row
+from kvpipe.selection.overlap import character_overlap, context_budget, overlap_row
 from kvpipe.splits import whole_passages
 
 __all__ = ["overlap_row", "run_pair", "run_selection", "selected_samples"]
 ROLES = ("scout", "main")
+OTHER = {"scout": "main", "main": "scout"}
 # method -> budget k (None: no budget) -> (shared [n_context], per head [layers, kv_heads, n_context])
 Scores = dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]]
 Selections = dict[str, dict[str, dict[float, np.ndarray]]]   # role -> method -> retention -> [k]
+Budgets = dict[str, dict[float, int]]                         # role -> retention -> k
 
 
 def sources(method: str) -> tuple[str, ...]:
@@ -84,14 +91,22 @@ class PairRun:
         self.pruned = [r for r in self.retentions if r < 1]
 
     def prompts(self, row: Any) -> dict[str, PromptTokens]:
-        """Both models' prompts for a sample; they must tokenise it identically and fit their windows."""
+        """Both models' prompts for a sample, each checked against its model's window."""
         tokens = {role: build_prompt(self.lms[role].tokenizer, self.prompt, row.context, row.question) for role in ROLES}
-        if not np.array_equal(tokens["scout"].input_ids, tokens["main"].input_ids):
-            raise KvpipeError(f"pair {self.pair}: scout and main tokenise sample {row.id} differently; selection "
-                              "transfer needs a shared tokenizer (token alignment is not implemented)")
         for role in ROLES:
             check_window(self.lms[role], len(tokens[role]), row.id, self.cfg["max_new_tokens"])
         return tokens
+
+    @staticmethod
+    def alignments(tokens: dict[str, PromptTokens]) -> dict[str, Alignment]:
+        """Per model, its context tokens aligned with the partner's (partner -> model): the identity where both
+        prompts are the same tokens, else by the characters they cover."""
+        scout, main = tokens["scout"], tokens["main"]
+        if scout.same_tokens(main):
+            same = Alignment.identity(main.context_end - main.context_start)
+            return {"scout": same, "main": same}
+        return {"main": align(scout.context_spans, main.context_spans),
+                "scout": align(main.context_spans, scout.context_spans)}
 
     def budgets(self, tokens: PromptTokens) -> dict[float, int]:
         """Context tokens kept at each retention below 1, by `selection.budget`."""
@@ -117,31 +132,52 @@ class PairRun:
                            for m in self.methods for source in sources(m.name)]
         return conditions
 
-    def selections(self, scores: dict[str, Scores], budgets: dict[float, int]) -> Selections:
+    def selections(self, scores: dict[str, Scores], budgets: Budgets) -> Selections:
         """Each model's shared top-k selection per method and retention below 1."""
-        return {role: {m.name: {r: top_n(scores[role][m.name][k][0], k) for r, k in budgets.items()} for m in self.methods}
-                for role in ROLES}
+        return {role: {m.name: {r: top_n(scores[role][m.name][k][0], k) for r, k in budgets[role].items()}
+                       for m in self.methods} for role in ROLES}
 
-    def overlaps(self, scores: dict[str, Scores], selections: Selections, budgets: dict[float, int],
-                 n_ctx: int) -> list[dict[str, Any]]:
-        """Scout/main overlap of the selections (null: the method's forced positions plus chance) and the
-        Spearman correlation of the finite budget-free scores."""
+    def mapped(self, alignment: Alignment, selection: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+        """A partner's selection as k of a model's context tokens. The identity alignment passes it through; only
+        a pair whose tokens differ reads `alignment.min_cover`."""
+        if alignment.is_identity:
+            return selection
+        return alignment.transfer(selection, scores, k, self.cfg["alignment"]["min_cover"])
+
+    def transfers(self, scores: dict[str, Scores], selections: Selections, budgets: Budgets,
+                  alignments: dict[str, Alignment]) -> Selections:
+        """Each model's selections from its partner: the partner's own, mapped to the model's tokens and budget."""
+        return {role: {m.name: {r: self.mapped(alignments[role], selections[OTHER[role]][m.name][r],
+                                               scores[OTHER[role]][m.name][budgets[OTHER[role]][r]][0], k)
+                                for r, k in budgets[role].items()} for m in self.methods} for role in ROLES}
+
+    def overlaps(self, scores: dict[str, Scores], selections: Selections, transfers: Selections, budgets: Budgets,
+                 tokens: dict[str, PromptTokens], alignment: Alignment) -> list[dict[str, Any]]:
+        """Overlap of the scout's selection with the main's, in the main's tokens (null: the method's forced positions
+        plus chance) and, across tokenizers, in characters; and the Spearman correlation of the finite budget-free
+        scores, the scout's mapped to the main's tokens (`alignment`: scout -> main)."""
+        n = {role: tokens[role].context_end - tokens[role].context_start for role in ROLES}
         rows = []
         for m in self.methods:
-            a, b = scores["scout"][m.name][None][0], scores["main"][m.name][None][0]
+            a, b = alignment.max_scores(scores["scout"][m.name][None][0]), scores["main"][m.name][None][0]
             finite = np.isfinite(a) & np.isfinite(b)
             rho = float(spearmanr(a[finite], b[finite]).statistic)
-            rows += [{"method": m.name, "retention": r, "spearman": rho,
-                      **overlap_row(selections["scout"][m.name][r], selections["main"][m.name][r], n_ctx,
-                                    len(m.forced_positions(n_ctx, k)))}
-                     for r, k in budgets.items()]
+            for r, k in budgets["main"].items():
+                row = {"method": m.name, "retention": r, "spearman": rho,
+                       **overlap_row(transfers["main"][m.name][r], selections["main"][m.name][r], n["main"],
+                                     len(m.forced_positions(n["main"], k)))}
+                if not alignment.is_identity:
+                    row |= character_overlap(tokens["scout"].context_spans, selections["scout"][m.name][r],
+                                             m.forced_positions(n["scout"], budgets["scout"][r]),
+                                             tokens["main"].context_spans, selections["main"][m.name][r])
+                rows.append(row)
         return rows
 
-    def pruned_conditions(self, role: str, selections: Selections, scores: Scores,
+    def pruned_conditions(self, role: str, selections: Selections, transfers: Selections, scores: Scores,
                           budgets: dict[float, int]) -> list[Condition]:
         """A model's pruned conditions: own, transfer (and random) selections, plus own per-head ones if asked."""
-        other = "main" if role == "scout" else "scout"
-        conditions = [Condition(f"{role} {m.name} {r:g} {source}", selections[role if source == "own" else other][m.name][r],
+        chosen = {"own": selections[role], "transfer": transfers[role]}
+        conditions = [Condition(f"{role} {m.name} {r:g} {source}", chosen[source][m.name][r],
                                 role=role, method=m.name, retention=r, source=source)
                       for m in self.methods for r in self.pruned for source in sources(m.name)]
         if self.cfg["per_head"]:
@@ -172,8 +208,8 @@ class PairRun:
     def sample(self, row: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Answers, overlaps and timings rows of one sample."""
         tokens = self.prompts(row)
-        n_ctx = tokens["main"].context_end - tokens["main"].context_start   # the same for both: same tokens
-        budgets = self.budgets(tokens["main"])
+        alignments = self.alignments(tokens)
+        budgets = {role: self.budgets(tokens[role]) for role in ROLES}
         base = {"sample_idx": row.sample_idx, "sample_id": row.id, "passage": row.passage,
                 "is_impossible": bool(row.is_impossible)}
         sessions, scores, clock, answers = {}, {}, {}, []
@@ -181,15 +217,16 @@ class PairRun:
             sessions[role], full, scores[role], clock[role] = self.prefill(role, tokens[role], row.sample_idx)
             answers += [self.record(row, c, full, tokens[role]) for c in self.full_conditions(role)]
         selections = self.selections(scores, budgets)
+        transfers = self.transfers(scores, selections, budgets, alignments)
         for role in ROLES:
-            conditions = self.pruned_conditions(role, selections, scores[role], budgets)
+            conditions = self.pruned_conditions(role, selections, transfers, scores[role], budgets[role])
             if conditions:
                 results = self.answer_pruned(sessions[role], conditions, clock[role])
                 answers += [self.record(row, c, a, tokens[role]) for c, a in zip(conditions, results, strict=True)]
         timings = [{"role": role, "model": self.lms[role].slug, "prompt_tokens": len(tokens[role]), **clock[role]}
                    for role in ROLES]
-        return ([base | a for a in answers], [base | o for o in self.overlaps(scores, selections, budgets, n_ctx)],
-                [base | t for t in timings])
+        overlaps = self.overlaps(scores, selections, transfers, budgets, tokens, alignments["main"])
+        return [base | a for a in answers], [base | o for o in overlaps], [base | t for t in timings]
 
 
 def _check_passages(samples: pd.DataFrame) -> None:

@@ -1,8 +1,12 @@
-"""A pair's two KV datasets, read shard by shard, and the passage of each of their samples."""
+"""A pair's two KV datasets, read shard by shard, and the passage of each of their samples.
+
+Models that tokenise every sample alike are paired token by token (the identity alignment);
+otherwise each main token is paired with the scout tokens covering its characters (kvpipe.alignment).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from kvpipe.alignment import Alignment, align, spans
 from kvpipe.errors import KvpipeError
 from kvpipe.io import sha256_file
 from kvpipe.kv import store as kvstore
 
 KINDS = kvstore.KINDS
+TOKENS = ("sample_idx", "position", "token_id", "char_start", "char_end")   # what makes two rows the same token
 
 
 def relative_depth(n_scout: int, n_main: int) -> list[tuple[int, int]]:
@@ -28,13 +34,59 @@ def relative_depth(n_scout: int, n_main: int) -> list[tuple[int, int]]:
 def _check_alignment(a: pa.Table, b: pa.Table, pair: str) -> None:
     for col in ("sample_idx", "position", "token_id"):
         if not a.column(col).equals(b.column(col)):
-            raise KvpipeError(f"pair {pair}: scout and main tokens differ ({col}); the models must share a tokenizer "
-                              "(token alignment across tokenizers is not implemented)")
+            raise KvpipeError(f"pair {pair}: scout and main tokens differ ({col}); this stage needs models that share "
+                              "a tokenizer (only the structure and selection stages align tokens across tokenizers)")
+
+
+def _keep(table: pa.Table, segments: list[str]) -> pa.Array:
+    return pc.is_in(pc.cast(table.column("segment"), pa.string()), value_set=pa.array(segments, pa.string()))
+
+
+def _spans(table: pa.Table) -> np.ndarray:
+    return spans(*(table.column(c).to_numpy() for c in ("char_start", "char_end", "sample_idx")))
+
+
+@dataclass(frozen=True)
+class ShardRows:
+    """The rows of one shard an analysis uses: the main rows of some segments, and the scout rows standing for them."""
+
+    scout_keep: pa.Array       # row masks of the segments asked for, over each model's shard rows
+    main_keep: pa.Array
+    alignment: Alignment       # kept scout rows -> kept main rows
+    main_segment: np.ndarray   # segment name of each kept main row
+    sample_idx: np.ndarray     # sample of each matched main row: the rows the analysis sees
+
+
+@dataclass
+class AlignmentTally:
+    """Tokens of the analysed segments over shards, and those without a counterpart in the other model."""
+
+    segments: list[str]
+    identity: bool = True
+    main_tokens: int = 0
+    scout_tokens: int = 0
+    scout_unused: int = 0   # scout tokens that cover no character of a kept main token
+    main_unmatched: dict[str, int] = field(default_factory=dict)   # per segment: main tokens no scout token covers
+
+    def add(self, rows: ShardRows) -> None:
+        al, unmatched = rows.alignment, ~rows.alignment.matched
+        self.identity &= al.is_identity
+        self.main_tokens += al.n_target
+        self.scout_tokens += al.n_source
+        self.scout_unused += int((~al.used).sum())
+        for seg in self.segments:
+            self.main_unmatched[seg] = self.main_unmatched.get(seg, 0) + int((unmatched & (rows.main_segment == seg)).sum())
+
+    def facts(self, pool: str | None) -> dict[str, Any]:
+        """Identity or not, the pooling used (None for the identity), the token counts."""
+        return {"identity": self.identity, "pool": pool, "main_tokens": self.main_tokens,
+                "main_unmatched": dict.fromkeys(self.segments, 0) | self.main_unmatched,
+                "scout_tokens": self.scout_tokens, "scout_unused": self.scout_unused}
 
 
 @dataclass
 class PairData:
-    """The two KV datasets of a pair, checked to describe the same samples and tokens."""
+    """The two KV datasets of a pair, checked to describe the same samples."""
 
     pair: str
     scout: Path
@@ -74,8 +126,22 @@ class PairData:
         meta = ["sample_idx", "position", "token_id", "segment"]
         scout = kvstore.read_shard(self.scout, scout_layer, shard, meta, self.scout_manifest)
         _check_alignment(scout, kvstore.read_shard(self.main, main_layer, shard, meta, self.main_manifest), self.pair)
-        keep = pc.is_in(pc.cast(scout.column("segment"), pa.string()), value_set=pa.array(segments, pa.string()))
+        keep = _keep(scout, segments)
         return scout.column("sample_idx").to_numpy()[np.asarray(keep)], keep
+
+    def rows(self, shard: int, segments: list[str], scout_layer: int, main_layer: int) -> ShardRows:
+        """One shard's rows of the given segments and how they align: the identity where both models' tokens are
+        the same (sample, position, id and characters), else by the characters they cover."""
+        meta = [*TOKENS, "segment"]
+        scout = kvstore.read_shard(self.scout, scout_layer, shard, meta, self.scout_manifest)
+        main = kvstore.read_shard(self.main, main_layer, shard, meta, self.main_manifest)
+        s_keep, m_keep = _keep(scout, segments), _keep(main, segments)
+        scout, main = scout.filter(s_keep), main.filter(m_keep)
+        segment = pc.cast(main.column("segment"), pa.string()).to_numpy(zero_copy_only=False)
+        if all(scout.column(c).equals(main.column(c)) for c in TOKENS):
+            return ShardRows(s_keep, m_keep, Alignment.identity(len(main)), segment, main.column("sample_idx").to_numpy())
+        alignment = align(_spans(scout), _spans(main))
+        return ShardRows(s_keep, m_keep, alignment, segment, alignment.targets(main.column("sample_idx").to_numpy()))
 
     def layer(self, shard: int, role: str, layer: int, kinds: list[str], keep: pa.Array) -> dict[str, np.ndarray]:
         """float64 rows of the kept tokens, per kind, of one (role, layer) shard file; only those columns are read."""
@@ -83,13 +149,16 @@ class PairData:
         table = kvstore.read_shard(root, layer, shard, list(kinds), manifest).filter(keep)
         return {kind: kvstore.matrix(table, kind).astype(np.float64) for kind in kinds}
 
-    def matrices(self, shard: int, scout_layers: list[int], main_layers: list[int],
-                 segments: list[str]) -> tuple[np.ndarray, dict[tuple[str, int, str], np.ndarray]]:
-        """Sample ids and float64 rows of the given segments, per (role, layer, kind), of one shard."""
-        sample_idx, keep = self.select(shard, segments, scout_layers[0], main_layers[0])
-        mats = {(role, layer, kind): m for role, layers in (("scout", scout_layers), ("main", main_layers))
-                for layer in layers for kind, m in self.layer(shard, role, layer, KINDS, keep).items()}
-        return sample_idx, mats
+    def matrices(self, shard: int, rows: ShardRows, scout_layers: list[int], main_layers: list[int],
+                 pool: str | None) -> dict[tuple[str, int, str], np.ndarray]:
+        """float64 rows per (role, layer, kind) of one shard's matched main tokens: the main's own rows, and the
+        scout rows covering each, pooled by `pool` (kvpipe.alignment.POOLS; unused by the identity alignment)."""
+        al = rows.alignment
+        mats = {("scout", layer, kind): al.pool(m, pool) for layer in scout_layers
+                for kind, m in self.layer(shard, "scout", layer, KINDS, rows.scout_keep).items()}
+        mats.update({("main", layer, kind): al.targets(m) for layer in main_layers
+                     for kind, m in self.layer(shard, "main", layer, KINDS, rows.main_keep).items()})
+        return mats
 
 
 def read_passages(samples: Path, kv_root: Path) -> np.ndarray:

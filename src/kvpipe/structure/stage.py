@@ -20,6 +20,11 @@ and aligned (scout layer, main layer):
 
 Linear CKA (biased and debiased) is computed for every scout layer x main layer on a
 seeded token subsample, with delete-half jackknife intervals (over passages) for the aligned pairs.
+
+Rows are the main model's tokens. A pair that tokenises every sample alike pairs token i with token i;
+otherwise each main token is paired with the scout tokens covering its characters, pooled by
+`alignment.pool` (kvpipe.alignment), and main tokens no scout token covers (template tokens, for
+one) are left out and counted (facts `alignment`).
 Writes metrics.parquet and facts.json; structure/report.py turns them into the summary.
 """
 
@@ -41,7 +46,7 @@ from kvpipe.stats import bootstrap_counts, cluster_codes
 from kvpipe.structure import records as rec
 from kvpipe.structure.cca import CanonicalMap, cca_sizes, fit_cca, unit_sums
 from kvpipe.structure.cka_table import TokenSubsample, cka_records
-from kvpipe.structure.pair_data import KINDS, PairData, read_passages
+from kvpipe.structure.pair_data import KINDS, AlignmentTally, PairData, ShardRows, read_passages
 from kvpipe.structure.position import rope_basis
 from kvpipe.structure.ridge import LinearMap, RidgeStats, choose_alpha, dim_scores, fit_ridge, mean_map, pooled, row_scores
 
@@ -65,6 +70,18 @@ class _Run:
         """The shard indices, with a progress bar on stderr (the rule log)."""
         return tqdm(range(self.data.n_shards), desc=f"structure {self.data.pair}: {what}", unit="shard")
 
+    @property
+    def pool(self) -> str:
+        """alignment.pool: read only for a pair whose tokens differ (the identity alignment pools nothing)."""
+        return self.cfg["alignment"]["pool"]
+
+    def matrices(self, shard: int, scout_layers: list[int],
+                 main_layers: list[int]) -> tuple[ShardRows, dict[tuple[str, int, str], np.ndarray]]:
+        """One shard's aligned rows of the analysed segments and their float64 matrices per (role, layer, kind)."""
+        rows = self.data.rows(shard, self.cfg["segments"], scout_layers[0], main_layers[0])
+        pool = None if rows.alignment.is_identity else self.pool
+        return rows, self.data.matrices(shard, rows, scout_layers, main_layers, pool)
+
 
 def _prepare(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str, cfg: dict[str, Any]) -> _Run:
     """Open and check the pair's data, align layers and split passages into calibration folds and test."""
@@ -87,17 +104,21 @@ def _inputs(run: _Run, mats: dict[tuple[str, int, str], np.ndarray], kind: str, 
     return {"none": mats[("scout", s, kind)][rows], "self": mats[("main", m, kind)][rows], "position": basis}
 
 
-def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample]:
-    """Pass 1: ridge statistics per (kind, scout layer, main layer, fitted predictor, fold), and the CKA subsample."""
+def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample, AlignmentTally]:
+    """Pass 1: ridge statistics per (kind, scout layer, main layer, fitted predictor, fold), the CKA subsample and
+    the token alignment's counts."""
     ms, mm, folds = run.data.scout_manifest, run.data.main_manifest, run.cfg["cv_folds"]
     width = {"none": ms["width"], "shuffled": ms["width"], "self": mm["width"], "position": mm["head_dim"]}
     stats = {(kind, s, m, pred, f): RidgeStats(width[pred], mm["width"])
              for kind in KINDS for s, m in run.aligned for pred in FITTED for f in range(folds)}
     sub = TokenSubsample(run.cfg["cka_tokens"], run.cfg["seed"])
+    tally = AlignmentTally(run.cfg["segments"])
     shuffle_rng = np.random.default_rng(run.cfg["seed"] + 1)
     for shard in run.shards("calibration pass"):
         # every layer, not only the aligned ones: CKA compares them all
-        sample_idx, mats = run.data.matrices(shard, sorted(ms["layers"]), sorted(mm["layers"]), run.cfg["segments"])
+        shard_rows, mats = run.matrices(shard, sorted(ms["layers"]), sorted(mm["layers"]))
+        tally.add(shard_rows)
+        sample_idx = shard_rows.sample_idx
         sub.offer(sample_idx, mats)
         fold = run.fold_of[sample_idx]
         for f in range(folds):
@@ -111,7 +132,7 @@ def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample]:
                     for pred in ("none", "self", "position"):
                         stats[(kind, s, m, pred, f)].add(X[pred], Y)
                     stats[(kind, s, m, "shuffled", f)].add(X["none"], Y[perm])
-    return stats, sub
+    return stats, sub, tally
 
 
 def _fit_maps(run: _Run, stats: dict[tuple, RidgeStats]) -> tuple[dict[tuple, LinearMap], dict[str, float]]:
@@ -160,7 +181,8 @@ def _score_test(run: _Run, maps: dict[tuple, LinearMap],
     shuffle_rng = np.random.default_rng(run.cfg["seed"] + 4)
     scout_ls, main_ls = sorted({s for s, _ in run.aligned}), sorted({m for _, m in run.aligned})
     for shard in run.shards("test pass"):
-        sample_idx, mats = run.data.matrices(shard, scout_ls, main_ls, run.cfg["segments"])
+        shard_rows, mats = run.matrices(shard, scout_ls, main_ls)
+        sample_idx = shard_rows.sample_idx
         is_test = run.fold_of[sample_idx] == -1
         if not is_test.any():
             continue
@@ -183,8 +205,8 @@ def _score_test(run: _Run, maps: dict[tuple, LinearMap],
     return scores, dims, cca_sums, tokens
 
 
-def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsample,
-           alphas: dict[str, float]) -> dict[str, Any]:
+def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsample, alphas: dict[str, float],
+           tally: AlignmentTally) -> dict[str, Any]:
     """Sizes, split and settings of the run: what the report states beside the figures."""
     ms, mm, cfg = run.data.scout_manifest, run.data.main_manifest, run.cfg
     test = run.fold_of == -1
@@ -194,15 +216,17 @@ def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsam
             "n_test_samples": len(run.test_ids), "n_test_tokens": int(tokens.sum()), "cka_tokens": int(len(sub.keys)),
             "segments": cfg["segments"], "aligned_layers": run.aligned, "alphas": alphas, "cv_folds": cfg["cv_folds"],
             "bootstrap": cfg["bootstrap"], "ci": cfg["ci"], "scout_head_dim": ms["head_dim"], "main_head_dim": mm["head_dim"],
-            "thresholds": cfg["thresholds"], "cca": _cca_facts(run)}
+            "thresholds": cfg["thresholds"], "cca": _cca_facts(run),
+            "alignment": tally.facts(None if tally.identity else run.pool)}
 
 
 def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str,
                  cfg: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The tidy metrics table of a pair and a dict of run facts; passages[i] is the passage id of sample i."""
+    """The tidy metrics table of a pair and a dict of run facts; passages[i] is the passage id of sample i.
+    cfg: the structure section and, for a pair whose tokens differ, `alignment` (the alignment section's pool)."""
     passages = np.asarray(passages)
     run = _prepare(Path(scout_root), Path(main_root), passages, pair, cfg)
-    stats, sub = _calibrate(run)
+    stats, sub, tally = _calibrate(run)
     maps, alphas = _fit_maps(run, stats)
     scores, dims, cca_sums, tokens = _score_test(run, maps, _fit_cca(run, stats))
     counts = bootstrap_counts(run.n_units, cfg["bootstrap"], cfg["seed"] + 2)  # resamples test passages
@@ -215,7 +239,7 @@ def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: 
                            set(run.aligned), cfg["ci"], cfg["seed"] + 3, passages)
     table = pd.DataFrame.from_records(records)
     table.insert(0, "pair", pair)
-    return table, _facts(run, passages, tokens, sub, alphas)
+    return table, _facts(run, passages, tokens, sub, alphas, tally)
 
 
 def run_structure(scout_kv: Path, main_kv: Path, samples: Path, pair: str, cfg: dict[str, Any], out_dir: Path) -> None:

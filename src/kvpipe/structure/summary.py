@@ -33,6 +33,20 @@ def _fmt(row: pd.Series, pct: bool = False) -> str:
     return fmt_ci(row["value"], row["ci_low"], row["ci_high"], percent=pct)
 
 
+def _alignment_line(facts: dict[str, Any]) -> str:
+    """How scout and main tokens were paired, and how many had no counterpart (facts `alignment`)."""
+    al = facts["alignment"]
+    if al["identity"]:
+        return "Tokens: both models tokenise every sample alike; main token i is paired with scout token i."
+    how = {"mean": "the mean of their rows", "max_overlap": "the row of the one sharing the most characters"}[al["pool"]]
+    unmatched = al["main_unmatched"]
+    per_segment = ", ".join(f"{seg} {unmatched[seg]}" for seg in facts["segments"])
+    return (f"Tokens: the tokenizers differ; each main token is paired with the scout tokens covering its characters "
+            f"({how}; `alignment.pool: {al['pool']}`). {sum(unmatched.values())} of {al['main_tokens']} main tokens "
+            f"have no scout counterpart and are left out ({per_segment}); {al['scout_unused']} of {al['scout_tokens']} "
+            "scout tokens cover no kept main token.")
+
+
 def _header(facts: dict[str, Any], dataset: str) -> list[str]:
     s_last, m_last = facts["aligned_layers"][-1]
     t = facts["thresholds"]
@@ -47,6 +61,8 @@ def _header(facts: dict[str, Any], dataset: str) -> list[str]:
         f"delete-half jackknife over passages. Headline layer: scout {s_last} → main {m_last} (the last aligned pair). "
         "Centred R² = 1 − SSE / SSE of the calibration-mean predictor: 0 for that predictor, 1 for a perfect map; "
         "pooled R² weights output dimensions by their variance, per-dimension R² is the plain mean over dimensions.",
+        "",
+        _alignment_line(facts),
         "",
         f"Thresholds (config `structure.thresholds`): keys transfer if pooled R² ≥ {t['keys_r2']} (lower CI bound); "
         f"relative error ≤ {100 * t['rel_error']:.0f} % (upper bound); debiased CKA ≥ {t['cka_debiased']}; "

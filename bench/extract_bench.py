@@ -24,6 +24,8 @@ import torch
 
 from kvpipe.config import load_config, run_models
 from kvpipe.data.prompt import build_prompt
+from kvpipe.io import read_json
+from kvpipe.kv import store as kvstore
 from kvpipe.kv.extract import extract, forward
 from kvpipe.models.load import load_model
 
@@ -57,6 +59,7 @@ def main() -> None:
             forward(lm, prompts[0].input_ids)  # warm-up
             before = bare_seconds(lm, prompts)
             manifest = extract(model_dir, subset, Path(tmp) / slug, config["extraction"], config["prompt"], "cpu", dataset)
+            seconds = read_json(Path(tmp) / slug / kvstore.TIMINGS)["seconds_this_run"]
             after = bare_seconds(lm, prompts)
             bare = (before + after) / 2
             rows = manifest["rows_per_layer"] * len(manifest["layers"])
@@ -64,9 +67,9 @@ def main() -> None:
             record["models"][slug] = {
                 "tokens": manifest["rows_per_layer"], "layers": len(manifest["layers"]), "width": manifest["width"],
                 "bare_forward_s": round(bare, 2), "bare_forward_runs_s": [round(before, 2), round(after, 2)],
-                "extraction_s": manifest["seconds_this_run"],
-                "ratio_extraction_over_bare": round(manifest["seconds_this_run"] / bare, 3),
-                "rows_per_s": round(rows / manifest["seconds_this_run"]),
+                "extraction_s": seconds,
+                "ratio_extraction_over_bare": round(seconds / bare, 3),
+                "rows_per_s": round(rows / seconds),
                 "stored_bytes_per_token_layer": round(manifest["bytes"] / rows, 1),
                 "raw_kv_bytes_per_token_layer_fp32": 2 * manifest["width"] * 4,
                 "raw_stored_tensors_bytes_per_token_layer": 3 * manifest["width"] * storage_bytes,

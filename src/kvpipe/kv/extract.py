@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.io import sha256_file
+from kvpipe.io import sha256_file, write_json
 from kvpipe.kv import store as kvstore
 from kvpipe.kv.checks import cache_layer, check_cache, check_finite, check_window
 from kvpipe.models.load import LoadedModel, load_model
@@ -172,7 +172,9 @@ def extract(model_dir: Path, samples_path: Path, out_dir: Path, extraction: dict
         "storage_dtype": extraction["storage_dtype"], "n_samples": len(samples),
         "rows_per_layer": sum(s["rows"] for s in done.values()),
         "bytes": sum((root / rel).stat().st_size for s in done.values() for rel in s["files"]),
-        "shards": [done[i] for i in sorted(done)], "seconds_this_run": round(time.perf_counter() - started, 3),
+        "shards": [done[i] for i in sorted(done)],
     }
+    # measured seconds stay out of the manifest, which is byte-identical between runs
+    write_json(root / kvstore.TIMINGS, {"seconds_this_run": round(time.perf_counter() - started, 3)})
     kvstore.finish(root, manifest)
     return manifest

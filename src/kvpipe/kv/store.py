@@ -33,6 +33,7 @@ from kvpipe.io import atomic_path, read_json, sha256_file, write_json
 FORMAT = "kvpipe-kv/1"
 KINDS = ("key", "key_pre_rope", "value")
 MANIFEST, PARTIAL = "manifest.json", "manifest.partial.json"
+TIMINGS = "timings.json"   # seconds the last extraction run took (apart: the manifest is byte-identical between runs)
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpipe-sha256")  # hashes while pyarrow decodes
 
 

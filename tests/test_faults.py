@@ -1,9 +1,11 @@
 """Faults and determinism on the smoke workflow: SIGKILL mid-stage, then resume; two runs, one result.
 
-Each case works on a copy of the completed smoke run. A kill case forces one compute stage to run
-again and SIGKILLs the whole run, Snakemake and job, once that stage's progress bar reaches a
-count (tests/faults/sitecustomize.py): nothing it leaves may pass for complete (the stage's output
-is absent and a dry run plans the stage again), and rerunning finishes the work with every result
+Each case works on a copy of the completed smoke run. A kill case removes one compute stage's
+outputs and what depends on them (as before that stage's first run), runs the workflow and
+SIGKILLs the whole run, Snakemake and job, once that stage's progress bar reaches a count
+(tests/faults/sitecustomize.py): nothing it leaves may pass for complete (the stage's output
+is absent and, once the dead run's lock is released with --unlock, a dry run plans the stage
+again), and rerunning finishes the work with every result
 file byte-identical to the uninterrupted run's. Measured seconds (logs, Snakemake benchmarks and
 each stage's timing files) are the only files allowed to differ.
 """
@@ -55,20 +57,35 @@ def test_two_runs_of_one_config_give_byte_identical_results(run):
     assert differences(result_digests(repo), expected) == []
 
 
-@pytest.mark.parametrize(("rule", "bar", "count", "output"), [
-    ("extract_kv", "extract tiny-main", 5, "results/kv/synthetic-small/tiny-main/manifest.json"),
-    ("structure", "structure tiny", 1, "results/structure/synthetic-small/tiny/metrics.parquet"),
-    ("selection", "selection tiny", 2, "results/selection/synthetic-small/tiny/answers.parquet"),
-    ("projection", "projection tiny: answers", 1, "results/projection/synthetic-small/tiny/answers.parquet"),
+PAIR = "synthetic-small/tiny"
+STAGE_DIRS = {stage: f"results/{stage}/{PAIR}" for stage in ("structure", "selection", "projection")}
+PAIRS_SUMMARY = "results/pairs/synthetic-small"
+
+
+@pytest.mark.parametrize(("rule", "bar", "count", "output", "removed"), [
+    # extraction: its manifest goes (the shards stay, as after a first run killed midway), and everything after it
+    ("extract_kv", "extract tiny-main", 5, "results/kv/synthetic-small/tiny-main/manifest.json",
+     [*STAGE_DIRS.values(), PAIRS_SUMMARY]),
+    ("structure", "structure tiny", 1, f"{STAGE_DIRS['structure']}/metrics.parquet",
+     [STAGE_DIRS["structure"], PAIRS_SUMMARY]),
+    ("selection", "selection tiny", 2, f"{STAGE_DIRS['selection']}/answers.parquet",
+     [STAGE_DIRS["selection"], PAIRS_SUMMARY]),
+    ("projection", "projection tiny: answers", 1, f"{STAGE_DIRS['projection']}/answers.parquet",
+     [STAGE_DIRS["projection"]]),
 ])
-def test_sigkill_mid_stage_leaves_nothing_complete_and_the_rerun_gives_the_same_results(run, rule, bar, count, output):
+def test_sigkill_mid_stage_leaves_nothing_complete_and_the_rerun_gives_the_same_results(run, rule, bar, count, output,
+                                                                                         removed):
     repo, expected = run
+    for rel in [output, *removed]:   # as before the stage's first run: it and what depends on it are not there yet
+        path = repo / rel
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     env = os.environ | {"KVPIPE_KILL_AT": f"{bar}:{count}",
                         "PYTHONPATH": os.pathsep.join(filter(None, [str(HOOK), os.environ.get("PYTHONPATH")]))}
-    killed = subprocess.run(snakemake_command(repo, "--forcerun", rule), env=env, start_new_session=True,
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(snakemake_command(repo), env=env, start_new_session=True, capture_output=True, text=True,
+                            timeout=600)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]   # killed mid-stage, not finished
     assert not (repo / output).exists()
+    assert snakemake(repo, "--unlock").returncode == 0   # the killed Snakemake could not release its lock
     assert planned_jobs(snakemake(repo, "-n", "--rerun-incomplete")).get(rule, 0) >= 1
     rerun = snakemake(repo, "--rerun-incomplete")
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
-from test_workflow import copy_checkout, overlay, snakemake
+from conftest import REPO, copy_checkout, snakemake
+from test_workflow import overlay
 
 from kvpipe.config import deep_merge, load_config, schema, validate
 from kvpipe.errors import KvpipeError

@@ -101,7 +101,7 @@ def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     assert (detectable["value"] > 0).all()
     assert {"transfer_has_answer", "transfer_no_answer", "overlap_has_answer", "overlap_no_answer"} <= set(agg["table"])
     facts = {"pair": "p", "scout": "s", "main": "m", "selection": cfg, "n_sampled": 12}
-    text = summary_markdown(agg, answers, pd.DataFrame(), facts, "d")
+    text = summary_markdown(agg, answers, facts, "d")
     assert text.index("## Full-KV baselines") < text.index("## Retention kept") < text.index("## Multiple comparisons")
     assert "smallest forward delta distinguishable from 0 is about ±" in text and "Holm" in text
     assert "| main | q2c | 0.50 | delta_forward |" in text and "## By answerability" in text

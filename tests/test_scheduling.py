@@ -205,7 +205,7 @@ def test_the_3b_7b_pair_on_slurm_builds_offline_with_each_jobs_resources(checkou
     assert sorted(j["rule"] for j in jobs) == sorted(
         ["materialize_model"] * 2 + ["extract_kv"] * 2 + ["sample_dataset", "structure", "selection", "projection",
                                                           "structure_report", "selection_report", "projection_report",
-                                                          "all"])
+                                                          "pairs_summary", "all"])
     config = load_config([REPO / "config.yaml", OVERLAY_3B_7B])
     profile = yaml.safe_load((checkout / "profiles" / "slurm" / "config.yaml").read_text())
     cores = profile["cores"]

@@ -88,12 +88,12 @@ def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
     plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
     # selection reads no stored KV
     assert plan == {"extract_kv": 2, "structure": 1, "structure_report": 1, "projection": 1, "projection_report": 1,
-                    "all": 1}
+                    "pairs_summary": 1, "all": 1}
 
 
 @pytest.mark.parametrize("module, expected", [
     ("structure/report.py", {"structure_report": 1}),
-    ("selection/report.py", {"selection_report": 1}),
+    ("selection/report.py", {"selection_report": 1, "pairs_summary": 1}),
     ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
     ("projection/mlp.py", {"projection": 1, "projection_report": 1}),
     ("structure/cka.py", {"structure": 1, "structure_report": 1, "pairs_summary": 1}),  # defines linear_cka

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ from tqdm import tqdm
 
 from kvpipe.io import write_json, write_parquet
 from kvpipe.models.load import load_model
-from kvpipe.projection.aggregate import VARIANT
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.conditions import Variant
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
 from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
@@ -91,7 +92,8 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     write_parquet(pd.DataFrame(answers), out_dir / "answers.parquet")
     clock.append(time.perf_counter())
     write_parquet(pd.DataFrame(timings), out_dir / "timings.parquet")
-    write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *VARIANT, "ttft_s"]), out_dir / "ttft.parquet")
+    variant = [f.name for f in fields(Variant)]
+    write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *variant, "ttft_s"]), out_dir / "ttft.parquet")
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
     write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()}})
     write_json(out_dir / "facts.json", _facts(pair, cal, cfg, cards, table, test))

@@ -23,12 +23,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from structure_bench import MAIN, SCOUT, in_child, peak_rss_mb
+from structure_bench import in_child, peak_rss_mb, scaled_pair
 
 from kvpipe.config import load_config, pair_settings
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.kv.extract import extract
-from kvpipe.models.materialize import materialize
 from kvpipe.structure.pair_data import read_passages
 
 KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "facts.json", "summary.md",
@@ -104,25 +103,12 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_sam
 
 def memory(n: int, config: dict) -> dict:
     """Peak RSS of fitting every projector on n and 4n samples of scaled random models."""
-    cfg = config["projection"]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        dirs = {"scout": root / "scout", "main": root / "main"}
-        materialize("scout", SCOUT, dirs["scout"])
-        materialize("main", MAIN, dirs["main"])
-        extraction = config["extraction"] | {"dtype": "float32"}
         for factor in (1, 4):
-            samples = root / f"samples{factor}.parquet"
-            dataset = {"source": "synthetic", "seed": 0, "passages": n * factor, "entities_per_passage": 2,
-                       "unanswerable_fraction": 0.0}
-            sampling = {"n": n * factor, "seed": 0, "answerable_only": True, "tokenizer": "scout",
-                        "max_context_tokens": 4096}
-            sample_to_file("bench", dataset, dirs["scout"], config["prompt"], sampling, samples)
-            kv = {role: root / f"kv{factor}" / role for role in dirs}
-            for role in dirs:
-                extract(dirs[role], samples, kv[role], extraction, config["prompt"], "cpu")
-            runs[f"{factor}x"] = in_child(_fit, kv["scout"], kv["main"], samples, cfg) | {"n_samples": n * factor}
+            _, samples, kv = scaled_pair(Path(tmp), n * factor, config)
+            fit = in_child(_fit, kv["scout"], kv["main"], samples, config["projection"])
+            runs[f"{factor}x"] = fit | {"n_samples": n * factor}
             print(factor, runs[f"{factor}x"], flush=True)
     ratio = runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"]
     return {"runs": runs, "rss_ratio_4x_over_1x": round(ratio, 3), "target": 1.1, "meets_target": ratio <= 1.1}

@@ -26,6 +26,7 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
     """The benchmark commands, in order (each writes its bench/results/*.json)."""
     py = sys.executable
     return [[py, "bench/extract_bench.py"], [py, "bench/structure_bench.py"], [py, "bench/parquet_bench.py"],
+            [py, "bench/stage_memory_bench.py"],
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
             [kvpress_python, "bench/kvpress_bench.py", "--squad", squad],
@@ -97,6 +98,11 @@ def rows() -> list[tuple[str, str, str, str, str]]:
                     "projection.json"))
         out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{sq['fit_total_s']:.0f}", "≤ 600",
                     _verdict(sq["fit_total_s"], 600), "projection.json"))
+    if mem := _load("stage_memory"):
+        for stage in ("selection", "projection"):
+            ratio = mem[stage]["rss_ratio_4x_over_1x"]
+            out.append((f"peak RSS 4× / 1× samples: {stage} stage", f"{ratio:.3f}", "≤ 1.1", _verdict(ratio, 1.1),
+                        "stage_memory.json"))
     if (wall := _pipeline_wall()) is not None:
         out.append(("default config end to end (s, sum of job wall times)", f"{wall:.0f}", "—", "",
                     "pipeline_synthetic/"))

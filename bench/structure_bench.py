@@ -47,6 +47,23 @@ def _structure(*args) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def scaled_pair(root: Path, n: int, config: dict) -> tuple[dict[str, Path], Path, dict[str, Path]]:
+    """The scaled random pair under root (materialised once), n synthetic samples and both models' KV of them:
+    (model dirs, samples file, KV dirs) by role."""
+    models = {"scout": root / "scout", "main": root / "main"}
+    for role, spec in (("scout", SCOUT), ("main", MAIN)):
+        if not models[role].exists():
+            materialize(role, spec, models[role])
+    samples = root / f"samples{n}.parquet"
+    dataset = {"source": "synthetic", "seed": 0, "passages": n, "entities_per_passage": 2, "unanswerable_fraction": 0.0}
+    sampling = {"n": n, "seed": 0, "answerable_only": True, "tokenizer": "scout", "max_context_tokens": 4096}
+    sample_to_file("bench", dataset, models["scout"], config["prompt"], sampling, samples)
+    kv = {role: root / f"kv{n}" / role for role in models}
+    for role in models:
+        extract(models[role], samples, kv[role], config["extraction"] | {"dtype": "float32"}, config["prompt"], "cpu")
+    return models, samples, kv
+
+
 def peak_rss_mb() -> int:
     """This process's peak resident memory in MB."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -19,7 +19,9 @@ def _metrics(key_r2: float) -> pd.DataFrame:
 
 
 def _aggregates(overlap_gain: float) -> pd.DataFrame:
-    rows = []
+    rows = [{"table": "full_kv", "role": role, "method": "full", "retention": 1.0, "quantity": quantity, "value": value,
+             "ci_low": value - 0.1, "ci_high": value + 0.1}
+            for role, quantity, value in (("scout", "f1", 0.3), ("main", "f1", 0.6), ("pair", "f1_main_minus_scout", 0.3))]
     for r in (0.5, 0.75):
         for quantity, value in (("overlap", 0.5 + overlap_gain), ("overlap_random", 0.5),
                                 ("overlap_minus_random", overlap_gain)):
@@ -56,6 +58,7 @@ def test_summary_reports_each_pair_and_decides_the_notes_predictions(stage_table
     qwen = next(line for line in text.splitlines() if line.startswith("| qwen |"))
     cross = next(line for line in text.splitlines() if line.startswith("| cross |"))
     assert "same (qwen2)" in qwen and "0.950 [0.930, 0.970]" in qwen and "0.800 [0.770, 0.830] (0.500)" in qwen
+    assert "| 0.300 [0.200, 0.400] | 0.600 [0.500, 0.700] | +0.300 [+0.200, +0.400] |" in qwen
     assert "cross (llama → qwen2)" in cross and "0.400 [0.380, 0.420]" in cross and "-0.075 [-0.200, +0.000]" in cross
     assert "Lower overlap across families: holds" in text
     assert "Key transfer fails across families: holds" in text

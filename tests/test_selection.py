@@ -442,3 +442,16 @@ def test_prompt_budget_and_realised_retention(model_dirs, samples, smoke_config)
     snap = overlaps[overlaps["method"] == "snapkv"]
     k = pruned["n_kept_context"].iloc[0]
     assert (snap["n_forced"] <= 0.5 * k).all() and (snap["overlap_random"] >= snap["n_forced"] / k).all()
+
+
+def test_full_kv_main_minus_scout_is_a_paired_difference():
+    rows = []
+    for i in range(8):
+        for role, f1 in (("scout", float(i % 2)), ("main", 1.0)):
+            rows.append({"sample_idx": i, "passage": f"p{i}", "role": role, "model": role, "method": "full",
+                         "retention": 1.0, "source": "none", "f1": f1, "exact": f1, "is_impossible": False})
+    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
+                    {"bootstrap": 200, "ci": 0.95, "seed": 0})
+    gap = agg[(agg["table"] == "full_kv") & (agg["quantity"] == "f1_main_minus_scout")].iloc[0]
+    assert gap["role"] == "pair" and gap["value"] == pytest.approx(0.5)
+    assert 0 < gap["ci_low"] < 0.5 < gap["ci_high"] <= 1

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
+from kvpipe.models.cpu_linear import few_row_linears
 
 CARD = "kvpipe_model.json"
 
@@ -60,5 +61,7 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto") -> Lo
     torch_dtype = resolve_dtype(dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
     model.to(dev).eval()
+    if dev.type == "cpu":
+        few_row_linears(model)
     tokenizer = load_tokenizer(model_dir)
     return LoadedModel(card["slug"], model, tokenizer, card, dev, torch_dtype)

@@ -2,10 +2,10 @@
 
 Per pair: same or cross family (the two models' architectures), key and value transfer at the last
 aligned layer (centred R², per-dimension R² and debiased CKA, pre-RoPE keys, with their
-intervals), Q2C overlap of the scout's selection with the main's beside its null, and forward /
-reverse ΔF1 at 50 % and 75 % retention. Reads only the stages' tables; the verdicts on the notes'
-two cross-family predictions (lower overlap, key transfer failing) use the intervals: a prediction
-is undecided where they overlap.
+intervals), both models' full-KV F1 and its paired difference, Q2C overlap of the scout's
+selection with the main's beside its null, and forward / reverse ΔF1 at 50 % and 75 % retention.
+Reads only the stages' tables; the verdicts on the notes' two cross-family predictions (lower
+overlap, key transfer failing) use the intervals: a prediction is undecided where they overlap.
 """
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates
     for name, kind in TRANSFER.items():
         for metric in STRUCTURE:
             row[f"{name}_{metric}"] = _interval(_pick(whole, kind=kind, main_layer=last, metric=metric))
+    for role in ("scout", "main"):
+        row[f"f1_{role}"] = _interval(_pick(aggregates, table="full_kv", role=role, quantity="f1"))
+    row["f1_main_minus_scout"] = _interval(_pick(aggregates, table="full_kv", role="pair", quantity="f1_main_minus_scout"))
     for r in RETENTIONS:
         row[f"overlap_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r, quantity="overlap"))
         row[f"overlap_null_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r,
@@ -112,15 +115,17 @@ def summary_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "Last aligned layer; keys are pre-RoPE (fair across head sizes). Intervals are the stages' passage "
              "bootstraps. Overlap: Q2C, the scout's selection against the main's at 50 % retention, beside the "
              "chance overlap of the same budget (null). ΔF1: the main answering from the scout's selection minus "
-             "from its own (forward), and the scout from the main's (reverse).", "",
+             "from its own (forward), and the scout from the main's (reverse). Full-KV F1: each model answering "
+             "from its own whole cache, and the main's minus the scout's paired by sample.", "",
              "| pair | family | keys R² | keys per-dim R² | keys CKA | values R² | values CKA | Q2C overlap (null) | "
-             "ΔF1 fwd 50 % | ΔF1 fwd 75 % | ΔF1 rev 50 % | ΔF1 rev 75 % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "F1 scout | F1 main | F1 main − scout | ΔF1 fwd 50 % | ΔF1 fwd 75 % | ΔF1 rev 50 % | ΔF1 rev 75 % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         family = f"cross ({r['scout_family']} → {r['main_family']})" if r["cross_family"] else f"same ({r['main_family']})"
         lines.append(f"| {r['pair']} | {family} | {ci(r['keys_r2'])} | {ci(r['keys_r2_per_dim'])} | "
                      f"{ci(r['keys_cka_debiased'])} | {ci(r['values_r2'])} | {ci(r['values_cka_debiased'])} | "
                      f"{ci(r['overlap_0.5'])} ({ci(r['overlap_null_0.5'][:1] + (math.nan, math.nan))}) | "
+                     f"{ci(r['f1_scout'])} | {ci(r['f1_main'])} | {ci(r['f1_main_minus_scout'], signed=True)} | "
                      + " | ".join(ci(r[f"delta_{d}_{x:g}"], signed=True) for d in ("forward", "reverse") for x in RETENTIONS)
                      + " |")
     lines += ["", "## The notes' cross-family predictions", "",

@@ -91,13 +91,17 @@ class _Table:
 
 
 def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
+    """Each model's full-KV F1 and exact match, and the main's F1 minus the scout's (paired by sample)."""
+    f1 = {}
     for role in ("scout", "main"):
         full = answers[(answers["role"] == role) & (answers["method"] == "full")].set_index("sample_idx")
+        f1[role] = full["f1"]
         out.add("full_kv", role, "full", 1.0, "f1", boot.mean(full["f1"]))
         out.add("full_kv", role, "full", 1.0, "exact", boot.mean(full["exact"]))
         for label, mask in (("f1_has_answer", ~full["is_impossible"]), ("f1_no_answer", full["is_impossible"])):
             if mask.any() and not mask.all():
                 out.add("full_kv", role, "full", 1.0, label, boot.subset(full.index[mask]).mean(full.loc[mask, "f1"]))
+    out.add("full_kv", "pair", "full", 1.0, "f1_main_minus_scout", boot.delta(f1["main"], f1["scout"]))
 
 
 def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = "transfer") -> None:

@@ -57,6 +57,9 @@ def _baselines(get: _Lookup, facts: dict[str, Any]) -> list[str]:
     for role in ("scout", "main"):
         cells = [get.cell("full_kv", role, "full", 1.0, q) for q in ("f1", "exact", "f1_has_answer", "f1_no_answer")]
         lines.append(f"| {facts[role]} ({role}) | " + " | ".join(cells) + " |")
+    gap = get("full_kv", "pair", "full", 1.0, "f1_main_minus_scout")
+    if gap is not None:
+        lines += ["", f"Main minus scout, F1 paired by sample: {fmt_ci(*gap, signed=True)} ({verdict_vs_zero(gap)})."]
     return lines
 
 

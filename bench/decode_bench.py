@@ -1,0 +1,85 @@
+"""One greedy decoding step of a batch of conditions on CPU: stock linear layers against kvpipe's few-row path.
+
+Loads the default scout (Qwen2.5-Coder-0.5B), prefills a 225-token prompt (a SQuAD prompt's
+length) for 1 to 13 rows (one condition each) and times decoding steps with the stock
+`nn.Linear` (x @ W.T) and with `kvpipe.models.cpu_linear.few_row_linears` (W @ x.T up to 7 rows),
+same process, alternating; also the output layer alone. Checks that both give the same greedy
+tokens. Writes bench/results/decode.json.
+
+    python bench/decode_bench.py [--model results/models/qwen2.5-coder-0.5b] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from kvpipe.models.cpu_linear import few_row_linears
+from kvpipe.models.load import load_model
+
+
+def _stock(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = types.MethodType(lambda self, x: F.linear(x, self.weight, self.bias), module)
+
+
+def _steps(model: nn.Module, rows: int, steps: int) -> tuple[list[float], list[list[int]]]:
+    ids = torch.arange(1000, 1225)[None].expand(rows, -1)
+    cache = DynamicCache()
+    out = model(input_ids=ids, use_cache=True, past_key_values=cache, logits_to_keep=1)
+    nxt, seconds, tokens = out.logits[:, -1].argmax(-1)[:, None], [], []
+    for _ in range(steps):
+        started = time.perf_counter()
+        out = model(input_ids=nxt, use_cache=True, past_key_values=cache)
+        nxt = out.logits[:, -1].argmax(-1)[:, None]
+        seconds.append(time.perf_counter() - started)
+        tokens.append(nxt[:, 0].tolist())
+    return seconds, tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Path("results/models/qwen2.5-coder-0.5b"))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 13])
+    ap.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
+    args = ap.parse_args()
+    lm = load_model(args.model, "cpu", "float32")
+    record = {"model": args.model.name, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+              "torch": torch.__version__, "prompt_tokens": 225, "rows": {}}
+    with torch.inference_mode():
+        for rows in args.rows:
+            runs = {}
+            for name, setup in (("stock", _stock), ("kvpipe", few_row_linears), ("stock", _stock), ("kvpipe", few_row_linears)):
+                setup(lm.model)
+                seconds, tokens = _steps(lm.model, rows, args.steps)
+                runs.setdefault(name, {"seconds": [], "tokens": tokens})["seconds"] += seconds
+            step = {name: statistics.median(r["seconds"]) for name, r in runs.items()}
+            record["rows"][rows] = {"step_s": {k: round(v, 4) for k, v in step.items()},
+                                    "ratio_stock_over_kvpipe": round(step["stock"] / step["kvpipe"], 2),
+                                    "same_tokens": runs["stock"]["tokens"] == runs["kvpipe"]["tokens"]}
+            print(rows, record["rows"][rows], flush=True)
+        head, x = lm.model.lm_head, torch.randn(3, lm.model.config.hidden_size)
+        for name, f in (("stock", lambda: F.linear(x, head.weight)), ("kvpipe", lambda: torch.mm(head.weight, x.t()).t())):
+            f()
+            started = time.perf_counter()
+            for _ in range(5):
+                f()
+            record.setdefault("output_layer_3_rows_ms", {})[name] = round((time.perf_counter() - started) / 5 * 1e3, 1)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Loads the default scout (Qwen2.5-Coder-0.5B), prefills a 225-token prompt (a SQuAD prompt's
 length) for 1 to 13 rows (one condition each) and times decoding steps with the stock
-`nn.Linear` (x @ W.T) and with `kvpipe.models.cpu_linear.few_row_linears` (W @ x.T up to 7 rows),
+`nn.Linear` (x @ W.T) and with `kvpipe.models.cpu_linear.few_row_linears` (W @ x.T for 2 to 7 rows),
 same process, alternating; also the output layer alone. Checks that both give the same greedy
 tokens. Writes bench/results/decode.json.
 

@@ -26,7 +26,7 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
     """The benchmark commands, in order (each writes its bench/results/*.json)."""
     py = sys.executable
     return [[py, "bench/extract_bench.py"], [py, "bench/structure_bench.py"], [py, "bench/parquet_bench.py"],
-            [py, "bench/stage_memory_bench.py"],
+            [py, "bench/stage_memory_bench.py"], [py, "bench/decode_bench.py"],
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
             [kvpress_python, "bench/kvpress_bench.py", "--squad", squad],
@@ -75,6 +75,10 @@ def rows() -> list[tuple[str, str, str, str, str]]:
                         "≥ 3×", _verdict(grid["speedup_kvpipe_over_kvpress"], 3, True), "kvpress.json"))
             out.append((f"kept-position agreement with kvpress (per layer and KV head), {grid['conditions_per_prefill']} "
                         "retentions", f"{grid['kept_position_agreement']:.3f}", "—", "", "kvpress.json"))
+    if dec := _load("decode"):
+        three = dec["rows"]["3"]
+        out.append((f"CPU decoding step of 3 conditions, stock linear layers / kvpipe's few-row path, {dec['model']}",
+                    f"{three['ratio_stock_over_kvpipe']:.2f}×", "—", "", "decode.json"))
     if pq := _load("parquet"):
         for run in pq["runs"]:
             if run["compression"] == "zstd":

@@ -83,15 +83,19 @@ def _low_rank(x: torch.Tensor, rank: int | None) -> torch.Tensor:
 def project(projector: Projector, payload: ScoutPayload, layer_map: list[int], main: LoadedModel,
             key_map: str = "pre_rope") -> ContextKV:
     """The main model's context KV predicted from the scout's payload (differentiable in the projector)."""
-    n_heads = main.card["num_kv_heads"]
+    n_heads, device = main.card["num_kv_heads"], projector.device
     tables = layer_rope_tables(main.model, payload.positions.to(main.device))
+
+    def mapped(j: int, kind: str, x: torch.Tensor) -> torch.Tensor:   # on the projector's device, then the main's
+        return heads(projector(j, kind, x.to(device)).to(main.device), n_heads)
+
     keys, values = [], []
     for j, s in enumerate(layer_map):
         if key_map == "pre_rope":
-            keys.append(apply_rope(heads(projector(j, "key", payload.keys_pre[s]), n_heads), *tables[j]))
+            keys.append(apply_rope(mapped(j, "key", payload.keys_pre[s]), *tables[j]))
         else:
-            keys.append(heads(projector(j, "key_post", payload.keys_post[s]), n_heads))
-        values.append(heads(projector(j, "value", payload.values[s]), n_heads))
+            keys.append(mapped(j, "key_post", payload.keys_post[s]))
+        values.append(mapped(j, "value", payload.values[s]))
     return ContextKV(keys, values, payload.positions.to(main.device))
 
 
@@ -107,6 +111,6 @@ def mean_context(means: dict[str, torch.Tensor], main: LoadedModel, positions: t
     """
     n_heads, n = main.card["num_kv_heads"], len(positions)
     tables = layer_rope_tables(main.model, positions.to(main.device))
-    keys = [apply_rope(heads(m.expand(n, -1), n_heads), *tables[j]) for j, m in enumerate(means["key"])]
-    values = [heads(m.expand(n, -1), n_heads) for m in means["value"]]
+    keys = [apply_rope(heads(m.to(main.device).expand(n, -1), n_heads), *tables[j]) for j, m in enumerate(means["key"])]
+    values = [heads(m.to(main.device).expand(n, -1), n_heads) for m in means["value"]]
     return ContextKV(keys, values, positions.to(main.device))

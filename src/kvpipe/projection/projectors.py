@@ -16,6 +16,7 @@ held-out rows (the CV folds for closed forms, the validation fold for the MLP).
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -53,6 +54,11 @@ class Projector(nn.Module, ABC):
     @abstractmethod
     def fit(self, cal: Calibration, stats: Stats) -> Errors:
         """Fit for reconstruction; return each kind's calibration and held-out relative error."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where the projector's tensors live; `project` moves its inputs there."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
 
     def n_params(self) -> int:
         return sum(t.numel() for t in self.state_dict().values())

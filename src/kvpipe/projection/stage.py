@@ -74,7 +74,7 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
              "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": lmap}}
     cards = save(fitted, cal, about, out_dir / "projectors")
     write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
-    common = {"projectors": {k: f.projector.eval() for k, f in fitted.items()}, "layer_map": lmap,
+    common = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
               "means": main_means(stats, cal)}
     answerer = Answerer(scout, main, common, cfg, prompt, pair)
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")

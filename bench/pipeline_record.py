@@ -3,11 +3,14 @@
     python bench/pipeline_record.py synthetic                       # the default config -> results/pipeline_synthetic/
     python bench/pipeline_record.py squad_v2 --squad PATH [--stages structure selection]
                                                                     # config/squad_v2.yaml -> results/pipeline_squad_v2/
+    python bench/pipeline_record.py multihop                        # config/cross_family.yaml -> results/pipeline_multihop/
 
 The SQuAD run points the overlay's dataset at the official JSON through a temporary overlay
 (no committed config names a path outside the repository). Runs `snakemake --cores 2` for the
-chosen stages' summaries, then copies `results/{stage}/{dataset}/{pair}/summary.md` (and
-`aggregates.parquet` where a stage writes one) and `results/benchmarks/**/*{dataset}*.tsv`.
+chosen stages' summaries of every pair (the multihop run: the overlay's pairs and stages, and the
+cross-pair summary), then copies `results/{stage}/{dataset}/{pair}/summary.md` (and
+`aggregates.parquet` where a stage writes one), `results/pairs/{dataset}/` and
+`results/benchmarks/**/*{dataset}*.tsv`. `--copy-only` records a run already made in this checkout.
 """
 
 from __future__ import annotations
@@ -20,31 +23,44 @@ import tempfile
 from pathlib import Path
 
 STAGES = ("structure", "selection", "projection")
+OVERLAYS = {"squad_v2": "config/squad_v2.yaml", "multihop": "config/cross_family.yaml"}
+PAIRS = {"multihop": ["qwen-0.5b-1.5b", "smollm-qwen", "qwen-smollm", "gemma-qwen", "qwen-gemma"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", choices=["synthetic", "squad_v2"])
+    ap.add_argument("dataset", choices=["synthetic", "squad_v2", "multihop"])
     ap.add_argument("--squad", type=Path, help="official SQuAD v2 dev JSON (squad_v2 only)")
-    ap.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    ap.add_argument("--pair", default="qwen-0.5b-1.5b")
+    ap.add_argument("--stages", nargs="+", choices=STAGES, help="default: all three (multihop: structure selection)")
+    ap.add_argument("--pairs", nargs="+", help="default: qwen-0.5b-1.5b (multihop: the overlay's five)")
     ap.add_argument("--cores", default="2")
+    ap.add_argument("--copy-only", action="store_true", help="record the finished run without running Snakemake")
     args = ap.parse_args()
+    stages = args.stages or (["structure", "selection"] if args.dataset == "multihop" else list(STAGES))
+    pairs = args.pairs or PAIRS.get(args.dataset, ["qwen-0.5b-1.5b"])
     out = Path("bench/results") / f"pipeline_{args.dataset}"
     with tempfile.TemporaryDirectory() as tmp:
-        configs = []
+        configs = ["--configfile", OVERLAYS[args.dataset]] if args.dataset in OVERLAYS else []
         if args.dataset == "squad_v2":
             overlay = Path(tmp) / "squad_path.yaml"
             overlay.write_text(f"datasets:\n  squad_v2: {{path: {str(args.squad.resolve())!r}}}\n")
-            configs = ["--configfile", "config/squad_v2.yaml", str(overlay)]
-        targets = [f"results/{stage}/{args.dataset}/{args.pair}/summary.md" for stage in args.stages]
-        subprocess.run([sys.executable, "-m", "snakemake", "--cores", args.cores, *targets, *configs], check=True)
+            configs.append(str(overlay))
+        targets = [f"results/{stage}/{args.dataset}/{pair}/summary.md" for stage in stages for pair in pairs]
+        if len(pairs) > 1:
+            targets.append(f"results/pairs/{args.dataset}/summary.md")
+        if not args.copy_only:
+            subprocess.run([sys.executable, "-m", "snakemake", "--cores", args.cores, *targets, *configs], check=True)
     out.mkdir(parents=True, exist_ok=True)
-    for stage in args.stages:
-        stage_dir = Path("results") / stage / args.dataset / args.pair
-        shutil.copy2(stage_dir / "summary.md", out / f"{stage}_summary.md")
-        if (stage_dir / "aggregates.parquet").exists():
-            shutil.copy2(stage_dir / "aggregates.parquet", out / f"{stage}_aggregates.parquet")
+    for stage in stages:
+        for pair in pairs:
+            stage_dir = Path("results") / stage / args.dataset / pair
+            prefix = stage if len(pairs) == 1 else f"{stage}_{pair}"
+            shutil.copy2(stage_dir / "summary.md", out / f"{prefix}_summary.md")
+            if (stage_dir / "aggregates.parquet").exists():
+                shutil.copy2(stage_dir / "aggregates.parquet", out / f"{prefix}_aggregates.parquet")
+    if len(pairs) > 1:
+        for name in ("summary.md", "pairs.parquet"):
+            shutil.copy2(Path("results/pairs") / args.dataset / name, out / f"pairs_{name}")
     for tsv in Path("results/benchmarks").rglob("*.tsv"):
         parts = tsv.relative_to("results/benchmarks").with_suffix("").parts
         if args.dataset in parts or parts[0] == "materialize_model":

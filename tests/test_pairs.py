@@ -83,3 +83,17 @@ def test_undecided_and_untested_predictions_are_said_so(stage_tables):
     row = pair_row("qwen", _metrics(0.95), {"scout": "q-small", "main": "q-big", "thresholds": {"keys_r2": 0.9}},
                    no_75, arch)
     assert "| — |" in summary_markdown([row], "d")
+
+
+def test_keys_failing_within_the_family_too_do_not_confirm_the_cross_family_prediction():
+    from kvpipe.pairs.summary import pair_row
+
+    arch = {"q-small": "qwen2", "q-big": "qwen2", "llama": "llama"}
+    facts = {"thresholds": {"keys_r2": 0.9}}
+    same = pair_row("qwen", _metrics(0.73), facts | {"scout": "q-small", "main": "q-big"}, _aggregates(0.3), arch)
+    cross = pair_row("cross", _metrics(0.65), facts | {"scout": "llama", "main": "q-big"}, _aggregates(0.05), arch)
+    text = summary_markdown([same, cross], "d")
+    assert "Key transfer fails across families: not shown: keys fall below 0.9 within the family too" in text
+    assert "the cross-family key R² lies below the same-family one" in text
+    alone = summary_markdown([cross], "d")
+    assert "Key transfer fails across families: not tested against a reference" in alone

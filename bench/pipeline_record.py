@@ -10,16 +10,19 @@ The SQuAD run points the overlay's dataset at the official JSON through a tempor
 chosen stages' summaries of every pair (the multihop run: the overlay's pairs and stages, and the
 cross-pair summary), then copies `results/{stage}/{dataset}/{pair}/summary.md` (and
 `aggregates.parquet` where a stage writes one), `results/pairs/{dataset}/` and
-`results/benchmarks/**/*{dataset}*.tsv`. `--copy-only` records a run already made in this checkout.
+`results/benchmarks/**/*{dataset}*.tsv`, and writes `run.json` with the whole run's wall time.
+`--copy-only` records a run already made in this checkout (its job files, no wall time).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 STAGES = ("structure", "selection", "projection")
@@ -49,8 +52,14 @@ def main() -> None:
         if len(pairs) > 1:
             targets.append(f"results/pairs/{args.dataset}/summary.md")
         if not args.copy_only:
+            start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "snakemake", "--cores", args.cores, *targets, *configs], check=True)
+            wall = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
+    if not args.copy_only:
+        run = {"dataset": args.dataset, "stages": stages, "pairs": pairs, "cores": int(args.cores),
+               "wall_s": round(wall, 1)}
+        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     for stage in stages:
         for pair in pairs:
             stage_dir = Path("results") / stage / args.dataset / pair

@@ -71,7 +71,7 @@ def test_multihop_is_deterministic_per_seed(frame):
     pd.testing.assert_frame_equal(frame, generate(seed=0, passages=60, entities_per_passage=5, mode="multihop"))
     other = generate(seed=1, passages=60, entities_per_passage=5, mode="multihop")
     assert not other["context"].equals(frame["context"]) and not other["question"].equals(frame["question"])
-    assert list(frame.columns) == ["id", "title", "context", "question", "answers", "is_impossible", "hops"]
+    assert list(frame.columns) == ["id", "title", "context", "question", "answers", "is_impossible", "hops", "shortcut"]
     assert len(frame) == 60 * 5 and frame["id"].is_unique and not frame["is_impossible"].any()
 
 
@@ -98,6 +98,7 @@ def test_chains_resolve_by_composing_facts_and_shortcuts_are_wrong(frame):
         assert row.answers[0]["text"] == answer
         shortcuts = [facts[attr][person] for person in chain[:-1]]  # the named person's own attribute first
         assert answer not in shortcuts and all(s in row.context for s in shortcuts)
+        assert row.shortcut == shortcuts[0]  # the one-hop reading's answer, recorded for error analysis
         last_link = order.index((relations[-1], chain[-2]))
         adjacent += abs(order.index((attr, chain[-1])) - last_link) == 1
     assert adjacent < len(frame) / 4  # sentences are shuffled: the facts of a chain are rarely neighbours
@@ -118,7 +119,7 @@ def test_unanswerable_multihop_questions_name_absent_people():
     assert 0.3 < len(impossible) / len(frame) < 0.7
     for row in impossible.itertuples():
         name, _, _ = read_question(row.question)
-        assert row.answers == [] and name not in row.context
+        assert row.answers == [] and name not in row.context and pd.isna(row.shortcut)
 
 
 def test_single_mode_is_unchanged():

@@ -11,7 +11,8 @@ for an attribute of a person reached only by following them from the named one (
 town was the mentor of X's employer born?"): 2 hops compose one relation with one attribute,
 3 hops two relations. Every person has every attribute, and the people of a chain are
 distinct, so answering with the attribute of the named person (or of any person along the
-way) gives a wrong answer of the right type.
+way) gives a wrong answer of the right type; the named person's own value, the answer of the
+one-hop shortcut, is kept in a ``shortcut`` column (missing for unanswerable questions).
 """
 
 from __future__ import annotations
@@ -235,7 +236,9 @@ def _multihop(
             if rng.random() < unanswerable_fraction:
                 absent = _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", set(by_name))
                 rows.append(
-                    row | {"question": question.format(who=chain_phrase(absent, relations)), "answers": [], "is_impossible": True}
+                    row
+                    | {"question": question.format(who=chain_phrase(absent, relations)), "answers": [], "is_impossible": True,
+                       "shortcut": None}
                 )
                 continue
             rows.append(
@@ -244,6 +247,7 @@ def _multihop(
                     "question": question.format(who=chain_phrase(person["name"], relations)),
                     "answers": [{"text": end[attr], "answer_start": spans[(end["name"], attr)]}],
                     "is_impossible": False,
+                    "shortcut": person[attr],
                 }
             )
-    return pd.DataFrame(rows, columns=[*COLUMNS, "hops"])
+    return pd.DataFrame(rows, columns=[*COLUMNS, "hops", "shortcut"])

@@ -7,7 +7,7 @@ intervals over resampled passages (the selection stage's Bootstrap). Per-sample 
 sample id and written after each model, so a stopped run resumes and a larger --n only answers the
 new samples. On a multi-hop set it also counts the answers that are the one-hop shortcut (the
 named person's own attribute, the generator's `shortcut` column).
-Writes bench/results/size_gap.json.
+Writes bench/results/size_gap_{dataset}.json.
 
     python bench/size_gap_bench.py [--config config/cross_family.yaml] [--dataset multihop]
                                    [--pair qwen-0.5b-1.5b] [--n 120]
@@ -66,8 +66,9 @@ def main() -> None:
     ap.add_argument("--pair", default="qwen-0.5b-1.5b")
     ap.add_argument("--n", type=int, default=120)
     ap.add_argument("--results", type=Path, default=Path("results"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/size_gap.json"))
+    ap.add_argument("--out", type=Path, help="default: bench/results/size_gap_{dataset}.json")
     args = ap.parse_args()
+    args.out = args.out or Path(f"bench/results/size_gap_{args.dataset}.json")
     config = load_config(["config.yaml", args.config])
     pair, sampling, sel = config["pairs"][args.pair], config["sampling"] | {"n": args.n}, config["selection"]
     tokenizer = length_tokenizer(args.results / "models" / sampling["tokenizer"])

@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing as mp
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -65,8 +66,16 @@ def scaled_pair(root: Path, n: int, config: dict) -> tuple[dict[str, Path], Path
 
 
 def peak_rss_mb() -> int:
-    """This process's peak resident memory in MB."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    """This process's own peak resident memory in MB.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: a spawned child's ru_maxrss keeps the high-water mark of
+    the parent it was forked from (it survives exec), so it would report at least the parent's size.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2))
 
 
 def _call(func, args: tuple, queue: mp.Queue) -> None:

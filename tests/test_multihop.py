@@ -104,6 +104,28 @@ def test_chains_resolve_by_composing_facts_and_shortcuts_are_wrong(frame):
     assert adjacent < len(frame) / 4  # sentences are shuffled: the facts of a chain are rarely neighbours
 
 
+@pytest.mark.parametrize("hops", [[2], [3]])
+def test_bridge_questions_start_from_a_person_known_only_by_one_relation(hops):
+    frame = generate(seed=4, passages=40, entities_per_passage=4, mode="multihop", hops=hops, bridge=True)
+    assert len(frame) == 40 * 4 and frame["shortcut"].isna().all() and set(frame["hops"]) == set(hops)
+    for row in frame.itertuples():
+        facts, _ = read_facts(row.context)
+        members = set(facts["town"])
+        name, relations, attr = read_question(row.question)
+        assert len(relations) + 1 == row.hops
+        assert name not in members and row.context.count(name) == 1  # named once: in its bridge fact
+        chain = [name]
+        for rel in relations:
+            chain.append(facts[rel][chain[-1]])
+        assert set(chain[1:]) <= members and len(set(chain)) == len(chain)
+        assert row.answers[0]["text"] == facts[attr][chain[-1]]
+        (ans,) = row.answers
+        assert row.context[ans["answer_start"] : ans["answer_start"] + len(ans["text"])] == ans["text"]
+        assert row.context.lower().count(ans["text"].lower()) == 1
+    plain = generate(seed=4, passages=40, entities_per_passage=4, mode="multihop", hops=hops)
+    assert not plain["context"].isin(frame["context"]).any()
+
+
 @pytest.mark.parametrize("hops, expected", [([2], {2}), ([3], {3}), ([2, 3], {2, 3}), (None, {2, 3})])
 def test_hop_counts_are_those_configured(hops, expected):
     frame = generate(seed=5, passages=30, entities_per_passage=4, mode="multihop", hops=hops)
@@ -146,6 +168,7 @@ def test_single_mode_is_unchanged():
         (dict(mode="multihop", hops=[]), "hops: [] must be"),
         (dict(mode="multihop", entities_per_passage=2), "entities_per_passage: multihop needs at least 3"),
         (dict(hops=[2]), "hops: only with mode: multihop"),
+        (dict(bridge=True), "bridge: only with mode: multihop"),
     ],
 )
 def test_generator_arguments_are_checked(kwargs, expected):
@@ -165,6 +188,9 @@ def test_config_example_validates_and_dispatches(base):
     assert "mode" not in cfg["datasets"]["synthetic-small"] and "hops" not in cfg["datasets"]["synthetic-small"]
     frame = load_dataset("multihop", cfg["datasets"]["multihop"])
     pd.testing.assert_frame_equal(frame, generate(0, 3, 5, mode="multihop", hops=[2, 3]))
+    bridged = validate(deep_merge(base, {"datasets": {"multihop": MULTIHOP | {"passages": 3, "bridge": True}}}))
+    pd.testing.assert_frame_equal(load_dataset("multihop", bridged["datasets"]["multihop"]),
+                                  generate(0, 3, 5, mode="multihop", hops=[2, 3], bridge=True))
     single = load_dataset("synthetic-small", cfg["datasets"]["synthetic-small"])
     assert list(single.columns) == ["id", "title", "context", "question", "answers", "is_impossible"]
 
@@ -179,6 +205,8 @@ def test_config_example_validates_and_dispatches(base):
         ({"mode": "multihop", "entities_per_passage": 2}, "datasets.mh.entities_per_passage: 2 is less than the minimum of 3"),
         ({"mode": "single", "hops": [2]}, "datasets.mh.mode: 'multihop' was expected"),
         ({"hops": [2]}, "datasets.mh: 'mode' is a required property"),
+        ({"mode": "single", "bridge": True}, "datasets.mh.mode: 'multihop' was expected"),
+        ({"mode": "multihop", "bridge": "yes"}, "datasets.mh.bridge: 'yes' is not of type 'boolean'"),
     ],
 )
 def test_schema_errors_name_the_field(base, spec, expected):

@@ -13,6 +13,10 @@ town was the mentor of X's employer born?"): 2 hops compose one relation with on
 distinct, so answering with the attribute of the named person (or of any person along the
 way) gives a wrong answer of the right type; the named person's own value, the answer of the
 one-hop shortcut, is kept in a ``shortcut`` column (missing for unanswerable questions).
+With ``bridge`` every question starts instead from a person the passage names only in one
+relation fact ("X was mentored by Y."), one per question: X has no attributes, so no one-hop
+shortcut exists, and the answer is reached only through the bridge fact (same-typed
+distractors remain: every passage member has every attribute).
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ def generate(
     unanswerable_fraction: float = 0.0,
     mode: str = "single",
     hops: Sequence[int] | None = None,
+    bridge: bool = False,
 ) -> pd.DataFrame:
     """Generate passages with one question per entity; unanswerable ones ask about an absent entity.
 
@@ -78,11 +83,14 @@ def generate(
     recorded in an extra ``hops`` column and as the id's ``-h<k>`` suffix).
     """
     if mode == "multihop":
-        return _multihop(seed, passages, entities_per_passage, unanswerable_fraction, HOPS if hops is None else hops)
+        return _multihop(seed, passages, entities_per_passage, unanswerable_fraction, HOPS if hops is None else hops,
+                         bridge)
     if mode != "single":
         raise KvpipeError(f"mode: {mode!r} is not a synthetic mode (single, multihop)")
     if hops is not None:
         raise KvpipeError("hops: only with mode: multihop")
+    if bridge:
+        raise KvpipeError("bridge: only with mode: multihop")
     return _single(seed, passages, entities_per_passage, unanswerable_fraction)
 
 
@@ -178,8 +186,11 @@ def _chains(start: dict, by_name: dict[str, dict], length: int) -> list[tuple[tu
     return [(rels, seen[-1]) for rels, seen in paths]
 
 
-def _multihop_passage(rng: random.Random, n: int) -> tuple[list[dict], str, dict[tuple[str, str], int]]:
-    """Draw people, relations and the shuffled passage until every answerable value occurs once in it."""
+def _multihop_passage(
+    rng: random.Random, n: int, bridges: int = 0
+) -> tuple[list[dict], list[dict], str, dict[tuple[str, str], int]]:
+    """Draw people, relations, ``bridges`` bridge people and the shuffled passage until every answerable value
+    occurs once in it. A bridge person has a name, one relation and its target (a passage member), nothing else."""
     while True:
         used: set[str] = set()
         people = [
@@ -195,6 +206,14 @@ def _multihop_passage(rng: random.Random, n: int) -> tuple[list[dict], str, dict
             others = [other["name"] for other in people if other is not person]
             for (relation, _), other in zip(_RELATIONS, rng.sample(others, len(_RELATIONS))):
                 person[relation] = other
+        bridge_people = [
+            {
+                "name": _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", used),
+                "relation": rng.choice(_RELATIONS),
+                "target": rng.choice(people)["name"],
+            }
+            for _ in range(bridges)
+        ]
         sentences = [
             (template.format(**person), person[attr], attr, person) for person in people for template, _, attr in _HOP_FACTS
         ]
@@ -203,6 +222,7 @@ def _multihop_passage(rng: random.Random, n: int) -> tuple[list[dict], str, dict
             for person in people
             for relation, template in _RELATIONS
         ]
+        sentences += [(b["relation"][1].format(name=b["name"], other=b["target"]), None, None, b) for b in bridge_people]
         rng.shuffle(sentences)
         context, spans = "", {}
         for text, value, attr, person in sentences:
@@ -212,11 +232,11 @@ def _multihop_passage(rng: random.Random, n: int) -> tuple[list[dict], str, dict
         context = context.strip()
         lowered = context.lower()
         if all(lowered.count(person[attr].lower()) == 1 for person in people for _, _, attr in _HOP_FACTS):
-            return people, context, spans
+            return people, bridge_people, context, spans
 
 
 def _multihop(
-    seed: int, passages: int, entities_per_passage: int, unanswerable_fraction: float, hops: Sequence[int]
+    seed: int, passages: int, entities_per_passage: int, unanswerable_fraction: float, hops: Sequence[int], bridge: bool
 ) -> pd.DataFrame:
     hops = list(hops)
     if not hops or any(h not in HOPS for h in hops):
@@ -226,15 +246,19 @@ def _multihop(
     rng = random.Random(seed)
     rows = []
     for p in range(passages):
-        people, context, spans = _multihop_passage(rng, entities_per_passage)
+        people, bridges, context, spans = _multihop_passage(rng, entities_per_passage, entities_per_passage * bridge)
         by_name = {person["name"]: person for person in people}
-        for e, person in enumerate(people):
+        for e, person in enumerate(bridges or people):
             count = rng.choice(hops)
-            relations, end = rng.choice(_chains(person, by_name, count - 1))
+            if bridge:   # the bridge fact is the first hop; the chain goes on from its target
+                relations, end = rng.choice(_chains(by_name[person["target"]], by_name, count - 2))
+                relations = (person["relation"][0], *relations)
+            else:
+                relations, end = rng.choice(_chains(person, by_name, count - 1))
             _, question, attr = rng.choice(_HOP_FACTS)
             row = {"id": f"mh{seed}-{p:05d}-{e}-h{count}", "title": f"Passage {p}", "context": context, "hops": count}
             if rng.random() < unanswerable_fraction:
-                absent = _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", set(by_name))
+                absent = _unique(rng, lambda: f"{_word(rng, 2)} {_word(rng, 3)}", set(by_name) | {b["name"] for b in bridges})
                 rows.append(
                     row
                     | {"question": question.format(who=chain_phrase(absent, relations)), "answers": [], "is_impossible": True,
@@ -247,7 +271,7 @@ def _multihop(
                     "question": question.format(who=chain_phrase(person["name"], relations)),
                     "answers": [{"text": end[attr], "answer_start": spans[(end["name"], attr)]}],
                     "is_impossible": False,
-                    "shortcut": person[attr],
+                    "shortcut": None if bridge else person[attr],
                 }
             )
     return pd.DataFrame(rows, columns=[*COLUMNS, "hops", "shortcut"])

@@ -4,6 +4,7 @@
     python bench/pipeline_record.py squad_v2 --squad PATH [--stages structure selection]
                                                                     # config/squad_v2.yaml -> results/pipeline_squad_v2/
     python bench/pipeline_record.py multihop                        # config/cross_family.yaml -> results/pipeline_multihop/
+    python bench/pipeline_record.py multihop_bridge                 # its bridge set -> results/pipeline_multihop_bridge/
 
 The SQuAD run points the overlay's dataset at the official JSON through a temporary overlay
 (no committed config names a path outside the repository). Runs `snakemake --cores 2` for the
@@ -26,20 +27,22 @@ import time
 from pathlib import Path
 
 STAGES = ("structure", "selection", "projection")
-OVERLAYS = {"squad_v2": "config/squad_v2.yaml", "multihop": "config/cross_family.yaml"}
-PAIRS = {"multihop": ["qwen-0.5b-1.5b", "smollm-qwen", "qwen-smollm", "gemma-qwen", "qwen-gemma"]}
+OVERLAYS = {"squad_v2": "config/squad_v2.yaml", "multihop": "config/cross_family.yaml",
+            "multihop_bridge": "config/cross_family.yaml"}
+CROSS_FAMILY = ["qwen-0.5b-1.5b", "smollm-qwen", "qwen-smollm", "gemma-qwen", "qwen-gemma"]
+PAIRS = {"multihop": CROSS_FAMILY, "multihop_bridge": CROSS_FAMILY}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("dataset", choices=["synthetic", "squad_v2", "multihop"])
+    ap.add_argument("dataset", choices=["synthetic", "squad_v2", "multihop", "multihop_bridge"])
     ap.add_argument("--squad", type=Path, help="official SQuAD v2 dev JSON (squad_v2 only)")
     ap.add_argument("--stages", nargs="+", choices=STAGES, help="default: all three (multihop: structure selection)")
     ap.add_argument("--pairs", nargs="+", help="default: qwen-0.5b-1.5b (multihop: the overlay's five)")
     ap.add_argument("--cores", default="2")
     ap.add_argument("--copy-only", action="store_true", help="record the finished run without running Snakemake")
     args = ap.parse_args()
-    stages = args.stages or (["structure", "selection"] if args.dataset == "multihop" else list(STAGES))
+    stages = args.stages or (["structure", "selection"] if args.dataset in PAIRS else list(STAGES))
     pairs = args.pairs or PAIRS.get(args.dataset, ["qwen-0.5b-1.5b"])
     out = Path("bench/results") / f"pipeline_{args.dataset}"
     with tempfile.TemporaryDirectory() as tmp:

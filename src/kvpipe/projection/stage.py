@@ -69,6 +69,7 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     attention = attention_data(cal, table, scout, main, prompt, cfg) if "attention" in cfg["objectives"] else None
     clock.append(time.perf_counter())
     fitted = fit_all(cal, stats, cfg, main, attention)
+    del attention   # each attention sample holds the main's KV of its prompt: not kept through the answers
     clock.append(time.perf_counter())
     about = {"pair": pair, "scout": scout.slug, "main": main.slug,
              "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": lmap}}

@@ -187,7 +187,7 @@ def _chains(start: dict, by_name: dict[str, dict], length: int) -> list[tuple[tu
 
 
 def _multihop_passage(
-    rng: random.Random, n: int, bridges: int = 0
+    rng: random.Random, n: int, bridges: int
 ) -> tuple[list[dict], list[dict], str, dict[tuple[str, str], int]]:
     """Draw people, relations, ``bridges`` bridge people and the shuffled passage until every answerable value
     occurs once in it. A bridge person has a name, one relation and its target (a passage member), nothing else."""

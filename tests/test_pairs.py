@@ -21,7 +21,8 @@ def _metrics(key_r2: float) -> pd.DataFrame:
 def _aggregates(overlap_gain: float) -> pd.DataFrame:
     rows = [{"table": "full_kv", "role": role, "method": "full", "retention": 1.0, "quantity": quantity, "value": value,
              "ci_low": value - 0.1, "ci_high": value + 0.1}
-            for role, quantity, value in (("scout", "f1", 0.3), ("main", "f1", 0.6), ("pair", "f1_main_minus_scout", 0.3))]
+            for role, quantity, value in (("scout", "f1_answerable", 0.3), ("main", "f1_answerable", 0.6),
+                                            ("pair", "f1_main_minus_scout", 0.3))]
     for r in (0.5, 0.75):
         for quantity, value in (("overlap", 0.5 + overlap_gain), ("overlap_random", 0.5),
                                 ("overlap_minus_random", overlap_gain)):

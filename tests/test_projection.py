@@ -30,7 +30,8 @@ from kvpipe.structure.pair_data import read_passages
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
-                  "retention", "rank", "prediction", "exact", "f1", "bytes", "n_context", "n_tokens"}
+                  "retention", "rank", "reply", "prediction", "exact", "f1", "abstained", "empty", "bytes", "n_context",
+                  "n_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,15 @@ def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke
             assert np.isfinite(card["calibration_error"]) and np.isfinite(card["validation_error"])
     # every measured second is in the timing files: ttft_samples null times every row of every test sample
     ttft = pd.read_parquet(stage_out / "ttft.parquet")
-    assert len(ttft) == len(answers) and (ttft["ttft_s"] > 0).all()
-    assert ttft.merge(answers, on=["sample_idx", *VARIANT], validate="one_to_one").shape[0] == len(answers)
+    modelled = answers[answers["condition"] != "always_abstain"]   # a constant reply has no time to first token
+    assert len(ttft) == len(modelled) and (ttft["question_s"] > 0).all() and (ttft[["build_s", "scout_s"]] >= 0).all().all()
+    assert ttft.merge(modelled, on=["sample_idx", *VARIANT], validate="one_to_one").shape[0] == len(modelled)
+    parts = ttft.set_index("condition")
+    assert (parts.loc["projected_kv", "scout_s"] > 0).all() and (parts.loc["main_full", "scout_s"] == 0).all()
+    assert (parts.loc["main_full", "own_prefill_s"] > 0).all() and (parts.loc["no_context", "own_prefill_s"] == 0).all()
+    abstain = answers[answers["condition"] == "always_abstain"]
+    assert (abstain["reply"] == "unanswerable").all() and abstain["abstained"].all() and not abstain["empty"].any()
+    assert (answers.loc[answers["condition"] == "no_context", "n_tokens"] == facts["n_template_tokens"]).all()
     timing = read_json(stage_out / "timings.json")
     assert set(timing["fit_s"]) == {f"{p}/{o}" for p in smoke_config["projection"]["projectors"]
                                     for o in smoke_config["projection"]["objectives"]}
@@ -168,7 +176,7 @@ def test_every_condition_plans_rows_the_main_model_accepts(self_fit, tiny_main, 
     assert len({p.variant.label for p in plans}) == len(plans)
     for p in plans:
         assert isinstance(p.bytes, int) and p.bytes >= 0
-        if p.selection is not None:
+        if p.selection is not None and len(p.selection):
             assert p.selection.ndim == 1 and p.selection.max() < s.n_context
         if p.build is not None:
             kv = GivenTensors(p.build()).context_kv(tiny_main, s.tokens)
@@ -194,10 +202,28 @@ def test_mean_kv_ignores_the_context(self_fit, tiny_main, smoke_config, samples)
     assert answers[0] == answers[1]
 
 
+def test_given_caches_keep_the_main_own_template_rows(self_fit, tiny_main, smoke_config, samples):
+    """mean_kv (and every given cache) replaces only the context positions: the template rows are the main's own
+    prefill, tensor for tensor; the context rows are the calibration mean."""
+    s, session = _inputs(self_fit, tiny_main, smoke_config, next(samples.itertuples(index=False)))
+    t = s.tokens.context_start
+    (plan,) = CONDITIONS["mean_kv"]().plans(s)
+    kv = plan.build()
+    for own, given in ((session.own.keys, kv.keys), (session.own.values, kv.values)):
+        for layer in range(len(own)):
+            assert torch.equal(given[layer][:, :t], own[layer][:, :t])
+            assert not torch.equal(given[layer][:, t:], own[layer][:, t:])
+    heads = kv.values[0].shape[0]
+    mean_value = s.means["value"][0].reshape(heads, -1)
+    assert torch.allclose(kv.values[0][:, t:], mean_value[:, None].expand(-1, s.n_context, -1))
+    projected = s.projected("ridge", "reconstruction")
+    assert torch.equal(projected.keys[1][:, :t], session.own.keys[1][:, :t])
+
+
 def test_bytes_are_counted_from_the_shapes_sent(self_fit, tiny_main, smoke_config, samples):
     s, _ = _inputs(self_fit, tiny_main, smoke_config, next(samples.itertuples(index=False)))
     plans = {p.variant.label: p for p in plan_all(s, list(CONDITIONS))}
-    n, widths = len(s.payload), s.widths
+    n, widths = s.n_context, s.widths   # context rows only: the template is the main's own
     assert widths == [s.payload.values[j].shape[1] for j in sorted(set(s.layer_map))]
     by = {(p.variant.condition, p.variant.projector, p.variant.key_map, p.variant.retention, p.variant.rank): p.bytes
           for p in plans.values()}
@@ -205,7 +231,7 @@ def test_bytes_are_counted_from_the_shapes_sent(self_fit, tiny_main, smoke_confi
     assert by[("projected_k_own_v", "ridge", "pre_rope", 1.0, -1)] == n * sum(widths) * 2
     assert by[("main_full", "none", "none", 1.0, -1)] == len(s.context.encode("utf-8"))
     sel = s.selections[0.5]
-    kept = s.tokens.context_start + len(sel)
+    kept = len(sel)
     index = min((s.n_context + 7) // 8, pl.varint_bytes(np.diff(sel, prepend=0)))
     assert by[("chain", "ridge", "pre_rope", 0.5, 2)] == 2 * sum(min(kept * w, 2 * (kept + w)) * 2 for w in widths) + index
     assert by[("scout_selection", "none", "none", 0.5, -1)] == len(s.context.encode("utf-8")) + index

@@ -10,47 +10,57 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, on_front, pareto_front, ttft_aggregate
+from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, on_front, pareto_front
 from kvpipe.projection.report import FIGURES, TIMING_FILES, write_report
 from kvpipe.projection.summary import summary_markdown
 from kvpipe.stats import holm
 
-BASE = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.9])   # main_full F1 per passage; both questions of a passage alike
-CFG = {"bootstrap": 300, "ci": 0.95, "seed": 3, "retention": 1.0, "chain": {"retention": [0.5, 1.0], "rank": [4, -1]}}
-# (condition, projector, objective, key_map, retention, rank) -> (F1 as a function of BASE, bytes, ttft_s)
+BASE = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.9])   # main_full answerable F1 per passage; every question of it alike
+CFG = {"bootstrap": 300, "ci": 0.95, "seed": 3, "retention": 1.0, "chain": {"retention": [0.5, 1.0], "rank": [4, -1]},
+       "ttft": {"link_mbps": [100, 1000], "target": 0.3}}
+MARGIN = 0.05
+IMPOSSIBLE = (False, True)   # question q of a passage (two per passage unless said)
+# (condition, projector, objective, key_map, retention, rank) ->
+#   (answerable F1 as a function of BASE, whether it abstains on unanswerable questions, bytes, ttft parts)
 VARIANTS = {
-    BASELINE: (lambda b: b, 1000, 1.0),
-    ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, 50_000, 0.2),
-    ("projected_kv", "mlp", "attention", "pre_rope", 1.0, -1): (lambda b: 0.5 * b, 50_000, 0.25),
-    ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1): (lambda b: 0.25 * b, 50_000, np.nan),
-    ("projected_k_own_v", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, 25_000, np.nan),
-    ("own_k_projected_v", "ridge", "reconstruction", "none", 1.0, -1): (lambda b: 0 * b, 25_000, np.nan),
-    ("mean_kv", "none", "none", "none", 1.0, -1): (lambda b: 0 * b, 0, 0.1),
-    ("scout_selection", "none", "none", "none", 0.5, -1): (lambda b: b - 0.1, 1100, np.nan),
+    BASELINE: (lambda b: b, True, 1000, 1.0),
+    ("no_context", "none", "none", "none", 1.0, -1): (lambda b: 0.1 * b, False, 0, 0.05),
+    ("mean_kv", "none", "none", "none", 1.0, -1): (lambda b: 0 * b, False, 0, 0.1),
+    ("always_abstain", "none", "none", "none", 1.0, -1): (lambda b: 0 * b, True, 0, np.nan),
+    ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, True, 50_000, 0.2),
+    ("projected_kv", "mlp", "attention", "pre_rope", 1.0, -1): (lambda b: 0.5 * b, True, 50_000, 0.25),
+    ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1): (lambda b: 0.25 * b, False, 50_000, np.nan),
+    ("projected_k_own_v", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, True, 25_000, np.nan),
+    ("own_k_projected_v", "ridge", "reconstruction", "none", 1.0, -1): (lambda b: 0 * b, False, 25_000, np.nan),
+    ("scout_selection", "none", "none", "none", 0.5, -1): (lambda b: b - 0.1, True, 1100, np.nan),
     **{("chain", "ridge", "reconstruction", "pre_rope", r, k): (lambda b, r=r, k=k: b * r * (0.9 if k > 0 else 1),
-                                                               50_000 * r * (0.1 if k > 0 else 1) + 10, np.nan)
+                                                               False, 50_000 * r * (0.1 if k > 0 else 1) + 10, np.nan)
        for r in (0.5, 1.0) for k in (4, -1)},
 }
 
 
-def _answers(questions_per_passage: int = 2) -> pd.DataFrame:
+def _answers(impossible: tuple[bool, ...] = IMPOSSIBLE, variants: dict | None = None) -> pd.DataFrame:
     rows = []
-    for variant, (f1, nbytes, _) in VARIANTS.items():
+    for variant, (f1, abstains, nbytes, _) in (variants or VARIANTS).items():
         for p, value in enumerate(f1(BASE)):
-            for q in range(questions_per_passage):
-                idx = questions_per_passage * p + q
-                rows.append(dict(zip(("condition", "projector", "objective", "key_map", "retention", "rank"), variant))
-                            | {"sample_idx": idx, "sample_id": f"s{idx}", "passage": f"p{p}", "is_impossible": q == 1,
-                               "prediction": "x", "exact": float(value == 1), "f1": value, "bytes": int(nbytes),
-                               "n_context": 100, "n_tokens": 120})
+            for q, unanswerable in enumerate(impossible):
+                idx = len(impossible) * p + q
+                abstained = abstains if unanswerable else variant[0] == "always_abstain"
+                score = float(abstained) if unanswerable else value
+                rows.append(dict(zip(VARIANT, variant))
+                            | {"sample_idx": idx, "sample_id": f"s{idx}", "passage": f"p{p}", "is_impossible": unanswerable,
+                               "reply": "unanswerable" if abstained else "x", "prediction": "" if abstained else "x",
+                               "exact": float(score == 1), "f1": score, "abstained": abstained, "empty": False,
+                               "bytes": int(nbytes), "n_context": 100, "n_tokens": 120})
     return pd.DataFrame(rows)
 
 
-def _ttft(questions_per_passage: int = 2) -> pd.DataFrame:
-    """The stage's ttft.parquet: rows only for the variants it timed."""
-    rows = [dict(zip(VARIANT, variant)) | {"sample_idx": idx, "ttft_s": ttft}
-            for variant, (_, _, ttft) in VARIANTS.items() if not np.isnan(ttft)
-            for idx in range(questions_per_passage * len(BASE))]
+def _ttft(n: int = 2 * len(BASE)) -> pd.DataFrame:
+    """The stage's ttft.parquet: the measured parts, rows only for the variants it timed."""
+    rows = [dict(zip(VARIANT, variant)) | {"sample_idx": idx, "own_prefill_s": 0.0, "build_s": 0.0,
+                                           "scout_s": 0.4 if variant[0] == "projected_kv" else 0.0,
+                                           "question_s": ttft, "bytes": int(nbytes)}
+            for variant, (_, _, nbytes, ttft) in VARIANTS.items() if not np.isnan(ttft) for idx in range(n)]
     return pd.DataFrame(rows)
 
 
@@ -78,7 +88,7 @@ FACTS = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "dataset": 
 
 @pytest.fixture(scope="module")
 def agg() -> pd.DataFrame:
-    return aggregate(_answers(), CFG)
+    return aggregate(_answers(), CFG, MARGIN)
 
 
 def _row(agg: pd.DataFrame, variant: tuple) -> pd.Series:
@@ -90,26 +100,37 @@ def _row(agg: pd.DataFrame, variant: tuple) -> pd.Series:
 
 def test_aggregates_recover_the_planted_effects(agg):
     assert len(agg) == len(VARIANTS) and agg.iloc[0]["condition"] == "main_full"
-    assert (agg["n"] == 12).all() and (agg["n_passages"] == 6).all()
+    assert (agg["n"] == 12).all() and (agg["n_answerable"] == 6).all() and (agg["n_passages"] == 6).all()
     full, ridge = _row(agg, BASELINE), _row(agg, ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1))
-    assert full["f1"] == pytest.approx(BASE.mean()) and full["f1_has_answer"] == pytest.approx(BASE.mean())
+    assert full["f1_answerable"] == pytest.approx(BASE.mean()) and full["f1"] == pytest.approx((BASE.mean() + 1) / 2)
+    assert full["abstain_unanswerable"] == 1 and full["abstain_answerable"] == 0
     assert (ridge["delta_f1"], ridge["delta_f1_low"], ridge["delta_f1_high"], ridge["p_value"]) == (0, 0, 0, 1)
-    assert not ridge["survives"]
+    assert not ridge["survives"] and ridge["verdict"] == "equivalent" and ridge["carries_content"]
     assert ridge["bytes_ratio"] == 50 and not any("ttft" in c for c in agg.columns)
     null = _row(agg, ("mean_kv", "none", "none", "none", 1.0, -1))
-    assert null["f1"] == 0 and null["delta_f1"] == pytest.approx(-BASE.mean()) and null["survives"]
+    assert null["f1_answerable"] == 0 and null["delta_f1"] == pytest.approx(-BASE.mean()) and null["survives"]
     assert null["delta_f1_low"] < -BASE.mean() < null["delta_f1_high"] < 0 and null["bytes"] == 0
+    assert null["verdict"] == "worse" and not null["carries_content"]
     post = _row(agg, ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1))
-    assert post["delta_f1"] == pytest.approx(-0.75 * BASE.mean())
+    assert post["delta_f1"] == pytest.approx(-0.75 * BASE.mean()) and post["verdict_vs_no_context"] == "better"
 
 
-def test_ttft_ratios_are_paired_to_main_full_over_the_timed_variants():
-    ttft = ttft_aggregate(_answers(), _ttft(), CFG)
-    timed = {v for v, (_, _, t) in VARIANTS.items() if not np.isnan(t)}
-    assert {tuple(r) for r in ttft[list(VARIANT)].itertuples(index=False)} == timed and (ttft["n"] == 12).all()
-    ridge = _row(ttft, ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1))
-    assert (ridge["ttft_ratio"], ridge["ttft_ratio_low"], ridge["ttft_ratio_high"]) == pytest.approx((0.2, 0.2, 0.2))
-    assert _row(ttft, BASELINE)["ttft_ratio"] == 1 and ttft_aggregate(_answers(), _ttft().iloc[:0], CFG).empty
+def test_a_cache_that_only_abstains_wins_no_verdict():
+    """The issue's planted check: on a set with 60 % unanswerable questions a cache replaced by noise that abstains on
+    every question has the highest all-question F1, and is still neither as good as main_full nor carrying content."""
+    noise = ("projected_kv", "mlp", "reconstruction", "pre_rope", 1.0, -1)
+    variants = {v: VARIANTS[v] for v in (BASELINE, ("no_context", "none", "none", "none", 1.0, -1),
+                                         ("mean_kv", "none", "none", "none", 1.0, -1))}
+    variants[BASELINE] = (lambda b: b, False, 1000, 1.0)   # main_full tries to answer everything
+    variants[noise] = (lambda b: 0 * b, True, 50_000, 0.2)
+    answers = _answers((False, False, True, True, True), variants)
+    agg = aggregate(answers, CFG, MARGIN)
+    row = _row(agg, noise)
+    assert row["f1"] > _row(agg, BASELINE)["f1"]                     # the all-question F1 it would have won
+    assert row["verdict"] == "worse" and row["f1_answerable"] == 0 and not row["carries_content"]
+    assert row["abstain_unanswerable"] == 1
+    text = summary_markdown(agg, answers, _metrics(), FACTS, "planted", MARGIN)
+    assert "**No injected cache carries content**" in text and "equivalent to main_full" not in text
 
 
 def test_holm_is_applied_over_every_variant_but_main_full(agg):
@@ -121,41 +142,43 @@ def test_holm_is_applied_over_every_variant_but_main_full(agg):
 
 
 def test_intervals_resample_passages_not_questions():
-    """Both questions of a passage score alike: the intervals must equal those of one question per passage."""
-    two, one = aggregate(_answers(2), CFG), aggregate(_answers(1), CFG)
-    cols = ["f1_low", "f1_high", "delta_f1_low", "delta_f1_high"]
+    """Both answerable questions of a passage score alike: the intervals must equal those of one per passage."""
+    two, one = aggregate(_answers((False, False)), CFG, MARGIN), aggregate(_answers((False,)), CFG, MARGIN)
+    cols = ["f1_answerable_low", "f1_answerable_high", "delta_f1_low", "delta_f1_high"]
     np.testing.assert_allclose(two[cols], one[cols], rtol=1e-12)
-    assert (two["f1_high"] - two["f1_low"]).iloc[0] > 0.1
-    per_question = _answers(2).assign(passage=lambda a: a["sample_id"])   # what resampling questions would give
-    assert not np.allclose(aggregate(per_question, CFG)[cols], two[cols])
+    assert (two["f1_answerable_high"] - two["f1_answerable_low"]).iloc[0] > 0.1
+    per_question = _answers((False, False)).assign(passage=lambda a: a["sample_id"])   # resampling questions instead
+    assert not np.allclose(aggregate(per_question, CFG, MARGIN)[cols], two[cols])
 
 
 def test_pareto_front_keeps_the_best_f1_at_no_more_bytes():
     cost = [0, 10, 10, 100, 50, 1000, 100]
     value = [0.1, 0.5, 0.4, 0.6, 0.3, 0.6, 0.6]
     assert pareto_front(cost, value).tolist() == [True, True, False, True, False, False, False]
-    diagnostic = pd.DataFrame({"condition": ["main_full", "projected_k_own_v", "mean_kv"], "bytes": [1000, 10, 0],
-                               "f1": [0.8, 0.9, 0.0]})   # the hybrid needs the main's own prefill: never on the front
-    assert on_front(diagnostic).tolist() == [True, False, True]
+    diagnostic = pd.DataFrame({"condition": ["main_full", "projected_k_own_v", "mean_kv", "always_abstain"],
+                               "bytes": [1000, 10, 0, 0], "f1_answerable": [0.8, 0.9, 0.0, 0.0]})
+    assert on_front(diagnostic).tolist() == [True, False, True, False]   # the hybrid needs the main's own prefill
 
 
 def test_summary_states_the_verdicts(agg):
-    text = summary_markdown(agg, _answers(), _metrics(), FACTS, "synthetic-small")
+    text = summary_markdown(agg, _answers(), _metrics(), FACTS, "synthetic-small", MARGIN)
     lines = text.splitlines()
     ridge = next(line for line in lines if line.startswith("| projected_kv ridge/reconstruction |"))
-    assert "indistinguishable from main_full" in ridge and "above mean_kv" in ridge
+    assert "equivalent (" in ridge and "| yes |" in ridge
     mlp = next(line for line in lines if line.startswith("| projected_kv mlp/attention |"))
-    assert "below main_full" in mlp
+    assert "worse (" in mlp
     keys = next(line for line in lines if line.startswith("| ridge/reconstruction |") and "value-only" in line)
-    assert "above value-only transfer" in keys
-    assert "12 test samples on 6 passages" in text and "relative_depth" in text and "0.9997" in text
-    assert "smallest ΔF1 distinguishable from 0" in text and "Deltas that survive:" in text
+    assert "better than value-only transfer" in keys
+    assert "12 questions on 6 passages" in text and "6 answerable" in text and "relative_depth" in text
+    assert "0.9997" in text and "Estimand of every verdict: answerable F1" in text
+    assert "smallest answerable-ΔF1 distinguishable from 0" in text and "Deltas that survive:" in text
     survivors, front = text.split("Deltas that survive:")[1].split("\n")[0].split("Pareto front")
     assert "mean_kv" in survivors and "projected_kv ridge/reconstruction," not in survivors
-    assert front.endswith("main_full, mean_kv.")
+    assert front.endswith("main_full, no_context.")
+    assert "Injected caches that carry content: projected_kv ridge/reconstruction" in text
     assert "timing.md" in text and "TTFT" not in text
     chain = [line for line in lines if line.startswith("| ridge/reconstruction | 0.50 |")]
-    assert len(chain) == 2 and all("below projected_kv" in line for line in chain)
+    assert len(chain) == 2 and all("| -" in line for line in chain)
 
 
 def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
@@ -170,19 +193,21 @@ def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
         pd.DataFrame({"sample_idx": range(12), "scout_prefill_s": 0.1 + i, "main_prefill_s": 0.5 + i,
                       "answer_s": 0.2}).to_parquet(timing["timings.parquet"])
         ttft = _ttft()
-        ttft["ttft_s"] *= 1 + i
+        ttft["question_s"] *= 1 + i
         ttft.to_parquet(timing["ttft.parquet"])
         timing["timings.json"].write_text(json.dumps({"fit_s": {"ridge/reconstruction": 1.5 + i},
                                                       "phases": {"statistics_s": 2.0, "fit_s": 1.5 + i}}))
         write_report(stage / "answers.parquet", stage / "metrics.parquet", stage / "facts.json", timing,
-                     "synthetic-small", out)
+                     "synthetic-small", out, {"equivalence_margin": MARGIN})
     names = {f"{name}.{ext}" for name in FIGURES for ext in ("png", "pdf")}
     assert {p.name for p in (outs[0] / "figures").iterdir()} == names
     for rel in [f"figures/{n}" for n in names] + ["summary.md", "aggregates.parquet"]:
         assert (outs[0] / rel).read_bytes() == (outs[1] / rel).read_bytes(), rel
     timing_md = (outs[0] / "timing.md").read_text()
-    assert "Median per sample: scout prefill 0.100 s, main prefill 0.500 s" in timing_md
-    assert "| projected_kv ridge/reconstruction | 12 | 0.200 | 0.200 [0.200, 0.200] | meets |" in timing_md
+    assert "Median per sample: scout side 0.100 s, main prefill 0.500 s" in timing_md
+    e2e = timing_md.split("### end to end at 1000 Mbit/s")[1]
+    assert "| projected_kv ridge/reconstruction | 12 | 0.600 | 0.600 [0.600, 0.600] | misses |" in e2e
+    assert "| mean_kv | 12 | 0.100 | 0.100 [0.100, 0.100] | no verdict: carries no content |" in e2e
     assert "| ridge/reconstruction | 1.5 |" in timing_md and "main prefill 1.500 s" in (outs[1] / "timing.md").read_text()
 
 

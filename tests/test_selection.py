@@ -206,7 +206,7 @@ def test_a_pair_with_different_tokenizers_runs_end_to_end(tmp_path, model_dirs, 
     answers, overlaps = (pd.read_parquet(stage_dir / f"{name}.parquet") for name in ("answers", "overlap"))
     facts = read_json(stage_dir / "facts.json")
     assert facts["scout"] == "tiny-llama" and facts["selection"]["alignment"] == {"min_cover": 0.5}
-    pruned = answers[answers["retention"] < 1]
+    pruned = answers[(answers["retention"] < 1) & (answers["retention"] > 0)]   # 0: the floors
     assert set(pruned["source"]) == {"own", "transfer", "own_per_head"}
     assert (pruned["n_kept_context"] == (pruned["n_context"] * pruned["retention"]).round()).all()   # budgets exact
     n_context = answers.groupby(["sample_idx", "role"])["n_context"].first().unstack()
@@ -325,12 +325,13 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
                                           samples.head(2), "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
     per_head = answers[answers["source"] == "own_per_head"]
     assert set(per_head["method"]) == {"q2c", "snapkv"} and set(per_head["role"]) == {"scout", "main"}
-    assert set(answers["retention"]) == {0.5, 1.0}
+    assert set(answers["retention"]) == {0.0, 0.5, 1.0}   # 0: the floors no_context and always_abstain
     assert set(answers.loc[answers["retention"] == 1.0, "method"]) == {"full"}  # 1.0 is not in this grid
-    agg = aggregate(answers, overlaps, cfg)
+    assert set(answers.loc[answers["retention"] == 0.0, "method"]) == {"no_context", "always_abstain"}
+    agg = aggregate(answers, overlaps, cfg, 0.05)
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
     facts = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_sampled": 2, "selection": cfg}
-    text = summary_markdown(agg, answers, facts, "synthetic-small")
+    text = summary_markdown(agg, answers, facts, "synthetic-small", 0.05)
     assert "per-head − shared" in text and "2 samples from 2 passages (all 2 sampled)" in text
 
 
@@ -341,12 +342,34 @@ def test_has_answer_and_no_answer_breakdown():
         for role in ("scout", "main"):
             rows.append({"sample_idx": i, "passage": f"p{i}", "role": role, "model": role, "method": "full", "retention": 1.0,
                          "source": "none", "f1": 0.0 if impossible else 1.0, "exact": 0.0 if impossible else 1.0,
-                         "is_impossible": impossible})
+                         "is_impossible": impossible, "prediction": "x", "abstained": False, "empty": False})
     cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0}
-    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]), cfg)
+    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]), cfg, 0.05)
     main = agg[(agg["table"] == "full_kv") & (agg["role"] == "main")].set_index("quantity")["value"]
-    assert main["f1_has_answer"] == 1.0 and main["f1_no_answer"] == 0.0
+    assert main["f1_answerable"] == 1.0 and main["f1_unanswerable"] == 0.0
+    assert main["abstain_unanswerable"] == 0.0 and main["abstain_answerable"] == 0.0
     assert main["f1"] == pytest.approx(4 / 6)
+
+
+def test_an_abstaining_condition_wins_no_answer_quality_verdict():
+    """The issue's planted check for the selection stage: on a set with 60 % unanswerable questions a pruned
+    condition that abstains everywhere beats the full KV on all-question F1 and still reads 'worse' on answerable F1."""
+    rows = []
+    for i in range(50):
+        impossible, p = i % 5 >= 2, f"p{i // 5}"
+        base = {"sample_idx": i, "passage": p, "is_impossible": impossible, "empty": False}
+        for role in ("scout", "main"):
+            good = {"prediction": "x", "f1": 0.0 if impossible else 0.8, "exact": 0.0, "abstained": False}
+            rows.append(base | good | {"role": role, "method": "full", "retention": 1.0, "source": "none"})
+            rows.append(base | good | {"role": role, "method": "q2c", "retention": 0.5, "source": "own"})
+            abstains = {"prediction": "", "f1": float(impossible), "exact": float(impossible), "abstained": True}
+            rows.append(base | abstains | {"role": role, "method": "q2c", "retention": 0.5, "source": "transfer"})
+    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
+                    {"bootstrap": 300, "ci": 0.95, "seed": 0}, 0.05).set_index(["table", "role", "quantity"])
+    forward = agg.loc[("transfer", "main", "delta_forward")]
+    assert forward["value"] == pytest.approx(-0.8) and forward["verdict"] == "worse"
+    assert agg.loc[("transfer_all", "main", "delta_forward"), "value"] > 0   # what the all-question F1 would claim
+    assert agg.loc[("abstention", "main", "abstain_unanswerable_transfer"), "value"] == 1.0
 
 
 def _planted_answers(passage_of) -> pd.DataFrame:
@@ -355,7 +378,8 @@ def _planted_answers(passage_of) -> pd.DataFrame:
     level, cost = r.random(12), r.choice([0.0, 0.3], size=12)   # per passage: F1 level, forward-transfer cost
     rows = []
     for i in range(60):
-        p, base = i // 5, {"sample_idx": i, "passage": passage_of(i), "is_impossible": False, "exact": 0.0}
+        p, base = i // 5, {"sample_idx": i, "passage": passage_of(i), "is_impossible": False, "exact": 0.0,
+                           "prediction": "x", "abstained": False, "empty": False}
         for role in ("scout", "main"):
             rows.append(base | {"role": role, "method": "full", "retention": 1.0, "source": "none", "f1": level[i // 5]})
             for source, f1 in (("own", level[p]), ("transfer", level[p] - (cost[p] if role == "main" else 0.0))):
@@ -369,8 +393,10 @@ def test_every_interval_and_p_value_resamples_passages_not_questions():
     than a question bootstrap's (each question its own passage), and its p-values larger."""
     overlaps = pd.DataFrame(columns=["method", "retention", "sample_idx"])
     cfg = {"bootstrap": 1000, "ci": 0.95, "seed": 0}
-    by_passage = aggregate(_planted_answers(lambda i: f"p{i // 5}"), overlaps, cfg).set_index(["role", "method", "quantity"])
-    by_question = aggregate(_planted_answers(lambda i: f"q{i}"), overlaps, cfg).set_index(["role", "method", "quantity"])
+    by_passage = aggregate(_planted_answers(lambda i: f"p{i // 5}"), overlaps, cfg, 0.05)
+    by_question = aggregate(_planted_answers(lambda i: f"q{i}"), overlaps, cfg, 0.05)
+    by_passage, by_question = (a[a["table"] != "abstention"].set_index(["role", "method", "quantity"])
+                               for a in (by_passage, by_question))
     width = (by_passage["ci_high"] - by_passage["ci_low"]) / (by_question["ci_high"] - by_question["ci_low"])
     for key in (("main", "full", "f1"), ("main", "q2c", "f1_own"), ("main", "q2c", "delta_forward"),
                 ("scout", "q2c", "delta_own_vs_random")):
@@ -449,9 +475,10 @@ def test_full_kv_main_minus_scout_is_a_paired_difference():
     for i in range(8):
         for role, f1 in (("scout", float(i % 2)), ("main", 1.0)):
             rows.append({"sample_idx": i, "passage": f"p{i}", "role": role, "model": role, "method": "full",
-                         "retention": 1.0, "source": "none", "f1": f1, "exact": f1, "is_impossible": False})
+                         "retention": 1.0, "source": "none", "f1": f1, "exact": f1, "is_impossible": False,
+                         "prediction": "x", "abstained": False, "empty": False})
     agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
-                    {"bootstrap": 200, "ci": 0.95, "seed": 0})
+                    {"bootstrap": 200, "ci": 0.95, "seed": 0}, 0.05)
     gap = agg[(agg["table"] == "full_kv") & (agg["quantity"] == "f1_main_minus_scout")].iloc[0]
     assert gap["role"] == "pair" and gap["value"] == pytest.approx(0.5)
     assert 0 < gap["ci_low"] < 0.5 < gap["ci_high"] <= 1

@@ -70,12 +70,17 @@ REPORT_TABLES = {  # the tables each stage's report reads, in write_report's ord
 }
 
 
-def _report(stage: str, out: Path, dataset: str) -> None:
+VERDICT_STAGES = ("selection", "projection")   # the reports that word comparisons (the config's `verdicts` section)
+
+
+def _report(stage: str, out: Path, dataset: str, config: dict) -> None:
     """Run a stage's report step on the tables (and timing files, where it has them) its compute step wrote to out."""
     out = Path(out)
     report = importlib.import_module(f"kvpipe.{stage}.report")
     timing = {name: out / name for name in getattr(report, "TIMING_FILES", ())}
-    report.write_report(*(out / name for name in REPORT_TABLES[stage]), *([timing] if timing else []), dataset, out)
+    extra = [config["verdicts"]] if stage in VERDICT_STAGES else []
+    report.write_report(*(out / name for name in REPORT_TABLES[stage]), *([timing] if timing else []), dataset, out,
+                        *extra)
 
 
 def cmd_structure(args: argparse.Namespace) -> None:
@@ -86,7 +91,7 @@ def cmd_structure(args: argparse.Namespace) -> None:
     _entry(config, "pairs", args.pair)
     cfg = pair_settings(config, args.pair, "structure") | {"alignment": {"pool": config["alignment"]["pool"]}}
     run_structure(args.scout_kv, args.main_kv, args.samples, args.pair, cfg, args.out)
-    _report("structure", args.out, args.dataset)
+    _report("structure", args.out, args.dataset, config)
     print(f"wrote {args.out}/metrics.parquet, facts.json, summary.md, figures/")
 
 
@@ -99,7 +104,7 @@ def cmd_selection(args: argparse.Namespace) -> None:
     cfg = pair_settings(config, args.pair, "selection") | {"alignment": {"min_cover": config["alignment"]["min_cover"]}}
     run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, cfg, config["prompt"], config["device"],
                   config["extraction"]["dtype"], args.out)
-    _report("selection", args.out, args.dataset)
+    _report("selection", args.out, args.dataset, config)
     print(f"wrote {args.out}/answers.parquet, summary.md, figures/")
 
 
@@ -112,12 +117,12 @@ def cmd_projection(args: argparse.Namespace) -> None:
     run_projection(args.scout_kv, args.main_kv, args.samples, args.scout_dir, args.main_dir, args.pair,
                    pair_settings(config, args.pair, "projection"), config["prompt"], config["device"],
                    config["extraction"]["dtype"], args.out, args.structure_metrics)
-    _report("projection", args.out, args.dataset)
+    _report("projection", args.out, args.dataset, config)
     print(f"wrote {args.out}/answers.parquet, projector_metrics.parquet, projectors/, summary.md, figures/")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    _report(args.stage, args.dir, args.dataset)
+    _report(args.stage, args.dir, args.dataset, _config(args))
     print(f"wrote {args.dir}/summary.md, figures/")
 
 

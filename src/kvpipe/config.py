@@ -111,6 +111,17 @@ def _fill_defaults(instance: Any, node: dict[str, Any], root: dict[str, Any]) ->
                 _fill_defaults(value, extra, root)
 
 
+def section_defaults(*path: str) -> dict[str, Any]:
+    """The schema's defaults of one section, e.g. section_defaults("verdicts") or ("projection", "ttft")."""
+    root = schema()
+    node = root
+    for key in path:
+        node = _branch(node, root)["properties"][key]
+    out: dict[str, Any] = {}
+    _fill_defaults(out, node, root)
+    return out
+
+
 def _check_references(config: Config) -> None:
     models, pairs, datasets = config["models"], config["pairs"], config["datasets"]
     for name, pair in pairs.items():

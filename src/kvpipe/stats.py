@@ -43,6 +43,13 @@ def percentile_ci(replicates: np.ndarray, level: float = 0.95) -> tuple[np.ndarr
     return np.nanpercentile(replicates, tail, axis=0), np.nanpercentile(replicates, 100 - tail, axis=0)
 
 
+def critical_value(level: float) -> float:
+    """z of a two-sided interval at `level` (1.96 at 0.95): the one critical value every stage uses."""
+    if not 0 < level < 1:
+        raise ValueError(f"a confidence level lies in (0, 1), got {level}")
+    return float(norm.ppf(0.5 + level / 2))
+
+
 def bootstrap_pvalue(replicates: ArrayLike, estimate: ArrayLike) -> np.ndarray:
     """Two-sided p-value of "the true value is 0": p = 2 Φ(−|estimate| / se), se the replicates' sd (first axis).
 

@@ -66,6 +66,7 @@ rule projection_report:
     conda:
         "../../envs/kvpipe.yaml"
     params:
+        verdicts=config["verdicts"],
         code=code("projection_report.py"),
     script:
         "../scripts/projection_report.py"

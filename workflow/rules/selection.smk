@@ -63,6 +63,7 @@ rule selection_report:
     conda:
         "../../envs/kvpipe.yaml"
     params:
+        verdicts=config["verdicts"],
         code=code("selection_report.py"),
     script:
         "../scripts/selection_report.py"

@@ -9,4 +9,5 @@ from kvpipe.workflow import rule_script
 with rule_script(snakemake):
     timing = {Path(path).name: path for path in snakemake.input.timing}
     write_report(snakemake.input.answers, snakemake.input.metrics, snakemake.input.facts, timing,
-                 snakemake.wildcards.dataset, Path(snakemake.output.summary).parent)
+                 snakemake.wildcards.dataset, Path(snakemake.output.summary).parent,
+                 snakemake.params.verdicts)

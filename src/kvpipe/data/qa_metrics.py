@@ -1,7 +1,11 @@
 """SQuAD v2 exact match and F1 with the official answer normalisation, and scoring of a generation.
 
 As in the official evaluation script, gold answers that normalise to the empty string are
-dropped; a question left without gold answers is scored as unanswerable.
+dropped; a question left without gold answers is scored as unanswerable. On such a question an
+empty or abstaining reply scores 1, so a broken cache that says nothing wins it: every reply is
+therefore also classed (`Scored.abstained`: the reply is the abstention phrase; `Scored.empty`:
+nothing but white space was generated) so that the analyses score answer quality on answerable
+questions alone and report abstention apart (kvpipe.estimands).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import collections
 import re
 import string
+from dataclasses import dataclass
 from typing import Any
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
@@ -50,10 +55,35 @@ def squad_f1(prediction: str, gold_answers: list[str]) -> float:
     return max(_f1(prediction, g) for g in golds)
 
 
-def score_prediction(text: str, answers: list[dict[str, Any]]) -> tuple[str, float, float]:
-    """First line of a generation, 'unanswerable' mapped to the empty answer; its EM and F1 against SQuAD answers."""
+@dataclass(frozen=True)
+class Scored:
+    """A reply as generated, the prediction scored from it, its EM and F1, and how it failed to answer, if it did."""
+
+    reply: str
+    prediction: str
+    exact: float
+    f1: float
+    abstained: bool   # the reply is the abstention phrase (after normalisation)
+    empty: bool       # nothing but white space was generated
+
+    def columns(self) -> dict[str, Any]:
+        """The answers-table columns of this reply."""
+        return {"reply": self.reply, "prediction": self.prediction, "exact": self.exact, "f1": self.f1,
+                "abstained": self.abstained, "empty": self.empty}
+
+
+def score_reply(text: str, answers: list[dict[str, Any]]) -> Scored:
+    """Score a generation against SQuAD answers: its first line, the abstention phrase mapped to the empty answer."""
     prediction = text.strip().splitlines()[0].strip() if text.strip() else ""
-    if normalize_answer(prediction) == UNANSWERABLE:
+    abstained = normalize_answer(prediction) == UNANSWERABLE
+    if abstained:
         prediction = ""
     golds = [a["text"] for a in answers]
-    return prediction, squad_exact(prediction, golds), squad_f1(prediction, golds)
+    return Scored(text, prediction, squad_exact(prediction, golds), squad_f1(prediction, golds), abstained,
+                  not text.strip())
+
+
+def score_prediction(text: str, answers: list[dict[str, Any]]) -> tuple[str, float, float]:
+    """(prediction, EM, F1) of a generation (score_reply without the failure flags)."""
+    s = score_reply(text, answers)
+    return s.prediction, s.exact, s.f1

@@ -2,7 +2,7 @@
 
 Per pair: same or cross family (the two models' architectures), key and value transfer at the last
 aligned layer (centred R², per-dimension R² and debiased CKA, pre-RoPE keys, with their
-intervals), both models' full-KV F1 and its paired difference, Q2C overlap of the scout's
+intervals), both models' full-KV answerable F1 and its paired difference, Q2C overlap of the scout's
 selection with the main's beside its null, and forward / reverse ΔF1 at 50 % and 75 % retention.
 Reads only the stages' tables; the verdicts on the notes' two cross-family predictions (lower
 overlap, key transfer failing) use the intervals and contrast the cross-family pairs with the
@@ -48,8 +48,9 @@ def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates
         for metric in STRUCTURE:
             row[f"{name}_{metric}"] = _interval(_pick(whole, kind=kind, main_layer=last, metric=metric))
     for role in ("scout", "main"):
-        row[f"f1_{role}"] = _interval(_pick(aggregates, table="full_kv", role=role, quantity="f1"))
-    row["f1_main_minus_scout"] = _interval(_pick(aggregates, table="full_kv", role="pair", quantity="f1_main_minus_scout"))
+        row[f"f1_{role}"] = _interval(_pick(aggregates, table="full_kv", role=role, method="full", quantity="f1_answerable"))
+    row["f1_main_minus_scout"] = _interval(_pick(aggregates, table="full_kv", role="pair", method="full",
+                                                 quantity="f1_main_minus_scout"))
     for r in RETENTIONS:
         row[f"overlap_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r, quantity="overlap"))
         row[f"overlap_null_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r,
@@ -145,7 +146,8 @@ def summary_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "Last aligned layer; keys are pre-RoPE (fair across head sizes). Intervals are the stages' passage "
              "bootstraps. Overlap: Q2C, the scout's selection against the main's at 50 % retention, beside the "
              "chance overlap of the same budget (null). ΔF1: the main answering from the scout's selection minus "
-             "from its own (forward), and the scout from the main's (reverse). Full-KV F1: each model answering "
+             "from its own (forward), and the scout from the main's (reverse); every F1 is answerable F1 (kvpipe.estimands). "
+             "Full-KV F1: each model answering "
              "from its own whole cache, and the main's minus the scout's paired by sample.", "",
              "| pair | family | keys R² | keys per-dim R² | keys CKA | values R² | values CKA | Q2C overlap (null) | "
              "F1 scout | F1 main | F1 main − scout | ΔF1 fwd 50 % | ΔF1 fwd 75 % | ΔF1 rev 50 % | ΔF1 rev 75 % |",

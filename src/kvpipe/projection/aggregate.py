@@ -1,12 +1,16 @@
-"""Per-variant F1 and bytes (aggregate) and time to first token (ttft_aggregate) of the projection stage,
-with passage-bootstrap intervals.
+"""Per-variant answer quality, abstention and bytes (aggregate) and time to first token (ttft_aggregate) of the
+projection stage, with passage-bootstrap intervals and the verdict vocabulary of kvpipe.estimands.
 
 Every variant (condition, projector, objective, key_map, retention, rank) answers the same test
 questions, so deltas are paired by sample. Questions on one passage share its context, so every
 bootstrap resamples passages (kvpipe.stats.cluster_bootstrap_counts): a replicate is a mean over
-samples weighted by their passage's draw count. ΔF1 against main_full gets a two-sided bootstrap
-p-value, Holm-adjusted over all other variants (one family, kvpipe.stats.holm), and `detectable`,
-z × its bootstrap standard error: the smallest |ΔF1| its interval could tell from 0 at this n.
+samples weighted by their passage's draw count. The estimand of every verdict is answerable F1
+(`f1_answerable`): ΔF1 against main_full gets a two-sided bootstrap p-value, Holm-adjusted over all
+other variants, `detectable` (z × its bootstrap standard error) and a worded verdict (better, worse,
+equivalent by TOST within `verdicts.equivalence_margin`, or undecided); against the floors
+no_context and mean_kv likewise, and `carries_content` is true only above both. Abstention on
+unanswerable questions and the wrong abstentions and empty replies on answerable ones are reported
+apart; the all-question F1 stays in the table and is the basis of nothing.
 """
 
 from __future__ import annotations
@@ -14,23 +18,26 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from kvpipe.errors import KvpipeError
+from kvpipe.estimands import MEAN_KV, NO_CONTEXT, Comparison, carries_content, compare
 from kvpipe.reporting import Interval
-from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, holm, percentile_ci
+from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, critical_value, holm, percentile_ci
 
 VARIANT = ("condition", "projector", "objective", "key_map", "retention", "rank")
-CONDITIONS = ("main_full", "projected_kv", "projected_k_own_v", "own_k_projected_v", "mean_kv", "scout_selection",
-              "chain")
+CONDITIONS = ("main_full", "no_context", "mean_kv", "always_abstain", "projected_kv", "projected_k_own_v",
+              "own_k_projected_v", "scout_selection", "chain")
 DIAGNOSTICS = ("projected_k_own_v", "own_k_projected_v")   # need the main's own prefill: not a way to send a context
 PROJECTORS = ("ridge", "shared", "mlp")
 BASELINE = ("main_full", "none", "none", "none", 1.0, -1)
-SUBSETS = (("has_answer", False), ("no_answer", True))   # (column suffix, is_impossible)
+FLOOR_VARIANTS = {NO_CONTEXT: (NO_CONTEXT, "none", "none", "none", 1.0, -1), MEAN_KV: (MEAN_KV, "none", "none", "none",
+                                                                                   1.0, -1)}
+INJECTED = ("projected_kv", "chain")   # conditions whose context cache the main never computes
+SUBSETS = (("answerable", False), ("unanswerable", True))   # (column suffix, is_impossible)
 
 
 def _ci(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -48,11 +55,19 @@ def _order(variant: tuple) -> tuple:
             -retention, rank if rank >= 0 else math.inf)
 
 
+def with_failure_flags(answers: pd.DataFrame) -> pd.DataFrame:
+    """answers with `abstained` and `empty` columns; a record that predates them (its abstentions were stored as
+    empty predictions) counts every empty prediction as an abstention and leaves `empty` unknown (NaN)."""
+    if "abstained" in answers.columns:
+        return answers
+    return answers.assign(abstained=answers["prediction"].fillna("").str.strip().eq(""), empty=np.nan)
+
+
 class Paired:
     """Per-sample values of every variant ([samples, variants] per column) and passage-bootstrap means of them."""
 
     def __init__(self, answers: pd.DataFrame, cfg: Mapping[str, Any],
-                 columns: Sequence[str] = ("f1", "exact", "bytes")) -> None:
+                 columns: Sequence[str] = ("f1", "exact", "bytes", "abstained", "empty")) -> None:
         per_sample = answers.groupby("sample_idx")[["passage", "is_impossible"]].first()
         self.impossible = per_sample["is_impossible"].to_numpy(dtype=bool)
         self.passage, _ = cluster_codes(per_sample["passage"].to_numpy())
@@ -62,9 +77,11 @@ class Paired:
                      for col in columns}
         self.variants: list[tuple] = sorted(self.wide[columns[0]].columns, key=_order)
 
-    def matrix(self, col: str, variants: Sequence[tuple] | None = None) -> np.ndarray:
-        """[samples, variants] values of one answers column (NaN where a variant has no answer)."""
-        return self.wide[col][list(variants or self.variants)].to_numpy(dtype=float)
+    def matrix(self, col: str, variants: Sequence[tuple] | None = None, subset: bool | None = None) -> np.ndarray:
+        """[samples, variants] values of one answers column (NaN where a variant has no answer); subset: only the
+        unanswerable (True) or answerable (False) questions keep their values."""
+        x = self.wide[col][list(variants or self.variants)].to_numpy(dtype=float)
+        return x if subset is None else np.where((self.impossible == subset)[:, None], x, np.nan)
 
     def means(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Means over samples of each column of x [samples, k], NaNs skipped, and their replicates [B, k]."""
@@ -78,12 +95,21 @@ class Paired:
         point, reps = self.means(x)
         return (point, *_ci(reps, self.level))
 
-    def delta(self, a: tuple, b: tuple, col: str = "f1") -> tuple[Interval, float]:
-        """Mean of a − b paired by sample, with its interval and two-sided bootstrap p-value."""
-        x = self.matrix(col, [a])[:, 0] - self.matrix(col, [b])[:, 0]
+    def replicates(self, a: tuple, b: tuple, col: str = "f1", subset: bool | None = False) -> tuple[float, np.ndarray]:
+        """Mean of a − b paired by sample (answerable questions by default) and its bootstrap replicates."""
+        x = self.matrix(col, [a], subset)[:, 0] - self.matrix(col, [b], subset)[:, 0]
         point, reps = self.means(x[:, None])
-        lo, hi = _ci(reps, self.level)
-        return (float(point[0]), float(lo[0]), float(hi[0])), float(bootstrap_pvalue(reps, point)[0])
+        return float(point[0]), reps[:, 0]
+
+    def delta(self, a: tuple, b: tuple, col: str = "f1", subset: bool | None = False) -> tuple[Interval, float]:
+        """Mean of a − b paired by sample with its interval and two-sided bootstrap p-value."""
+        point, reps = self.replicates(a, b, col, subset)
+        lo, hi = _ci(reps[:, None], self.level)
+        return (point, float(lo[0]), float(hi[0])), float(bootstrap_pvalue(reps, point))
+
+    def compare(self, a: tuple, b: tuple, margin: float) -> Comparison:
+        """The worded answerable-F1 comparison of a against b."""
+        return compare(*self.replicates(a, b), self.level, margin)
 
 
 def variant_of(row: Mapping[str, Any]) -> tuple:
@@ -116,70 +142,119 @@ def pareto_front(cost: Sequence[float], value: Sequence[float]) -> np.ndarray:
     return mask
 
 
-def on_front(agg: pd.DataFrame) -> np.ndarray:
-    """Mask of the aggregates rows on the F1–bytes Pareto front; the diagnostics (DIAGNOSTICS) take no part."""
-    deployable = ~agg["condition"].isin(DIAGNOSTICS).to_numpy()
-    return deployable & pareto_front(np.where(deployable, agg["bytes"], np.inf), agg["f1"])
+def on_front(agg: pd.DataFrame, cost: str = "bytes") -> np.ndarray:
+    """Mask of the aggregates rows on the answerable-F1 Pareto front against `cost`; the diagnostics (DIAGNOSTICS) and
+    the constant reply take no part."""
+    deployable = (~agg["condition"].isin((*DIAGNOSTICS, "always_abstain")) & agg[cost].notna()).to_numpy()
+    return deployable & pareto_front(np.where(deployable, agg[cost], np.inf), agg["f1_answerable"].fillna(-1))
 
 
-def _ttft_ratio(p: Paired, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ratio of mean TTFT to main_full's over the samples where both were measured, with its paired interval."""
-    t = p.matrix("ttft_s")
-    t0 = np.broadcast_to(t[:, [base]], t.shape)
-    both = ~np.isnan(t) & ~np.isnan(t0)
-    (num, num_reps), (den, den_reps) = (p.means(np.where(both, x, np.nan)) for x in (t, t0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (num / den, *_ci(num_reps / den_reps, p.level))
-
-
-def _delta_columns(out: pd.DataFrame, p: Paired, base: int) -> None:
-    """ΔF1 vs main_full with interval, p-value, Holm p over every other variant, survival and detectable size."""
-    f1 = p.matrix("f1")
-    d = f1 - f1[:, [base]]
-    point, reps = p.means(d)
-    out["delta_f1"], out["delta_f1_low"], out["delta_f1_high"] = point, *_ci(reps, p.level)
+def _main_full_columns(out: pd.DataFrame, p: Paired, base: int, margin: float) -> None:
+    """Answerable ΔF1 vs main_full with interval, p-value, Holm p over every other variant, detectable size, verdict."""
+    f1 = p.matrix("f1", subset=False)
+    point, reps = p.means(f1 - f1[:, [base]])
     in_family = np.arange(len(out)) != base
+    rows = [compare(point[j], reps[:, j], p.level, margin) for j in range(len(out))]
+    out["delta_f1"], out["delta_f1_low"], out["delta_f1_high"] = point, *_ci(reps, p.level)
     out["p_value"] = np.where(in_family, bootstrap_pvalue(reps, point), np.nan)
     out["p_holm"] = holm(out["p_value"].to_numpy())
     out["survives"] = out["p_holm"] < 1 - p.level
-    z = NormalDist().inv_cdf(0.5 + p.level / 2)
-    out["detectable"] = np.where(in_family, z * np.nanstd(reps, axis=0, ddof=1), np.nan)
+    out["detectable"] = np.where(in_family, critical_value(p.level) * np.nanstd(reps, axis=0, ddof=1), np.nan)
+    out["tost_low"], out["tost_high"] = [c.tost_low for c in rows], [c.tost_high for c in rows]
+    out["verdict"] = np.where(in_family, [c.verdict for c in rows], "")
 
 
-def aggregate(answers: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per variant: F1, exact, HasAns/NoAns F1, ΔF1 vs main_full (Holm) and bytes, with intervals.
+def _floor_columns(out: pd.DataFrame, p: Paired, margin: float) -> None:
+    """Answerable ΔF1 against each floor that was answered, its verdict, and whether a variant carries content."""
+    floors = {name: v for name, v in FLOOR_VARIANTS.items() if v in p.variants}
+    versus: list[list[Comparison]] = [[] for _ in p.variants]
+    for name, floor in floors.items():
+        rows = [p.compare(v, floor, margin) for v in p.variants]
+        out[f"delta_f1_vs_{name}"] = [c.delta for c in rows]
+        out[f"delta_f1_vs_{name}_low"], out[f"delta_f1_vs_{name}_high"] = [c.low for c in rows], [c.high for c in rows]
+        out[f"verdict_vs_{name}"] = [c.verdict if v != floor else "" for c, v in zip(rows, p.variants, strict=True)]
+        for j, c in enumerate(rows):
+            versus[j].append(c)
+    out["carries_content"] = [len(floors) == len(FLOOR_VARIANTS) and carries_content(c) for c in versus]
 
-    cfg is the stage's config section (bootstrap, ci, seed). Interval columns are `<name>_low` / `<name>_high`.
+
+def aggregate(answers: pd.DataFrame, cfg: Mapping[str, Any], margin: float) -> pd.DataFrame:
+    """One row per variant: answerable F1 (the estimand), abstention, all-question F1, ΔF1 vs main_full and the
+    floors with verdicts, and bytes, with intervals (`<name>_low` / `<name>_high`).
+
+    cfg is the stage's config section (bootstrap, ci, seed); margin the equivalence margin of the TOST.
     """
-    p = Paired(answers, cfg)
+    p = Paired(with_failure_flags(answers), cfg)
     if BASELINE not in p.variants:
         raise KvpipeError(f"answers: no {BASELINE[0]} rows (the baseline of every delta)")
     base = p.variants.index(BASELINE)
     out = pd.DataFrame(p.variants, columns=list(VARIANT))
     f1 = p.matrix("f1")
     out["n"] = (~np.isnan(f1)).sum(0)
+    out["n_answerable"] = (~np.isnan(p.matrix("f1", subset=False))).sum(0)
     out["n_passages"] = [len(np.unique(p.passage[~np.isnan(f1[:, j])])) for j in range(f1.shape[1])]
-    columns = [("f1", f1), ("exact", p.matrix("exact"))]
-    columns += [(f"f1_{suffix}", np.where((p.impossible == flag)[:, None], f1, np.nan)) for suffix, flag in SUBSETS]
+    columns = [(f"f1_{suffix}", p.matrix("f1", subset=flag)) for suffix, flag in SUBSETS]
+    columns += [("f1", f1), ("exact", p.matrix("exact"))]
+    columns += [(f"abstain_{suffix}", p.matrix("abstained", subset=flag)) for suffix, flag in SUBSETS]
+    columns += [(f"empty_{suffix}", p.matrix("empty", subset=flag)) for suffix, flag in SUBSETS]
     for name, x in columns:
         out[name], out[f"{name}_low"], out[f"{name}_high"] = p.interval(x)
-    _delta_columns(out, p, base)
+    _main_full_columns(out, p, base, margin)
+    _floor_columns(out, p, margin)
     out["bytes"] = p.means(p.matrix("bytes"))[0]
     out["bytes_ratio"] = out["bytes"] / out["bytes"].iloc[base]
     return out
 
 
+def ttft_regimes(ttft: pd.DataFrame, link_mbps: Sequence[float]) -> pd.DataFrame:
+    """Each timed row's time to first token in every regime, from its measured parts.
+
+    `ttft_prefilled_s`: the context cache is ready ahead of time (question pass only); `ttft_payload_s`: from
+    having the payload (main's own prefill where the row needs it, cache build, question pass);
+    `ttft_e2e_{M}mbps_s`: what a deployment waits for — the scout's side where the row needs it, the main's own
+    prefill where it needs it, the bytes sent at M megabits per second, the cache build and the question pass.
+    A record that predates the parts has only `ttft_s` (the payload regime).
+    """
+    out = ttft.copy()
+    if "question_s" not in out.columns:
+        return out.rename(columns={"ttft_s": "ttft_payload_s"})
+    out["ttft_prefilled_s"] = out["question_s"]
+    out["ttft_payload_s"] = out["own_prefill_s"] + out["build_s"] + out["question_s"]
+    for mbps in link_mbps:
+        out[f"ttft_e2e_{mbps:g}mbps_s"] = out["scout_s"] + out["ttft_payload_s"] + out["bytes"] * 8 / (mbps * 1e6)
+    return out
+
+
+def ttft_columns(frame: pd.DataFrame) -> list[str]:
+    """The TTFT regime columns of a ttft_regimes table, end-to-end ones first."""
+    cols = [c for c in frame.columns if c.startswith("ttft_") and c.endswith("_s")]
+    return sorted(cols, key=lambda c: (not c.startswith("ttft_e2e"), c != "ttft_payload_s", c))
+
+
 def ttft_aggregate(answers: pd.DataFrame, ttft: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per variant with a measured time: mean TTFT and its ratio to main_full's, with a paired interval."""
-    timed = answers[["sample_idx", "passage", "is_impossible", *VARIANT]].merge(ttft, on=["sample_idx", *VARIANT])
+    """One row per variant with a measured time: mean TTFT in each regime and its ratio to main_full's in the same
+    regime, with a paired passage-bootstrap interval (cfg: the stage's section, with `ttft.link_mbps`)."""
+    regimes = ttft_regimes(ttft, cfg.get("ttft", {}).get("link_mbps", []))
+    cols = ttft_columns(regimes)
+    timed = answers[["sample_idx", "passage", "is_impossible", *VARIANT]].merge(regimes, on=["sample_idx", *VARIANT])
     if timed.empty:
-        return pd.DataFrame(columns=[*VARIANT, "n", "ttft_s", "ttft_ratio", "ttft_ratio_low", "ttft_ratio_high"])
-    p = Paired(timed, cfg, ("ttft_s",))
+        return pd.DataFrame(columns=[*VARIANT, "n", "regime", "ttft_s", "ttft_ratio", "ttft_ratio_low",
+                                     "ttft_ratio_high"])
+    p = Paired(timed, cfg, cols)
     if BASELINE not in p.variants:
         raise KvpipeError(f"ttft: no {BASELINE[0]} rows (the baseline of every ratio)")
-    out = pd.DataFrame(p.variants, columns=list(VARIANT))
-    t = p.matrix("ttft_s")
-    out["n"] = (~np.isnan(t)).sum(0)
-    out["ttft_s"] = p.means(t)[0]
-    out["ttft_ratio"], out["ttft_ratio_low"], out["ttft_ratio_high"] = _ttft_ratio(p, p.variants.index(BASELINE))
-    return out
+    base, frames = p.variants.index(BASELINE), []
+    for col in cols:
+        t = p.matrix(col)
+        both = ~np.isnan(t) & ~np.isnan(t[:, [base]])
+        (num, num_reps), (den, den_reps) = (p.means(np.where(both, x, np.nan)) for x in (t, np.broadcast_to(t[:, [base]],
+                                                                                                            t.shape)))
+        out = pd.DataFrame(p.variants, columns=list(VARIANT))
+        out["regime"] = col.removeprefix("ttft_").removesuffix("_s")
+        out["n"] = (~np.isnan(t)).sum(0)
+        out["ttft_s"] = p.means(t)[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out["ttft_ratio"], out["ttft_ratio_low"], out["ttft_ratio_high"] = (num / den, *_ci(num_reps / den_reps,
+                                                                                                 p.level))
+        frames.append(out)
+    return pd.concat(frames, ignore_index=True)

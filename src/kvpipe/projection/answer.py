@@ -3,10 +3,13 @@
 Per sample: the scout prefills its context once, answers the question once (capturing its
 question queries) and selects context tokens by Q2C at each retention; its context KV, rounded to
 float16, is the payload. The main prefills its own context once (main_full and the conditions that
-keep its own keys or values), every planned cache is built and all rows are answered in batches.
-Time to first token is then measured row by row: from having the payload, build the row's cache
-(projection, SVD factors multiplied out, assembly) and feed the question up to the first answer
-token; rows that need the main's own prefill add its measured time.
+keep its own keys or values), every planned cache is built and all rows are answered in batches;
+a constant reply (always_abstain) is recorded without a model. Time to first token is then measured
+row by row, in parts that the report adds up per regime (kvpipe.projection.aggregate.ttft_regimes):
+`scout_s` (the scout's prefill, question pass and selection, for rows that wait for the scout),
+`own_prefill_s` (the main's own context prefill, for rows that need it), `build_s` (projection, SVD
+factors multiplied out, cache assembly), the row's `bytes` (sent over a configured link) and
+`question_s` (the question pass up to the first answer token).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvpipe.data.prompt import PromptTokens, build_prompt
-from kvpipe.data.qa_metrics import score_prediction
+from kvpipe.data.qa_metrics import score_reply
 from kvpipe.errors import KvpipeError
 from kvpipe.inference.conditions import Condition
 from kvpipe.inference.session import Session
@@ -60,33 +63,40 @@ class Answerer:
         budget = {r: context_budget(r, n, tokens.context_start, self.cfg["budget"]) for r in self.retentions}
         return ScoutPayload.from_context(self.scout, session.own), {r: top_n(scores, k) for r, k in budget.items()}
 
-    def ttft(self, session: Session, inputs: SampleInputs, plan: Plan, prefill_s: float) -> float:
-        """Seconds from the payload to the first answer token for one row (plus the own prefill it needs)."""
+    def ttft(self, session: Session, inputs: SampleInputs, plan: Plan, scout_s: float,
+             prefill_s: float) -> dict[str, float]:
+        """The measured parts of one row's time to first token (kvpipe.projection.aggregate adds them up)."""
         inputs.clear()
         started = time.perf_counter()
         cache = OwnPrefill.name
         if plan.build is not None:
             session.add(GivenTensors(plan.build()), "ttft")
             cache = "ttft"
+        built = time.perf_counter()
         session.answer([Condition("ttft", plan.selection, cache=cache)], 1)
-        seconds = time.perf_counter() - started + (prefill_s if plan.own_prefill else 0.0)
+        question_s = time.perf_counter() - built
         session.contexts.pop("ttft", None)
-        return seconds
+        return {"scout_s": scout_s if plan.uses_scout else 0.0, "own_prefill_s": prefill_s if plan.own_prefill else 0.0,
+                "build_s": built - started, "question_s": question_s, "bytes": plan.bytes}
 
-    def answer(self, session: Session, plans: list[Plan]) -> list[Any]:
-        """Every planned row, its cache built once, answered in batches of `batch_size`."""
+    def answer(self, session: Session, plans: list[Plan]) -> list[str]:
+        """The reply of every planned row: constant ones as they are, the others from their caches (each built once),
+        answered in batches of `batch_size`."""
         conditions = []
         for plan in plans:
+            if plan.reply is not None:
+                continue
             cache = OwnPrefill.name
             if plan.build is not None:
                 cache = plan.variant.label
                 session.add(GivenTensors(plan.build()), cache)
             conditions.append(Condition(plan.variant.label, plan.selection, cache=cache))
         size = self.cfg["batch_size"]
-        answers = []
+        generated = []
         for start in range(0, len(conditions), size):
-            answers += session.answer(conditions[start:start + size], self.cfg["max_new_tokens"])
-        return answers
+            generated += [a.text for a in session.answer(conditions[start:start + size], self.cfg["max_new_tokens"])]
+        replies = iter(generated)
+        return [plan.reply if plan.reply is not None else next(replies) for plan in plans]
 
     def warm_up(self, row: Any) -> None:
         """Run both models once on a prompt, so that no row's timing pays for one-off initialisation."""
@@ -106,19 +116,20 @@ class Answerer:
                               self.common["layer_map"], self.main, self.common["means"], selections, self.cfg)
         plans = plan_all(inputs, self.cfg["conditions"])
         t2 = time.perf_counter()
-        answers = self.answer(session, plans)
+        replies = self.answer(session, plans)
         t3 = time.perf_counter()
         session.contexts = {OwnPrefill.name: session.own}   # free the answered caches
-        ttfts = [{"sample_idx": row.sample_idx} | asdict(p.variant) | {"ttft_s": self.ttft(session, inputs, p, prefill_s)}
-                 for p in plans] if ttft else []
+        ttfts = [{"sample_idx": row.sample_idx} | asdict(p.variant) | self.ttft(session, inputs, p, t1 - t0, prefill_s)
+                 for p in plans if p.reply is None] if ttft else []
         base = {"sample_idx": row.sample_idx, "sample_id": row.id, "passage": row.passage,
                 "is_impossible": bool(row.is_impossible)}
+        n_context = tokens.context_end - tokens.context_start
         records = []
-        for plan, answer in zip(plans, answers, strict=True):
-            prediction, em, f1 = score_prediction(answer.text, list(row.answers))
-            records.append(base | asdict(plan.variant) | {
-                "prediction": prediction, "exact": em, "f1": f1, "bytes": plan.bytes,
-                "n_context": tokens.context_end - tokens.context_start, "n_tokens": answer.kept})
+        for plan, reply in zip(plans, replies, strict=True):
+            kept = n_context if plan.selection is None else len(plan.selection)
+            records.append(base | asdict(plan.variant) | score_reply(reply, list(row.answers)).columns() | {
+                "bytes": plan.bytes, "n_context": n_context,
+                "n_tokens": 0 if plan.reply is not None else tokens.context_start + kept})
         timing = {"sample_idx": row.sample_idx, "scout_prefill_s": t1 - t0, "main_prefill_s": prefill_s,
                   "answer_s": t3 - t2, "rows": len(plans), "ttft_total_s": time.perf_counter() - t3}
         return records, ttfts, timing

@@ -2,9 +2,17 @@
 
 Every condition plans rows (Plan): which context KV the main starts from (its own prefill, or a
 cache built from the scout's payload), which context tokens it keeps, how many bytes crossed the
-network for it (kvpipe.projection.payload), and whether its time to first token includes the
-main's own prefill. The question is then fed at its original positions over the pruned cache and
-answered greedily (kvpipe.inference.session), the selection stage's leakage-free protocol.
+network for it (kvpipe.projection.payload), and what its time to first token waits for (the
+scout's side, the main's own prefill). The question is then fed at its original positions over
+the pruned cache and answered greedily (kvpipe.inference.session), the selection stage's
+leakage-free protocol.
+
+The chat template before the context is the same for every question: the main prefills it once
+per deployment and every given cache keeps those rows of its own (SampleInputs.own_template), so
+no condition sends it and only context rows are projected, averaged or counted in bytes. The
+floors a broken cache cannot beat (kvpipe.estimands) are conditions too: `no_context` (every
+context token evicted), `mean_kv` (the context positions hold the calibration mean) and
+`always_abstain` (a constant reply, no model).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import numpy as np
 import torch
 
 from kvpipe.data.prompt import PromptTokens
+from kvpipe.data.qa_metrics import UNANSWERABLE
 from kvpipe.inference.sources import ContextKV
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, mean_context, mixed, project
@@ -44,13 +53,15 @@ class Variant:
 
 @dataclass(frozen=True)
 class Plan:
-    """One row to answer: where its cache comes from, what it keeps, what it cost to send."""
+    """One row to answer: where its cache comes from, what it keeps, what it cost to send, what it waits for."""
 
     variant: Variant
     build: Callable[[], ContextKV] | None   # the given cache (None: the main's own prefill)
     selection: np.ndarray | None             # context-relative kept tokens (None: all)
     bytes: int
     own_prefill: bool                        # the main prefills the context itself (counts in TTFT)
+    uses_scout: bool = True                  # the scout's side (prefill, selection, payload) comes first
+    reply: str | None = None                 # a constant reply: no model answers (always_abstain)
 
 
 @dataclass
@@ -90,16 +101,29 @@ class SampleInputs:
 
     def _project(self, key: tuple[str, str, str], payload: ScoutPayload) -> ContextKV:
         with torch.inference_mode():
-            return project(self.projectors[key[:2]], payload, self.layer_map, self.main, key[2])
+            return self.own_template(project(self.projectors[key[:2]], payload, self.layer_map, self.main, key[2]))
+
+    def own_template(self, kv: ContextKV) -> ContextKV:
+        """A given cache with the template rows replaced by the main's own (prefilled once per deployment)."""
+        t = self.tokens.context_start
+
+        def spliced(given: list[torch.Tensor], own: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [torch.cat([o[:, :t].to(g.dtype), g[:, t:]], dim=1) for g, o in zip(given, own, strict=True)]
+
+        return ContextKV(spliced(kv.keys, self.own.keys), spliced(kv.values, self.own.values), kv.positions)
+
+    def mean(self) -> ContextKV:
+        """The calibration-mean cache at the context positions, the main's own template rows before them."""
+        return self.own_template(mean_context(self.means, self.main, self.payload.positions))
 
     def clear(self) -> None:
         """Forget memoised caches (so a timed build computes everything it needs)."""
         self.memo.clear()
 
     def kept(self, retention: float) -> np.ndarray:
-        """Cache indices sent at a retention: the template prefix and the scout's selection."""
+        """Cache indices of the context rows sent at a retention: the scout's selection (all at 1)."""
         sel = np.arange(self.n_context) if retention >= 1 else self.selections[retention]
-        return np.concatenate([np.arange(self.tokens.context_start), self.tokens.context_start + sel])
+        return self.tokens.context_start + sel
 
 
 CONDITIONS: dict[str, type[Condition]] = {}
@@ -125,7 +149,25 @@ class MainFull(Condition):
     name: ClassVar[str] = "main_full"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        return [Plan(Variant(self.name), None, None, text_bytes(s.context), True)]
+        return [Plan(Variant(self.name), None, None, text_bytes(s.context), True, uses_scout=False)]
+
+
+class NoContext(Condition):
+    """Floor: the main answers from its template and the question, every context token evicted (what it knows)."""
+
+    name: ClassVar[str] = "no_context"
+
+    def plans(self, s: SampleInputs) -> list[Plan]:
+        return [Plan(Variant(self.name), None, np.zeros(0, dtype=np.int64), 0, False, uses_scout=False)]
+
+
+class AlwaysAbstain(Condition):
+    """Floor: the constant abstention reply, whatever the context (what abstaining alone scores)."""
+
+    name: ClassVar[str] = "always_abstain"
+
+    def plans(self, s: SampleInputs) -> list[Plan]:
+        return [Plan(Variant(self.name), None, None, 0, False, uses_scout=False, reply=UNANSWERABLE)]
 
 
 class ProjectedKV(Condition):
@@ -134,7 +176,7 @@ class ProjectedKV(Condition):
     name: ClassVar[str] = "projected_kv"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        size = kv_bytes(len(s.payload), s.widths)
+        size = kv_bytes(s.n_context, s.widths)
         out = [Plan(Variant(self.name, p, o, "pre_rope"), lambda p=p, o=o: s.projected(p, o), None, size, False)
                for p, o in s.projectors]
         if s.settings["post_rope_comparison"] and ("ridge", "reconstruction") in s.projectors:
@@ -149,7 +191,7 @@ class ProjectedKOwnV(Condition):
     name: ClassVar[str] = "projected_k_own_v"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        size = kv_bytes(len(s.payload), s.widths, kinds=1)
+        size = kv_bytes(s.n_context, s.widths, kinds=1)
         return [Plan(Variant(self.name, p, o, "pre_rope"), lambda p=p, o=o: mixed(s.projected(p, o), s.own), None,
                      size, True) for p, o in s.projectors]
 
@@ -160,18 +202,18 @@ class OwnKProjectedV(Condition):
     name: ClassVar[str] = "own_k_projected_v"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        size = kv_bytes(len(s.payload), s.widths, kinds=1)
+        size = kv_bytes(s.n_context, s.widths, kinds=1)
         return [Plan(Variant(self.name, p, o, "none"), lambda p=p, o=o: mixed(s.own, s.projected(p, o)), None,
                      size, True) for p, o in s.projectors]
 
 
 class MeanKV(Condition):
-    """Null: the main's calibration-mean key and value at every context position (a cache without content)."""
+    """Floor: the main's calibration-mean key and value at every context position, its own template before them."""
 
     name: ClassVar[str] = "mean_kv"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        return [Plan(Variant(self.name), lambda: mean_context(s.means, s.main, s.payload.positions), None, 0, False)]
+        return [Plan(Variant(self.name), s.mean, None, 0, False, uses_scout=False)]
 
 
 class ScoutSelection(Condition):

@@ -9,13 +9,16 @@ imports FIGURES when it builds the DAG, so matplotlib is imported only inside th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from kvpipe.config import section_defaults
 from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.projection import figures
-from kvpipe.projection.aggregate import aggregate, ttft_aggregate
+from kvpipe.projection.aggregate import aggregate, ttft_aggregate, with_failure_flags
 from kvpipe.projection.summary import summary_markdown, timing_markdown
 from kvpipe.reporting import save_figure
 
@@ -25,19 +28,23 @@ FIGURES = tuple(_DRAW)
 TIMING_FILES = ("ttft.parquet", "timings.parquet", "timings.json")   # what the stage measured in seconds
 
 
-def write_report(answers: Path, metrics: Path, facts: Path, timing: dict[str, Path], dataset: str,
-                 out_dir: Path) -> None:
+def write_report(answers: Path, metrics: Path, facts: Path, timing: dict[str, Path], dataset: str, out_dir: Path,
+                 verdicts: Mapping[str, Any] | None = None) -> None:
     """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables;
-    ttft_aggregates.parquet and timing.md from its timing files (timing: TIMING_FILES name -> path)."""
-    answers_t, metrics_t = pd.read_parquet(answers), pd.read_parquet(metrics)
+    ttft_aggregates.parquet and timing.md from its timing files (timing: TIMING_FILES name -> path).
+    verdicts: the config's `verdicts` section (default: the schema's)."""
+    answers_t, metrics_t = with_failure_flags(pd.read_parquet(answers)), pd.read_parquet(metrics)
     about = read_json(Path(facts))
-    agg = aggregate(answers_t, about["projection"])
+    cfg = about["projection"] = {"ttft": section_defaults("projection", "ttft")} | about["projection"]
+    margin = (verdicts or section_defaults("verdicts"))["equivalence_margin"]
+    agg = aggregate(answers_t, cfg, margin)
     out_dir = Path(out_dir)
     for name, draw in _DRAW.items():
         save_figure(draw(agg, metrics_t, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
     write_parquet(agg, out_dir / "aggregates.parquet")
-    write_text(out_dir / "summary.md", summary_markdown(agg, answers_t, metrics_t, about, dataset))
-    ttft = ttft_aggregate(answers_t, pd.read_parquet(timing["ttft.parquet"]), about["projection"])
+    write_text(out_dir / "summary.md", summary_markdown(agg, answers_t, metrics_t, about, dataset, margin))
+    ttft = ttft_aggregate(answers_t, pd.read_parquet(timing["ttft.parquet"]), cfg)
     write_parquet(ttft, out_dir / "ttft_aggregates.parquet")
-    write_text(out_dir / "timing.md", timing_markdown(ttft, pd.read_parquet(timing["timings.parquet"]),
-                                                      read_json(Path(timing["timings.json"])), about, dataset))
+    write_text(out_dir / "timing.md", timing_markdown(ttft, agg, pd.read_parquet(timing["timings.parquet"]),
+                                                      read_json(Path(timing["timings.json"])), about, dataset,
+                                                      cfg["ttft"]["target"]))

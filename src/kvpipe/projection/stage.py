@@ -94,7 +94,11 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     clock.append(time.perf_counter())
     write_parquet(pd.DataFrame(timings), out_dir / "timings.parquet")
     variant = [f.name for f in fields(Variant)]
-    write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *variant, "ttft_s"]), out_dir / "ttft.parquet")
+    parts = ["scout_s", "own_prefill_s", "build_s", "question_s", "bytes"]   # answer.Answerer.ttft's measured parts
+    write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *variant, *parts]), out_dir / "ttft.parquet")
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
     write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()}})
-    write_json(out_dir / "facts.json", _facts(pair, cal, cfg, cards, table, test))
+    facts = _facts(pair, cal, cfg, cards, table, test)
+    if len(test):
+        facts["n_template_tokens"] = answerer.prompt_tokens(next(test.itertuples(index=False))).context_start
+    write_json(out_dir / "facts.json", facts)

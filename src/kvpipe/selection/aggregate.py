@@ -5,13 +5,18 @@ their context (and so their selections and much of their answers), so each boots
 whole passages with all their questions (kvpipe.stats.cluster_bootstrap_counts); resampling
 questions would treat them as independent and make intervals too narrow.
 
-The family of selection deltas (forward, reverse, own − random, own − full KV; every method and
-retention below 1, both models) gets two-sided bootstrap p-values (normal reference, bootstrap
-standard error) and Holm's correction over the
-whole family (kvpipe.stats.holm): columns `p_value` and `p_holm`, NaN outside it.
+The estimand of every F1 verdict is answerable F1 (kvpipe.estimands): table `transfer` is computed
+on the answerable questions; `transfer_all` repeats it on every question (shown, never judged) and
+`abstention` holds each condition's abstention rate on unanswerable questions and its wrong
+abstentions and empty replies on answerable ones. `full_kv` sets each model's full-KV answer
+beside its floors (`no_context`; `always_abstain`, role `none`). The family of selection deltas
+(forward, reverse, own − random, own − full KV; every method and retention below 1, both models)
+gets two-sided bootstrap p-values (normal reference, bootstrap standard error) and Holm's
+correction over the whole family (kvpipe.stats.holm): columns `p_value` and `p_holm`, NaN outside
+it; every delta gets a `verdict` (better, worse, equivalent by TOST within the margin, undecided).
 Each forward delta also gets `detectable_forward`: z × its bootstrap standard error, the smallest
-|delta| its interval could tell from 0 at this n. Tables named `<table>_has_answer` and
-`<table>_no_answer` repeat the transfer and overlap tables on answerable / unanswerable samples.
+|delta| its interval could tell from 0 at this n. Tables named `overlap_has_answer` and
+`overlap_no_answer` repeat the overlap table on answerable / unanswerable samples.
 """
 
 from __future__ import annotations
@@ -22,30 +27,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from scipy.stats import norm
 
 from kvpipe.errors import KvpipeError
+from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, Comparison, compare
 from kvpipe.reporting import Interval
-from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, holm, percentile_ci
+from kvpipe.stats import cluster_bootstrap_counts, holm, percentile_ci
 
 FAMILY = ("delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full")
 SUBSETS = (("has_answer", False), ("no_answer", True))   # (table suffix, is_impossible)
+FLOOR_METHODS = (NO_CONTEXT, ALWAYS_ABSTAIN)   # rows that are floors, not selection methods
 CHARACTER_OVERLAP = ("char_overlap", "char_overlap_random")   # overlap columns of a pair whose tokenizers differ
 
 
 class Bootstrap:
     """Means and paired differences of per-sample values with percentile intervals over resampled passages."""
 
-    def __init__(self, passages: pd.Series, reps: int, level: float, seed: int) -> None:
-        """passages: the passage id of each sample, indexed by sample_idx."""
+    def __init__(self, passages: pd.Series, reps: int, level: float, seed: int, margin: float) -> None:
+        """passages: the passage id of each sample, indexed by sample_idx; margin: the TOST equivalence margin."""
         self.passages = passages.sort_index()
         self.samples = self.passages.index.to_numpy()
         self.counts = cluster_bootstrap_counts(self.passages.to_numpy(), reps, seed)
-        self.reps, self.level, self.seed = reps, level, seed
+        self.reps, self.level, self.seed, self.margin = reps, level, seed, margin
 
     def subset(self, samples: ArrayLike) -> Bootstrap:
         """The same bootstrap restricted to some samples (their passages resampled)."""
-        return Bootstrap(self.passages.loc[samples], self.reps, self.level, self.seed)
+        return Bootstrap(self.passages.loc[samples], self.reps, self.level, self.seed, self.margin)
 
     def replicates(self, values: pd.Series) -> tuple[float, np.ndarray]:
         """The mean over samples (values indexed by sample_idx) and its bootstrap replicates."""
@@ -62,49 +68,79 @@ class Bootstrap:
         """Mean of a - b, paired by sample."""
         return self.mean(a.reindex(self.samples) - b.reindex(self.samples))
 
-    def test(self, a: pd.Series, b: pd.Series) -> tuple[Interval, float, float]:
-        """Mean of a - b with its interval, two-sided bootstrap p-value and bootstrap standard error."""
-        value, reps = self.replicates(a.reindex(self.samples) - b.reindex(self.samples))
-        return self.delta(a, b), float(bootstrap_pvalue(reps, value)), float(reps.std(ddof=1))
+    def test(self, a: pd.Series, b: pd.Series) -> Comparison:
+        """Mean of a - b paired by sample, worded (interval, p-value, standard error, TOST verdict)."""
+        return compare(*self.replicates(a.reindex(self.samples) - b.reindex(self.samples)), self.level, self.margin)
 
 
 class _Table:
     """Rows of the tidy aggregates table."""
 
-    def __init__(self, z: float) -> None:
+    def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
-        self.z = z
 
     def add(self, table: str, role: str, method: str, retention: float, quantity: str, v: Interval,
-            p: float = math.nan) -> None:
+            p: float = math.nan, verdict: str = "") -> None:
         self.rows.append({"table": table, "role": role, "method": method, "retention": retention, "quantity": quantity,
-                          "value": v[0], "ci_low": v[1], "ci_high": v[2], "p_value": p})
+                          "value": v[0], "ci_low": v[1], "ci_high": v[2], "p_value": p, "verdict": verdict})
 
     def delta(self, table: str, role: str, method: str, r: float, quantity: str, boot: Bootstrap, a: pd.Series,
               b: pd.Series) -> None:
-        """A delta row; family deltas below retention 1 carry their p-value, forward ones their detectable size."""
-        v, p, se = boot.test(a, b)
+        """A delta row with its verdict; family deltas below retention 1 carry their p-value, forward ones their
+        detectable size."""
+        c = boot.test(a, b)
         in_family = table == "transfer" and quantity in FAMILY and r < 1
-        self.add(table, role, method, r, quantity, v, p if in_family else math.nan)
+        self.add(table, role, method, r, quantity, (c.delta, c.low, c.high), c.p_value if in_family else math.nan,
+                 c.verdict)
         if quantity == "delta_forward":
-            self.add(table, role, method, r, "detectable_forward", (self.z * se, math.nan, math.nan))
+            self.add(table, role, method, r, "detectable_forward", (c.detectable, math.nan, math.nan))
+
+
+def _rates(out: _Table, table: str, role: str, method: str, r: float, rows: pd.DataFrame, boot: Bootstrap,
+           suffix: str = "") -> None:
+    """F1 on each kind of question, abstention on unanswerable ones, wrong abstentions and empty replies on answerable
+    ones (rows indexed by sample_idx), each where its subset is not empty; `suffix` ends each quantity's name."""
+    impossible = rows["is_impossible"].astype(bool)
+    for quantity, column, mask in (("f1_answerable", "f1", ~impossible), ("f1_unanswerable", "f1", impossible),
+                                   ("abstain_unanswerable", "abstained", impossible),
+                                   ("abstain_answerable", "abstained", ~impossible),
+                                   ("empty_answerable", "empty", ~impossible)):
+        values = rows.loc[mask, column].astype(float) if column in rows else pd.Series(dtype=float)
+        if mask.any() and values.notna().all():
+            out.add(table, role, method, r, quantity + suffix, boot.subset(rows.index[mask]).mean(values))
 
 
 def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
-    """Each model's full-KV F1 and exact match, and the main's F1 minus the scout's (paired by sample)."""
+    """Each model's full-KV answer beside its floors (no_context, always_abstain): F1 on every question and on each
+    kind, abstention, exact match; full KV minus no_context and main minus scout on answerable questions."""
+    answerable = answers.groupby("sample_idx")["is_impossible"].first()
+    answerable = answerable.index[~answerable.astype(bool)]
+    sub = boot.subset(answerable) if len(answerable) else None
     f1 = {}
     for role in ("scout", "main"):
         full = answers[(answers["role"] == role) & (answers["method"] == "full")].set_index("sample_idx")
         f1[role] = full["f1"]
         out.add("full_kv", role, "full", 1.0, "f1", boot.mean(full["f1"]))
         out.add("full_kv", role, "full", 1.0, "exact", boot.mean(full["exact"]))
-        for label, mask in (("f1_has_answer", ~full["is_impossible"]), ("f1_no_answer", full["is_impossible"])):
-            if mask.any() and not mask.all():
-                out.add("full_kv", role, "full", 1.0, label, boot.subset(full.index[mask]).mean(full.loc[mask, "f1"]))
-    out.add("full_kv", "pair", "full", 1.0, "f1_main_minus_scout", boot.delta(f1["main"], f1["scout"]))
+        _rates(out, "full_kv", role, "full", 1.0, full, boot)
+        floor = answers[(answers["role"] == role) & (answers["method"] == NO_CONTEXT)].set_index("sample_idx")
+        if len(floor):
+            out.add("full_kv", role, NO_CONTEXT, 0.0, "f1", boot.mean(floor["f1"]))
+            _rates(out, "full_kv", role, NO_CONTEXT, 0.0, floor, boot)
+            if sub is not None:
+                out.delta("full_kv", role, "full", 1.0, "delta_full_vs_no_context", sub, full["f1"].loc[answerable],
+                          floor["f1"].loc[answerable])
+    abstain = answers[answers["method"] == ALWAYS_ABSTAIN].set_index("sample_idx")
+    if len(abstain):
+        out.add("full_kv", "none", ALWAYS_ABSTAIN, 0.0, "f1", boot.mean(abstain["f1"]))
+        _rates(out, "full_kv", "none", ALWAYS_ABSTAIN, 0.0, abstain, boot)
+    if sub is not None:
+        out.delta("full_kv", "pair", "full", 1.0, "f1_main_minus_scout", sub, f1["main"].loc[answerable],
+                  f1["scout"].loc[answerable])
 
 
 def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = "transfer") -> None:
+    answers = answers[~answers["method"].isin(FLOOR_METHODS)]
     f1 = answers.set_index(["role", "method", "retention", "source", "sample_idx"])["f1"].sort_index()
     conditions = set(f1.index.droplevel("sample_idx"))
     methods = [m for m in answers["method"].unique() if m not in ("full", "random")]
@@ -141,16 +177,29 @@ def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap, table: str = 
             out.add(table, "pair", m, r, "char_overlap_minus_random", boot.delta(*(g[q] for q in CHARACTER_OVERLAP)))
 
 
+def _abstention(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
+    """Per pruned condition (and random): abstention on unanswerable, wrong abstentions and empty replies on
+    answerable questions; quantities of a selection from the partner end in `_transfer`, per-head ones `_own_per_head`."""
+    pruned = answers[~answers["method"].isin(("full", *FLOOR_METHODS))]
+    for (role, m, r, source), g in pruned.groupby(["role", "method", "retention", "source"]):
+        _rates(out, "abstention", role, m, r, g.set_index("sample_idx"), boot, "" if source == "own" else f"_{source}")
+
+
 def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, boot: Bootstrap) -> None:
-    """The transfer and overlap tables again on answerable and on unanswerable samples (when both occur)."""
-    impossible = answers.groupby("sample_idx")["is_impossible"].first()
-    if impossible.all() or not impossible.any():
+    """The transfer table on answerable questions (the estimand; `transfer`), on every question (`transfer_all`,
+    when some are unanswerable) and the overlap table on each kind."""
+    impossible = answers.groupby("sample_idx")["is_impossible"].first().astype(bool)
+    answerable = impossible.index[~impossible].to_numpy()
+    if len(answerable):
+        _transfer(out, answers[answers["sample_idx"].isin(answerable)], boot.subset(answerable))
+    if not impossible.any():
+        return
+    _transfer(out, answers, boot, "transfer_all")
+    if impossible.all():
         return
     for suffix, flag in SUBSETS:
         ids = impossible.index[impossible == flag].to_numpy()
-        sub = boot.subset(ids)
-        _transfer(out, answers[answers["sample_idx"].isin(ids)], sub, f"transfer_{suffix}")
-        _overlap(out, overlaps[overlaps["sample_idx"].isin(ids)], sub, f"overlap_{suffix}")
+        _overlap(out, overlaps[overlaps["sample_idx"].isin(ids)], boot.subset(ids), f"overlap_{suffix}")
 
 
 def passages_of(answers: pd.DataFrame) -> pd.Series:
@@ -160,15 +209,25 @@ def passages_of(answers: pd.DataFrame) -> pd.Series:
     return answers.groupby("sample_idx")["passage"].first()
 
 
-def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]) -> pd.DataFrame:
-    """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high, p_value, p_holm)."""
-    boot = Bootstrap(passages_of(answers), cfg["bootstrap"], cfg["ci"], cfg["seed"])
-    out = _Table(float(norm.ppf(0.5 + cfg["ci"] / 2)))
+def with_failure_flags(answers: pd.DataFrame) -> pd.DataFrame:
+    """answers with `abstained` and `empty`; a record that predates them (abstentions stored as empty predictions)
+    counts every empty prediction as an abstention and leaves `empty` unknown (NaN)."""
+    if "abstained" in answers.columns:
+        return answers
+    return answers.assign(abstained=answers["prediction"].fillna("").str.strip().eq(""), empty=np.nan)
+
+
+def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any], margin: float) -> pd.DataFrame:
+    """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high, p_value, verdict, p_holm);
+    margin: the TOST equivalence margin (`verdicts.equivalence_margin`)."""
+    answers = with_failure_flags(answers)
+    boot = Bootstrap(passages_of(answers), cfg["bootstrap"], cfg["ci"], cfg["seed"], margin)
+    out = _Table()
     _full_kv(out, answers, boot)
-    _transfer(out, answers, boot)
-    _overlap(out, overlaps, boot)
     _by_answerability(out, answers, overlaps, boot)
+    _abstention(out, answers, boot)
+    _overlap(out, overlaps, boot)
     agg = pd.DataFrame(out.rows, columns=["table", "role", "method", "retention", "quantity", "value", "ci_low",
-                                          "ci_high", "p_value"])
+                                          "ci_high", "p_value", "verdict"])
     agg["p_holm"] = holm(agg["p_value"].to_numpy(dtype=float))
     return agg

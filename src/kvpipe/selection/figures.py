@@ -10,7 +10,8 @@ from kvpipe.reporting import pyplot
 
 
 def f1_vs_retention(agg: pd.DataFrame, title: str) -> Any:
-    """F1 versus retention per condition, one panel per answering model, with the full-KV line."""
+    """Answerable F1 versus retention per condition, one panel per answering model, with the full-KV and no-context
+    lines."""
     plt = pyplot()
     tr = agg[agg["table"] == "transfer"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True, constrained_layout=True)
@@ -21,13 +22,18 @@ def f1_vs_retention(agg: pd.DataFrame, title: str) -> Any:
             label = "random" if method == "random" else f"{method}, {'own' if quantity == 'f1_own' else 'from ' + other}"
             line = ax.plot(g["retention"], g["value"], "o-" if "own" in quantity else "s--", label=label)[0]
             ax.fill_between(g["retention"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.15)
-        full = agg[(agg["table"] == "full_kv") & (agg["role"] == role) & (agg["quantity"] == "f1")]
+        full = agg[(agg["table"] == "full_kv") & (agg["role"] == role) & (agg["method"] == "full")
+                   & (agg["quantity"] == "f1_answerable")]
         if len(full):
             ax.axhline(full["value"].iloc[0], color="black", lw=1, label="full KV")
+        floor = agg[(agg["table"] == "full_kv") & (agg["role"] == role) & (agg["method"] == "no_context")
+                    & (agg["quantity"] == "f1_answerable")]
+        if len(floor):
+            ax.axhline(floor["value"].iloc[0], color="black", lw=1, ls="--", label="no context (floor)")
         ax.set_title(f"{role} model")
         ax.set_xlabel("retention (share of context tokens kept)")
         ax.legend(fontsize=7)
-    axes[0].set_ylabel("SQuAD F1")
+    axes[0].set_ylabel("answerable F1")
     fig.suptitle(title)
     return fig
 

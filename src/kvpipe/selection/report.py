@@ -7,16 +7,19 @@ kvpipe.selection.aggregate, the figures from kvpipe.selection.figures.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from kvpipe.config import section_defaults
+from kvpipe.estimands import ALWAYS_ABSTAIN, ANSWERABLE_F1, NO_CONTEXT, sample_line
 from kvpipe.io import read_json, write_parquet, write_text
-from kvpipe.reporting import Interval, fmt_ci, save_figure, verdict_vs_zero
+from kvpipe.reporting import Interval, fmt_ci, save_figure
 from kvpipe.selection import figures
-from kvpipe.selection.aggregate import SUBSETS, aggregate
+from kvpipe.selection.aggregate import aggregate, with_failure_flags
 
 _DRAW = {"f1_vs_retention": figures.f1_vs_retention, "overlap": figures.overlap}
 FIGURES = tuple(_DRAW)
@@ -34,17 +37,23 @@ class _Lookup:
     def __init__(self, agg: pd.DataFrame) -> None:
         self.agg = agg
 
-    def __call__(self, table: str, role: str, method: str, r: float, quantity: str) -> Interval | None:
+    def row(self, table: str, role: str, method: str, r: float, quantity: str) -> pd.Series | None:
         a = self.agg
         sel = a[(a["table"] == table) & (a["role"] == role) & (a["method"] == method) & np.isclose(a["retention"], r)
                 & (a["quantity"] == quantity)]
-        return None if sel.empty else tuple(sel[["value", "ci_low", "ci_high"]].iloc[0])
+        return None if sel.empty else sel.iloc[0]
 
-    def cell(self, *key: Any, signed: bool = False, verdict: bool = False) -> str:
-        v = self(*key)
-        if v is None:
+    def __call__(self, table: str, role: str, method: str, r: float, quantity: str) -> Interval | None:
+        row = self.row(table, role, method, r, quantity)
+        return None if row is None else tuple(row[["value", "ci_low", "ci_high"]])
+
+    def cell(self, *key: Any, signed: bool = False, verdict: bool = False, percent: bool = False) -> str:
+        """A value with its interval; verdict: followed by the delta's worded verdict (kvpipe.estimands)."""
+        row = self.row(*key)
+        if row is None:
             return "—"
-        return fmt_ci(*v, signed=signed) + (f" {verdict_vs_zero(v)}" if verdict else "")
+        text = fmt_ci(row["value"], row["ci_low"], row["ci_high"], signed=signed, percent=percent)
+        return text + (f" {row['verdict']}" if verdict and row.get("verdict") else "")
 
 
 def _note(key: tuple[str, str, float], signed: bool = False) -> str:
@@ -53,13 +62,31 @@ def _note(key: tuple[str, str, float], signed: bool = False) -> str:
 
 
 def _baselines(get: _Lookup, facts: dict[str, Any]) -> list[str]:
-    lines = ["## Full-KV baselines", "", "| model | F1 | exact match | HasAns F1 | NoAns F1 |", "|---|---|---|---|---|"]
+    lines = ["## Full-KV answers beside the floors", "",
+             "Answerable F1 is the estimand; `no_context` evicts every context token (template and "
+             "question only: what the model knows without reading), `always_abstain` is the constant abstention reply. "
+             "The all-question F1 is shown, never judged.", "",
+             "| model | answerable F1 | no_context answerable F1 | full − no_context | abstains on unanswerable | "
+             "abstains on answerable | empty replies on answerable | all-question F1 | exact match |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for role in ("scout", "main"):
-        cells = [get.cell("full_kv", role, "full", 1.0, q) for q in ("f1", "exact", "f1_has_answer", "f1_no_answer")]
+        cells = [get.cell("full_kv", role, "full", 1.0, "f1_answerable"),
+                 get.cell("full_kv", role, NO_CONTEXT, 0.0, "f1_answerable"),
+                 get.cell("full_kv", role, "full", 1.0, "delta_full_vs_no_context", signed=True, verdict=True),
+                 *(get.cell("full_kv", role, "full", 1.0, q, percent=True)
+                   for q in ("abstain_unanswerable", "abstain_answerable", "empty_answerable")),
+                 get.cell("full_kv", role, "full", 1.0, "f1"), get.cell("full_kv", role, "full", 1.0, "exact")]
         lines.append(f"| {facts[role]} ({role}) | " + " | ".join(cells) + " |")
-    gap = get("full_kv", "pair", "full", 1.0, "f1_main_minus_scout")
-    if gap is not None:
-        lines += ["", f"Main minus scout, F1 paired by sample: {fmt_ci(*gap, signed=True)} ({verdict_vs_zero(gap)})."]
+    if get("full_kv", "none", ALWAYS_ABSTAIN, 0.0, "f1") is not None:
+        lines.append("| always_abstain (no model) | " + get.cell("full_kv", "none", ALWAYS_ABSTAIN, 0.0, "f1_answerable")
+                     + " | — | — | " + get.cell("full_kv", "none", ALWAYS_ABSTAIN, 0.0, "abstain_unanswerable",
+                                                 percent=True) + " | — | — | "
+                     + get.cell("full_kv", "none", ALWAYS_ABSTAIN, 0.0, "f1") + " | — |")
+    if get("full_kv", "scout", NO_CONTEXT, 0.0, "f1") is None:
+        lines += ["", "This record predates the `no_context` floor: it was not answered."]
+    gap = get.cell("full_kv", "pair", "full", 1.0, "f1_main_minus_scout", signed=True, verdict=True)
+    if gap != "—":
+        lines += ["", f"Main minus scout, answerable F1 paired by sample: {gap}."]
     return lines
 
 
@@ -103,7 +130,9 @@ def _character_overlaps(get: _Lookup, cfg: dict[str, Any]) -> list[str]:
 
 
 def _transfers(get: _Lookup) -> list[str]:
-    lines = ["## Cross-model transfer F1", "",
+    lines = ["## Cross-model transfer: answerable F1", "",
+             "Δ with its verdict: *better* / *worse* when the interval excludes 0, *equivalent* only by TOST within the "
+             "margin (a transfer that costs little), else *undecided* at this n. The notes' Δ are all-question F1.", "",
              "| method | retention | main own | main with scout's | Δ forward | notes Δ | scout own | scout with main's | "
              "Δ reverse | notes Δ | random (main / scout) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     tr = get.agg[(get.agg["table"] == "transfer") & (get.agg["method"] != "random")]
@@ -170,22 +199,20 @@ def _multiplicity(agg: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
 
 
 def _answerability(get: _Lookup) -> list[str]:
-    lines = ["", "## By answerability (HasAns / NoAns)", "",
-             "| subset | method | retention | main own | Δ forward | scout own | Δ reverse | overlap |",
-             "|---|---|---|---|---|---|---|---|"]
-    found = False
-    for suffix, _ in SUBSETS:
-        tr = get.agg[(get.agg["table"] == f"transfer_{suffix}") & (get.agg["method"] != "random")
-                     & (get.agg["retention"] < 1)]
-        for (m, r), _ in tr.groupby(["method", "retention"]):
-            found = True
-            t = f"transfer_{suffix}"
-            lines.append(f"| {suffix} | {m} | {r:.2f} | {get.cell(t, 'main', m, r, 'f1_own')} | "
-                         f"{get.cell(t, 'main', m, r, 'delta_forward', signed=True, verdict=True)} | "
-                         f"{get.cell(t, 'scout', m, r, 'f1_own')} | "
-                         f"{get.cell(t, 'scout', m, r, 'delta_reverse', signed=True, verdict=True)} | "
-                         f"{get.cell(f'overlap_{suffix}', 'pair', m, r, 'overlap')} |")
-    return lines if found else []
+    lines = ["", "## Every question (all-question F1, no verdict) and abstention", "",
+             "| method | retention | main own, all F1 | Δ forward, all | scout own, all F1 | Δ reverse, all | main own: "
+             "abstains on unanswerable | on answerable | main with scout's: abstains on unanswerable |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    tr = get.agg[(get.agg["table"] == "transfer_all") & (get.agg["method"] != "random") & (get.agg["retention"] < 1)]
+    for (m, r), _ in tr.groupby(["method", "retention"]):
+        lines.append(f"| {m} | {r:.2f} | {get.cell('transfer_all', 'main', m, r, 'f1_own')} | "
+                     f"{get.cell('transfer_all', 'main', m, r, 'delta_forward', signed=True)} | "
+                     f"{get.cell('transfer_all', 'scout', m, r, 'f1_own')} | "
+                     f"{get.cell('transfer_all', 'scout', m, r, 'delta_reverse', signed=True)} | "
+                     f"{get.cell('abstention', 'main', m, r, 'abstain_unanswerable', percent=True)} | "
+                     f"{get.cell('abstention', 'main', m, r, 'abstain_answerable', percent=True)} | "
+                     f"{get.cell('abstention', 'main', m, r, 'abstain_unanswerable_transfer', percent=True)} |")
+    return lines if len(tr) else []
 
 
 def timing_markdown(timings: pd.DataFrame, facts: dict[str, Any], dataset: str) -> str:
@@ -212,15 +239,20 @@ def _sample_line(answers: pd.DataFrame, facts: dict[str, Any]) -> str:
     return f"{used} (all {facts['n_sampled']} sampled)"
 
 
-def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dataset: str) -> str:
-    """The notes' three tables regenerated from data, with the notes' figures beside ours."""
+def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dataset: str,
+                     margin: float) -> str:
+    """The notes' three tables regenerated from data on answerable F1, beside the floors, with the notes' figures."""
     cfg, get = facts["selection"], _Lookup(agg)
     level = int(round(100 * cfg["ci"]))
+    per_sample = answers.groupby("sample_idx")["is_impossible"].first().astype(bool)
+    n = sample_line(len(per_sample), int((~per_sample).sum()), answers["passage"].nunique())
     lines = [f"# Selection transfer: {facts['scout']} (scout) ↔ {facts['main']} (main), pair {facts['pair']}, {dataset}",
-             "", f"{_sample_line(answers, facts)}; greedy decoding, at most {cfg['max_new_tokens']} new tokens; "
-             f"intervals: {level} % bootstrap over passages (the questions on one passage are resampled together; "
-             f"{cfg['bootstrap']} resamples), paired for every delta. A delta whose interval "
-             "includes 0 is reported as not distinguishable from 0. " + _detectable(get, cfg), ""]
+             "", f"{_sample_line(answers, facts)}: {n}; greedy decoding, at most {cfg['max_new_tokens']} new tokens. "
+             f"**Estimand of every F1 verdict: {ANSWERABLE_F1}**; abstention is reported apart. Intervals: {level} % "
+             f"bootstrap over passages (the questions on one passage are resampled together; {cfg['bootstrap']} "
+             "resamples), paired for every delta. Verdicts: *better* / *worse* when the interval excludes 0, "
+             f"*equivalent* only by two one-sided tests within ±{margin:g} (`verdicts.equivalence_margin`), else "
+             "*undecided*. " + _detectable(get, cfg), ""]
     lines += _baselines(get, facts) + [""] + _retention(answers, cfg) + _overlaps(get) + _character_overlaps(get, cfg)
     lines += [""] + _transfers(get)
     lines += _multiplicity(agg, cfg) + _answerability(get)
@@ -230,16 +262,19 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, 
     return "\n".join(lines)
 
 
-def write_report(answers: Path, overlap: Path, facts: Path, timing: dict[str, Path], dataset: str,
-                 out_dir: Path) -> None:
+def write_report(answers: Path, overlap: Path, facts: Path, timing: dict[str, Path], dataset: str, out_dir: Path,
+                 verdicts: Mapping[str, Any] | None = None) -> None:
     """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables;
-    timing.md from its timing file (timing: TIMING_FILES name -> path)."""
+    timing.md from its timing file (timing: TIMING_FILES name -> path). verdicts: the config's `verdicts` section
+    (default: the schema's)."""
     frames = {name: pd.read_parquet(path) for name, path in (("answers", answers), ("overlap", overlap))}
+    frames["answers"] = with_failure_flags(frames["answers"])
     about = read_json(Path(facts))
-    agg = aggregate(frames["answers"], frames["overlap"], about["selection"])
+    margin = (verdicts or section_defaults("verdicts"))["equivalence_margin"]
+    agg = aggregate(frames["answers"], frames["overlap"], about["selection"], margin)
     out_dir = Path(out_dir)
     for name, draw in _DRAW.items():
         save_figure(draw(agg, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
     write_parquet(agg, out_dir / "aggregates.parquet")
-    write_text(out_dir / "summary.md", summary_markdown(agg, frames["answers"], about, dataset))
+    write_text(out_dir / "summary.md", summary_markdown(agg, frames["answers"], about, dataset, margin))
     write_text(out_dir / "timing.md", timing_markdown(pd.read_parquet(timing["timings.parquet"]), about, dataset))

@@ -9,6 +9,12 @@ method and retention below 1, one batch answers all pruned conditions of that mo
     random        the seeded random selection (the same positions for both models when they share a tokenizer)
     own_per_head  with selection.per_head: the model's own per-(layer, KV head) selections
 
+and each model's floor `no_context` (every context token evicted: template and question only, the
+question at its original positions; what the model knows without reading), answered in the same
+batch; one `always_abstain` row per sample records what the constant abstention reply scores
+(kvpipe.estimands). Every answer keeps its raw reply beside the scored prediction, with the
+`abstained` and `empty` flags.
+
 At retention 1 every condition keeps the whole context and equals the full-KV answer.
 A retention r keeps k context tokens of each model by `selection.budget`
 (kvpipe.selection.overlap.context_budget); answers record both the share of context tokens kept and
@@ -38,8 +44,9 @@ from tqdm import tqdm
 
 from kvpipe.alignment import Alignment, align
 from kvpipe.data.prompt import PromptTokens, build_prompt
-from kvpipe.data.qa_metrics import score_prediction
+from kvpipe.data.qa_metrics import UNANSWERABLE, score_reply
 from kvpipe.errors import KvpipeError
+from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT
 from kvpipe.inference.conditions import Condition
 from kvpipe.inference.decode import Answer
 from kvpipe.inference.session import Session
@@ -180,6 +187,8 @@ class PairRun:
         conditions = [Condition(f"{role} {m.name} {r:g} {source}", chosen[source][m.name][r],
                                 role=role, method=m.name, retention=r, source=source)
                       for m in self.methods for r in self.pruned for source in sources(m.name)]
+        conditions.append(Condition(f"{role} {NO_CONTEXT}", np.zeros(0, dtype=np.int64), role=role, method=NO_CONTEXT,
+                                    retention=0.0))
         if self.cfg["per_head"]:
             conditions += [Condition(f"{role} {m.name} {r:g} own_per_head", top_n(scores[m.name][k][1], k), role=role,
                                      method=m.name, retention=r, source="own_per_head")
@@ -195,15 +204,21 @@ class PairRun:
         return results
 
     def record(self, row: Any, condition: Condition, answer: Answer, tokens: PromptTokens) -> dict[str, Any]:
-        """One answers-table row: the condition, its scored prediction, its cache sizes and realised retention."""
-        prediction, em, f1 = score_prediction(answer.text, list(row.answers))
+        """One answers-table row: the condition, its reply and scored prediction, its cache sizes and realised retention."""
         prefix, n_ctx = tokens.context_start, tokens.context_end - tokens.context_start
         kept = condition.n_kept(n_ctx)
         return {"role": condition.role, "model": self.lms[condition.role].slug, "method": condition.method,
-                "retention": condition.retention, "source": condition.source, "prediction": prediction, "exact": em,
-                "f1": f1, "n_context": n_ctx, "n_kept_context": kept, "n_template": prefix,
-                "retention_context": kept / n_ctx, "retention_prompt": (prefix + kept) / (prefix + n_ctx),
-                "cache_length": answer.cache_length}
+                "retention": condition.retention, "source": condition.source,
+                **score_reply(answer.text, list(row.answers)).columns(), "n_context": n_ctx, "n_kept_context": kept,
+                "n_template": prefix, "retention_context": kept / n_ctx,
+                "retention_prompt": (prefix + kept) / (prefix + n_ctx), "cache_length": answer.cache_length}
+
+    @staticmethod
+    def abstain_record(row: Any) -> dict[str, Any]:
+        """The constant abstention reply's row (no model: role and model 'none')."""
+        return {"role": "none", "model": "none", "method": ALWAYS_ABSTAIN, "retention": 0.0, "source": "none",
+                **score_reply(UNANSWERABLE, list(row.answers)).columns(), "n_context": 0, "n_kept_context": 0,
+                "n_template": 0, "retention_context": 0.0, "retention_prompt": 0.0, "cache_length": 0}
 
     def sample(self, row: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         """Answers, overlaps and timings rows of one sample."""
@@ -220,9 +235,9 @@ class PairRun:
         transfers = self.transfers(scores, selections, budgets, alignments)
         for role in ROLES:
             conditions = self.pruned_conditions(role, selections, transfers, scores[role], budgets[role])
-            if conditions:
-                results = self.answer_pruned(sessions[role], conditions, clock[role])
-                answers += [self.record(row, c, a, tokens[role]) for c, a in zip(conditions, results, strict=True)]
+            results = self.answer_pruned(sessions[role], conditions, clock[role])
+            answers += [self.record(row, c, a, tokens[role]) for c, a in zip(conditions, results, strict=True)]
+        answers.append(self.abstain_record(row))
         timings = [{"role": role, "model": self.lms[role].slug, "prompt_tokens": len(tokens[role]), **clock[role]}
                    for role in ROLES]
         overlaps = self.overlaps(scores, selections, transfers, budgets, tokens, alignments["main"])

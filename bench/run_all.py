@@ -43,6 +43,34 @@ def _verdict(value: float, target: float, higher_is_better: bool = False) -> str
     return "met" if (value >= target if higher_is_better else value <= target) else "**missed**"
 
 
+def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
+    """End-to-end TTFT of an injected cache over main_full's (the scout's own prefill and the transfer included), per
+    link speed: judged against the target only for a cache that carries content (kvpipe.estimands)."""
+    import pandas as pd
+
+    path = RESULTS / record / "ttft_aggregates.parquet"
+    if not path.exists() or "regime" not in pd.read_parquet(path).columns:
+        return []
+    ttft, agg = pd.read_parquet(path), pd.read_parquet(RESULTS / record / "aggregates.parquet")
+    keys = ["condition", "projector", "objective", "key_map", "retention", "rank"]
+    injected = ttft[ttft["condition"].isin(("projected_kv", "chain"))].merge(agg[[*keys, "carries_content"]], on=keys)
+    facts = json.loads((RESULTS / record / "facts.json").read_text())
+    target = facts["projection"].get("ttft", {}).get("target", 0.3)
+    out = []
+    for regime, g in injected[injected["regime"].str.startswith("e2e_")].groupby("regime"):
+        link = regime.removeprefix("e2e_").removesuffix("mbps")
+        content = g[g["carries_content"]]
+        what = f"end-to-end TTFT, injected cache / main_full, {link} Mbit/s link (SQuAD v2)"
+        if content.empty:
+            out.append((f"{what}; no injected cache carries content", f"{g['ttft_ratio'].min():.2f}–"
+                        f"{g['ttft_ratio'].max():.2f}", f"≤ {target:g}", "no verdict", f"{record}/ttft_aggregates.parquet"))
+        else:
+            best = content.sort_values("ttft_ratio_high").iloc[0]
+            out.append((f"{what}; best cache that carries content", f"{best['ttft_ratio']:.3f}", f"≤ {target:g}",
+                        _verdict(best["ttft_ratio_high"], target), f"{record}/ttft_aggregates.parquet"))
+    return out
+
+
 def rows() -> list[tuple[str, str, str, str, str]]:
     """(benchmark, measured, target, verdict, source) per line of the table."""
     out = []
@@ -59,9 +87,12 @@ def rows() -> list[tuple[str, str, str, str, str]]:
                         f"{ratio:.3f}", "—", "", "selection.json"))
     if kvp := _load("kvpress"):
         for grid in kvp["grids"].values():
+            same = grid["kept_position_agreement"] >= 1   # a speed ratio means something only on identical work
             out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, {grid['conditions_per_prefill']} "
-                        f"retentions per prefill, {kvp['model']}", f"{grid['speedup_kvpipe_over_kvpress']:.2f}×",
-                        "≥ 3×", _verdict(grid["speedup_kvpipe_over_kvpress"], 3, True), "kvpress.json"))
+                        f"retentions per prefill, {kvp['model']}" + ("" if same else "; not the same work (agreement "
+                                                                       "below)"),
+                        f"{grid['speedup_kvpipe_over_kvpress']:.2f}×", "≥ 3×",
+                        _verdict(grid["speedup_kvpipe_over_kvpress"], 3, True) if same else "no verdict", "kvpress.json"))
             out.append((f"kept-position agreement with kvpress (per layer and KV head), {grid['conditions_per_prefill']} "
                         "retentions", f"{grid['kept_position_agreement']:.3f}", "—", "", "kvpress.json"))
     if dec := _load("decode"):
@@ -86,11 +117,9 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         out.append(("peak RSS 4× / 1× samples: projector fitting", f"{mem['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
                     _verdict(mem["rss_ratio_4x_over_1x"], 1.1), "projection.json"))
         sq = proj["squad_v2"]
-        out.append(("TTFT with an injected cache / own prefill (worst injected variant, SQuAD v2)",
-                    f"{sq['max_ttft_ratio_injected']:.3f}", "≤ 0.3", _verdict(sq["max_ttft_ratio_injected"], 0.3),
-                    "projection.json"))
         out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{sq['fit_total_s']:.0f}", "≤ 600",
                     _verdict(sq["fit_total_s"], 600), "projection.json"))
+    out += _ttft_rows("projection_squad_v2")
     if mem := _load("stage_memory"):
         for stage in ("selection", "projection"):
             ratio, n = mem[stage]["rss_ratio_4x_over_1x"], mem[stage]["n"]

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, cluster_halves, holm
 
@@ -35,3 +36,12 @@ def test_cluster_halves_keep_passages_whole():
     passages = np.repeat(np.arange(10), 3)
     for mask in cluster_halves(passages, 20, seed=0):
         assert mask.sum() == 15 and (mask.reshape(10, 3).all(1) | ~mask.reshape(10, 3).any(1)).all()
+
+
+def test_one_critical_value_for_every_level():
+    """No level falls back to 1.96: 0.8, 0.9, 0.95 and 0.99 each get their own z."""
+    from kvpipe.stats import critical_value
+
+    assert [round(critical_value(level), 3) for level in (0.8, 0.9, 0.95, 0.99)] == [1.282, 1.645, 1.96, 2.576]
+    with pytest.raises(ValueError):
+        critical_value(1.0)

@@ -7,10 +7,8 @@ from typing import Any
 import numpy as np
 
 from kvpipe.kv.store import KINDS
-from kvpipe.stats import cluster_halves
+from kvpipe.stats import cluster_halves, critical_value
 from kvpipe.structure.cka import center_gram, cka_from_grams
-
-Z = {0.9: 1.645, 0.95: 1.96, 0.99: 2.576}
 
 
 class TokenSubsample:
@@ -39,7 +37,7 @@ def _jackknife_interval(value: float, K: np.ndarray, L: np.ndarray, halves: list
     reps = [cka_from_grams(center_gram(K[np.ix_(h, h)], debiased), center_gram(L[np.ix_(h, h)], debiased))
             for h in halves]
     sd = float(np.nanstd(reps))
-    z = Z.get(level, 1.96)
+    z = critical_value(level)
     return max(value - z * sd, -1.0), min(value + z * sd, 1.0)
 
 

@@ -7,13 +7,12 @@ same function of the sums weighted by passage resampling counts [B, passages].
 
 from __future__ import annotations
 
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 
 from kvpipe.kv.store import KINDS
-from kvpipe.stats import bootstrap_pvalue, holm, percentile_ci
+from kvpipe.stats import bootstrap_pvalue, critical_value, holm, percentile_ci
 from kvpipe.structure.cca import mean_correlation
 from kvpipe.structure.ridge import metrics_from_scores, r2_per_dim
 
@@ -68,7 +67,7 @@ def difference_records(aligned: list[tuple[int, int]], point: np.ndarray, reps: 
     """Paired R² differences per aligned layer (keys minus pre-RoPE keys, keys minus values), with
     bootstrap p-values, Holm-adjusted within each family (one family = one comparison over all layers),
     and the smallest difference the interval could tell from 0 (z × bootstrap SE)."""
-    records, z = [], NormalDist().inv_cdf(0.5 + level / 2)
+    records, z = [], critical_value(level)
     for other in ("key_pre_rope", "value"):
         o, kind = KINDS.index(other), f"key-vs-{other}"
         diff = reps[:, 0] - reps[:, o]                       # [B, aligned]

@@ -182,7 +182,9 @@ stop_daemon() {
         [[ -d /proc/$pid ]] || break
         sleep 0.25
     done
-    [[ -d /proc/$pid ]] && kill -KILL "$pid" 2>/dev/null || true
+    if [[ -d /proc/$pid ]]; then
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
     rm -f "$(pidfile "$1")"
     echo "$1: stopped (pid $pid)"
 }

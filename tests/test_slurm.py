@@ -81,7 +81,7 @@ def run_on_slurm(
     """snakemake --profile <the repo's filled profiles/slurm> on the smoke config, in the repo."""
     profile = fill_slurm_placeholders(repo / "profiles" / "slurm")
     cmd = snakemake_command(repo, "--profile", str(profile), *CLUSTER_ARGS, *args, overlays=overlays)
-    return subprocess.run(cmd, cwd=repo, env=cluster_env(cluster, **env), capture_output=True, text=True, timeout=1200)
+    return subprocess.run(cmd, cwd=repo, env=cluster_env(cluster, **env), capture_output=True, text=True, timeout=1800)
 
 
 def slurm_jobs(log: str) -> dict[str, list[tuple[str, str]]]:

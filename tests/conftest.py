@@ -32,6 +32,17 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
+def fill_slurm_placeholders(profile: Path, cpu: str = "cpu", gpu: str = "gpu") -> Path:
+    """Fill profile/config.yaml's commented partition placeholders as a site would: uncomment each
+    `slurm_partition` line, naming the CPU or GPU partition (the account stays commented)."""
+    config = profile / "config.yaml"
+    text = config.read_text()
+    for placeholder, name in (("<cpu-partition>", cpu), ("<gpu-partition>", gpu)):
+        text = re.sub(rf"^(\s*)# slurm_partition: {placeholder}", rf"\g<1>slurm_partition: {name}", text, flags=re.M)
+    config.write_text(text)
+    return profile
+
+
 def snakemake_command(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> list[str]:
     """snakemake on repo's Snakefile and smoke config, 2 cores (args before the config files)."""
     smoke = repo / "tests" / "smoke" / "config.yaml"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_checkout, snakemake
+from conftest import REPO, copy_checkout, fill_slurm_placeholders, snakemake
 from test_workflow import overlay
 
 from kvpipe.config import deep_merge, load_config, schema, validate
 from kvpipe.errors import KvpipeError
-from kvpipe.scheduling import job_resources, model_resources, model_size_b, size_in_name, uses_cuda
+from kvpipe.scheduling import job_resources, model_resources, model_size_b, on_attempt, size_in_name, uses_cuda
 from kvpipe.workflow import claim_gpus
 
 MODEL_RULES = {"extract_kv", "selection", "projection"}  # rules that run a model on the device
@@ -55,7 +55,9 @@ def checkout(tmp_path_factory) -> Path:
 
 
 def cluster_dry_run(checkout: Path, *configfiles: Path) -> subprocess.CompletedProcess:
-    """`snakemake -n --profile profiles/slurm --configfile ...` in the checkout, with the network unreachable."""
+    """`snakemake -n --profile profiles/slurm --configfile ...` in the checkout, with the network unreachable,
+    its partition placeholders filled with `cpu` and `gpu` as a site would."""
+    fill_slurm_placeholders(checkout / "profiles" / "slurm")
     env = {k: v for k, v in os.environ.items() if k not in ("SNAKEMAKE_PROFILE", "NO_PROXY", "no_proxy")} | OFFLINE
     cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm", "--configfile", *map(str, configfiles)]
     return subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
@@ -95,6 +97,31 @@ resources:
     assert job_resources(config, ["sized", "hub-7b"]) == {"mem_mb": 21000, "runtime": 121}  # a pair: both models
 
 
+def test_a_retried_job_asks_for_more_memory_and_the_same_runtime():
+    config = _config("""
+models:
+  hub-7b: {source: hf, id: Qwen/Qwen2.5-7B-Instruct}
+  mystery: {source: tiny, arch: qwen2}
+resources:
+  default: {mem_mb: 3000, runtime: 40}
+  scale: {mem_mb: {base: 1000, per_b: 2000}, runtime: {base: 10, per_b: 5}}
+""")
+    first = job_resources(config, ["mystery", "hub-7b"])
+    assert first == job_resources(config, ["mystery", "hub-7b"], attempt=1) == {"mem_mb": 18000, "runtime": 85}
+    for attempt in (2, 3):   # Snakemake's attempt on the first and second retry
+        assert job_resources(config, ["mystery", "hub-7b"], attempt) == {"mem_mb": 18000 * attempt, "runtime": 85}
+    assert [on_attempt(8000, a) for a in (1, 2, 3)] == [8000, 16000, 24000]
+    with pytest.raises(ValueError, match="from 1"):
+        on_attempt(8000, 0)
+    # every rule with a memory budget declares it through a function of the attempt
+    rules = "".join(path.read_text() for path in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    declared = re.findall(r"^ +mem_mb=(.*),$", rules, re.M)
+    assert declared and all(re.match(r"(job_resource\(\"mem_mb\"|retry_mem_mb\()", d) for d in declared), declared
+    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    assert "lambda wc, attempt: job_resources(config, models(wc), attempt)[key]" in common
+    assert "lambda wc, attempt: on_attempt(mem_mb, attempt)" in common
+
+
 def test_the_gpu_follows_the_configured_device(monkeypatch):
     import torch
 
@@ -117,8 +144,18 @@ def test_threads_can_be_set_for_every_rule_that_runs_torch_and_no_other():
         _config("resources: {threads: {selection_report: 2}}")
 
 
-def test_every_gpu_rule_goes_to_the_gpu_partition_on_slurm():
-    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+def test_the_slurm_profile_leaves_partitions_and_account_to_the_site(tmp_path):
+    shipped = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert not {"slurm_partition", "slurm_account"} & set(shipped["default-resources"])   # placeholders only
+    assert not any("slurm_partition" in res for res in shipped["set-resources"].values())
+    assert shipped["retries"] >= 1   # a job killed for its memory is resubmitted with more (kvpipe.scheduling.on_attempt)
+
+
+def test_every_gpu_rule_goes_to_the_gpu_partition_on_slurm(tmp_path):
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "config.yaml").write_text((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile = yaml.safe_load((fill_slurm_placeholders(tmp_path / "slurm") / "config.yaml").read_text())
+    assert profile["default-resources"]["slurm_partition"] == "cpu" and "slurm_account" not in profile["default-resources"]
     gpu_rules = _rules_declaring(r"gpu=MODEL_GPUS")
     assert gpu_rules == MODEL_RULES
     for rule in gpu_rules:

@@ -11,6 +11,10 @@ else read from a size written in its hub id, file or directory name, or slug (``
 one of unknown size for ``resources.default``. Explicit ``mem_mb`` / ``runtime`` in
 ``resources.models.<slug>`` win over both. A job holding several models (a pair rule) asks for
 the sum of their memory and of their runtimes.
+
+A job retried after a failure (Snakemake's ``--retries``, set by both profiles; an out-of-memory
+kill is the usual cause on a cluster) asks for ``mem_mb × attempt``: twice the memory on its
+first retry. Its runtime stays.
 """
 
 from __future__ import annotations
@@ -63,10 +67,20 @@ def model_resources(config: dict[str, Any], slug: str) -> dict[str, int]:
     return res
 
 
-def job_resources(config: dict[str, Any], slugs: Iterable[str]) -> dict[str, int]:
-    """``mem_mb`` and ``runtime`` of a job holding every model in slugs: the sums of each model's."""
+def on_attempt(mem_mb: int, attempt: int = 1) -> int:
+    """Memory of a job's ``attempt``-th try (Snakemake counts from 1): ``mem_mb`` on the first, then a multiple."""
+    if attempt < 1:
+        raise ValueError(f"attempt counts from 1, got {attempt}")
+    return mem_mb * attempt
+
+
+def job_resources(config: dict[str, Any], slugs: Iterable[str], attempt: int = 1) -> dict[str, int]:
+    """``mem_mb`` and ``runtime`` of a job holding every model in slugs: the sums of each model's, the memory
+    grown for a retry (``on_attempt``)."""
     per_model = [model_resources(config, slug) for slug in slugs]
-    return {key: sum(res[key] for res in per_model) for key in JOB_KEYS}
+    res = {key: sum(res[key] for res in per_model) for key in JOB_KEYS}
+    res["mem_mb"] = on_attempt(res["mem_mb"], attempt)
+    return res
 
 
 def uses_cuda(device: str) -> bool:

@@ -11,7 +11,7 @@ from kvpipe.config import pair_settings, run_models, validate
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
-from kvpipe.scheduling import job_resources, uses_cuda
+from kvpipe.scheduling import job_resources, on_attempt, uses_cuda
 
 try:
     _validated = validate(config, source="config")
@@ -70,8 +70,14 @@ def job_pair_models(wc):
 
 def job_resource(key, models):
     """Resource function: mem_mb or runtime of a job holding models(wildcards), from their sizes
-    (kvpipe.scheduling; the config's `resources` section)."""
-    return lambda wc: job_resources(config, models(wc))[key]
+    (kvpipe.scheduling; the config's `resources` section); mem_mb grows with Snakemake's attempt on a retry.
+    """
+    return lambda wc, attempt: job_resources(config, models(wc), attempt)[key]
+
+
+def retry_mem_mb(mem_mb):
+    """Resource function: a fixed mem_mb that grows with Snakemake's attempt on a retry, as model jobs' do."""
+    return lambda wc, attempt: on_attempt(mem_mb, attempt)
 
 
 # GPUs of a job that runs a model: 1 when it runs on CUDA (device cuda, or auto on a machine with

@@ -10,7 +10,7 @@ rule sample_dataset:
     conda:
         "../../envs/kvpipe.yaml"
     resources:
-        mem_mb=4000,
+        mem_mb=retry_mem_mb(4000),
         runtime=30,
     params:
         dataset=lambda wc: config["datasets"][wc.dataset],

@@ -8,6 +8,8 @@ rule materialize_model:
         "results/logs/materialize_model/{model}.log",
     benchmark:
         "results/benchmarks/materialize_model/{model}.tsv"
+    # run.materialize_on_submit_host: on the submit host, for compute nodes without internet
+    localrule: config["run"]["materialize_on_submit_host"]
     conda:
         "../../envs/kvpipe.yaml"
     threads: rule_threads("materialize_model")

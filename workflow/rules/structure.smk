@@ -15,7 +15,7 @@ rule structure:
         "../../envs/kvpipe.yaml"
     threads: rule_threads("structure")  # KV statistics on the CPU: no model, no GPU
     resources:
-        mem_mb=8000,
+        mem_mb=retry_mem_mb(8000),
         runtime=120,
     params:
         # with the one alignment setting structure reads (only for a pair whose tokenizers differ)

@@ -169,12 +169,25 @@ def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
     assert marker not in (REPO / "src/kvpipe/data/sampling.py").read_text()
 
 
+def readme_command(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """A snakemake command exactly as the README writes it (no --cores), run in the checkout, on the smoke config."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *args, "--configfile", str(repo / "tests/smoke/config.yaml")],
+                          cwd=repo, capture_output=True, text=True, timeout=600)
+
+
 def test_html_report_holds_every_figure(repo):
-    proc = snakemake(repo, "--report", str(repo / "results" / "report.html"))
+    proc = readme_command(repo, "--report", "results/report.html")   # the README's command
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ERROR/" not in proc.stderr, proc.stderr   # every caption is valid reStructuredText
     html = (repo / "results" / "report.html").read_text(errors="replace")
     for name in (name for figures in STAGE_FIGURES.values() for name in figures):
         assert f"{name}.png" in html
+
+
+def test_rulegraph_needs_no_cores(repo):
+    proc = readme_command(repo, "--rulegraph")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.lstrip().startswith("digraph") and "projection_report" in proc.stdout
 
 
 def test_rule_files_are_snakefmt_formatted_and_lint_clean():

@@ -80,8 +80,13 @@ MODEL_GPUS = 1 if uses_cuda(config["device"]) else 0
 
 
 def rule_threads(rule):
-    """Threads of a rule's jobs (torch's too): resources.threads.<rule>, else every core the run may use."""
-    return config["resources"]["threads"].get(rule, workflow.cores)
+    """Threads of a rule's jobs (torch's too): resources.threads.<rule>, else every core the run may use.
+
+    Read from the settings, not workflow.cores, which raises where no --cores is given: a run that
+    executes nothing (--report, --rulegraph, --dag, --lint) then gets 1, as Snakemake's default.
+    """
+    cores = workflow.resource_settings.cores
+    return config["resources"]["threads"].get(rule, cores if cores is not None else 1)
 
 
 def stage_timing_files(stage):

@@ -138,6 +138,23 @@ CATALOGUE: dict[str, tuple[Callable[[Case], list[str]], str]] = {  # entry -> (i
     "non_finite_activation": (_non_finite, "non-finite values in values of layer 1 with dtype float32"),
     "kv_shard_altered": (_damaged_shard(flip_16_bytes), f"{SHARD}: SHA-256 does not match manifest.json"),
     "kv_shard_truncated": (_damaged_shard(truncate), f"{SHARD}: SHA-256 does not match manifest.json"),
+    "report_dir_missing": (lambda c: ["report", "selection", "--dir", "/nonexistent", *c.overlay()],
+                           "--dir: /nonexistent: not found"),
+    "report_table_missing": (lambda c: ["report", "structure", "--dir", "results/kv", *c.overlay()],
+                             "--dir: results/kv/metrics.parquet: not found"),
+    "samples_file_missing": (lambda c: ["structure", "--pair", "tiny", "--scout-kv", "results/kv/tiny-scout", "--main-kv",
+                                        "results/kv/tiny-main", "--samples", "/nope.parquet", "--out", "results/structure",
+                                        *c.overlay()], "--samples: /nope.parquet: not found"),
+    "samples_not_parquet": (lambda c: ["extract", "--model-dir", str(c.model_dirs["tiny-main"]), "--samples",
+                                       _file(c, "junk.parquet", b"junk" * 8), "--out", "results/kv/new", *c.overlay()],
+                            "--samples: junk.parquet: not a Parquet file"),
+    "model_dir_missing": (lambda c: ["selection", "--pair", "tiny", "--scout-dir", "nope", "--main-dir",
+                                     str(c.model_dirs["tiny-main"]), "--samples", "results/data/samples.parquet", "--out",
+                                     "results/selection", *c.overlay()], "--scout-dir: nope: not found"),
+    "kv_dir_missing": (lambda c: ["projection", "--pair", "tiny", "--scout-kv", "nope", "--main-kv", "results/kv/tiny-main",
+                                  "--scout-dir", str(c.model_dirs["tiny-scout"]), "--main-dir", str(c.model_dirs["tiny-main"]),
+                                  "--samples", "results/data/samples.parquet", "--out", "results/projection", *c.overlay()],
+                       "--scout-kv: nope: not found"),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +27,60 @@ def _entry(config: dict, section: str, name: str) -> dict:
     if name not in config[section]:
         raise KvpipeError(f"--{section[:-1]}: {name!r} is not in {section} ({', '.join(sorted(config[section]))})")
     return config[section][name]
+
+
+def _readable(path: Path, what: str) -> None:
+    """One line naming path (and the option it came from, what) unless it is a readable file of its kind.
+
+    ``.parquet`` files must carry Parquet's magic bytes at both ends, ``.json`` files must parse:
+    whatever is read later then fails only on content the stage itself checks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KvpipeError(f"{what}: {path}: not found")
+    if not path.is_file():
+        raise KvpipeError(f"{what}: {path}: is a directory, not a file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            if path.suffix == ".parquet":
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(size - 4, 0))
+                if size < 12 or head != b"PAR1" or handle.read(4) != b"PAR1":
+                    raise KvpipeError(f"{what}: {path}: not a Parquet file")
+            elif path.suffix == ".json":
+                handle.seek(0)
+                json.loads(handle.read())
+    except OSError as err:
+        raise KvpipeError(f"{what}: {path}: not readable ({err.strerror or err})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise KvpipeError(f"{what}: {path}: not valid JSON ({err})") from None
+
+
+def _directory(path: Path, what: str, *names: str) -> None:
+    """One line unless path is a readable directory holding the files names (each checked by _readable)."""
+    path = Path(path)
+    if not path.exists():
+        raise KvpipeError(f"{what}: {path}: not found")
+    if not path.is_dir():
+        raise KvpipeError(f"{what}: {path}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise KvpipeError(f"{what}: {path}: not readable (permission denied)")
+    for name in names:
+        _readable(path / name, what)
+
+
+def _inputs(args: argparse.Namespace) -> None:
+    """Check every file and directory a subcommand reads before any work starts (one line naming the option)."""
+    for option in ("samples", "structure_metrics"):
+        if getattr(args, option, None) is not None:
+            _readable(args.__dict__[option], "--" + option.replace("_", "-"))
+    for option in ("model_dir", "scout_dir", "main_dir"):
+        if getattr(args, option, None) is not None:
+            _directory(args.__dict__[option], "--" + option.replace("_", "-"), "kvpipe_model.json")
+    for option in ("scout_kv", "main_kv"):
+        if getattr(args, option, None) is not None:
+            _directory(args.__dict__[option], "--" + option.replace("_", "-"), "manifest.json")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -117,6 +172,8 @@ def cmd_projection(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    report = importlib.import_module(f"kvpipe.{args.stage}.report")
+    _directory(args.dir, "--dir", *REPORT_TABLES[args.stage], *getattr(report, "TIMING_FILES", ()))
     _report(args.stage, args.dir, args.dataset)
     print(f"wrote {args.dir}/summary.md, figures/")
 
@@ -185,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.config is None:
         args.config = [Path("config.yaml")]
     with one_line_errors():
+        _inputs(args)
         args.func(args)
 
 

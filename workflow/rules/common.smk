@@ -78,6 +78,9 @@ def job_resource(key, models):
 # CUDA), so that `--resources gpu=G` bounds the GPU jobs running at once.
 MODEL_GPUS = 1 if uses_cuda(config["device"]) else 0
 
+# The conda environment of all rules, for --sdm conda; PyTorch's CUDA build where model jobs run on a GPU.
+CONDA_ENV = "../../envs/kvpipe-cuda.yaml" if MODEL_GPUS else "../../envs/kvpipe.yaml"
+
 
 def rule_threads(rule):
     """Threads of a rule's jobs (torch's too): resources.threads.<rule>, else every core the run may use.

@@ -9,7 +9,7 @@ rule materialize_model:
     benchmark:
         "results/benchmarks/materialize_model/{model}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("materialize_model")
     resources:
         # CPU only: converting and hashing weights needs no GPU

@@ -24,7 +24,7 @@ rule pairs_summary:
     log:
         "results/logs/pairs_summary/{dataset}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         pairs=RUN_PAIRS,
         models=RUN_MODELS,

@@ -18,7 +18,7 @@ rule projection:
     benchmark:
         "results/benchmarks/projection/{dataset}/{pair}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("projection")
     resources:
         # both models are loaded (on one GPU): the pair's two model budgets together
@@ -64,7 +64,7 @@ rule projection_report:
     log:
         "results/logs/projection_report/{dataset}/{pair}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         code=code("projection_report.py"),
     script:

@@ -14,7 +14,7 @@ rule selection:
     benchmark:
         "results/benchmarks/selection/{dataset}/{pair}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("selection")
     resources:
         # both models are loaded (on one GPU): the pair's two model budgets together
@@ -61,7 +61,7 @@ rule selection_report:
     log:
         "results/logs/selection_report/{dataset}/{pair}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         code=code("selection_report.py"),
     script:

@@ -12,7 +12,7 @@ rule structure:
     benchmark:
         "results/benchmarks/structure/{dataset}/{pair}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("structure")  # KV statistics on the CPU: no model, no GPU
     resources:
         mem_mb=8000,
@@ -44,7 +44,7 @@ rule structure_report:
     log:
         "results/logs/structure_report/{dataset}/{pair}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         code=code("structure_report.py"),
     script:

@@ -138,6 +138,8 @@ CATALOGUE: dict[str, tuple[Callable[[Case], list[str]], str]] = {  # entry -> (i
     "non_finite_activation": (_non_finite, "non-finite values in values of layer 1 with dtype float32"),
     "kv_shard_altered": (_damaged_shard(flip_16_bytes), f"{SHARD}: SHA-256 does not match manifest.json"),
     "kv_shard_truncated": (_damaged_shard(truncate), f"{SHARD}: SHA-256 does not match manifest.json"),
+    "projection_without_shared_tokenizer": (lambda c: c.validate(pairs={"tiny": {"main": "tiny-llama"}}),
+                                            "run.stages: includes projection, which needs a shared tokenizer, but pair tiny"),
     "report_dir_missing": (lambda c: ["report", "selection", "--dir", "/nonexistent", *c.overlay()],
                            "--dir: /nonexistent: not found"),
     "report_table_missing": (lambda c: ["report", "structure", "--dir", "results/kv", *c.overlay()],

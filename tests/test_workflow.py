@@ -216,6 +216,22 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_pair_without_a_shared_tokenizer_is_refused_with_projection_before_any_job(tmp_path):
+    bad = overlay(tmp_path, "pairs:\n  tiny: {scout: tiny-scout, main: tiny-llama}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "1", "--configfile", str(REPO / "tests/smoke/config.yaml"), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kvpipe:")]
+    assert lines == [line for line in lines if "pair tiny" in line and "run.stages" in line] and len(lines) == 1
+    assert not (tmp_path / "results").exists()
+    fine = overlay(tmp_path, "pairs:\n  tiny: {scout: tiny-scout, main: tiny-llama}\nrun: {stages: [structure, selection]}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+                           "--cores", "1", "--configfile", str(REPO / "tests/smoke/config.yaml"), str(fine)],
+                          capture_output=True, text=True)
+    assert "projection" not in planned_jobs(proc) and planned_jobs(proc)["selection"] == 1
+
+
 def test_cross_family_overlay_plans_both_directions_and_the_pairs_summary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
                            "--cores", "2", "--configfile", str(REPO / "config/cross_family.yaml")],

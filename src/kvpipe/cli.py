@@ -85,17 +85,21 @@ def _inputs(args: argparse.Namespace) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> None:
     from kvpipe.config import run_models
+    from kvpipe.shared_tokenizer import check_projection_tokenizers
 
     config = _config(args)
+    check_projection_tokenizers(config)  # as the workflow does when it builds the DAG
     print(f"ok: {len(config['models'])} models, pairs {config['run']['pairs']}, datasets {config['run']['datasets']}; "
           f"models to materialise: {', '.join(run_models(config))}")
 
 
 def cmd_materialize(args: argparse.Namespace) -> None:
     from kvpipe.models.materialize import materialize
+    from kvpipe.shared_tokenizer import source_spec
 
     config = _config(args)
-    card = materialize(args.model, _entry(config, "models", args.model), args.out)
+    # as the workflow rule: the card records the source, not the name the config gives its tokenizer
+    card = materialize(args.model, source_spec(_entry(config, "models", args.model)), args.out)
     print(json.dumps(card, indent=2))
 
 

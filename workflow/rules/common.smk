@@ -12,9 +12,12 @@ from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
 from kvpipe.scheduling import job_resources, uses_cuda
+from kvpipe.shared_tokenizer import check_projection_tokenizers, source_spec
 
 try:
     _validated = validate(config, source="config")
+    # projection needs a shared tokenizer: refuse a pair without one now, not after both models were extracted
+    check_projection_tokenizers(_validated)
 except KvpipeError as err:
     # One line, before any job starts; a WorkflowError would add a pseudo-traceback.
     print(f"kvpipe: invalid configuration: {err}", file=sys.stderr)

@@ -16,7 +16,8 @@ rule materialize_model:
         mem_mb=job_resource("mem_mb", job_model),
         runtime=job_resource("runtime", job_model),
     params:
-        spec=lambda wc: config["models"][wc.model],
+        # the source without the declared tokenizer name (kvpipe.shared_tokenizer): declaring it reruns nothing
+        spec=lambda wc: source_spec(config["models"][wc.model]),
         code=code("materialize_model.py"),
     script:
         "../scripts/materialize_model.py"

@@ -95,6 +95,7 @@ def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
     ("structure/report.py", {"structure_report": 1}),
     ("selection/report.py", {"selection_report": 1, "pairs_summary": 1}),
     ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
+    ("markdown_html.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
     ("projection/mlp.py", {"projection": 1, "projection_report": 1}),
     ("structure/cka.py", {"structure": 1, "structure_report": 1, "pairs_summary": 1}),  # defines linear_cka
     ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **RUN_JOBS}),  # every rule that builds prompts
@@ -182,6 +183,14 @@ def test_html_report_holds_every_figure(repo):
     html = (repo / "results" / "report.html").read_text(errors="replace")
     for name in (name for figures in STAGE_FIGURES.values() for name in figures):
         assert f"{name}.png" in html
+    # the summaries as HTML pages, which the report shows inline (it offers Markdown only as a download)
+    pages = {"structure": ["summary"], "selection": ["summary", "timing"], "projection": ["summary", "timing"]}
+    for stage, names in pages.items():
+        for name in names:
+            rendered = (repo / "results" / stage / "synthetic-small" / "tiny" / f"{name}.html").read_text()
+            assert rendered.startswith("<!DOCTYPE html>") and "<table>" in rendered
+            assert f"{stage}/synthetic-small/tiny/{name}.html" in html and f"tiny/{name}.md" not in html
+    assert "results/pairs/synthetic-small/summary.html" in html
 
 
 def test_rulegraph_needs_no_cores(repo):

@@ -135,6 +135,11 @@ def _report(stage: str, out: Path, dataset: str) -> None:
     report = importlib.import_module(f"kvpipe.{stage}.report")
     timing = {name: out / name for name in getattr(report, "TIMING_FILES", ())}
     report.write_report(*(out / name for name in REPORT_TABLES[stage]), *([timing] if timing else []), dataset, out)
+    from kvpipe.markdown_html import write_page
+
+    for page in ("summary.md", "timing.md"):   # the HTML twins the workflow's report shows inline
+        if (out / page).is_file():
+            write_page(out / page)
 
 
 def cmd_structure(args: argparse.Namespace) -> None:

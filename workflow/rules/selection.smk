@@ -43,16 +43,20 @@ rule selection_report:
     output:
         **stage_figures("selection"),
         **stage_figures("selection", pdf=True),
-        summary=report(
-            "results/selection/{dataset}/{pair}/summary.md",
+        summary="results/selection/{dataset}/{pair}/summary.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        summary_html=report(
+            "results/selection/{dataset}/{pair}/summary.html",
             caption="../report/selection/summary.rst",
             category="selection",
             subcategory="{pair} on {dataset}",
             labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
         ),
         aggregates="results/selection/{dataset}/{pair}/aggregates.parquet",
-        timing=report(
-            "results/selection/{dataset}/{pair}/timing.md",
+        timing="results/selection/{dataset}/{pair}/timing.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        timing_html=report(
+            "results/selection/{dataset}/{pair}/timing.html",
             caption="../report/selection/timing.rst",
             category="selection",
             subcategory="{pair} on {dataset}",

@@ -34,8 +34,10 @@ rule structure_report:
     output:
         **stage_figures("structure"),
         **stage_figures("structure", pdf=True),
-        summary=report(
-            "results/structure/{dataset}/{pair}/summary.md",
+        summary="results/structure/{dataset}/{pair}/summary.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        summary_html=report(
+            "results/structure/{dataset}/{pair}/summary.html",
             caption="../report/structure/summary.rst",
             category="structure",
             subcategory="{pair} on {dataset}",

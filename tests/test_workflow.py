@@ -5,6 +5,7 @@ that jobs run the kvpipe of the checkout they belong to, not an installed one.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -249,3 +250,31 @@ def test_cross_family_overlay_plans_both_directions_and_the_pairs_summary(tmp_pa
     assert plan["structure"] == plan["selection"] == 5 and plan["pairs_summary"] == 1
     assert plan["extract_kv"] == plan["materialize_model"] == 4   # qwen 0.5b/1.5b, smollm2, gemma3
     assert "projection" not in plan   # run.stages leaves it out: it needs a shared tokenizer
+
+
+def test_usable_as_a_snakemake_module_from_a_wrapper_in_another_directory(tmp_path):
+    """`module kvpipe: snakefile: ...` as snakedeploy writes it: scripts, code hashes and config.yaml come from the
+    checkout, not from the wrapper's directory (workflow.basedir); the wrapper's config is an overlay."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "tests/smoke/config.yaml", tmp_path / "config/config.yaml")
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config/config.yaml"\n\n\n'
+        f'module kvpipe:\n    snakefile:\n        "{REPO / "Snakefile"}"\n    config:\n        config\n\n\n'
+        "use rule * from kvpipe as kvpipe_*\n")
+
+    def wrapper(*args):
+        return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    plan = planned_jobs(wrapper("-n"))
+    assert plan == {f"kvpipe_{rule}": n for rule, n in {"materialize_model": 2, "sample_dataset": 1, "extract_kv": 2,
+                                                         **RUN_JOBS, "all": 1}.items()}
+    target = "results/data/synthetic-small/samples.parquet"
+    proc = wrapper(target)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results/logs/sample_dataset/synthetic-small.log").read_text().startswith("torch threads: ")
+    # the checkout's own Snakefile, run in the same directory, finds nothing to redo: same params, same code hashes
+    direct = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "-n",
+                             target, "--configfile", str(REPO / "tests/smoke/config.yaml")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert planned_jobs(direct) == {}

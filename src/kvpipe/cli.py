@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,19 +29,79 @@ def _entry(config: dict, section: str, name: str) -> dict:
     return config[section][name]
 
 
+def _readable(path: Path, what: str) -> None:
+    """One line naming path (and the option it came from, what) unless it is a readable file of its kind.
+
+    ``.parquet`` files must carry Parquet's magic bytes at both ends, ``.json`` files must parse:
+    whatever is read later then fails only on content the stage itself checks.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise KvpipeError(f"{what}: {path}: not found")
+    if not path.is_file():
+        raise KvpipeError(f"{what}: {path}: is a directory, not a file")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            if path.suffix == ".parquet":
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(size - 4, 0))
+                if size < 12 or head != b"PAR1" or handle.read(4) != b"PAR1":
+                    raise KvpipeError(f"{what}: {path}: not a Parquet file")
+            elif path.suffix == ".json":
+                handle.seek(0)
+                json.loads(handle.read())
+    except OSError as err:
+        raise KvpipeError(f"{what}: {path}: not readable ({err.strerror or err})") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise KvpipeError(f"{what}: {path}: not valid JSON ({err})") from None
+
+
+def _directory(path: Path, what: str, *names: str) -> None:
+    """One line unless path is a readable directory holding the files names (each checked by _readable)."""
+    path = Path(path)
+    if not path.exists():
+        raise KvpipeError(f"{what}: {path}: not found")
+    if not path.is_dir():
+        raise KvpipeError(f"{what}: {path}: not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise KvpipeError(f"{what}: {path}: not readable (permission denied)")
+    for name in names:
+        _readable(path / name, what)
+
+
+def _inputs(args: argparse.Namespace) -> None:
+    """Check every file and directory a subcommand reads before any work starts (one line naming the option)."""
+    for option in ("samples", "structure_metrics"):
+        if getattr(args, option, None) is not None:
+            _readable(args.__dict__[option], "--" + option.replace("_", "-"))
+    for option in ("model_dir", "scout_dir", "main_dir"):
+        if getattr(args, option, None) is not None:
+            _directory(args.__dict__[option], "--" + option.replace("_", "-"), "kvpipe_model.json")
+    if getattr(args, "logs", None) is not None:
+        _directory(args.logs, "--logs")
+    for option in ("scout_kv", "main_kv"):
+        if getattr(args, option, None) is not None:
+            _directory(args.__dict__[option], "--" + option.replace("_", "-"), "manifest.json")
+
+
 def cmd_validate(args: argparse.Namespace) -> None:
     from kvpipe.config import run_models
+    from kvpipe.shared_tokenizer import check_projection_tokenizers
 
     config = _config(args)
+    check_projection_tokenizers(config)  # as the workflow does when it builds the DAG
     print(f"ok: {len(config['models'])} models, pairs {config['run']['pairs']}, datasets {config['run']['datasets']}; "
           f"models to materialise: {', '.join(run_models(config))}")
 
 
 def cmd_materialize(args: argparse.Namespace) -> None:
     from kvpipe.models.materialize import materialize
+    from kvpipe.shared_tokenizer import source_spec
 
     config = _config(args)
-    card = materialize(args.model, _entry(config, "models", args.model), args.out)
+    # as the workflow rule: the card records the source, not the name the config gives its tokenizer
+    card = materialize(args.model, source_spec(_entry(config, "models", args.model)), args.out)
     print(json.dumps(card, indent=2))
 
 
@@ -81,6 +142,11 @@ def _report(stage: str, out: Path, dataset: str, config: dict) -> None:
     extra = [config["verdicts"]] if stage in VERDICT_STAGES else []
     report.write_report(*(out / name for name in REPORT_TABLES[stage]), *([timing] if timing else []), dataset, out,
                         *extra)
+    from kvpipe.markdown_html import write_page
+
+    for page in ("summary.md", "timing.md"):   # the HTML twins the workflow's report shows inline
+        if (out / page).is_file():
+            write_page(out / page)
 
 
 def cmd_structure(args: argparse.Namespace) -> None:
@@ -122,8 +188,29 @@ def cmd_projection(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    report = importlib.import_module(f"kvpipe.{args.stage}.report")
+    _directory(args.dir, "--dir", *REPORT_TABLES[args.stage], *getattr(report, "TIMING_FILES", ()))
     _report(args.stage, args.dir, args.dataset, _config(args))
     print(f"wrote {args.dir}/summary.md, figures/")
+
+
+def cmd_progress(args: argparse.Namespace) -> None:
+    import time
+
+    from kvpipe.progress import recent_jobs
+
+    while True:
+        jobs = recent_jobs(args.logs, args.since * 60)
+        stamp = time.strftime("%H:%M:%S")
+        if not jobs:
+            print(f"{stamp} no job log under {args.logs} written in the last {args.since:g} min", flush=True)
+        else:
+            print(f"{stamp} {len(jobs)} job log(s) written in the last {args.since:g} min, newest first:", flush=True)
+            for job in jobs:
+                print("  " + job.render(), flush=True)
+        if not args.watch:
+            return
+        time.sleep(args.watch)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -181,6 +268,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("stage", choices=list(REPORT_TABLES), help="which stage's report")
     p.add_argument("--dir", required=True, type=Path, help="the stage's output directory (its tables are read)")
     p.add_argument("--dataset", default="", help="dataset name for the report")
+    p = add("progress", cmd_progress, "Show what running workflow jobs are doing: the last progress line of each "
+            "recently written job log (tqdm bars and download lines go to the logs under Snakemake).")
+    p.add_argument("--logs", type=Path, default=Path("results/logs"), help="the run's log directory (results/logs)")
+    p.add_argument("--since", type=float, default=15, help="minutes: show logs written this recently (default 15)")
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                   help="repeat every SECONDS until interrupted (default: once)")
     return top
 
 
@@ -190,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.config is None:
         args.config = [Path("config.yaml")]
     with one_line_errors():
+        _inputs(args)
         args.func(args)
 
 

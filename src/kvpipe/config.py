@@ -39,6 +39,21 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def under_defaults(config: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """config with what only defaults has added (mappings merge, other values of config win), in place.
+
+    The result equals deep_merge(defaults, config), but the keys config has keep their order, so a
+    config that already holds every default (a run from the checkout) is returned unchanged: the
+    rules' params, which Snakemake compares by their printed form, stay as they were.
+    """
+    for key, value in defaults.items():
+        if key not in config:
+            config[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(config[key], dict):
+            under_defaults(config[key], value)
+    return config
+
+
 def load_config(paths: Iterable[Path | str]) -> Config:
     """Read and merge YAML files in order (later ones override), then validate."""
     paths = [Path(p) for p in paths]

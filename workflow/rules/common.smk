@@ -1,20 +1,39 @@
 # Shared Python of the workflow: config validation, wildcard constraints, code hashes, targets.
+import copy
 import importlib
 import re
 import sys
 from pathlib import Path
 
-# Run the kvpipe of this checkout, the code whose hash the rules record.
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# This checkout: two levels above this file, wherever the main Snakefile is. workflow.basedir is the
+# directory of the *main* Snakefile, a wrapper's when kvpipe is used as a module (`module kvpipe:
+# snakefile: ...`, as snakedeploy deploys workflows). None for a remote module (github(...)): then
+# kvpipe must be installed, and the hashes are those of the installed package.
+_HERE = workflow.current_basedir
+CHECKOUT = Path(_HERE.get_path_or_uri(secret_free=True)).parents[1] if _HERE.is_local else None
+if CHECKOUT is not None:
+    # Run the kvpipe of this checkout, the code whose hash the rules record.
+    sys.path.insert(0, str(CHECKOUT / "src"))
 
-from kvpipe.config import pair_settings, run_models, validate
+import yaml
+
+from kvpipe.config import pair_settings, run_models, under_defaults, validate
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
 from kvpipe.scheduling import job_resources, on_attempt, uses_cuda
+from kvpipe.shared_tokenizer import check_projection_tokenizers, source_spec
+
+# The checkout's config.yaml under the given config, as for a run from the checkout (where Snakemake has
+# merged it already, so this adds nothing): a module's configfile directive is not read, so a wrapper's
+# `config: config` then needs to hold only what differs from config.yaml, like an overlay.
+with open(workflow.source_path("../../config.yaml")) as _defaults:
+    _merged = under_defaults(copy.deepcopy(dict(config)), yaml.safe_load(_defaults))
 
 try:
-    _validated = validate(config, source="config")
+    _validated = validate(_merged, source="config")
+    # projection needs a shared tokenizer: refuse a pair without one now, not after both models were extracted
+    check_projection_tokenizers(_validated)
 except KvpipeError as err:
     # One line, before any job starts; a WorkflowError would add a pseudo-traceback.
     print(f"kvpipe: invalid configuration: {err}", file=sys.stderr)
@@ -25,8 +44,8 @@ for _spec in config["models"].values():
     # a relative chat template is looked up in the working directory, then among the checkout's (config/templates/)
     _template = _spec.get("chat_template")
     if _template and not Path(_template).is_absolute() and not Path(_template).exists():
-        if Path(workflow.basedir, _template).exists():
-            _spec["chat_template"] = str(Path(workflow.basedir, _template))
+        if CHECKOUT is not None and (CHECKOUT / _template).exists():
+            _spec["chat_template"] = str(CHECKOUT / _template)
 
 
 RUN_PAIRS = config["run"][
@@ -47,7 +66,7 @@ wildcard_constraints:
 
 def code(script):
     """Hash of a workflow script and of every kvpipe module it imports, directly or transitively."""
-    return script_hash(Path(workflow.basedir) / "workflow" / "scripts" / script)
+    return script_hash(Path(workflow.source_path(f"../scripts/{script}")))
 
 
 def pair_model(pair, role):
@@ -84,10 +103,18 @@ def retry_mem_mb(mem_mb):
 # CUDA), so that `--resources gpu=G` bounds the GPU jobs running at once.
 MODEL_GPUS = 1 if uses_cuda(config["device"]) else 0
 
+# The conda environment of all rules, for --sdm conda; PyTorch's CUDA build where model jobs run on a GPU.
+CONDA_ENV = "../../envs/kvpipe-cuda.yaml" if MODEL_GPUS else "../../envs/kvpipe.yaml"
+
 
 def rule_threads(rule):
-    """Threads of a rule's jobs (torch's too): resources.threads.<rule>, else every core the run may use."""
-    return config["resources"]["threads"].get(rule, workflow.cores)
+    """Threads of a rule's jobs (torch's too): resources.threads.<rule>, else every core the run may use.
+
+    Read from the settings, not workflow.cores, which raises where no --cores is given: a run that
+    executes nothing (--report, --rulegraph, --dag, --lint) then gets 1, as Snakemake's default.
+    """
+    cores = workflow.resource_settings.cores
+    return config["resources"]["threads"].get(rule, cores if cores is not None else 1)
 
 
 def stage_timing_files(stage):

@@ -8,7 +8,7 @@ rule sample_dataset:
     log:
         "results/logs/sample_dataset/{dataset}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     resources:
         mem_mb=retry_mem_mb(4000),
         runtime=30,

@@ -12,7 +12,7 @@ rule extract_kv:
     benchmark:
         "results/benchmarks/extract_kv/{dataset}/{model}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("extract_kv")
     resources:
         mem_mb=job_resource("mem_mb", job_model),

@@ -11,14 +11,15 @@ rule materialize_model:
     # run.materialize_on_submit_host: on the submit host, for compute nodes without internet
     localrule: config["run"]["materialize_on_submit_host"]
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("materialize_model")
     resources:
         # CPU only: converting and hashing weights needs no GPU
         mem_mb=job_resource("mem_mb", job_model),
         runtime=job_resource("runtime", job_model),
     params:
-        spec=lambda wc: config["models"][wc.model],
+        # the source without the declared tokenizer name (kvpipe.shared_tokenizer): declaring it reruns nothing
+        spec=lambda wc: source_spec(config["models"][wc.model]),
         code=code("materialize_model.py"),
     script:
         "../scripts/materialize_model.py"

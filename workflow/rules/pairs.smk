@@ -13,8 +13,10 @@ rule pairs_summary:
         ),
         cards=expand("results/models/{model}/kvpipe_model.json", model=RUN_MODELS),
     output:
-        summary=report(
-            "results/pairs/{dataset}/summary.md",
+        summary="results/pairs/{dataset}/summary.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        summary_html=report(
+            "results/pairs/{dataset}/summary.html",
             caption="../report/pairs/summary.rst",
             category="pairs",
             subcategory="{dataset}",
@@ -24,7 +26,7 @@ rule pairs_summary:
     log:
         "results/logs/pairs_summary/{dataset}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         pairs=RUN_PAIRS,
         models=RUN_MODELS,

@@ -18,7 +18,7 @@ rule projection:
     benchmark:
         "results/benchmarks/projection/{dataset}/{pair}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("projection")
     resources:
         # both models are loaded (on one GPU): the pair's two model budgets together
@@ -45,16 +45,20 @@ rule projection_report:
     output:
         **stage_figures("projection"),
         **stage_figures("projection", pdf=True),
-        summary=report(
-            "results/projection/{dataset}/{pair}/summary.md",
+        summary="results/projection/{dataset}/{pair}/summary.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        summary_html=report(
+            "results/projection/{dataset}/{pair}/summary.html",
             caption="../report/projection/summary.rst",
             category="projection",
             subcategory="{pair} on {dataset}",
             labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
         ),
         aggregates="results/projection/{dataset}/{pair}/aggregates.parquet",
-        timing=report(
-            "results/projection/{dataset}/{pair}/timing.md",
+        timing="results/projection/{dataset}/{pair}/timing.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        timing_html=report(
+            "results/projection/{dataset}/{pair}/timing.html",
             caption="../report/projection/timing.rst",
             category="projection",
             subcategory="{pair} on {dataset}",
@@ -64,7 +68,7 @@ rule projection_report:
     log:
         "results/logs/projection_report/{dataset}/{pair}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         verdicts=config["verdicts"],
         code=code("projection_report.py"),

@@ -14,7 +14,7 @@ rule selection:
     benchmark:
         "results/benchmarks/selection/{dataset}/{pair}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("selection")
     resources:
         # both models are loaded (on one GPU): the pair's two model budgets together
@@ -43,16 +43,20 @@ rule selection_report:
     output:
         **stage_figures("selection"),
         **stage_figures("selection", pdf=True),
-        summary=report(
-            "results/selection/{dataset}/{pair}/summary.md",
+        summary="results/selection/{dataset}/{pair}/summary.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        summary_html=report(
+            "results/selection/{dataset}/{pair}/summary.html",
             caption="../report/selection/summary.rst",
             category="selection",
             subcategory="{pair} on {dataset}",
             labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
         ),
         aggregates="results/selection/{dataset}/{pair}/aggregates.parquet",
-        timing=report(
-            "results/selection/{dataset}/{pair}/timing.md",
+        timing="results/selection/{dataset}/{pair}/timing.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        timing_html=report(
+            "results/selection/{dataset}/{pair}/timing.html",
             caption="../report/selection/timing.rst",
             category="selection",
             subcategory="{pair} on {dataset}",
@@ -61,7 +65,7 @@ rule selection_report:
     log:
         "results/logs/selection_report/{dataset}/{pair}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         verdicts=config["verdicts"],
         code=code("selection_report.py"),

@@ -12,7 +12,7 @@ rule structure:
     benchmark:
         "results/benchmarks/structure/{dataset}/{pair}.tsv"
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     threads: rule_threads("structure")  # KV statistics on the CPU: no model, no GPU
     resources:
         mem_mb=retry_mem_mb(8000),
@@ -34,8 +34,10 @@ rule structure_report:
     output:
         **stage_figures("structure"),
         **stage_figures("structure", pdf=True),
-        summary=report(
-            "results/structure/{dataset}/{pair}/summary.md",
+        summary="results/structure/{dataset}/{pair}/summary.md",
+        # the report shows HTML inline (Markdown only as a download): the same page rendered
+        summary_html=report(
+            "results/structure/{dataset}/{pair}/summary.html",
             caption="../report/structure/summary.rst",
             category="structure",
             subcategory="{pair} on {dataset}",
@@ -44,7 +46,7 @@ rule structure_report:
     log:
         "results/logs/structure_report/{dataset}/{pair}.log",
     conda:
-        "../../envs/kvpipe.yaml"
+        CONDA_ENV
     params:
         code=code("structure_report.py"),
     script:

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # this checkout's kvpipe
+from kvpipe.markdown_html import write_page
 from kvpipe.selection.report import write_report
 from kvpipe.workflow import rule_script
 
@@ -11,3 +12,5 @@ with rule_script(snakemake):
     write_report(snakemake.input.answers, snakemake.input.overlap, snakemake.input.facts, timing,
                  snakemake.wildcards.dataset, Path(snakemake.output.summary).parent,
                  snakemake.params.verdicts)
+    write_page(snakemake.output.summary, snakemake.output.summary_html)  # shown inline in the HTML report
+    write_page(snakemake.output.timing, snakemake.output.timing_html)  # shown inline in the HTML report

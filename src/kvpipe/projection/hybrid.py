@@ -128,7 +128,7 @@ class ProjectedKVRefresh(Condition):
         p, o = h["projector"], h["objective"]
         sent = kv_bytes(len(s.payload), s.widths)
         out = []
-        for r in sorted(s.selections):
+        for r in sorted(r for r in s.settings["retention"] if r < 1):
             kept, sel = s.kept(r), s.selections[r]
             c0, c1 = s.tokens.char_start[s.tokens.context_start + sel], s.tokens.char_end[s.tokens.context_start + sel]
             text = sum(text_bytes(s.context[a:b]) for a, b in zip(c0, c1, strict=True))

@@ -286,7 +286,7 @@ class _SavedBytes:
 
 def test_memory_is_one_sample_graph_whatever_the_samples_per_step(self_fit, self_samples, tiny_main):
     from kvpipe.projection.distill import frozen
-    from kvpipe.projection.distill_fit import _step
+    from kvpipe.projection.distill_fit import Student, _step
 
     cal, _, _, cfg = self_fit
     sample = self_samples[0][0]
@@ -297,7 +297,7 @@ def test_memory_is_one_sample_graph_whatever_the_samples_per_step(self_fit, self
         optimiser = torch.optim.Adam(projector.parameters(), lr=1e-3)
         log = {"tokens": [0, 0], "train_kl": []}
         with frozen(tiny_main), meter.hooks():
-            _step(projector, optimiser, [sample] * k, cal.layer_map, tiny_main, log)
+            _step(Student(projector, cal.layer_map, tiny_main), optimiser, [sample] * k, log)
         peaks[k] = meter.peak
         assert meter.live == 0 and log["tokens"] == [k * sample.prefix, k * len(sample.after)]
     assert peaks[1] == peaks[4] > 0  # the graph of 4 samples per step peaks as high as that of 1
@@ -347,3 +347,38 @@ def test_hybrid_config_cross_references(smoke_config, edit, message):
     config["projection"] = {**section, **edit, "hybrid": {**section["hybrid"], **edit.get("hybrid", {})}}
     with pytest.raises(KvpipeError, match=message):
         validate(config)
+
+
+def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_fit, self_samples, tiny_main, tmp_path):
+    from kvpipe.projection.distill import frozen
+    from kvpipe.projection.hidden import HiddenMap
+    from kvpipe.projection.hidden_distill import HiddenStudent, distill_hidden, hidden_loss, with_hidden
+
+    cal, _, fitted, _ = self_fit
+    train = with_hidden(self_samples[0][:2], tiny_main, 1)  # the main paired with itself, at layer 1
+    width = tiny_main.model.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    start = HiddenMap(1, 1, torch.eye(width) + 0.02 * torch.randn(width, width, generator=gen), torch.zeros(width))
+    projector = fitted[("ridge", "reconstruction")].projector
+    models = _state_bytes(tiny_main.model), _state_bytes(projector)
+
+    def kl(hidden: HiddenMap) -> torch.Tensor:
+        student = HiddenStudent(hidden, projector)
+        return torch.stack([hidden_loss(student, s, cal.layer_map, tiny_main) for s in train]).mean()
+
+    assert float(kl(HiddenMap(1, 1, torch.eye(width), torch.zeros(width))).detach()) < 1e-3 * float(kl(start).detach())
+    probe = copy.deepcopy(start)
+    with frozen(tiny_main):
+        loss = kl(probe)
+        loss.backward()
+    assert all(p.grad is None for p in [*tiny_main.model.parameters(), *projector.parameters()])
+    grad = probe.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    with torch.no_grad():  # a small step down the gradient lowers the KL: the gradient is the loss's
+        probe.weight -= 0.05 * (probe.weight - torch.eye(width)).norm() / grad.norm() * grad
+    assert float(kl(probe).detach()) < float(loss.detach())
+    cfg = {"distill": SETTINGS | {"steps": 2, "eval_every": 1}, "seed": 0, "max_new_tokens": 4}
+    trained, fields = distill_hidden(start, projector, (train, train), cal.layer_map, tiny_main, cfg, tmp_path / "c" / "h.pt")
+    assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
+    assert (_state_bytes(tiny_main.model), _state_bytes(projector)) == models  # only the hidden map is trained
+    assert not (tmp_path / "c").exists()

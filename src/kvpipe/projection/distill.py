@@ -26,7 +26,7 @@ from kvpipe.inference.conditions import Condition
 from kvpipe.inference.decode import decode
 from kvpipe.inference.prune import prune_batch
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import GivenTensors, OwnPrefill
+from kvpipe.inference.sources import ContextKV, GivenTensors, OwnPrefill
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, project
 from kvpipe.projection.projectors import Projector
@@ -41,6 +41,7 @@ class DistillSample:
     teacher: torch.Tensor  # [m, vocab] the main's log-probabilities with its own cache (float32, CPU)
     tokens: PromptTokens | None  # the question prompt (None for continuation samples), for answer F1
     answers: tuple[str, ...] = ()  # gold answers (empty: unanswerable, or a continuation sample)
+    hidden: torch.Tensor | None = None  # the scout's hidden states of the prefix (projected_hidden's distill)
 
     @property
     def prefix(self) -> int:
@@ -94,40 +95,44 @@ def continuation_sample(scout: LoadedModel, main: LoadedModel, tokens: PromptTok
     return DistillSample(_payload(scout, head), torch.as_tensor(ids[cut:]), _teacher(main, ids, cut), None)
 
 
-def projected_cache(projector: Projector, payload: ScoutPayload, layer_map: list[int], main: LoadedModel) -> DynamicCache:
-    """A batch-of-one model cache of the projected prefix (differentiable in the projector)."""
-    kv = project(projector, payload, layer_map, main)
-    return DynamicCache(
-        ddp_cache_data=[(k[None].to(main.dtype), v[None].to(main.dtype)) for k, v in zip(kv.keys, kv.values, strict=True)]
-    )
+def model_cache(kv: ContextKV, main: LoadedModel) -> DynamicCache:
+    """A batch-of-one model cache of a context KV (differentiable in it)."""
+    pairs = zip(kv.keys, kv.values, strict=True)
+    return DynamicCache(ddp_cache_data=[(k[None].to(main.dtype), v[None].to(main.dtype)) for k, v in pairs])
 
 
-def student_logp(projector: Projector, sample: DistillSample, layer_map: list[int], main: LoadedModel) -> torch.Tensor:
-    """The main's log-probabilities [m, vocab] over the tokens after the projected prefix."""
+def kl_after(kv: ContextKV, sample: DistillSample, main: LoadedModel) -> torch.Tensor:
+    """Mean over the tokens after the prefix of KL(p_own ‖ p_student), the student reading the prefix from kv."""
     n, m = sample.prefix, len(sample.after)
     positions = torch.arange(n, n + m, device=main.device)
     out = main.model(
         input_ids=sample.after.to(main.device)[None],
         position_ids=positions[None],
         use_cache=True,
-        past_key_values=projected_cache(projector, sample.payload, layer_map, main),
+        past_key_values=model_cache(kv, main),
         cache_position=positions,
     )
-    return torch.log_softmax(out.logits[0].float(), dim=-1)
+    student = torch.log_softmax(out.logits[0].float(), dim=-1)
+    teacher = sample.teacher.to(main.device)
+    return (teacher.exp() * (teacher - student)).sum(-1).mean()
 
 
 def distill_loss(projector: Projector, sample: DistillSample, layer_map: list[int], main: LoadedModel) -> torch.Tensor:
     """Mean over the tokens after the prefix of KL(p_own ‖ p_projected)."""
-    teacher = sample.teacher.to(main.device)
-    student = student_logp(projector, sample, layer_map, main)
-    return (teacher.exp() * (teacher - student)).sum(-1).mean()
+    return kl_after(project(projector, sample.payload, layer_map, main), sample, main)
 
 
 @torch.no_grad()
-def answer_f1(projector: Projector, sample: DistillSample, layer_map: list[int], main: LoadedModel, max_new_tokens: int) -> float:
-    """F1 of the main's greedy answer from the projected context cache (question samples only)."""
+def kv_f1(kv: ContextKV, sample: DistillSample, main: LoadedModel, max_new_tokens: int) -> float:
+    """F1 of the main's greedy answer from a given context KV (question samples only)."""
     tokens = sample.tokens
-    kv = GivenTensors(project(projector, sample.payload, layer_map, main)).context_kv(main, tokens)
-    batch = prune_batch(main, [(kv, np.arange(tokens.context_end - tokens.context_start))], tokens.context_start)
+    given = GivenTensors(kv).context_kv(main, tokens)
+    batch = prune_batch(main, [(given, np.arange(tokens.context_end - tokens.context_start))], tokens.context_start)
     answer = decode(main, tokens, batch, max_new_tokens)[0][0]
     return score_prediction(answer.text, list(sample.answers))[2]
+
+
+def answer_f1(projector: Projector, sample: DistillSample, layer_map: list[int], main: LoadedModel, max_new_tokens: int) -> float:
+    """F1 of the main's greedy answer from the projected context cache (question samples only)."""
+    with torch.no_grad():
+        return kv_f1(project(projector, sample.payload, layer_map, main), sample, main, max_new_tokens)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import resource
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,31 @@ import torch
 from kvpipe.io import atomic_path, sha256_json
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.distill import DistillSample, answer_f1, distill_loss, frozen
-from kvpipe.projection.projectors import Projector
+
+Loss = Callable[[torch.nn.Module, DistillSample, list[int], LoadedModel], torch.Tensor]
+F1 = Callable[[torch.nn.Module, DistillSample, list[int], LoadedModel, int], float]
+
+
+@dataclass
+class Student:
+    """What is trained (a projector, or any module the loss reads) and how it is scored on a sample."""
+
+    module: torch.nn.Module
+    layer_map: list[int]
+    main: LoadedModel
+    loss: Loss = distill_loss
+    f1: F1 = answer_f1
+
+    def kl(self, sample: DistillSample) -> torch.Tensor:
+        return self.loss(self.module, sample, self.layer_map, self.main)
+
+    def answer_f1(self, sample: DistillSample, max_new_tokens: int) -> float:
+        return self.f1(self.module, sample, self.layer_map, self.main, max_new_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
 
 TRAINED = "key_post"  # parameters whose name holds this are not trained (the post-RoPE comparison map)
 
@@ -46,18 +71,12 @@ def peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def evaluate(
-    projector: Projector, held: Sequence[DistillSample], layer_map: list[int], main: LoadedModel, max_new_tokens: int
-) -> dict[str, float]:
+def evaluate(student: Student, held: Sequence[DistillSample], max_new_tokens: int) -> dict[str, float | None]:
     """Held-out mean KL, and the mean answer F1 over answerable question samples (None if none)."""
     with torch.no_grad():
-        kl = float(np.mean([float(distill_loss(projector, s, layer_map, main)) for s in held]))
-    f1 = [answer_f1(projector, s, layer_map, main, max_new_tokens) for s in held if s.tokens is not None and s.answers]
+        kl = float(np.mean([float(student.kl(s)) for s in held]))
+    f1 = [student.answer_f1(s, max_new_tokens) for s in held if s.tokens is not None and s.answers]
     return {"validation_kl": kl, "answerable_f1": float(np.mean(f1)) if f1 else None}
-
-
-def _state(projector: Projector, optimiser: torch.optim.Optimizer, step: int, log: dict[str, Any]) -> dict[str, Any]:
-    return {"step": step, "projector": projector.state_dict(), "optimiser": optimiser.state_dict(), "log": log}
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -66,32 +85,25 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def _resume(path: Path | None, key: str, projector: Projector, optimiser: torch.optim.Optimizer) -> tuple[int, dict]:
+def _resume(path: Path | None, key: str, module: torch.nn.Module, optimiser: torch.optim.Optimizer) -> tuple[int, dict]:
     """(step, log) from a checkpoint of the same fit, loading its weights and optimiser state; else a fresh start."""
     fresh = {"key": key, "best": None, "best_state": None, "waited": 0, "curve": [], "tokens": [0, 0], "train_kl": []}
     if path is None or not path.exists():
         return 0, fresh
-    state = torch.load(path, map_location=projector.device, weights_only=False)
+    state = torch.load(path, map_location=next(module.parameters()).device, weights_only=False)
     if state["log"]["key"] != key:
         return 0, fresh
-    projector.load_state_dict(state["projector"])
+    module.load_state_dict(state["projector"])
     optimiser.load_state_dict(state["optimiser"])
     return state["step"], state["log"]
 
 
-def _step(
-    projector: Projector,
-    optimiser: torch.optim.Optimizer,
-    batch: list[DistillSample],
-    layer_map: list[int],
-    main: LoadedModel,
-    log: dict[str, Any],
-) -> None:
+def _step(student: Student, optimiser: torch.optim.Optimizer, batch: list[DistillSample], log: dict[str, Any]) -> None:
     """One Adam step on the mean loss of the batch, accumulated one sample's graph at a time."""
     optimiser.zero_grad(set_to_none=True)
     total = 0.0
     for sample in batch:
-        loss = distill_loss(projector, sample, layer_map, main) / len(batch)
+        loss = student.kl(sample) / len(batch)
         loss.backward()
         total += float(loss.detach())
         log["tokens"] = [a + b for a, b in zip(log["tokens"], sample.n_tokens, strict=True)]
@@ -99,14 +111,14 @@ def _step(
     log["train_kl"].append(total)
 
 
-def fit_key(projector: Projector, train: Sequence[DistillSample], settings: dict[str, Any]) -> str:
+def fit_key(module: torch.nn.Module, train: Sequence[DistillSample], settings: dict[str, Any]) -> str:
     """Identifies a fit: its settings, the starting weights and the training targets (a checkpoint must match)."""
-    start = {k: float(v.double().sum()) for k, v in projector.state_dict().items()}
+    start = {k: float(v.double().sum()) for k, v in module.state_dict().items()}
     return sha256_json({"settings": settings, "start": start, "targets": [float(s.teacher.sum()) for s in train]})
 
 
 def fit_distill(
-    projector: Projector,
+    module: torch.nn.Module,
     train: Sequence[DistillSample],
     held: Sequence[DistillSample],
     layer_map: list[int],
@@ -114,54 +126,53 @@ def fit_distill(
     settings: dict[str, Any],
     checkpoint: Path | None = None,
     on_step: Callable[[int], None] | None = None,
+    loss: Loss = distill_loss,
+    f1: F1 = answer_f1,
 ) -> dict[str, Any]:
-    """Train on the distill objective; keep the best held-out step. Returns the losses, curve and tokens seen."""
+    """Train a projector (or the module `loss` and `f1` read) on the distill objective; keep the best held-out
+    step. Returns the losses, the learning curve, the steps taken, the tokens seen and the peak memory."""
     torch.manual_seed(settings["seed"])
-    key = fit_key(projector, train, settings)
-    optimiser = torch.optim.Adam([p for n, p in projector.named_parameters() if TRAINED not in n], lr=settings["lr"])
-    step, log = _resume(checkpoint, key, projector, optimiser)
+    student = Student(module, layer_map, main, loss, f1)
+    key = fit_key(module, train, settings)
+    optimiser = torch.optim.Adam([p for n, p in module.named_parameters() if TRAINED not in n], lr=settings["lr"])
+    step, log = _resume(checkpoint, key, module, optimiser)
     with frozen(main):
         if log["best"] is None:
-            log["best"], log["best_state"] = _evaluated(projector, held, layer_map, main, settings, 0, log)
+            _evaluated(student, held, settings, 0, log)
         while step < settings["steps"] and log["waited"] < settings["patience"]:
             step += 1
-            batch = [train[i] for i in schedule(len(train), step, settings["accumulate"], settings["seed"])]
-            _step(projector, optimiser, batch, layer_map, main, log)
+            _step(
+                student, optimiser, [train[i] for i in schedule(len(train), step, settings["accumulate"], settings["seed"])], log
+            )
             if step % settings["eval_every"] == 0 or step == settings["steps"]:
-                _evaluated(projector, held, layer_map, main, settings, step, log)
+                _evaluated(student, held, settings, step, log)
             if checkpoint is not None and (step % settings["checkpoint_every"] == 0 or step == settings["steps"]):
-                _save(checkpoint, _state(projector, optimiser, step, log))
+                _save(
+                    checkpoint, {"step": step, "projector": module.state_dict(), "optimiser": optimiser.state_dict(), "log": log}
+                )
             if on_step is not None:
                 on_step(step)
-        projector.load_state_dict(log["best_state"])
-        train_kl = float(np.mean([float(distill_loss(projector, s, layer_map, main).detach()) for s in train]))
+        module.load_state_dict(log["best_state"])
+        train_kl = float(np.mean([float(student.kl(s).detach()) for s in train]))
+    tokens = {"context": log["tokens"][0], "target": log["tokens"][1]}
     return {
         "calibration": train_kl,
         "validation": log["best"],
         "steps": step,
         "learning_curve": log["curve"],
-        "tokens_seen": {"context": log["tokens"][0], "target": log["tokens"][1]},
-        "peak_mib": peak_mib(projector.device),
+        "tokens_seen": tokens,
+        "peak_mib": peak_mib(student.device),
     }
 
 
-def _evaluated(
-    projector: Projector,
-    held: Sequence[DistillSample],
-    layer_map: list[int],
-    main: LoadedModel,
-    settings: dict[str, Any],
-    step: int,
-    log: dict[str, Any],
-) -> tuple[float, dict]:
-    """Evaluate, append to the curve and update the best weights or the patience count; returns (best, best state)."""
-    scores = evaluate(projector, held, layer_map, main, settings["max_new_tokens"])
+def _evaluated(student: Student, held: Sequence[DistillSample], settings: dict[str, Any], step: int, log: dict[str, Any]) -> None:
+    """Evaluate, append to the learning curve and keep the best weights, or count an evaluation without a gain."""
+    scores = evaluate(student, held, settings["max_new_tokens"])
     recent = log["train_kl"][-settings["eval_every"] :]
     log["curve"].append(
         {"step": step, "train_kl": float(np.mean(recent)) if recent else None, **scores, "tokens_target": log["tokens"][1]}
     )
     if log["best"] is None or scores["validation_kl"] < log["best"]:
-        log["best"], log["best_state"], log["waited"] = scores["validation_kl"], copy.deepcopy(projector.state_dict()), 0
+        log["best"], log["best_state"], log["waited"] = scores["validation_kl"], copy.deepcopy(student.module.state_dict()), 0
     elif step:
         log["waited"] += 1
-    return log["best"], log["best_state"]

@@ -56,16 +56,21 @@ def distill_data(
     return (_samples(by_idx.loc[train], scout, main, prompt, cfg), _samples(by_idx.loc[held], scout, main, prompt, cfg))
 
 
+def finished(checkpoint: Path | None) -> None:
+    """A fit is done: remove its checkpoint (a rerun starts afresh) and the folder once empty."""
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+        if checkpoint.parent.exists() and not any(checkpoint.parent.iterdir()):
+            checkpoint.parent.rmdir()
+
+
 def distilled(
     projector: Projector, data: DistillData, layer_map: list[int], main: LoadedModel, cfg: dict[str, Any], checkpoint: Path | None
 ) -> tuple[Projector, dict[str, Any], dict[str, Any], float]:
     """A distilled copy of a fitted projector (on CPU), its errors, its card fields and its peak memory (MiB)."""
     refined = copy.deepcopy(projector).to(main.device)
     result = fit_distill(refined, *data, layer_map, main, settings_of(cfg), checkpoint)
-    if checkpoint is not None:  # done: a rerun starts afresh, and no empty folder is left behind
-        checkpoint.unlink(missing_ok=True)
-        if not any(checkpoint.parent.iterdir()):
-            checkpoint.parent.rmdir()
+    finished(checkpoint)
     card = {
         "distill": {k: result[k] for k in ("steps", "learning_curve", "tokens_seen")}
         | {"train_samples": len(data[0]), "held_out_samples": len(data[1]), "settings": settings_of(cfg)}

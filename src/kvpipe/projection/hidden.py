@@ -13,7 +13,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens, build_prompt
@@ -31,17 +31,17 @@ from kvpipe.projection.calibration import Calibration
 from kvpipe.structure.ridge import RidgeStats, choose_alpha, fit_ridge, pooled, squared_error
 
 
-@dataclass
-class HiddenMap:
+class HiddenMap(nn.Module):
     """h_main[L] ≈ h_scout[scout_layer] W + b (float32)."""
 
-    main_layer: int
-    scout_layer: int
-    weight: torch.Tensor  # [scout hidden, main hidden]
-    bias: torch.Tensor  # [main hidden]
+    def __init__(self, main_layer: int, scout_layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.main_layer, self.scout_layer = main_layer, scout_layer
+        self.weight = nn.Parameter(weight.detach().clone().float())  # [scout hidden, main hidden]
+        self.bias = nn.Parameter(bias.detach().clone().float())  # [main hidden]
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return h.float() @ self.weight.to(h.device) + self.bias.to(h.device)
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float().to(self.weight.device) @ self.weight + self.bias
 
     def n_bytes(self) -> int:
         return (self.weight.numel() + self.bias.numel()) * 4
@@ -110,11 +110,11 @@ def main_bottom(lm: LoadedModel, tokens: PromptTokens, bottom: int) -> list[tupl
     return [tuple(t[0] for t in cache_layer(cache, j)) for j in range(bottom)]
 
 
-@torch.inference_mode()
-def main_from_layer(
+def layers_from(
     lm: LoadedModel, tokens: PromptTokens, layer: int, hidden: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) of the main's layers layer.. when `hidden` [n, H] enters layer `layer` (layers below skipped)."""
+    """(keys, values) of the main's layers layer.. when `hidden` [n, H] enters layer `layer` (layers below skipped;
+    differentiable in `hidden`)."""
 
     def inject(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         h = hidden[None].to(lm.device, lm.dtype)
@@ -123,6 +123,14 @@ def main_from_layer(
     with _skipped(lm, layer), _hooked(lm, [(layer, inject)]):
         cache = _prefill(lm, tokens)
     return [tuple(t[0] for t in cache_layer(cache, j)) for j in range(layer, len(_layers(lm)))]
+
+
+@torch.inference_mode()
+def main_from_layer(
+    lm: LoadedModel, tokens: PromptTokens, layer: int, hidden: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """layers_from without gradients."""
+    return layers_from(lm, tokens, layer, hidden)
 
 
 def fit_hidden_map(
@@ -158,17 +166,17 @@ def _rel(m: Any, s: RidgeStats) -> float:
     return float(squared_error(m, s) / max(float(s.syy - s.sy @ s.sy / s.n), 1e-12))
 
 
-def save_hidden_map(m: HiddenMap, errors: dict[str, float], about: dict[str, Any], out_dir: Path) -> None:
-    """projectors/hidden-reconstruction.safetensors and .json."""
-    base = Path(out_dir) / "hidden-reconstruction"
+def save_hidden_map(m: HiddenMap, errors: dict[str, Any], about: dict[str, Any], out_dir: Path, objective: str) -> None:
+    """projectors/hidden-{objective}.safetensors and .json."""
+    base = Path(out_dir) / f"hidden-{objective}"
     with atomic_path(base.with_suffix(".safetensors")) as tmp:
-        save_file({"weight": m.weight.contiguous(), "bias": m.bias.contiguous()}, str(tmp))
+        save_file({"weight": m.weight.detach().cpu().contiguous(), "bias": m.bias.detach().cpu().contiguous()}, str(tmp))
     write_json(
         base.with_suffix(".json"),
         about
         | {
             "projector": "hidden",
-            "objective": "reconstruction",
+            "objective": objective,
             "main_layer": m.main_layer,
             "scout_layer": m.scout_layer,
             "errors": errors,

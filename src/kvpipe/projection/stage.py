@@ -32,7 +32,7 @@ from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import Variant
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
-from kvpipe.projection.hidden import fit_hidden_map, save_hidden_map
+from kvpipe.projection.hidden_distill import stage_hidden_map
 from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
 from kvpipe.projection.payload import text_bytes
@@ -81,8 +81,7 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     common = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
               "means": main_means(stats, cal)}
     if "projected_hidden" in cfg["conditions"]:
-        hidden, hidden_errors = fit_hidden_map(cal, table, scout, main, prompt, cfg)
-        save_hidden_map(hidden, hidden_errors, about, out_dir / "projectors")
+        hidden = stage_hidden_map(cal, table, (scout, main), prompt, cfg, common["projectors"], about, out_dir)
         common["extras"] = {"hidden": (scout, hidden)}
     answerer = Answerer(scout, main, common, cfg, prompt, pair)
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")

@@ -23,6 +23,7 @@ from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import CONDITIONS, SampleInputs, plan_all
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
+from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
 from kvpipe.projection.projectors import PROJECTORS
 from kvpipe.projection.stage import run_projection
@@ -127,10 +128,17 @@ def test_statistics_do_not_depend_on_the_sharding(self_fit, kv_dirs, samples_pat
         assert by2[key].n == s.n and np.allclose(by2[key].sxy, s.sxy) and np.allclose(by2[key].sxx, s.sxx)
 
 
+def identity_hidden(lm, layer=0):
+    """The identity map of a model's hidden states onto themselves, entering `layer`."""
+    width = lm.model.config.hidden_size
+    return HiddenMap(layer, layer, torch.eye(width), torch.zeros(width))
+
+
 def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
     cal, stats, fitted, cfg = self_fit
     chosen = {k: f.projector.eval() for k, f in fitted.items() if projectors is None or k[0] in projectors}
-    common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal)}
+    common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal),
+              "extras": {"hidden": (tiny_main, identity_hidden(tiny_main))}}
     return Answerer(tiny_main, tiny_main, common, cfg | {"conditions": conditions},
                     smoke_config["prompt"], "self")
 
@@ -155,7 +163,7 @@ def _inputs(self_fit, tiny_main, smoke_config, row, tokens=None):
     session = Session(tiny_main, tokens, 1)
     c = answerer.common
     return SampleInputs(tokens, row.context, payload, session.own, c["projectors"], c["layer_map"], tiny_main,
-                        c["means"], selections, answerer.cfg), session
+                        c["means"], selections, answerer.cfg, extras=c["extras"]), session
 
 
 def test_chain_at_full_retention_and_rank_sends_exactly_the_projected_cache(self_fit, tiny_main, smoke_config, samples):

@@ -172,6 +172,13 @@ def check_projection(cfg: dict[str, Any], where: str = "projection") -> None:
         if cfg["chain"][key] not in known:
             raise KvpipeError(f"{where}.chain.{key}: {cfg['chain'][key]!r} is not fitted ({where}.{key}s: "
                               f"{', '.join(known)})")
+    hybrids = {"own_bottom_projected_top", "projected_hidden", "projected_kv_refresh"} & set(cfg["conditions"])
+    for key, known in (("projector", cfg["projectors"]), ("objective", cfg["objectives"])):
+        if hybrids and cfg["hybrid"][key] not in known:
+            raise KvpipeError(f"{where}.hybrid.{key}: {cfg['hybrid'][key]!r} is not fitted ({where}.{key}s: "
+                              f"{', '.join(known)})")
+    if "fused" in cfg["conditions"] and "gated" not in cfg["projectors"]:
+        raise KvpipeError(f"{where}.conditions: fused needs the gated projector ({where}.projectors)")
 
 
 def pair_sections() -> tuple[str, ...]:

@@ -113,7 +113,8 @@ class Answerer:
         session = Session(self.main, tokens, 1)
         prefill_s = time.perf_counter() - t1
         inputs = SampleInputs(tokens, row.context, payload, session.own, self.common["projectors"],
-                              self.common["layer_map"], self.main, self.common["means"], selections, self.cfg)
+                              self.common["layer_map"], self.main, self.common["means"], selections, self.cfg,
+                              extras=self.common.get("extras", {}))
         plans = plan_all(inputs, self.cfg["conditions"])
         t2 = time.perf_counter()
         replies = self.answer(session, plans)

@@ -43,7 +43,7 @@ class Variant:
     objective: str = "none"
     key_map: str = "none"
     retention: float = 1.0
-    rank: int = -1            # SVD rank per layer and kind (-1: none)
+    rank: int = -1            # SVD rank per layer and kind (-1: none); hybrid conditions: their layer (hybrid.py)
 
     @property
     def label(self) -> str:
@@ -79,6 +79,7 @@ class SampleInputs:
     selections: dict[float, np.ndarray]            # the scout's Q2C selection per retention below 1
     settings: dict[str, Any]
     memo: dict[tuple, ContextKV] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)   # e.g. "hidden": (scout, HiddenMap) for projected_hidden
 
     @property
     def n_context(self) -> int:
@@ -252,3 +253,6 @@ class Chain(Condition):
 def plan_all(s: SampleInputs, names: list[str]) -> list[Plan]:
     """Every row of the named conditions, in the order named."""
     return [plan for name in names for plan in CONDITIONS[name]().plans(s)]
+
+
+from kvpipe.projection import hybrid  # noqa: E402, F401  (registers the hybrid conditions; imports this module)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 from kvpipe.data.prompt import build_prompt
 from kvpipe.io import atomic_path, sha256_json, write_json
 from kvpipe.models.load import LoadedModel
-from kvpipe.projection import mlp  # noqa: F401  (registers the MLP projector)
+from kvpipe.projection import gated, mlp  # noqa: F401  (register the gated and MLP projectors)
 from kvpipe.projection.attention import AttentionSample, collect, fine_tune
 from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.distill_stage import DistillData, distilled
 from kvpipe.projection.projectors import PROJECTORS, Errors, Projector, Stats
 from kvpipe.structure.ridge import pooled
 
@@ -30,6 +31,8 @@ class Fitted:
     projector: Projector
     errors: Errors
     fit_s: float
+    card: dict[str, Any] = field(default_factory=dict)      # extra card fields (distill: curve, tokens seen)
+    peak_mib: float | None = None                           # measured: goes to the timing files only
 
 
 def kinds_of(name: str, cfg: dict[str, Any]) -> tuple[str, ...]:
@@ -54,8 +57,10 @@ def attention_data(cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, 
 
 
 def fit_all(cal: Calibration, stats: Stats, cfg: dict[str, Any], main: LoadedModel,
-            attention: tuple[list[AttentionSample], list[AttentionSample]] | None) -> dict[tuple[str, str], Fitted]:
-    """Every (projector, objective) of the config; attention objectives refine a copy of the reconstruction fit."""
+            attention: tuple[list[AttentionSample], list[AttentionSample]] | None,
+            distill: DistillData | None = None, checkpoints: Path | None = None) -> dict[tuple[str, str], Fitted]:
+    """Every (projector, objective) of the config; attention and distill objectives refine a copy of the
+    reconstruction fit (distill checkpoints under `checkpoints`)."""
     p, q = cal.widths
     out = {}
     for name in cfg["projectors"]:
@@ -69,6 +74,11 @@ def fit_all(cal: Calibration, stats: Stats, cfg: dict[str, Any], main: LoadedMod
             refined = copy.deepcopy(projector)
             losses = fine_tune(refined, *attention, cal.layer_map, main, cfg["attention"] | {"seed": cfg["seed"]})
             out[(name, "attention")] = Fitted(refined, {"attention": losses}, fit_s + time.perf_counter() - started)
+        if "distill" in cfg["objectives"] and distill is not None:
+            started = time.perf_counter()
+            where = None if checkpoints is None else Path(checkpoints) / f"{name}-distill.pt"
+            refined, errors, card, peak = distilled(projector, distill, cal.layer_map, main, cfg, where)
+            out[(name, "distill")] = Fitted(refined, errors, fit_s + time.perf_counter() - started, card, peak)
     return {k: v for k, v in out.items() if k[1] in cfg["objectives"]}
 
 
@@ -98,7 +108,7 @@ def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[st
                         "fit_data_sha256": data_hash, "errors": f.errors,
                         "calibration_error": float(np.mean([e["calibration"] for e in f.errors.values()])),
                         "validation_error": float(np.mean([e["validation"] for e in f.errors.values()])),
-                        "params": f.projector.n_params(), "bytes": f.projector.n_bytes()}
+                        "params": f.projector.n_params(), "bytes": f.projector.n_bytes()} | f.card
         base = Path(out_dir) / f"{name}-{objective}"
         base.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(base.with_suffix(".safetensors")) as tmp:

@@ -30,7 +30,9 @@ from kvpipe.models.load import load_model
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import Variant
+from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
+from kvpipe.projection.hidden_distill import stage_hidden_map
 from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
 from kvpipe.projection.payload import text_bytes
@@ -67,9 +69,10 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     stats = cal.statistics()
     clock.append(time.perf_counter())
     attention = attention_data(cal, table, scout, main, prompt, cfg) if "attention" in cfg["objectives"] else None
+    distill = distill_data(cal, table, scout, main, prompt, cfg) if "distill" in cfg["objectives"] else None
     clock.append(time.perf_counter())
-    fitted = fit_all(cal, stats, cfg, main, attention)
-    del attention   # each attention sample holds the main's KV of its prompt: not kept through the answers
+    fitted = fit_all(cal, stats, cfg, main, attention, distill, out_dir / "checkpoints")
+    del attention, distill   # attention samples hold the main's KV, distill samples its log-probabilities
     clock.append(time.perf_counter())
     about = {"pair": pair, "scout": scout.slug, "main": main.slug,
              "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": lmap}}
@@ -77,6 +80,9 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
     common = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
               "means": main_means(stats, cal)}
+    if "projected_hidden" in cfg["conditions"]:
+        hidden = stage_hidden_map(cal, table, (scout, main), prompt, cfg, common["projectors"], about, out_dir)
+        common["extras"] = {"hidden": (scout, hidden)}
     answerer = Answerer(scout, main, common, cfg, prompt, pair)
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
@@ -97,7 +103,9 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     parts = ["scout_s", "own_prefill_s", "build_s", "question_s", "bytes"]   # answer.Answerer.ttft's measured parts
     write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *variant, *parts]), out_dir / "ttft.parquet")
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
-    write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()}})
+    write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()},
+                                          "fit_peak_mib": {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items()
+                                                           if f.peak_mib is not None}})
     facts = _facts(pair, cal, cfg, cards, table, test)
     if len(test):
         facts["n_template_tokens"] = answerer.prompt_tokens(next(test.itertuples(index=False))).context_start

@@ -1,0 +1,79 @@
+"""The distill objective in the projection stage: its calibration samples and one fit per projector.
+
+Samples come from calibration passages only: seeded question prompts of the training folds for
+training and of the validation fold for early stopping (and, with `continuation`, each chosen
+passage's continuation too). No test passage is read. Each projector's distill fit refines a copy
+of its reconstruction fit on the main model's device (CUDA when `device` says so).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kvpipe.data.prompt import build_prompt
+from kvpipe.models.load import LoadedModel
+from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.distill import DistillSample, continuation_sample, question_sample
+from kvpipe.projection.distill_fit import fit_distill
+from kvpipe.projection.projectors import Projector
+
+DistillData = tuple[list[DistillSample], list[DistillSample]]
+
+
+def settings_of(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The distill fit's settings: the `distill` section with the stage's seed and answer length."""
+    return cfg["distill"] | {"seed": cfg["seed"], "max_new_tokens": cfg["max_new_tokens"]}
+
+
+def _samples(
+    rows: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
+) -> list[DistillSample]:
+    out, seen = [], set()
+    for row in rows.itertuples(index=False):
+        tokens = build_prompt(main.tokenizer, prompt, row.context, row.question)
+        answers = () if row.is_impossible else tuple(row.answers)
+        out.append(question_sample(scout, main, tokens, answers, cfg["max_new_tokens"]))
+        if cfg["distill"]["continuation"] and row.passage not in seen:
+            seen.add(row.passage)
+            out.append(continuation_sample(scout, main, tokens))
+    return out
+
+
+def distill_data(
+    cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
+) -> DistillData:
+    """Seeded training and held-out samples from the training and validation calibration folds."""
+    rng = np.random.default_rng([cfg["seed"], 22])
+    idx = samples["sample_idx"].to_numpy()
+    train = np.sort(rng.permutation(idx[cal.part(idx, "train")])[: cfg["distill"]["samples"]])
+    held = np.sort(rng.permutation(idx[cal.part(idx, "validation")])[: cfg["distill"]["held_out"]])
+    by_idx = samples.set_index("sample_idx", drop=False)
+    return (_samples(by_idx.loc[train], scout, main, prompt, cfg), _samples(by_idx.loc[held], scout, main, prompt, cfg))
+
+
+def finished(checkpoint: Path | None) -> None:
+    """A fit is done: remove its checkpoint (a rerun starts afresh) and the folder once empty."""
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+        if checkpoint.parent.exists() and not any(checkpoint.parent.iterdir()):
+            checkpoint.parent.rmdir()
+
+
+def distilled(
+    projector: Projector, data: DistillData, layer_map: list[int], main: LoadedModel, cfg: dict[str, Any], checkpoint: Path | None
+) -> tuple[Projector, dict[str, Any], dict[str, Any], float]:
+    """A distilled copy of a fitted projector (on CPU), its errors, its card fields and its peak memory (MiB)."""
+    refined = copy.deepcopy(projector).to(main.device)
+    result = fit_distill(refined, *data, layer_map, main, settings_of(cfg), checkpoint)
+    finished(checkpoint)
+    card = {
+        "distill": {k: result[k] for k in ("steps", "learning_curve", "tokens_seen")}
+        | {"train_samples": len(data[0]), "held_out_samples": len(data[1]), "settings": settings_of(cfg)}
+    }
+    errors = {"distill": {"calibration": result["calibration"], "validation": result["validation"]}}
+    return refined.cpu(), errors, card, result["peak_mib"]

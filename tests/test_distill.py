@@ -1,0 +1,384 @@
+"""The distill objective, the gated projector and the hybrid caches, on tiny models built in-process."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import test_gemma
+import test_projection
+import torch
+from safetensors.torch import load_file
+
+from kvpipe.config import schema
+from kvpipe.models.load import load_model
+from kvpipe.projection.calibration import Calibration
+from kvpipe.projection.conditions import CONDITIONS
+from kvpipe.projection.distill import distill_loss, question_sample
+from kvpipe.projection.distill_fit import fit_distill, schedule
+from kvpipe.projection.distill_stage import distill_data
+from kvpipe.projection.fit import fit_all, save
+from kvpipe.projection.layer_map import relative_depth
+from kvpipe.projection.projectors import PROJECTORS
+from kvpipe.structure.pair_data import PairData, read_passages
+
+kv_dirs, self_fit = test_projection.kv_dirs, test_projection.self_fit  # the projection tests' fixtures
+_answerer, identity_hidden = test_projection._answerer, test_projection.identity_hidden
+spec, gemma_dir, gemma, tokens = test_gemma.spec, test_gemma.gemma_dir, test_gemma.gemma, test_gemma.tokens
+
+SETTINGS = {
+    "steps": 30,
+    "accumulate": 2,
+    "lr": 3e-3,
+    "eval_every": 5,
+    "patience": 20,
+    "checkpoint_every": 2,
+    "seed": 0,
+    "max_new_tokens": 4,
+}
+
+
+def _perturbed_identity(width: int, n_layers: int, cfg: dict, scale: float = 0.05):
+    projector = PROJECTORS["ridge"](n_layers, ("key", "value"), width, width, cfg)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for kind in ("key", "value"):
+            projector.weight[kind].copy_(torch.eye(width) + scale * torch.randn(n_layers, width, width, generator=gen))
+    return projector
+
+
+@pytest.fixture(scope="module")
+def self_samples(self_fit, tiny_main, smoke_config, samples):
+    """Distill samples of the tiny main paired with itself: four to train on, one held out."""
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    rows = list(samples.head(5).itertuples(index=False))
+    data = [question_sample(tiny_main, tiny_main, answerer.prompt_tokens(r), tuple(r.answers), 4) for r in rows]
+    return data[:4], data[4:]
+
+
+def _state_bytes(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        digest.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_distill_from_a_perturbed_identity_recovers_the_main_answers(self_fit, self_samples, tiny_main, smoke_config, samples):
+    cal, _, _, cfg = self_fit
+    train, held = self_samples
+    projector = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv"])
+    answerer.common["projectors"] = {("ridge", "distill"): projector.eval()}
+
+    def same() -> list[bool]:  # the projected cache's answer is the main's own, per sample
+        tables = [
+            pd.DataFrame(answerer.sample(row, ttft=False)[0]).set_index("condition")["prediction"]
+            for row in samples.head(5).itertuples(index=False)
+        ]
+        return [t["projected_kv"] == t["main_full"] for t in tables]
+
+    assert not all(same())
+    before = [float(distill_loss(projector, s, cal.layer_map, tiny_main).detach()) for s in train]
+    result = fit_distill(projector, train, held, cal.layer_map, tiny_main, SETTINGS)
+    after = [float(distill_loss(projector, s, cal.layer_map, tiny_main).detach()) for s in train]
+    assert np.mean(after) < 0.2 * np.mean(before), (before, after)
+    assert result["learning_curve"][0]["step"] == 0 and len(result["learning_curve"]) == 1 + result["steps"] // 5
+    assert result["tokens_seen"]["target"] == sum(
+        len(train[i].after) for s in range(1, result["steps"] + 1) for i in schedule(len(train), s, 2, 0)
+    )
+    assert all(same())
+
+
+def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke_config, samples, self_fit):
+    scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
+    _, _, _, cfg = self_fit
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    rows = list(samples.head(3).itertuples(index=False))
+    data = [question_sample(scout, tiny_main, answerer.prompt_tokens(r), tuple(r.answers), 4) for r in rows]
+    lmap = relative_depth(scout.card["num_layers"], tiny_main.card["num_layers"])
+    p = scout.card["num_kv_heads"] * scout.card["head_dim"]
+    q = tiny_main.card["num_kv_heads"] * tiny_main.card["head_dim"]
+    projector = PROJECTORS["gated"](len(lmap), ("key", "value"), p, q, cfg)
+    projector.set_heads(tiny_main.card["num_kv_heads"])
+    torch.nn.init.normal_(projector.weight["key"], std=0.1)
+    torch.nn.init.normal_(projector.weight["value"], std=0.1)
+    models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
+    start = copy.deepcopy(projector.state_dict())
+    fit_distill(projector, data[:2], data[2:], lmap, tiny_main, SETTINGS | {"steps": 3, "eval_every": 1})
+    assert {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)} == models
+    assert all(p.grad is None for m in (scout.model, tiny_main.model) for p in m.parameters())
+    assert all(p.requires_grad for p in tiny_main.model.parameters())  # flags restored
+    changed = {k for k, v in projector.state_dict().items() if not torch.equal(v, start[k])}
+    assert {"weight.key", "weight.value", "gate.key", "gate.value"} <= changed
+
+
+def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_main, tmp_path):
+    cal, _, _, cfg = self_fit
+    train, held = self_samples
+    settings = SETTINGS | {"steps": 7, "eval_every": 3}
+    whole = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
+    killed, resumed = copy.deepcopy(whole), copy.deepcopy(whole)
+    expected = fit_distill(whole, train, held, cal.layer_map, tiny_main, settings)
+
+    def kill(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "ridge-distill.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_distill(killed, train, held, cal.layer_map, tiny_main, settings, checkpoint, on_step=kill)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    got = fit_distill(resumed, train, held, cal.layer_map, tiny_main, settings, checkpoint)
+    assert got.pop("peak_mib") > 0 and expected.pop("peak_mib") > 0
+    assert got == expected  # losses, learning curve, tokens seen
+    assert all(torch.equal(v, whole.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_path, smoke_config, tmp_path, monkeypatch):
+    cfg = smoke_config["projection"] | {
+        "projectors": ["ridge", "gated"],
+        "objectives": ["reconstruction", "distill"],
+        "distill": smoke_config["projection"]["distill"] | {"steps": 2},
+    }
+    scout, main = (load_model(model_dirs[m], "cpu", "float32") for m in ("tiny-scout", "tiny-main"))
+    passages = read_passages(samples_path, kv_dirs / "tiny-main")
+    table = pd.read_parquet(samples_path)
+
+    def fit(out):
+        lmap = relative_depth(scout.card["num_layers"], main.card["num_layers"])
+        kinds = ("key", "value", "key_post")
+        cal = Calibration.open(kv_dirs / "tiny-scout", kv_dirs / "tiny-main", passages, "tiny", lmap, kinds, cfg)
+        data = distill_data(cal, table, scout, main, smoke_config["prompt"], cfg)
+        save(fit_all(cal, cal.statistics(), cfg, main, None, data, out / "checkpoints"), cal, {}, out)
+        return cal
+
+    cal = fit(tmp_path / "a")
+    test = cal.fold_of == -1
+    assert test.any()
+    touched = []
+    layer = PairData.layer
+
+    def perturbed(self, shard, role, j, kinds, keep):
+        out = layer(self, shard, role, j, kinds, keep)
+        root, manifest = (self.scout, self.scout_manifest) if role == "scout" else (self.main, self.main_manifest)
+        from kvpipe.kv import store as kvstore
+
+        idx = kvstore.read_shard(root, j, shard, ["sample_idx"], manifest).filter(keep).column("sample_idx").to_numpy()
+        rows = test[idx]
+        touched.append(int(rows.sum()))
+        return {k: np.where(rows[:, None], v + 7.0, v) for k, v in out.items()}
+
+    monkeypatch.setattr(PairData, "layer", perturbed)
+    table.loc[test[table["sample_idx"]], "context"] = "river mountain " * 20
+    fit(tmp_path / "b")
+    assert sum(touched) > 0  # test rows were read from disk (and perturbed), then left out
+    for name in ("ridge-reconstruction", "ridge-distill", "gated-reconstruction", "gated-distill"):
+        assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == (tmp_path / "b" / f"{name}.safetensors").read_bytes()
+        assert load_file(str(tmp_path / "a" / f"{name}.safetensors"))
+    assert not (tmp_path / "a" / "checkpoints").exists()  # removed once the fits are done
+
+
+def _predictions(self_fit, tiny_main, smoke_config, samples, conditions, hybrid, hidden_layer=0):
+    answerer = _answerer(self_fit, tiny_main, smoke_config, conditions)
+    answerer.cfg = answerer.cfg | {"hybrid": answerer.cfg["hybrid"] | hybrid}
+    answerer.common["extras"] = {"hidden": (tiny_main, identity_hidden(tiny_main, hidden_layer))}
+    out = []
+    for row in samples.head(3).itertuples(index=False):
+        out.append(pd.DataFrame(answerer.sample(row, ttft=False)[0]))
+    return pd.concat(out)
+
+
+def test_hybrid_caches_at_their_extremes_are_the_main_or_the_projection(self_fit, tiny_main, smoke_config, samples):
+    table = _predictions(
+        self_fit,
+        tiny_main,
+        smoke_config,
+        samples,
+        ["main_full", "projected_kv", "own_bottom_projected_top", "projected_hidden"],
+        {"bottom_fractions": [0.0, 1.0]},
+    )
+    table = table[table["key_map"] != "post_rope"]
+    by = table.set_index(["sample_idx", "condition", "projector", "objective", "rank"])["prediction"]
+    n_layers = len(self_fit[0].layer_map)
+    for i in table["sample_idx"].unique():
+        full = by[(i, "main_full", "none", "none", -1)]
+        assert by[(i, "own_bottom_projected_top", "ridge", "reconstruction", n_layers)] == full
+        assert (
+            by[(i, "own_bottom_projected_top", "ridge", "reconstruction", 0)]
+            == by[(i, "projected_kv", "ridge", "reconstruction", -1)]
+        )
+        assert by[(i, "projected_hidden", "ridge", "reconstruction", 0)] == full
+
+
+def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_config, samples):
+    from kvpipe.inference.session import Session
+    from kvpipe.projection.conditions import SampleInputs
+    from kvpipe.projection.hidden import main_bottom, main_from_layer
+
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    tokens = answerer.prompt_tokens(next(samples.itertuples(index=False)))
+    own = Session(tiny_main, tokens, 1).own
+    for b, kv in enumerate(main_bottom(tiny_main, tokens, 3)):  # the bottom layers are the own prefill's
+        assert torch.allclose(kv[0], own.keys[b], atol=1e-5) and torch.allclose(kv[1], own.values[b], atol=1e-5)
+    assert main_bottom(tiny_main, tokens, 0) == []
+    from kvpipe.projection.hidden import hidden_states
+
+    upper = main_from_layer(tiny_main, tokens, 2, hidden_states(tiny_main, tokens, 2))
+    assert len(upper) == 1 and torch.allclose(upper[0][0], own.keys[2], atol=1e-4)
+    payload, selections = answerer.scout_side(tokens, 0)
+    cal, _, fitted, cfg = self_fit
+    s = SampleInputs(
+        tokens,
+        "",
+        payload,
+        own,
+        {k: f.projector for k, f in fitted.items()},
+        cal.layer_map,
+        tiny_main,
+        {},
+        selections,
+        answerer.cfg,
+    )
+    gated = s.projectors[("gated", "reconstruction")]
+    with torch.no_grad():
+        for g in gated.gate.values():
+            g.zero_()  # every head damped to its fallback: the main's own cache
+    (plan,) = CONDITIONS["fused"]().plans(s)
+    built = plan.build()
+    assert all(torch.allclose(a, b.float()) for a, b in zip(built.keys + built.values, own.keys + own.values))
+    with torch.no_grad():
+        for g in gated.gate.values():
+            g.fill_(1.0)
+
+
+def test_the_schema_knows_exactly_the_registered_projectors_and_conditions():
+    props = schema()["properties"]["projection"]["properties"]
+    assert props["projectors"]["items"]["enum"] == sorted(PROJECTORS)
+    assert props["hybrid"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
+    assert props["chain"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
+    assert props["conditions"]["items"]["enum"] == sorted(CONDITIONS)
+
+
+class _Held:
+    """A tensor autograd keeps for backward, counted by its meter while it lives."""
+
+    def __init__(self, meter: _SavedBytes, t: torch.Tensor) -> None:
+        self.meter, self.t, self.n = meter, t, t.numel() * t.element_size()
+        meter.live += self.n
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self) -> None:
+        self.meter.live -= self.n
+
+
+class _SavedBytes:
+    """Live and peak bytes of the tensors saved for backward within a saved_tensors_hooks block."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: _Held(self, t), lambda held: held.t)
+
+
+def test_memory_is_one_sample_graph_whatever_the_samples_per_step(self_fit, self_samples, tiny_main):
+    from kvpipe.projection.distill import frozen
+    from kvpipe.projection.distill_fit import Student, _step
+
+    cal, _, _, cfg = self_fit
+    sample = self_samples[0][0]
+    peaks = {}
+    for k in (1, 4):
+        meter = _SavedBytes()
+        projector = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
+        optimiser = torch.optim.Adam(projector.parameters(), lr=1e-3)
+        log = {"tokens": [0, 0], "train_kl": []}
+        with frozen(tiny_main), meter.hooks():
+            _step(Student(projector, cal.layer_map, tiny_main), optimiser, [sample] * k, log)
+        peaks[k] = meter.peak
+        assert meter.live == 0 and log["tokens"] == [k * sample.prefix, k * len(sample.after)]
+    assert peaks[1] == peaks[4] > 0  # the graph of 4 samples per step peaks as high as that of 1
+
+
+def test_continuation_samples_cut_the_passage_in_two(self_fit, tiny_main, smoke_config, samples):
+    from kvpipe.projection.distill import continuation_sample
+
+    cal, _, fitted, _ = self_fit
+    tokens = _answerer(self_fit, tiny_main, smoke_config, ["main_full"]).prompt_tokens(next(samples.itertuples(index=False)))
+    sample = continuation_sample(tiny_main, tiny_main, tokens)
+    n = tokens.context_end - tokens.context_start
+    assert sample.prefix == tokens.context_start + n // 2 and sample.prefix + len(sample.after) == tokens.context_end
+    assert sample.teacher.shape == (len(sample.after), tiny_main.model.config.vocab_size) and sample.tokens is None
+    identity = fitted[("ridge", "reconstruction")].projector
+    assert float(distill_loss(identity, sample, cal.layer_map, tiny_main).detach()) < 1e-3
+
+
+def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, tokens):
+    """Gemma 3 (sliding-window layers, decoder layers returning tuples): the bottom B layers and the layers above
+    L, fed the model's own hidden states at L, are its own prefill's."""
+    from kvpipe.inference.sources import OwnPrefill
+    from kvpipe.projection.hidden import hidden_states, main_bottom, main_from_layer
+
+    own = OwnPrefill(1).context_kv(gemma, tokens)
+    n = gemma.card["num_layers"]
+    for j, (k, v) in enumerate(main_bottom(gemma, tokens, n - 1)):
+        assert torch.allclose(k, own.keys[j], atol=1e-5) and torch.allclose(v, own.values[j], atol=1e-5)
+    for j, (k, v) in enumerate(main_from_layer(gemma, tokens, 1, hidden_states(gemma, tokens, 1)), start=1):
+        assert torch.allclose(k, own.keys[j], atol=1e-4) and torch.allclose(v, own.values[j], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"hybrid": {"projector": "mlp"}, "projectors": ["ridge", "gated"]}, "projection.hybrid.projector: 'mlp' is not fitted"),
+        ({"hybrid": {"objective": "distill"}, "objectives": ["reconstruction"]}, "projection.hybrid.objective"),
+        ({"projectors": ["ridge"]}, "projection.conditions: fused needs the gated projector"),
+    ],
+)
+def test_hybrid_config_cross_references(smoke_config, edit, message):
+    from kvpipe.config import validate
+    from kvpipe.errors import KvpipeError
+
+    config = dict(smoke_config)
+    section = smoke_config["projection"]
+    config["projection"] = {**section, **edit, "hybrid": {**section["hybrid"], **edit.get("hybrid", {})}}
+    with pytest.raises(KvpipeError, match=message):
+        validate(config)
+
+
+def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_fit, self_samples, tiny_main, tmp_path):
+    from kvpipe.projection.distill import frozen
+    from kvpipe.projection.hidden import HiddenMap
+    from kvpipe.projection.hidden_distill import HiddenStudent, distill_hidden, hidden_loss, with_hidden
+
+    cal, _, fitted, _ = self_fit
+    train = with_hidden(self_samples[0][:2], tiny_main, 1)  # the main paired with itself, at layer 1
+    width = tiny_main.model.config.hidden_size
+    gen = torch.Generator().manual_seed(5)
+    start = HiddenMap(1, 1, torch.eye(width) + 0.02 * torch.randn(width, width, generator=gen), torch.zeros(width))
+    projector = fitted[("ridge", "reconstruction")].projector
+    models = _state_bytes(tiny_main.model), _state_bytes(projector)
+
+    def kl(hidden: HiddenMap) -> torch.Tensor:
+        student = HiddenStudent(hidden, projector)
+        return torch.stack([hidden_loss(student, s, cal.layer_map, tiny_main) for s in train]).mean()
+
+    assert float(kl(HiddenMap(1, 1, torch.eye(width), torch.zeros(width))).detach()) < 1e-3 * float(kl(start).detach())
+    probe = copy.deepcopy(start)
+    with frozen(tiny_main):
+        loss = kl(probe)
+        loss.backward()
+    assert all(p.grad is None for p in [*tiny_main.model.parameters(), *projector.parameters()])
+    grad = probe.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    with torch.no_grad():  # a small step down the gradient lowers the KL: the gradient is the loss's
+        probe.weight -= 0.05 * (probe.weight - torch.eye(width)).norm() / grad.norm() * grad
+    assert float(kl(probe).detach()) < float(loss.detach())
+    cfg = {"distill": SETTINGS | {"steps": 2, "eval_every": 1}, "seed": 0, "max_new_tokens": 4}
+    trained, fields = distill_hidden(start, projector, (train, train), cal.layer_map, tiny_main, cfg, tmp_path / "c" / "h.pt")
+    assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
+    assert (_state_bytes(tiny_main.model), _state_bytes(projector)) == models  # only the hidden map is trained
+    assert not (tmp_path / "c").exists()

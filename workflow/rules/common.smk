@@ -10,7 +10,9 @@ from pathlib import Path
 # snakefile: ...`, as snakedeploy deploys workflows). None for a remote module (github(...)): then
 # kvpipe must be installed, and the hashes are those of the installed package.
 _HERE = workflow.current_basedir
-CHECKOUT = Path(_HERE.get_path_or_uri(secret_free=True)).parents[1] if _HERE.is_local else None
+CHECKOUT = (
+    Path(_HERE.get_path_or_uri(secret_free=True)).parents[1] if _HERE.is_local else None
+)
 if CHECKOUT is not None:
     # Run the kvpipe of this checkout, the code whose hash the rules record.
     sys.path.insert(0, str(CHECKOUT / "src"))

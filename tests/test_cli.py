@@ -27,10 +27,10 @@ def test_cli_runs_the_stages_without_snakemake(tmp_path):
     assert (tmp_path / "st" / "metrics.parquet").exists()
     kvpipe("selection", "--pair", "tiny", "--scout-dir", "m", "--main-dir", "m2", "--samples", "s.parquet",
            "--out", "sel")
-    assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
+    assert "Full-KV answers beside the floors" in (tmp_path / "sel" / "summary.md").read_text()
     (tmp_path / "sel" / "summary.md").unlink()
     kvpipe("report", "selection", "--dir", "sel", "--dataset", "synthetic-small")
-    assert "Full-KV baselines" in (tmp_path / "sel" / "summary.md").read_text()
+    assert "Full-KV answers beside the floors" in (tmp_path / "sel" / "summary.md").read_text()
     for sub in ("validate", "materialize", "sample", "extract", "structure", "selection", "report", "progress"):
         help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
         assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout

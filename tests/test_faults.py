@@ -26,7 +26,8 @@ from kvpipe.projection import report as projection_report
 from kvpipe.selection import report as selection_report
 
 HOOK = REPO / "tests" / "faults"
-TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md"}
+TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md",
+         "timing.html"}
 UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")
 
 

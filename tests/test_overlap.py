@@ -73,7 +73,8 @@ def _answers(n=12):
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n):
-        base = {"sample_idx": i, "passage": f"p{i}", "is_impossible": i % 3 == 0, "n_context": 100, "n_template": 20}
+        base = {"sample_idx": i, "passage": f"p{i}", "is_impossible": i % 3 == 0, "n_context": 100, "n_template": 20,
+                "prediction": "x", "abstained": False, "empty": False}
         for role in ("scout", "main"):
             rows.append(base | {"role": role, "method": "full", "retention": 1.0, "source": "none", "f1": 1.0,
                                 "exact": 1.0, "retention_context": 1.0, "retention_prompt": 1.0})
@@ -90,19 +91,20 @@ def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     answers, overlaps = _answers()
     cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0, "methods": ["q2c", "random"], "budget": "context",
            "max_new_tokens": 4, "max_samples": None}
-    agg = aggregate(answers, overlaps, cfg)
+    agg = aggregate(answers, overlaps, cfg, 0.05)
     family = agg[agg["p_value"].notna()]
     assert set(family["quantity"]) == {"delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full"}
     assert len(family) == 6 and (family["table"] == "transfer").all()
     np.testing.assert_allclose(family["p_holm"], holm(family["p_value"]))
     assert (family["p_holm"] < 0.05).all()                     # every delta here is large for n = 12
     detectable = agg[agg["quantity"] == "detectable_forward"]
-    assert sorted(detectable["table"]) == ["transfer", "transfer_has_answer", "transfer_no_answer"]
+    assert sorted(detectable["table"]) == ["transfer", "transfer_all"]   # answerable (the estimand), every question
     assert (detectable["value"] > 0).all()
-    assert {"transfer_has_answer", "transfer_no_answer", "overlap_has_answer", "overlap_no_answer"} <= set(agg["table"])
+    assert {"transfer_all", "abstention", "overlap_has_answer", "overlap_no_answer"} <= set(agg["table"])
+    assert (family["verdict"] != "").all()
     facts = {"pair": "p", "scout": "s", "main": "m", "selection": cfg, "n_sampled": 12}
-    text = summary_markdown(agg, answers, facts, "d")
-    assert text.index("## Full-KV baselines") < text.index("## Retention kept") < text.index("## Multiple comparisons")
+    text = summary_markdown(agg, answers, facts, "d", 0.05)
+    assert text.index("## Full-KV answers beside the floors") < text.index("## Retention kept") < text.index("## Multiple comparisons")
     assert "smallest forward delta distinguishable from 0 is about ±" in text and "Holm" in text
-    assert "| main | q2c | 0.50 | delta_forward |" in text and "## By answerability" in text
+    assert "| main | q2c | 0.50 | delta_forward |" in text and "## Every question (all-question F1" in text
     assert "| 0.50 | 0.500 (0.500–0.500) | 0.600 (0.600–0.600) |" in text

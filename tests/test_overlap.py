@@ -104,7 +104,8 @@ def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     assert (family["verdict"] != "").all()
     facts = {"pair": "p", "scout": "s", "main": "m", "selection": cfg, "n_sampled": 12}
     text = summary_markdown(agg, answers, facts, "d", 0.05)
-    assert text.index("## Full-KV answers beside the floors") < text.index("## Retention kept") < text.index("## Multiple comparisons")
+    sections = ("## Full-KV answers beside the floors", "## Retention kept", "## Multiple comparisons")
+    assert text.index(sections[0]) < text.index(sections[1]) < text.index(sections[2])
     assert "smallest forward delta distinguishable from 0 is about ±" in text and "Holm" in text
     assert "| main | q2c | 0.50 | delta_forward |" in text and "## Every question (all-question F1" in text
     assert "| 0.50 | 0.500 (0.500–0.500) | 0.600 (0.600–0.600) |" in text

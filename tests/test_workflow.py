@@ -58,7 +58,8 @@ def test_smoke_workflow_builds_every_target(repo):
             assert (out / "figures" / f"{name}.pdf").exists()
     assert "| tiny | same (qwen2) |" in (repo / "results/pairs/synthetic-small/summary.md").read_text()
     answers = pd.read_parquet(repo / "results/selection/synthetic-small/tiny/answers.parquet")
-    assert set(answers["method"]) == {"full", "q2c", "snapkv", "random"} and answers["sample_idx"].nunique() == 6
+    assert set(answers["method"]) == {"full", "q2c", "snapkv", "random", "no_context", "always_abstain"}
+    assert answers["sample_idx"].nunique() == 6
     samples = pd.read_parquet(repo / "results/data/synthetic-small/samples.parquet")
     assert len(samples) == 6 and list(samples.columns)[:7] == ["sample_idx", "id", "title", "context", "question",
                                                                  "answers", "is_impossible"]

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from kvpipe.stats import bootstrap_pvalue, critical_value, percentile_ci
 
@@ -92,3 +93,11 @@ def sample_line(n_questions: int, n_answerable: int, n_passages: int) -> str:
     """The n a verdict rests on, in words."""
     return (f"{n_answerable} answerable of {n_questions} questions on {n_passages} passages "
             f"({n_questions - n_answerable} unanswerable)")
+
+
+def with_failure_flags(answers: pd.DataFrame) -> pd.DataFrame:
+    """answers with `abstained` and `empty`; a record that predates them (its abstentions were stored as empty
+    predictions) counts every empty prediction as an abstention and leaves `empty` unknown (NaN)."""
+    if "abstained" in answers.columns:
+        return answers
+    return answers.assign(abstained=answers["prediction"].fillna("").str.strip().eq(""), empty=np.nan)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from kvpipe.errors import KvpipeError
-from kvpipe.estimands import MEAN_KV, NO_CONTEXT, Comparison, carries_content, compare
+from kvpipe.estimands import MEAN_KV, NO_CONTEXT, Comparison, carries_content, compare, with_failure_flags
 from kvpipe.reporting import Interval
 from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, critical_value, holm, percentile_ci
 
@@ -53,14 +53,6 @@ def _order(variant: tuple) -> tuple:
     index = {name: i for i, name in enumerate((*CONDITIONS, *PROJECTORS))}
     return (index.get(condition, len(index)), index.get(projector, len(index)), objective, key_map == "post_rope",
             -retention, rank if rank >= 0 else math.inf)
-
-
-def with_failure_flags(answers: pd.DataFrame) -> pd.DataFrame:
-    """answers with `abstained` and `empty` columns; a record that predates them (its abstentions were stored as
-    empty predictions) counts every empty prediction as an abstention and leaves `empty` unknown (NaN)."""
-    if "abstained" in answers.columns:
-        return answers
-    return answers.assign(abstained=answers["prediction"].fillna("").str.strip().eq(""), empty=np.nan)
 
 
 class Paired:

@@ -16,9 +16,10 @@ from typing import Any
 import pandas as pd
 
 from kvpipe.config import section_defaults
+from kvpipe.estimands import with_failure_flags
 from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.projection import figures
-from kvpipe.projection.aggregate import aggregate, ttft_aggregate, with_failure_flags
+from kvpipe.projection.aggregate import aggregate, ttft_aggregate
 from kvpipe.projection.summary import summary_markdown, timing_markdown
 from kvpipe.reporting import save_figure
 

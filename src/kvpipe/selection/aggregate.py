@@ -29,7 +29,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from kvpipe.errors import KvpipeError
-from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, Comparison, compare
+from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, Comparison, compare, with_failure_flags
 from kvpipe.reporting import Interval
 from kvpipe.stats import cluster_bootstrap_counts, holm, percentile_ci
 
@@ -207,14 +207,6 @@ def passages_of(answers: pd.DataFrame) -> pd.Series:
     if "passage" not in answers.columns:
         raise KvpipeError("answers table: no 'passage' column; rerun the selection stage")
     return answers.groupby("sample_idx")["passage"].first()
-
-
-def with_failure_flags(answers: pd.DataFrame) -> pd.DataFrame:
-    """answers with `abstained` and `empty`; a record that predates them (abstentions stored as empty predictions)
-    counts every empty prediction as an abstention and leaves `empty` unknown (NaN)."""
-    if "abstained" in answers.columns:
-        return answers
-    return answers.assign(abstained=answers["prediction"].fillna("").str.strip().eq(""), empty=np.nan)
 
 
 def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any], margin: float) -> pd.DataFrame:

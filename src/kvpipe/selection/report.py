@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 
 from kvpipe.config import section_defaults
-from kvpipe.estimands import ALWAYS_ABSTAIN, ANSWERABLE_F1, NO_CONTEXT, sample_line
+from kvpipe.estimands import ALWAYS_ABSTAIN, ANSWERABLE_F1, NO_CONTEXT, sample_line, with_failure_flags
 from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.reporting import Interval, fmt_ci, save_figure
 from kvpipe.selection import figures
-from kvpipe.selection.aggregate import aggregate, with_failure_flags
+from kvpipe.selection.aggregate import aggregate
 
 _DRAW = {"f1_vs_retention": figures.f1_vs_retention, "overlap": figures.overlap}
 FIGURES = tuple(_DRAW)

@@ -57,8 +57,8 @@ def kvpipe_side(model: Path, samples: Path, retentions: list[float], max_new_tok
     from kvpipe.inference.conditions import Condition
     from kvpipe.inference.session import Session
     from kvpipe.models.load import load_model
-    from kvpipe.selection.methods import ScoringInputs, SnapKV, top_n
-    from kvpipe.selection.overlap import context_budget
+    from kvpipe.scoring.methods import ScoringInputs, SnapKV, top_n
+    from kvpipe.scoring.select import context_budget
 
     lm = load_model(model, "cpu", "float32")
     rows, prompts = _prompts(model, samples)

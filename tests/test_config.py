@@ -103,6 +103,6 @@ def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):
 
 def test_the_schema_knows_exactly_the_registered_selection_methods():
     from kvpipe.config import schema
-    from kvpipe.selection.methods import METHODS
+    from kvpipe.scoring.methods import METHODS
 
     assert schema()["properties"]["selection"]["properties"]["methods"]["items"]["enum"] == sorted(METHODS)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from kvpipe.config import schema
+from kvpipe.kv.pairs import PairData, read_passages
 from kvpipe.models.load import load_model
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import CONDITIONS
@@ -23,7 +24,6 @@ from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import fit_all, save
 from kvpipe.projection.layer_map import relative_depth
 from kvpipe.projection.projectors import PROJECTORS
-from kvpipe.structure.pair_data import PairData, read_passages
 
 kv_dirs, self_fit = test_projection.kv_dirs, test_projection.self_fit  # the projection tests' fixtures
 _answerer, identity_hidden = test_projection._answerer, test_projection.identity_hidden

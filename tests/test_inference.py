@@ -13,7 +13,7 @@ from kvpipe.inference.decode import reply_end_id, stop_ids
 from kvpipe.inference.session import Session
 from kvpipe.inference.sources import CACHE_SOURCES, ContextKV, GivenTensors, OwnPrefill
 from kvpipe.models.tiny import END_OF_TEXT, IM_END, build_tokenizer
-from kvpipe.selection.methods import top_k
+from kvpipe.scoring.methods import top_k
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvpipe.scoring.methods import SnapKV
+from kvpipe.scoring.select import context_budget
 from kvpipe.selection.aggregate import aggregate
-from kvpipe.selection.methods import SnapKV
-from kvpipe.selection.overlap import context_budget, overlap_row, random_overlap
+from kvpipe.selection.overlap import overlap_row, random_overlap
 from kvpipe.selection.report import summary_markdown
 from kvpipe.stats import bootstrap_pvalue, holm
 

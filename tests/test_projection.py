@@ -17,6 +17,7 @@ from kvpipe.inference.session import Session
 from kvpipe.inference.sources import GivenTensors
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
+from kvpipe.kv.pairs import read_passages
 from kvpipe.projection import payload as pl
 from kvpipe.projection.aggregate import VARIANT
 from kvpipe.projection.answer import Answerer
@@ -27,7 +28,6 @@ from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
 from kvpipe.projection.projectors import PROJECTORS
 from kvpipe.projection.stage import run_projection
-from kvpipe.structure.pair_data import read_passages
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",

@@ -1,7 +1,8 @@
 """Answering the test samples under every condition, with bytes and time to first token.
 
 Per sample: the scout prefills its context once, answers the question once (capturing its
-question queries) and selects context tokens by Q2C at each retention; its context KV, rounded to
+question queries) and selects context tokens at each retention by `chain.method` (Q2C by default;
+kvpipe.scoring); its context KV, rounded to
 float16, is the payload. The main prefills its own context once (main_full and the conditions that
 keep its own keys or values), every planned cache is built and all rows are answered in batches;
 a constant reply (always_abstain) is recorded without a model. Time to first token is then measured
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from kvpipe.config import section_defaults
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import score_reply
 from kvpipe.errors import KvpipeError
@@ -30,8 +32,8 @@ from kvpipe.kv.checks import check_window
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.conditions import Plan, SampleInputs, plan_all
 from kvpipe.projection.inject import ScoutPayload
-from kvpipe.selection.methods import METHODS, ScoringInputs, top_n
-from kvpipe.selection.overlap import context_budget
+from kvpipe.scoring.methods import METHODS, ScoringInputs
+from kvpipe.scoring.select import capture_window, select
 
 
 class Answerer:
@@ -41,6 +43,7 @@ class Answerer:
                  prompt: dict[str, Any], pair: str) -> None:
         self.scout, self.main, self.common, self.cfg, self.prompt, self.pair = scout, main, common, cfg, prompt, pair
         self.retentions = sorted({r for r in [*cfg["retention"], *cfg["chain"]["retention"]] if r < 1})
+        self.method = METHODS[cfg["chain"]["method"]].from_config(section_defaults("selection") | {"seed": cfg["seed"]})
 
     def prompt_tokens(self, row: Any) -> PromptTokens:
         """The prompt both models read; they must tokenise it identically and fit their context windows."""
@@ -54,14 +57,12 @@ class Answerer:
         return tokens
 
     def scout_side(self, tokens: PromptTokens, sample_idx: int) -> tuple[ScoutPayload, dict[float, np.ndarray]]:
-        """The scout's payload and its Q2C selection at each retention below 1."""
-        session = Session(self.scout, tokens, 1)
+        """The scout's payload and its selection (`chain.method`) at each retention below 1."""
+        session = Session(self.scout, tokens, capture_window([self.method]))
         session.answer([Condition("scout full", role="scout")], 1, capture_row=0)
-        q2c = METHODS["q2c"]()
-        scores = q2c.reduce_heads(q2c.head_scores(ScoringInputs.from_session(session, sample_idx))).sum(axis=0)
-        n = tokens.context_end - tokens.context_start
-        budget = {r: context_budget(r, n, tokens.context_start, self.cfg["budget"]) for r in self.retentions}
-        return ScoutPayload.from_context(self.scout, session.own), {r: top_n(scores, k) for r, k in budget.items()}
+        inputs = ScoringInputs.from_session(session, sample_idx)
+        return ScoutPayload.from_context(self.scout, session.own), {r: select(self.method, inputs, r, self.cfg["budget"])
+                                                                    for r in self.retentions}
 
     def ttft(self, session: Session, inputs: SampleInputs, plan: Plan, scout_s: float,
              prefill_s: float) -> dict[str, float]:

@@ -76,7 +76,7 @@ class SampleInputs:
     layer_map: list[int]
     main: LoadedModel
     means: dict[str, torch.Tensor]
-    selections: dict[float, np.ndarray]            # the scout's Q2C selection per retention below 1
+    selections: dict[float, np.ndarray]            # the scout's selection (chain.method) per retention below 1
     settings: dict[str, Any]
     memo: dict[tuple, ContextKV] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)   # e.g. "hidden": (scout, HiddenMap) for projected_hidden
@@ -218,7 +218,7 @@ class MeanKV(Condition):
 
 
 class ScoutSelection(Condition):
-    """The main prefills itself and keeps the scout's Q2C selection (only indices are sent with the text)."""
+    """The main prefills itself and keeps the scout's selection (only indices are sent with the text)."""
 
     name: ClassVar[str] = "scout_selection"
 
@@ -230,7 +230,7 @@ class ScoutSelection(Condition):
 
 
 class Chain(Condition):
-    """Scout Q2C selection at r, rank-k SVD of the kept scout KV, projection, injection of the kept positions."""
+    """Scout selection (chain.method) at r, rank-k SVD of the kept scout KV, projection, injection of the kept positions."""
 
     name: ClassVar[str] = "chain"
 

@@ -1,6 +1,6 @@
 """Per-layer test metrics of every projector: cosine, relative error and centred R² on test passages.
 
-Rows are summed per test passage (kvpipe.structure.ridge.row_scores, additive), so the bootstrap
+Rows are summed per test passage (kvpipe.linalg.ridge.row_scores, additive), so the bootstrap
 over passages resamples sums. R² is centred on the calibration mean, which is also scored as the
 baseline projector `mean` (R² exactly 0).
 """
@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvpipe.linalg.ridge import metrics_from_scores, pooled, row_scores
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.fit import Fitted
 from kvpipe.projection.projectors import Stats
 from kvpipe.stats import bootstrap_counts, cluster_codes, percentile_ci
-from kvpipe.structure.ridge import metrics_from_scores, pooled, row_scores
 
 WHOLE = [slice(None)]
 

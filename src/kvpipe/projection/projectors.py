@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvpipe.linalg.ridge import LinearMap, RidgeStats, pooled, squared_error
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.linear import choose_shared_alpha, fit_per_layer, fit_shared, ridge_cv_error, scatter
-from kvpipe.structure.ridge import LinearMap, RidgeStats, pooled, squared_error
 
 PROJECTORS: dict[str, type[Projector]] = {}
 Stats = dict[tuple[int, str, int], RidgeStats]

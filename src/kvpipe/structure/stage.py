@@ -41,14 +41,14 @@ from tqdm import tqdm
 
 from kvpipe.errors import KvpipeError
 from kvpipe.io import write_json, write_parquet
+from kvpipe.kv.pairs import KINDS, AlignmentTally, PairData, ShardRows, read_passages
+from kvpipe.linalg.cca import CanonicalMap, cca_sizes, fit_cca, unit_sums
+from kvpipe.linalg.ridge import LinearMap, RidgeStats, choose_alpha, dim_scores, fit_ridge, mean_map, pooled, row_scores
 from kvpipe.splits import split_by_passage
 from kvpipe.stats import bootstrap_counts, cluster_codes
 from kvpipe.structure import records as rec
-from kvpipe.structure.cca import CanonicalMap, cca_sizes, fit_cca, unit_sums
 from kvpipe.structure.cka_table import TokenSubsample, cka_records
-from kvpipe.structure.pair_data import KINDS, AlignmentTally, PairData, ShardRows, read_passages
 from kvpipe.structure.position import rope_basis
-from kvpipe.structure.ridge import LinearMap, RidgeStats, choose_alpha, dim_scores, fit_ridge, mean_map, pooled, row_scores
 
 PREDICTORS, FITTED, DIM_PREDICTORS = rec.PREDICTORS, rec.FITTED, rec.DIM_PREDICTORS
 

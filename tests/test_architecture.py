@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,49 @@ def test_no_analysis_stage_imports_another(stage):
                 for module in imported_modules(path) if stage_of(module) not in (None, stage)}
     assert not crossing, sorted(crossing)
 
+
+# (module, registry, schema path to its enum): every registry by name and every schema enum that names its members
+REGISTRIES = [
+    ("kvpipe.scoring.methods", "METHODS", ("selection", "methods", "items")),
+    ("kvpipe.scoring.methods", "METHODS", ("projection", "chain", "method")),
+    ("kvpipe.projection.registry", "PROJECTORS", ("projection", "projectors", "items")),
+    ("kvpipe.projection.registry", "PROJECTORS", ("projection", "chain", "projector")),
+    ("kvpipe.projection.registry", "PROJECTORS", ("projection", "hybrid", "projector")),
+    ("kvpipe.projection.registry", "CONDITIONS", ("projection", "conditions", "items")),
+    ("kvpipe.projection.layer_map", "LAYER_MAPS", ("projection", "layer_map")),
+    ("kvpipe.alignment", "POOLS", ("alignment", "pool")),
+]
+WITHOUT_SCHEMA = {"CACHE_SOURCES"}   # registries no config names
+
+
+def _enum(path: tuple[str, ...]) -> list[str]:
+    from kvpipe.config import schema
+
+    node = schema()
+    for key in path:
+        node = node["properties"][key] if key != "items" else node["items"]
+    return node["enum"]
+
+
+@cache
+def _names_on_fresh_import(module: str) -> dict[str, list[str]]:
+    """The names of every listed registry of a module, in a fresh interpreter that imports only that module."""
+    names = sorted({r[1] for r in REGISTRIES if r[0] == module})
+    code = f"import json, {module} as m; print(json.dumps({{n: sorted(getattr(m, n)) for n in {names!r}}}))"
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.parametrize("module, registry, path", REGISTRIES, ids=[".".join(r[2]) for r in REGISTRIES])
+def test_every_schema_enum_equals_its_registry_complete_on_first_import(module, registry, path):
+    assert sorted(_enum(path)) == _names_on_fresh_import(module)[registry]
+
+
+def test_every_registry_is_checked_against_the_schema():
+    """A module-level `NAME: dict[str, ...]` filled by registration, or a names tuple a schema enum copies, is listed."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and "type[" in ast.unparse(
+                    node.annotation):
+                found.add(node.target.id)
+    assert found - WITHOUT_SCHEMA <= {r[1] for r in REGISTRIES}, found

@@ -99,10 +99,3 @@ def test_pair_settings_merge_the_pairs_overrides_over_the_global_section(base):
 def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):
     base["sampling"]["tokenizer"] = "Qwen/Qwen2.5-0.5B-Instruct"
     assert validate(base)["sampling"]["tokenizer"] == "Qwen/Qwen2.5-0.5B-Instruct"
-
-
-def test_the_schema_knows_exactly_the_registered_selection_methods():
-    from kvpipe.config import schema
-    from kvpipe.scoring.methods import METHODS
-
-    assert schema()["properties"]["selection"]["properties"]["methods"]["items"]["enum"] == sorted(METHODS)

@@ -22,11 +22,11 @@ from kvpipe.projection import payload as pl
 from kvpipe.projection.aggregate import VARIANT
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
-from kvpipe.projection.conditions import CONDITIONS, SampleInputs, plan_all
+from kvpipe.projection.conditions import SampleInputs
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
 from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
-from kvpipe.projection.projectors import PROJECTORS
+from kvpipe.projection.registry import CONDITIONS, PROJECTORS, plan_all
 from kvpipe.projection.stage import run_projection
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}

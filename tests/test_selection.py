@@ -314,7 +314,8 @@ def test_select_is_top_k_of_the_scores_at_the_budget_computed_once_per_budget(se
     n, prefix = s.context.stop - s.context.start, s.tokens.context_start
     for name in sorted(METHODS):
         method, inputs, calls = METHODS[name].from_config(smoke_config["selection"]), _inputs(s), []
-        monkeypatch.setattr(method, "head_scores", lambda i, k=None, m=method: calls.append(k) or type(m).head_scores(m, i, k))
+        counted = lambda i, k=None, m=method, c=calls: c.append(k) or type(m).head_scores(m, i, k)  # noqa: E731
+        monkeypatch.setattr(method, "head_scores", counted)
         for r in (0.1, 0.25, 0.5, 0.1):
             k = context_budget(r, n, prefix, budget)
             expected = type(method).head_scores(method, inputs, k if method.budget_dependent else None)

@@ -23,16 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvpipe.config import section_defaults
 from kvpipe.errors import KvpipeError
 from kvpipe.estimands import MEAN_KV, NO_CONTEXT, Comparison, carries_content, compare, with_failure_flags
 from kvpipe.reporting import Interval
 from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, critical_value, holm, percentile_ci
 
 VARIANT = ("condition", "projector", "objective", "key_map", "retention", "rank")
-CONDITIONS = ("main_full", "no_context", "mean_kv", "always_abstain", "projected_kv", "projected_k_own_v",
-              "own_k_projected_v", "scout_selection", "chain")
+# The documented order of conditions and projectors: the default config's (the schema's defaults, whose enums equal
+# the registries), the others after them.
+CONDITION_ORDER = tuple(section_defaults("projection")["conditions"])
+PROJECTOR_ORDER = tuple(section_defaults("projection")["projectors"])
 DIAGNOSTICS = ("projected_k_own_v", "own_k_projected_v")   # need the main's own prefill: not a way to send a context
-PROJECTORS = ("ridge", "shared", "mlp")
 BASELINE = ("main_full", "none", "none", "none", 1.0, -1)
 FLOOR_VARIANTS = {NO_CONTEXT: (NO_CONTEXT, "none", "none", "none", 1.0, -1), MEAN_KV: (MEAN_KV, "none", "none", "none",
                                                                                    1.0, -1)}
@@ -50,7 +52,7 @@ def _ci(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
 def _order(variant: tuple) -> tuple:
     """Conditions and projectors in their documented order, pre-RoPE key maps first, then retention (high first), rank."""
     condition, projector, objective, key_map, retention, rank = variant
-    index = {name: i for i, name in enumerate((*CONDITIONS, *PROJECTORS))}
+    index = {name: i for i, name in enumerate((*CONDITION_ORDER, *PROJECTOR_ORDER))}
     return (index.get(condition, len(index)), index.get(projector, len(index)), objective, key_map == "post_rope",
             -retention, rank if rank >= 0 else math.inf)
 

@@ -30,8 +30,9 @@ from kvpipe.inference.session import Session
 from kvpipe.inference.sources import GivenTensors, OwnPrefill
 from kvpipe.kv.checks import check_window
 from kvpipe.models.load import LoadedModel
-from kvpipe.projection.conditions import Plan, SampleInputs, plan_all
+from kvpipe.projection.conditions import Plan, SampleInputs
 from kvpipe.projection.inject import ScoutPayload
+from kvpipe.projection.registry import plan_all
 from kvpipe.scoring.methods import METHODS, ScoringInputs
 from kvpipe.scoring.select import capture_window, select
 

@@ -32,6 +32,7 @@ from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, mean_context, mixed, project
 from kvpipe.projection.payload import index_bytes, kv_bytes, text_bytes
 from kvpipe.projection.projectors import Projector
+from kvpipe.registry import Registered
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,10 @@ class SampleInputs:
 CONDITIONS: dict[str, type[Condition]] = {}
 
 
-class Condition(ABC):
+class Condition(Registered, ABC):
     """A way of giving the main model its context; plans one row per variant."""
 
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        CONDITIONS[cls.name] = cls
+    registry = CONDITIONS
 
     @abstractmethod
     def plans(self, s: SampleInputs) -> list[Plan]:
@@ -249,10 +246,3 @@ class Chain(Condition):
                                 sel, kv_bytes(len(kept), s.widths, rank=k) + extra, False))
         return out
 
-
-def plan_all(s: SampleInputs, names: list[str]) -> list[Plan]:
-    """Every row of the named conditions, in the order named."""
-    return [plan for name in names for plan in CONDITIONS[name]().plans(s)]
-
-
-from kvpipe.projection import hybrid  # noqa: E402, F401  (registers the hybrid conditions; imports this module)

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpipe.errors import KvpipeError
+from kvpipe.registry import Registered
 
 if TYPE_CHECKING:
     from kvpipe.inference.session import Session
@@ -116,7 +117,7 @@ def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch
 METHODS: dict[str, type[SelectionMethod]] = {}
 
 
-class SelectionMethod(ABC):
+class SelectionMethod(Registered, ABC):
     """Scores context tokens; higher means keep.
 
     `head_scores` gives one score per (layer, KV head, context token); `score` reduces it to
@@ -124,13 +125,9 @@ class SelectionMethod(ABC):
     Subclasses register in METHODS under `name`; `attention_based` ones score from attention rows.
     """
 
-    name: ClassVar[str]
+    registry = METHODS
     attention_based: ClassVar[bool]   # scores come from attention rows (checked against eager attention in the tests)
     budget_dependent: ClassVar[bool] = False   # scores change with the budget k
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        METHODS[cls.name] = cls
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> SelectionMethod:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from functools import cache
@@ -98,3 +99,11 @@ def test_every_registry_is_checked_against_the_schema():
                     node.annotation):
                 found.add(node.target.id)
     assert found - WITHOUT_SCHEMA <= {r[1] for r in REGISTRIES}, found
+
+
+def test_z_comes_only_from_the_one_critical_value():
+    """No module but kvpipe.stats computes a normal quantile or types 1.96."""
+    pattern = re.compile(r"\bppf\(|\bisf\(|\b1\.96\b|\b1\.645\b|\b2\.576\b")
+    found = [f"{path.relative_to(PACKAGE)}: {line.strip()}" for path in PACKAGE.rglob("*.py") if path.name != "stats.py"
+             for line in path.read_text().splitlines() if pattern.search(line)]
+    assert not found, found

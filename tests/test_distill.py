@@ -309,7 +309,7 @@ def test_continuation_samples_cut_the_passage_in_two(self_fit, tiny_main, smoke_
 def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, tokens):
     """Gemma 3 (sliding-window layers, decoder layers returning tuples): the bottom B layers and the layers above
     L, fed the model's own hidden states at L, are its own prefill's."""
-    from kvpipe.inference.sources import OwnPrefill
+    from kvpipe.inference.cache_sources import OwnPrefill
     from kvpipe.projection.hidden import hidden_states, main_bottom, main_from_layer
 
     own = OwnPrefill(1).context_kv(gemma, tokens)

@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from kvpipe.config import validate
 from kvpipe.errors import KvpipeError
+from kvpipe.inference.cache_sources import GivenTensors
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import GivenTensors
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
 from kvpipe.kv.pairs import read_passages
@@ -205,7 +205,7 @@ def test_mean_kv_ignores_the_context(self_fit, tiny_main, smoke_config, samples)
     for inputs, sess in ((s, session), (other, other_session)):
         (plan,) = CONDITIONS["mean_kv"]().plans(inputs)
         sess.add(GivenTensors(plan.build()), "mean")
-        answers.append(sess.answer([__import__("kvpipe.inference.conditions", fromlist=["Condition"]).Condition(
+        answers.append(sess.answer([__import__("kvpipe.inference.requests", fromlist=["AnswerRequest"]).AnswerRequest(
             "mean", cache="mean")], 6)[0].token_ids)
     assert answers[0] == answers[1]
 

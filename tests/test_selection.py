@@ -10,7 +10,7 @@ from kvpipe.config import validate
 from kvpipe.data.prompt import QUESTION, build_prompt
 from kvpipe.data.qa_metrics import score_prediction, squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.io import read_json
 from kvpipe.scoring.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k, top_n
@@ -64,7 +64,7 @@ def session(tiny_main, samples, smoke_config):
 
 
 def _rows(*selections):
-    return [Condition(f"row {i}", sel) for i, sel in enumerate(selections)]
+    return [AnswerRequest(f"row {i}", sel) for i, sel in enumerate(selections)]
 
 
 def _inputs(s):

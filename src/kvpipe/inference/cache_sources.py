@@ -38,6 +38,7 @@ class ContextKV:
 
 
 CACHE_SOURCES: dict[str, type[CacheSource]] = {}
+WINDOW = 64   # query rows at the end of the context the own prefill captures by default (SnapKV's observation window)
 
 
 class CacheSource(Registered, ABC):
@@ -58,7 +59,7 @@ class OwnPrefill(CacheSource):
     the last sliding_window - 1 tokens of sliding-window layers (Gemma 3). Attention is the same.
     """
 
-    window: int = 64
+    window: int = WINDOW
     name: ClassVar[str] = "own_prefill"
 
     def context_kv(self, lm: LoadedModel, tokens: PromptTokens) -> ContextKV:

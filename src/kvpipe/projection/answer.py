@@ -25,9 +25,9 @@ from kvpipe.config import section_defaults
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import score_reply
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.cache_sources import GivenTensors, OwnPrefill
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import GivenTensors, OwnPrefill
 from kvpipe.kv.checks import check_window
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.conditions import Plan, SampleInputs
@@ -60,7 +60,7 @@ class Answerer:
     def scout_side(self, tokens: PromptTokens, sample_idx: int) -> tuple[ScoutPayload, dict[float, np.ndarray]]:
         """The scout's payload and its selection (`chain.method`) at each retention below 1."""
         session = Session(self.scout, tokens, capture_window([self.method]))
-        session.answer([Condition("scout full", role="scout")], 1, capture_row=0)
+        session.answer([AnswerRequest("scout full", role="scout")], 1, capture_row=0)
         inputs = ScoringInputs.from_session(session, sample_idx)
         return ScoutPayload.from_context(self.scout, session.own), {r: select(self.method, inputs, r, self.cfg["budget"])
                                                                     for r in self.retentions}
@@ -75,7 +75,7 @@ class Answerer:
             session.add(GivenTensors(plan.build()), "ttft")
             cache = "ttft"
         built = time.perf_counter()
-        session.answer([Condition("ttft", plan.selection, cache=cache)], 1)
+        session.answer([AnswerRequest("ttft", plan.selection, cache=cache)], 1)
         question_s = time.perf_counter() - built
         session.contexts.pop("ttft", None)
         return {"scout_s": scout_s if plan.uses_scout else 0.0, "own_prefill_s": prefill_s if plan.own_prefill else 0.0,
@@ -92,7 +92,7 @@ class Answerer:
             if plan.build is not None:
                 cache = plan.variant.label
                 session.add(GivenTensors(plan.build()), cache)
-            conditions.append(Condition(plan.variant.label, plan.selection, cache=cache))
+            conditions.append(AnswerRequest(plan.variant.label, plan.selection, cache=cache))
         size = self.cfg["batch_size"]
         generated = []
         for start in range(0, len(conditions), size):
@@ -104,7 +104,7 @@ class Answerer:
         """Run both models once on a prompt, so that no row's timing pays for one-off initialisation."""
         tokens = self.prompt_tokens(row)
         self.scout_side(tokens, row.sample_idx)
-        Session(self.main, tokens, 1).answer([Condition("warm-up")], 1)
+        Session(self.main, tokens, 1).answer([AnswerRequest("warm-up")], 1)
 
     def sample(self, row: Any, ttft: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
         """Answers-table rows, TTFT rows (ttft: measure each row's; else none) and the timings row of one test sample."""

@@ -27,7 +27,7 @@ import torch
 
 from kvpipe.data.prompt import PromptTokens
 from kvpipe.data.qa_metrics import UNANSWERABLE
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, mean_context, mixed, project
 from kvpipe.projection.payload import index_bytes, kv_bytes, text_bytes

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.kv.checks import cache_layer
 from kvpipe.projection.conditions import Condition, Plan, SampleInputs, Variant
 from kvpipe.projection.gated import GatedProjector, fuse_heads

@@ -20,6 +20,7 @@ from kvpipe.projection.projectors import Stats
 from kvpipe.stats import bootstrap_counts, cluster_codes, percentile_ci
 
 WHOLE = [slice(None)]
+BOOTSTRAP_SEED = 1   # offset of the test-passage bootstrap's seed from projection.seed
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def projector_metrics(cal: Calibration, fitted: dict[tuple[str, str], Fitted], s
     unit_of = np.full(len(passages), -1)
     unit_of[test], n_units = cluster_codes(np.asarray(passages)[test])
     scores, rows = _passage_scores(cal, fitted, means, unit_of, n_units)
-    counts = bootstrap_counts(n_units, cfg["bootstrap"], cfg["seed"] + 1)
+    counts = bootstrap_counts(n_units, cfg["bootstrap"], cfg["seed"] + BOOTSTRAP_SEED)
     n_main = len(cal.layer_map)
     records = []
     for (projector, objective, kind, j), acc in sorted(scores.items()):

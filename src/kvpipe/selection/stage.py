@@ -47,8 +47,8 @@ from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import UNANSWERABLE, score_reply
 from kvpipe.errors import KvpipeError
 from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT
-from kvpipe.inference.conditions import Condition
 from kvpipe.inference.decode import Answer
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.io import read_json, write_json, write_parquet
 from kvpipe.kv.checks import check_window
@@ -121,17 +121,17 @@ class PairRun:
         t0 = time.perf_counter()
         session = Session(self.lms[role], tokens, self.window)
         t1 = time.perf_counter()
-        (full,) = session.answer([Condition(f"{role} full", role=role)], self.cfg["max_new_tokens"], self.cfg["rerotate"],
+        (full,) = session.answer([AnswerRequest(f"{role} full", role=role)], self.cfg["max_new_tokens"], self.cfg["rerotate"],
                                  capture_row=0)
         t2 = time.perf_counter()
         scores = _scores(session, self.methods, sample_idx, sorted(set(self.budgets(tokens).values())))
         return session, full, scores, {"prefill_s": t1 - t0, "full_answer_s": t2 - t1, "scoring_s": time.perf_counter() - t2}
 
-    def full_conditions(self, role: str) -> list[Condition]:
+    def full_conditions(self, role: str) -> list[AnswerRequest]:
         """The full-KV answer, and at retention 1 (when in the grid) every method's condition, which equals it."""
-        conditions = [Condition(f"{role} full", role=role)]
+        conditions = [AnswerRequest(f"{role} full", role=role)]
         if 1.0 in self.retentions:
-            conditions += [Condition(f"{role} {m.name} 1 {source}", role=role, method=m.name, retention=1.0, source=source)
+            conditions += [AnswerRequest(f"{role} {m.name} 1 {source}", role=role, method=m.name, retention=1.0, source=source)
                            for m in self.methods for source in sources(m.name)]
         return conditions
 
@@ -177,21 +177,21 @@ class PairRun:
         return rows
 
     def pruned_conditions(self, role: str, selections: Selections, transfers: Selections,
-                          inputs: ScoringInputs) -> list[Condition]:
+                          inputs: ScoringInputs) -> list[AnswerRequest]:
         """A model's pruned conditions: own, transfer (and random) selections, plus own per-head ones if asked."""
         chosen = {"own": selections[role], "transfer": transfers[role]}
-        conditions = [Condition(f"{role} {m.name} {r:g} {source}", chosen[source][m.name][r],
+        conditions = [AnswerRequest(f"{role} {m.name} {r:g} {source}", chosen[source][m.name][r],
                                 role=role, method=m.name, retention=r, source=source)
                       for m in self.methods for r in self.pruned for source in sources(m.name)]
-        conditions.append(Condition(f"{role} {NO_CONTEXT}", np.zeros(0, dtype=np.int64), role=role, method=NO_CONTEXT,
+        conditions.append(AnswerRequest(f"{role} {NO_CONTEXT}", np.zeros(0, dtype=np.int64), role=role, method=NO_CONTEXT,
                                     retention=0.0))
         if self.cfg["per_head"]:
-            conditions += [Condition(f"{role} {m.name} {r:g} own_per_head", select(m, inputs, r, self.cfg["budget"], True),
+            conditions += [AnswerRequest(f"{role} {m.name} {r:g} own_per_head", select(m, inputs, r, self.cfg["budget"], True),
                                      role=role, method=m.name, retention=r, source="own_per_head")
                            for m in self.methods if m.name != "random" for r in self.pruned]
         return conditions
 
-    def answer_pruned(self, session: Session, conditions: list[Condition], clock: dict[str, float]) -> list[Answer]:
+    def answer_pruned(self, session: Session, conditions: list[AnswerRequest], clock: dict[str, float]) -> list[Answer]:
         """All pruned conditions of one model as one batch, timed into clock."""
         t0 = time.perf_counter()
         results = session.answer(conditions, self.cfg["max_new_tokens"], self.cfg["rerotate"])
@@ -199,7 +199,7 @@ class PairRun:
                      prune_copy_s=session.prune_seconds)
         return results
 
-    def record(self, row: Any, condition: Condition, answer: Answer, tokens: PromptTokens) -> dict[str, Any]:
+    def record(self, row: Any, condition: AnswerRequest, answer: Answer, tokens: PromptTokens) -> dict[str, Any]:
         """One answers-table row: the condition, its reply and scored prediction, its cache sizes and realised retention."""
         prefix, n_ctx = tokens.context_start, tokens.context_end - tokens.context_start
         kept = condition.n_kept(n_ctx)

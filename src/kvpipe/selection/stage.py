@@ -34,6 +34,7 @@ tables with paired passage-bootstrap CIs.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from kvpipe.models.load import CARD, load_model
 from kvpipe.scoring.methods import ScoringInputs, SelectionMethod, build_methods
 from kvpipe.scoring.select import capture_window, context_budget, select
 from kvpipe.selection.overlap import character_overlap, overlap_row
+from kvpipe.settings import SelectionSettings, from_section
 from kvpipe.splits import whole_passages
 
 __all__ = ["overlap_row", "run_pair", "run_selection", "selected_samples"]
@@ -83,20 +85,22 @@ def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int, b
 class PairRun:
     """A pair's two models and the selection settings; runs one sample at a time in small steps."""
 
-    def __init__(self, models: dict[str, Path], pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
+    def __init__(self, models: dict[str, Path], pair: str, cfg: Mapping[str, Any], prompt: dict[str, Any],
                  device: str, dtype: str) -> None:
+        """cfg: the validated selection section (and `alignment`: min_cover for a pair whose tokenizers differ),
+        read once into SelectionSettings; each method builds itself from it (kvpipe.scoring.methods)."""
         self.lms = {role: load_model(models[role], device, dtype) for role in ROLES}
-        self.pair, self.cfg, self.prompt = pair, cfg, prompt
+        self.pair, self.cfg, self.prompt = pair, from_section(SelectionSettings, cfg), prompt
         self.methods = build_methods(cfg)
         self.window = capture_window(self.methods)
-        self.retentions = sorted(cfg["retention"])
+        self.retentions = sorted(self.cfg.retention)
         self.pruned = [r for r in self.retentions if r < 1]
 
     def prompts(self, row: Any) -> dict[str, PromptTokens]:
         """Both models' prompts for a sample, each checked against its model's window."""
         tokens = {role: build_prompt(self.lms[role].tokenizer, self.prompt, row.context, row.question) for role in ROLES}
         for role in ROLES:
-            check_window(self.lms[role], len(tokens[role]), row.id, self.cfg["max_new_tokens"])
+            check_window(self.lms[role], len(tokens[role]), row.id, self.cfg.max_new_tokens)
         return tokens
 
     @staticmethod
@@ -113,7 +117,7 @@ class PairRun:
     def budgets(self, tokens: PromptTokens) -> dict[float, int]:
         """Context tokens kept at each retention below 1, by `selection.budget`."""
         n_ctx = tokens.context_end - tokens.context_start
-        return {r: context_budget(r, n_ctx, tokens.context_start, self.cfg["budget"]) for r in self.pruned}
+        return {r: context_budget(r, n_ctx, tokens.context_start, self.cfg.budget) for r in self.pruned}
 
     def prefill(self, role: str, tokens: PromptTokens, sample_idx: int) -> tuple[Session, Answer, ScoringInputs,
                                                                                 dict[str, float]]:
@@ -121,7 +125,7 @@ class PairRun:
         t0 = time.perf_counter()
         session = Session(self.lms[role], tokens, self.window)
         t1 = time.perf_counter()
-        (full,) = session.answer([AnswerRequest(f"{role} full", role=role)], self.cfg["max_new_tokens"], self.cfg["rerotate"],
+        (full,) = session.answer([AnswerRequest(f"{role} full", role=role)], self.cfg.max_new_tokens, self.cfg.rerotate,
                                  capture_row=0)
         t2 = time.perf_counter()
         scores = _scores(session, self.methods, sample_idx, sorted(set(self.budgets(tokens).values())))
@@ -137,7 +141,7 @@ class PairRun:
 
     def selections(self, scores: Scores, budgets: Budgets) -> Selections:
         """Each model's shared top-k selection per method and retention below 1."""
-        return {role: {m.name: {r: select(m, scores[role], r, self.cfg["budget"]) for r in budgets[role]}
+        return {role: {m.name: {r: select(m, scores[role], r, self.cfg.budget) for r in budgets[role]}
                        for m in self.methods} for role in ROLES}
 
     def mapped(self, alignment: Alignment, selection: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -145,7 +149,9 @@ class PairRun:
         a pair whose tokens differ reads `alignment.min_cover`."""
         if alignment.is_identity:
             return selection
-        return alignment.transfer(selection, scores, k, self.cfg["alignment"]["min_cover"])
+        if self.cfg.alignment is None:
+            raise KvpipeError(f"pair {self.pair}: its tokenizers differ, and no alignment.min_cover was given")
+        return alignment.transfer(selection, scores, k, self.cfg.alignment.min_cover)
 
     def transfers(self, scores: Scores, selections: Selections, budgets: Budgets,
                   alignments: dict[str, Alignment]) -> Selections:
@@ -185,8 +191,8 @@ class PairRun:
                       for m in self.methods for r in self.pruned for source in sources(m.name)]
         conditions.append(AnswerRequest(f"{role} {NO_CONTEXT}", np.zeros(0, dtype=np.int64), role=role, method=NO_CONTEXT,
                                     retention=0.0))
-        if self.cfg["per_head"]:
-            conditions += [AnswerRequest(f"{role} {m.name} {r:g} own_per_head", select(m, inputs, r, self.cfg["budget"], True),
+        if self.cfg.per_head:
+            conditions += [AnswerRequest(f"{role} {m.name} {r:g} own_per_head", select(m, inputs, r, self.cfg.budget, True),
                                      role=role, method=m.name, retention=r, source="own_per_head")
                            for m in self.methods if m.name != "random" for r in self.pruned]
         return conditions
@@ -194,7 +200,7 @@ class PairRun:
     def answer_pruned(self, session: Session, conditions: list[AnswerRequest], clock: dict[str, float]) -> list[Answer]:
         """All pruned conditions of one model as one batch, timed into clock."""
         t0 = time.perf_counter()
-        results = session.answer(conditions, self.cfg["max_new_tokens"], self.cfg["rerotate"])
+        results = session.answer(conditions, self.cfg.max_new_tokens, self.cfg.rerotate)
         clock.update(pruned_answers_s=time.perf_counter() - t0, pruned_conditions=len(conditions),
                      prune_copy_s=session.prune_seconds)
         return results

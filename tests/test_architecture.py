@@ -54,6 +54,15 @@ def test_no_analysis_stage_imports_another(stage):
     assert not crossing, sorted(crossing)
 
 
+def test_the_foundations_import_no_analysis_stage():
+    """What the stages share (kv, linalg, scoring, stats, ...) stands below them: only the CLI, which runs the
+    stages, imports a stage package from outside."""
+    modules = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in STAGES and p.name != "cli.py"]
+    crossing = {f"{path.relative_to(PACKAGE)} imports {module}" for path in modules
+                for module in imported_modules(path) if stage_of(module) is not None}
+    assert not crossing, sorted(crossing)
+
+
 # (module, registry, schema path to its enum): every registry by name and every schema enum that names its members
 REGISTRIES = [
     ("kvpipe.scoring.methods", "METHODS", ("selection", "methods", "items")),

@@ -3,7 +3,7 @@
 Samples the configured dataset exactly as the pipeline does (same seed and length rule, only a
 larger n: the pipeline's samples are a prefix of these), answers every sample with each model's
 full cache, and reports both mean F1s and the paired difference main − scout with bootstrap
-intervals over resampled passages (the selection stage's Bootstrap). Per-sample answers are kept by
+intervals over resampled passages (kvpipe.stats.PassageBootstrap). Per-sample answers are kept by
 sample id and written after each model, so a stopped run resumes and a larger --n only answers the
 new samples. On a multi-hop set it also counts the answers that are the one-hop shortcut (the
 named person's own attribute, the generator's `shortcut` column).

@@ -12,7 +12,7 @@ and aligned (scout layer, main layer):
     shuffled token pairings, the main model paired with itself, and a position-only map
     from the RoPE basis of each token's position (structure/position.py);
   - per main head as well as for the whole layer;
-  - fits a regularised CCA (SVCCA-style, structure/cca.py) on calibration tokens and scores the mean
+  - fits a regularised CCA (SVCCA-style, kvpipe.linalg.cca) on calibration tokens and scores the mean
     of its top canonical correlations on test tokens, and on test tokens whose main rows are
     permuted across tokens (shard by shard, like the shuffled ridge baseline): the null;
   - bootstrap CIs over test *passages* (all figures come from per-passage sums), paired

@@ -308,3 +308,26 @@ def test_max_test_samples_answers_whole_test_passages_only(tmp_path, kv_dirs, mo
     facts = read_json(tmp_path / "facts.json")
     assert answers["passage"].nunique() == 1 and facts["n_test_samples"] == answers["sample_idx"].nunique()
     assert facts["n_test_passages"] == 1 and pd.read_parquet(tmp_path / "ttft.parquet").empty
+
+
+def test_the_scout_selects_with_any_registered_method(self_fit, tiny_main, smoke_config, samples):
+    """projection.chain.method: random gives the seeded uniform scores' top k at each budget, unlike Q2C's."""
+    from kvpipe.data.prompt import build_prompt
+    from kvpipe.scoring.methods import top_n
+    from kvpipe.scoring.select import context_budget
+
+    row = samples.iloc[0]
+    tokens = build_prompt(tiny_main.tokenizer, smoke_config["prompt"], row["context"], row["question"])
+    n, seed = tokens.context_end - tokens.context_start, self_fit[3]["seed"]
+    chosen = {}
+    for method in ("q2c", "random"):
+        answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+        answerer = Answerer(tiny_main, tiny_main, answerer.common, answerer.cfg | {"chain": answerer.cfg["chain"] | {
+            "method": method}}, smoke_config["prompt"], "self")
+        chosen[method] = answerer.scout_side(tokens, int(row["sample_idx"]))[1]
+    uniform = np.random.default_rng([seed, int(row["sample_idx"])]).random(n)
+    assert chosen["random"].keys() == chosen["q2c"].keys() and chosen["random"]
+    for r, sel in chosen["random"].items():
+        k = context_budget(r, n, tokens.context_start, smoke_config["projection"]["budget"])
+        assert np.array_equal(sel, top_n(uniform, k))
+    assert any(not np.array_equal(chosen["random"][r], chosen["q2c"][r]) for r in chosen["q2c"])

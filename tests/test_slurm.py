@@ -50,6 +50,8 @@ CLUSTER_ARGS = (
 
 def missing_prerequisite() -> str | None:
     """Why the test cluster cannot run here, or None."""
+    if os.environ.get("KVPIPE_SLURM_TESTS") != "1":
+        return "the SLURM cluster tests run with KVPIPE_SLURM_TESTS=1 (a whole run takes ~25-45 min on 2 cores: not in CI)"
     missing = [tool for tool in ("sbatch", "squeue", "scancel", "slurmctld", "slurmd", "munged") if not shutil.which(tool)]
     if missing:
         return f"SLURM and munge are not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
@@ -258,9 +260,9 @@ def test_stop_ends_exactly_the_recorded_daemons(tmp_path):
             proc.kill()
 
 
-def test_ci_runs_exactly_the_readme_test_command_which_installs_slurm_first():
-    """.ci/run's command is the README's test command, and it tries the SLURM install (non-fatal) before pytest."""
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run's command is the README's test command."""
     readme = (REPO / "README.md").read_text()
     command = re.search(r"Run the tests .*?```bash\n(.*?)\n```", readme, re.S)[1]
     assert (REPO / ".ci" / "run").read_text().rstrip().splitlines()[-1] == command
-    assert command.index("{ profiles/slurm/testcluster.sh install || true; }") < command.index("python -m pytest -q")
+    assert command.endswith("python -m pytest -q")

@@ -5,11 +5,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, SMOKE
 
 from kvpipe.kv import store as kvstore
 
 
+@pytest.mark.slow
 def test_cli_runs_the_stages_without_snakemake(tmp_path):
     def kvpipe(*args):
         proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", *args, "-c", str(REPO / "config.yaml"),

@@ -28,7 +28,7 @@ import pytest
 from conftest import REPO, copy_checkout, fill_slurm_placeholders, snakemake_command
 from test_faults import PAIRS_SUMMARY, STAGE_DIRS, differences, result_digests
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = REPO / "profiles" / "slurm" / "testcluster.sh"
 HOOK = REPO / "tests" / "slurm"

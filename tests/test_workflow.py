@@ -21,6 +21,8 @@ from kvpipe.projection.report import FIGURES as PROJECTION_FIGURES
 from kvpipe.selection.report import FIGURES as SELECTION_FIGURES
 from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
 
+pytestmark = pytest.mark.slow   # every test here starts Snakemake (most on the completed smoke run)
+
 STAGE_FIGURES = {"structure": STRUCTURE_FIGURES, "selection": SELECTION_FIGURES, "projection": PROJECTION_FIGURES}
 PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
 RUN_JOBS = {**PAIR_JOBS, "pairs_summary": 1}   # a pair's jobs and the run's cross-pair summary

@@ -244,7 +244,9 @@ def test_hub_source_pins_revision_and_safetensors(tmp_path, monkeypatch, smoke_c
     card = materialize("hub", {"source": "hf", "id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "abc123"}, tmp_path / "m")
     assert calls["model"] == ("Qwen/Qwen2.5-0.5B-Instruct", {"dtype": "auto", "use_safetensors": True, "revision": "abc123"})
     assert calls["tokenizer"] == ("Qwen/Qwen2.5-0.5B-Instruct", {"revision": "abc123"})
-    assert card["source"]["revision"] == "abc123" and (tmp_path / "m" / "model.safetensors").exists()
+    saved = load_model(tmp_path / "m", "cpu", "float32").model.state_dict()
+    assert card["slug"] == "hub" and saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())   # what the hub gave, as safetensors
 
 
 def test_unreachable_hub_is_one_line(monkeypatch):

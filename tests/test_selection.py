@@ -120,7 +120,8 @@ def test_pair_run_covers_every_condition(model_dirs, samples, smoke_config):
     pruned = answers[answers["retention"] == 0.5]
     assert (pruned["n_kept_context"] == (pruned["n_context"] * 0.5).round()).all()
     assert set(overlaps["method"]) == {"q2c", "snapkv", "random"}
-    assert (overlaps.loc[overlaps["method"] == "random", "overlap"] == 1.0).all()
+    learned = overlaps[overlaps["method"] != "random"]   # (random selections are shared: their overlap is 1)
+    assert (learned["overlap"] < 1).any() and learned["overlap"].between(0, 1).all()   # two models' selections differ
     assert {"prefill_s", "pruned_answers_s"} <= set(timings.columns)
 
 
@@ -153,7 +154,9 @@ def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, 
     assert "tiny-scout (scout) ↔ tiny-main (main), pair tiny, synthetic-small" in summary
     assert "2 samples from 2 passages: a subset of the 4 sampled (`selection.max_samples: 3`" in summary
     assert "bootstrap over passages" in summary
-    assert (tmp_path / "report/aggregates.parquet").exists()
+    agg = pd.read_parquet(tmp_path / "report/aggregates.parquet")
+    assert {"q2c", "snapkv", "random", "full"} <= set(agg["method"]) and {"main", "scout"} <= set(agg["role"])
+    assert {"transfer", "overlap"} <= set(agg["table"])
 
 
 def _with_alignment(smoke_config, **kw):

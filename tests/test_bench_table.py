@@ -1,11 +1,13 @@
 """The README's benchmark table is the one bench/run_all.py writes from the recorded bench/results files."""
 
 import importlib.util
+import sys
 
 from conftest import REPO
 
 
 def _run_all():
+    sys.path.insert(0, str(REPO / "bench"))   # as when run as a script: benchkit beside it
     spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -174,6 +174,54 @@ def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
     assert marker not in (REPO / "src/kvpipe/data/sampling.py").read_text()
 
 
+def fresh_copy(repo: Path, tmp_path: Path) -> Path:
+    """A copy of the completed smoke run that a test may change (the module's runs share `repo`)."""
+    return Path(shutil.copytree(repo, tmp_path / "repo", symlinks=True))
+
+
+def test_bad_input_under_snakemake_is_one_line_naming_the_rule(repo, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    change = overlay(tmp_path, f"datasets:\n  broken: {{source: squad_v2, path: {bad}}}\n")
+    proc = snakemake(repo, "results/data/broken/samples.parquet", overlays=(change,))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("kvpipe:")]
+    assert line.startswith(f"kvpipe: error in rule sample_dataset: {bad}: not valid JSON (")
+    assert (repo / "results/logs/sample_dataset/broken.log").read_text().splitlines()[-1] == line
+    assert not (repo / "results/data/broken").exists()
+
+
+def test_rematerialising_the_sampling_tokenizer_model_does_not_resample(repo, tmp_path):
+    """README: the sample table depends on the dataset and `sampling` only; the card of the sampling.tokenizer model
+    is an ancient input, so new weights for it (here: the same ones, written again) rerun its extraction only."""
+    copy = fresh_copy(repo, tmp_path)
+    samples = copy / "results/data/synthetic-small/samples.parquet"
+    before = samples.read_bytes(), samples.stat().st_mtime_ns
+    card = copy / "results/models/tiny-scout/kvpipe_model.json"
+    written = card.stat().st_mtime_ns
+    proc = snakemake(copy, "--forcerun", "materialize_model", "results/models/tiny-scout/kvpipe_model.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert card.stat().st_mtime_ns > written
+    plan = planned_jobs(snakemake(copy, "-n"))
+    assert "sample_dataset" not in plan and plan["extract_kv"] == 1   # the model's KV is redone, its samples are not
+    assert (samples.read_bytes(), samples.stat().st_mtime_ns) == before
+
+
+def test_a_pair_of_two_tokenizers_runs_structure_and_selection_through_snakemake(repo, tmp_path):
+    copy = fresh_copy(repo, tmp_path)
+    change = overlay(tmp_path, "pairs:\n  cross: {scout: tiny-scout, main: tiny-llama}\n"
+                               "run: {pairs: [tiny, cross], stages: [structure, selection]}\n")
+    targets = [f"results/{stage}/synthetic-small/cross/summary.md" for stage in ("structure", "selection")]
+    proc = snakemake(copy, *targets, "results/pairs/synthetic-small/summary.md", overlays=(change,))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads((copy / "results/structure/synthetic-small/cross/facts.json").read_text())
+    assert facts["alignment"]["identity"] is False and facts["alignment"]["pool"] == "mean"
+    overlap = pd.read_parquet(copy / "results/selection/synthetic-small/cross/overlap.parquet")
+    assert overlap["char_overlap"].between(0, 1).all() and overlap["sample_idx"].nunique() == 6
+    assert "| cross |" in (copy / "results/pairs/synthetic-small/summary.md").read_text()
+    assert planned_jobs(snakemake(copy, "-n", *targets, overlays=(change,))) == {}
+
+
 def readme_command(repo: Path, *args: str) -> subprocess.CompletedProcess:
     """A snakemake command exactly as the README writes it (no --cores), run in the checkout, on the smoke config."""
     return subprocess.run([sys.executable, "-m", "snakemake", *args, "--configfile", str(repo / "tests/smoke/config.yaml")],

@@ -18,7 +18,7 @@ from queue import Empty
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-RECORDS = REPO / "bench" / "results"   # the committed records every number of the README comes from
+RECORDS = REPO / "bench" / "results"  # the committed records every number of the README comes from
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def in_child(func: Callable[..., Any], *args: Any) -> Any:
     queue = ctx.Queue()
     proc = ctx.Process(target=_call, args=(func, args, queue))
     proc.start()
-    while True:   # a child that dies (an exception, the OOM killer) never puts a result: say so, do not wait forever
+    while True:  # a child that dies (an exception, the OOM killer) never puts a result: say so, do not wait forever
         try:
             result = queue.get(timeout=5)
             break
@@ -93,8 +93,18 @@ def in_child(func: Callable[..., Any], *args: Any) -> Any:
 
 # Two random-initialised Qwen2 models with the default pair's KV shapes scaled down in depth (scout 8 layers x 2 KV
 # heads x 64, main 8 layers x 2 x 128, one shared tokenizer): the memory benchmarks' pair.
-SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "heads": 8, "kv_heads": 2,
-         "intermediate_size": 512, "vocab_size": 512, "tokenizer_seed": 0, "seed": 1}
+SCOUT = {
+    "source": "tiny",
+    "arch": "qwen2",
+    "layers": 8,
+    "hidden_size": 256,
+    "heads": 8,
+    "kv_heads": 2,
+    "intermediate_size": 512,
+    "vocab_size": 512,
+    "tokenizer_seed": 0,
+    "seed": 1,
+}
 MAIN = SCOUT | {"hidden_size": 512, "heads": 8, "intermediate_size": 1024, "seed": 2}
 
 

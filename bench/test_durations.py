@@ -43,8 +43,12 @@ def _node(case: ET.Element) -> tuple[str, str]:
 
 def _slow_ids(pytest_args: list[str]) -> set[str]:
     """Node ids of the selected tests marked `slow`."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *pytest_args,
-                           "-m", "slow"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider", *pytest_args, "-m", "slow"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     return {line.strip() for line in proc.stdout.splitlines() if "::" in line}
 
 
@@ -54,8 +58,9 @@ def measure(pytest_args: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-                               *pytest_args], cwd=REPO)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *pytest_args], cwd=REPO
+        )
         wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
         cases = ET.parse(junit).getroot().iter("testcase")
         files: dict[str, dict] = defaultdict(lambda: {"tests": 0, "slow": 0, "seconds": 0.0, "slow_seconds": 0.0})
@@ -68,23 +73,34 @@ def measure(pytest_args: list[str]) -> dict:
                 f["slow"] += 1
                 f["slow_seconds"] += seconds
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"pytest_args": pytest_args, "exit_status": proc.returncode, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-            "cores": os.cpu_count(), "load_average_at_start": round(load, 2), "date": time.strftime("%Y-%m-%d"),
-            "files": {p: {k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()}
-                      for p, f in sorted(files.items())}}
+    return {
+        "pytest_args": pytest_args,
+        "exit_status": proc.returncode,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        "cores": os.cpu_count(),
+        "load_average_at_start": round(load, 2),
+        "date": time.strftime("%Y-%m-%d"),
+        "files": {p: {k: round(v, 1) if isinstance(v, float) else v for k, v in f.items()} for p, f in sorted(files.items())},
+    }
 
 
 def render(record: dict) -> str:
     """The README's table of a record."""
     command = shlex.join(["python", "-m", "pytest", "-q", *record["pytest_args"]])
     lines = ["| test file | tests | of them `slow` | seconds | of them `slow` |", "|---|---|---|---|---|"]
-    lines += [f"| `{p}` | {f['tests']} | {f['slow']} | {f['seconds']:.0f} | {f['slow_seconds']:.0f} |"
-              for p, f in record["files"].items()]
+    lines += [
+        f"| `{p}` | {f['tests']} | {f['slow']} | {f['seconds']:.0f} | {f['slow_seconds']:.0f} |"
+        for p, f in record["files"].items()
+    ]
     total = {k: sum(f[k] for f in record["files"].values()) for k in ("tests", "slow", "seconds", "slow_seconds")}
     lines.append(f"| all | {total['tests']} | {total['slow']} | {total['seconds']:.0f} | {total['slow_seconds']:.0f} |")
-    lines += ["", f"`{command}` on {record['date']}: {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU on "
-                  f"{record['cores']} cores (load average {record['load_average_at_start']:g} at the start), exit status "
-                  f"{record['exit_status']}."]
+    lines += [
+        "",
+        f"`{command}` on {record['date']}: {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU on "
+        f"{record['cores']} cores (load average {record['load_average_at_start']:g} at the start), exit status "
+        f"{record['exit_status']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

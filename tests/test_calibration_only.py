@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import test_projection
 
 from kvpipe.io import sha256_file, write_json
@@ -134,6 +135,7 @@ def _projectors(kv: Path, samples_path: Path, model_dirs: dict, smoke_config: di
     return files
 
 
+@pytest.mark.slow  # the projection stage, three times
 def test_saved_projectors_read_only_calibration_passages(kv_dirs, samples_path, model_dirs, smoke_config, tmp_path):
     test, calibration = _split(samples_path, kv_dirs / "tiny-scout", smoke_config["projection"])
     expected = _projectors(kv_dirs, samples_path, model_dirs, smoke_config, tmp_path / "a")

@@ -54,6 +54,7 @@ def stage_out(tmp_path_factory, kv_dirs, model_dirs, samples_path, smoke_config)
     return out
 
 
+@pytest.mark.slow
 def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke_config):
     answers = pd.read_parquet(stage_out / "answers.parquet")
     assert ANSWER_COLUMNS <= set(answers.columns)
@@ -143,6 +144,7 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
                     smoke_config["prompt"], "self")
 
 
+@pytest.mark.slow
 def test_identity_projection_reproduces_the_main_answers_token_for_token(self_fit, tiny_main, smoke_config, samples):
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv", "chain"])
     for row in samples.itertuples(index=False):

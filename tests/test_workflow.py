@@ -199,7 +199,7 @@ def test_rematerialising_the_sampling_tokenizer_model_does_not_resample(repo, tm
     before = samples.read_bytes(), samples.stat().st_mtime_ns
     card = copy / "results/models/tiny-scout/kvpipe_model.json"
     written = card.stat().st_mtime_ns
-    proc = snakemake(copy, "--forcerun", "materialize_model", "results/models/tiny-scout/kvpipe_model.json")
+    proc = snakemake(copy, "results/models/tiny-scout/kvpipe_model.json", "--forcerun", "materialize_model")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert card.stat().st_mtime_ns > written
     plan = planned_jobs(snakemake(copy, "-n"))

@@ -20,8 +20,8 @@ from benchkit import MAIN, RECORDS, SCOUT, in_child, peak_rss_mb, scaled_samples
 
 from kvpipe.config import load_config
 from kvpipe.kv.extract import extract
+from kvpipe.kv.pairs import read_passages
 from kvpipe.models.materialize import materialize
-from kvpipe.structure.pair_data import read_passages
 
 
 def _extract(*args) -> dict:

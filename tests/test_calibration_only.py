@@ -22,10 +22,11 @@ import test_projection
 
 from kvpipe.io import sha256_file, write_json
 from kvpipe.kv import store as kvstore
+from kvpipe.kv.pairs import read_passages
 from kvpipe.projection.stage import run_projection
+from kvpipe.settings import StructureSettings, from_section
 from kvpipe.splits import split_by_passage
 from kvpipe.structure import stage as structure_stage
-from kvpipe.structure.pair_data import read_passages
 
 kv_dirs = test_projection.kv_dirs  # the projection tests' KV stores of the tiny pair
 ROLES = ("tiny-scout", "tiny-main")
@@ -82,7 +83,8 @@ def _digest(arrays: dict) -> str:
 def _structure_maps(kv: Path, samples_path: Path, cfg: dict) -> str:
     """The digest of every ridge map (all predictors and the mean) and CCA map the structure stage fits."""
     passages = read_passages(samples_path, kv / "tiny-scout")
-    run = structure_stage._prepare(kv / "tiny-scout", kv / "tiny-main", passages, "tiny", cfg)
+    settings = from_section(StructureSettings, cfg)
+    run = structure_stage._prepare(kv / "tiny-scout", kv / "tiny-main", passages, "tiny", settings)
     stats, _, _ = structure_stage._calibrate(run)
     maps, alphas = structure_stage._fit_maps(run, stats)
     return _digest(maps) + _digest(structure_stage._fit_cca(run, stats)) + json.dumps(alphas, sort_keys=True)

@@ -193,16 +193,17 @@ def test_bad_input_under_snakemake_is_one_line_naming_the_rule(repo, tmp_path):
 
 def test_rematerialising_the_sampling_tokenizer_model_does_not_resample(repo, tmp_path):
     """README: the sample table depends on the dataset and `sampling` only; the card of the sampling.tokenizer model
-    is an ancient input, so new weights for it (here: the same ones, written again) rerun its extraction only."""
+    is an ancient input, so new weights for that model (same tokenizer) rerun its extraction, never the sampling."""
     copy = fresh_copy(repo, tmp_path)
     samples = copy / "results/data/synthetic-small/samples.parquet"
     before = samples.read_bytes(), samples.stat().st_mtime_ns
     card = copy / "results/models/tiny-scout/kvpipe_model.json"
-    written = card.stat().st_mtime_ns
-    proc = snakemake(copy, "results/models/tiny-scout/kvpipe_model.json", "--forcerun", "materialize_model")
+    old = json.loads(card.read_text())["fingerprint"]
+    weights = overlay(tmp_path, "models:\n  tiny-scout: {seed: 11}\n")
+    proc = snakemake(copy, "results/models/tiny-scout/kvpipe_model.json", overlays=(weights,))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert card.stat().st_mtime_ns > written
-    plan = planned_jobs(snakemake(copy, "-n"))
+    assert json.loads(card.read_text())["fingerprint"] != old   # new weights, written
+    plan = planned_jobs(snakemake(copy, "-n", overlays=(weights,)))
     assert "sample_dataset" not in plan and plan["extract_kv"] == 1   # the model's KV is redone, its samples are not
     assert (samples.read_bytes(), samples.stat().st_mtime_ns) == before
 

@@ -141,6 +141,7 @@ def slurm_run(slurm_cluster, tmp_path_factory) -> tuple[Path, subprocess.Complet
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_every_job_runs_on_slurm_and_the_results_equal_the_local_run(slurm_run, slurm_cluster, local_digests):
     repo, proc = slurm_run
     log = proc.stdout + proc.stderr
@@ -168,6 +169,7 @@ def slurm_copy(slurm_run, tmp_path) -> Path:
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_a_job_cancelled_mid_stage_is_resubmitted_with_more_memory_and_gives_the_same_results(
     slurm_copy, slurm_cluster, local_digests
 ):
@@ -191,6 +193,7 @@ def test_a_job_cancelled_mid_stage_is_resubmitted_with_more_memory_and_gives_the
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_models_can_be_materialised_on_the_submit_host(slurm_copy, slurm_cluster, local_digests, tmp_path):
     repo = slurm_copy
     card = "results/models/tiny-scout/kvpipe_model.json"
@@ -207,6 +210,7 @@ def test_models_can_be_materialised_on_the_submit_host(slurm_copy, slurm_cluster
 
 
 @pytest.mark.slurm
+@pytest.mark.slow
 def test_start_again_starts_nothing(slurm_cluster):
     """start is idempotent: on a running cluster it starts no daemon and records the same pids."""
 

@@ -22,12 +22,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, planned_jobs, snakemake, snakemake_command
 
-from kvpipe.projection import report as projection_report
-from kvpipe.selection import report as selection_report
+from kvpipe.stages import stages
 
 HOOK = REPO / "tests" / "faults"
-TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md",
-         "timing.html"}
+TIMED = {*(name for s in stages() for name in s.timing), "ttft_aggregates.parquet", "timing.md", "timing.html"}
 UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")
 
 

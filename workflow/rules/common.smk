@@ -284,7 +284,7 @@ def projection_structure_metrics(wc):
     return one(rules.structure.output.metrics, dataset=wc.dataset, pair=wc.pair)
 
 
-# Output patterns of the final rules, registered by the rule files: of every run (TARGETS.append), or of stages
+# Output patterns of the final rules, as the rule files register them, of every run (TARGETS.append) or of stages
 # (stage_target), which TARGET_STAGES maps to the stages they need: built when run.stages holds them all.
 TARGETS = []
 TARGET_STAGES = {}

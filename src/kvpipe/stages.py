@@ -62,8 +62,10 @@ class Stage:
     def job_inputs(self, named: Any) -> dict[str, Path | None]:
         """Its inputs from a job's named input files (a directory for an Input that ``holds`` a file)."""
         paths = {spec.name: named.get(spec.name) for spec in self.inputs}
-        return {spec.name: (Path(paths[spec.name]).parent if spec.holds else Path(paths[spec.name]))
-                if paths[spec.name] else None for spec in self.inputs}
+        return {
+            spec.name: (Path(paths[spec.name]).parent if spec.holds else Path(paths[spec.name])) if paths[spec.name] else None
+            for spec in self.inputs
+        }
 
     def compute(self, inputs: Mapping[str, Path | None], pair: str, params: Mapping[str, Any], out_dir: Path) -> None:
         """Run its compute step: ``kvpipe.{name}.stage.compute``."""
@@ -74,8 +76,9 @@ class Stage:
         directory = Path(directory)
         timing = [{name: directory / name for name in self.timing}] if self.timing else []
         write_report = importlib.import_module(f"kvpipe.{self.name}.report").write_report
-        write_report(*(directory / name for name in self.tables), *timing, dataset, directory,
-                     *([verdicts] if self.verdicts else []))
+        write_report(
+            *(directory / name for name in self.tables), *timing, dataset, directory, *([verdicts] if self.verdicts else [])
+        )
 
 
 @cache

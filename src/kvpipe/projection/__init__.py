@@ -6,9 +6,18 @@ STAGE = Stage(
     name="projection",
     help="Fit scout->main KV projectors, inject them, answer; bytes and TTFT.",
     order=30,
-    inputs=(SCOUT_KV, MAIN_KV, SCOUT_DIR, MAIN_DIR, SAMPLES,
-            Input("structure_metrics", "the structure stage's metrics.parquet (needed by projection.layer_map: "
-                  "best_cka)", required=False)),
+    inputs=(
+        SCOUT_KV,
+        MAIN_KV,
+        SCOUT_DIR,
+        MAIN_DIR,
+        SAMPLES,
+        Input(
+            "structure_metrics",
+            "the structure stage's metrics.parquet (needed by projection.layer_map: best_cka)",
+            required=False,
+        ),
+    ),
     tables=("answers.parquet", "projector_metrics.parquet", "facts.json"),
     timing=("ttft.parquet", "timings.parquet", "timings.json"),
     models=True,

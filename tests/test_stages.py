@@ -134,6 +134,46 @@ def test_every_stage_is_a_subpackage_declaring_itself_with_its_report_module():
         assert stage.tables and all(isinstance(name, str) for name in stage.figures)
 
 
+@pytest.fixture
+def extra_package(tmp_path, monkeypatch):
+    """A directory on kvpipe's package path (as if beside the checkout's subpackages); the registry rebuilt."""
+    import kvpipe
+    from kvpipe import stages as registry
+
+    monkeypatch.setattr(kvpipe, "__path__", [*kvpipe.__path__, str(tmp_path)])
+    registry.stages.cache_clear()
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith(("kvpipe.zeta", "kvpipe.early", "kvpipe.helpers"))]:
+        del sys.modules[name]
+    registry.stages.cache_clear()
+
+
+def declare(root: Path, package: str, stage: str, order: int) -> None:
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text(
+        f"from kvpipe.stages import SAMPLES, Stage\n\nSTAGE = Stage(name={stage!r}, help='h', order={order}, "
+        "inputs=(SAMPLES,), tables=('t.parquet',))\n")
+
+
+def test_stages_are_found_in_subpackages_in_pipeline_order(extra_package):
+    from kvpipe.stages import stages
+
+    declare(extra_package, "early", "early", 5)
+    declare(extra_package, "zeta", "zeta", 15)
+    (extra_package / "helpers").mkdir()   # a subpackage that declares nothing is no stage
+    (extra_package / "helpers" / "__init__.py").write_text('"""Shared code."""\n')
+    assert [s.name for s in stages()] == ["early", "structure", "zeta", "selection", "projection"]
+
+
+def test_a_stage_named_other_than_its_subpackage_is_one_line(extra_package):
+    from kvpipe.errors import KvpipeError
+    from kvpipe.stages import stages
+
+    declare(extra_package, "zeta", "zeta2", 15)
+    with pytest.raises(KvpipeError, match=r"^kvpipe.zeta.STAGE: must be a kvpipe.stages.Stage named 'zeta'$"):
+        stages()
+
+
 @pytest.mark.slow
 def test_a_stage_added_in_four_places_is_built_and_reported(tmp_path):
     checkout = copy_checkout(tmp_path / "checkout")

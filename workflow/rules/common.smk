@@ -178,7 +178,7 @@ def report_inputs(stage):
 
 
 def _caption(stage, name):
-    """workflow/report/{stage}/{name}.rst, if it exists (a remote module's always do)."""
+    """workflow/report/{stage}/{name}.rst if it exists (assumed for a remote module: none is checked there)."""
     caption = f"../report/{stage}/{name}.rst"
     if (
         CHECKOUT is None

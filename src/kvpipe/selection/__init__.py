@@ -1,4 +1,4 @@
-"""Selection transfer: token-selection methods, the stage runner and its report."""
+"""Selection transfer: scout/main overlap, the stage runner (methods from kvpipe.scoring) and its report."""
 
 from kvpipe.stages import MAIN_DIR, SAMPLES, SCOUT_DIR, Stage
 

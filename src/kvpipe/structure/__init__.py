@@ -1,4 +1,4 @@
-"""Structural analysis: CKA and ridge statistics, the stage runner and its report."""
+"""Structural analysis: CKA, the stage runner (ridge and CCA from kvpipe.linalg) and its report."""
 
 from kvpipe.stages import MAIN_KV, SAMPLES, SCOUT_KV, Stage
 

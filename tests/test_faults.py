@@ -24,6 +24,8 @@ from conftest import REPO, planned_jobs, snakemake, snakemake_command
 
 from kvpipe.stages import stages
 
+pytestmark = pytest.mark.slow   # Snakemake runs, killed and rerun
+
 HOOK = REPO / "tests" / "faults"
 TIMED = {*(name for s in stages() for name in s.timing), "ttft_aggregates.parquet", "timing.md", "timing.html"}
 UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")

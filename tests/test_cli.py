@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 from conftest import REPO, SMOKE
 
+from kvpipe.cli import parser
 from kvpipe.io import read_json
 from kvpipe.kv import store as kvstore
+from kvpipe.stages import stages
 
 
 @pytest.mark.slow
@@ -58,6 +60,18 @@ def test_cli_runs_the_stages_without_snakemake(tmp_path):
                 "progress"):
         help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
         assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout
+
+
+def test_the_cli_has_one_subcommand_per_declared_stage():
+    commands = parser()._subparsers._group_actions[0].choices
+    names = [s.name for s in stages()]
+    assert [c for c in commands if commands[c].get_default("declared") is not None] == names
+    for stage in stages():
+        options = {a.dest: a for a in commands[stage.name]._actions}
+        assert {spec.name for spec in stage.inputs} <= set(options)
+        assert all(options[spec.name].required == spec.required for spec in stage.inputs)
+    report = next(a for a in commands["report"]._actions if a.dest == "stage")
+    assert list(report.choices) == names
 
 
 def test_cli_names_unknown_entries_in_one_line(tmp_path):

@@ -22,14 +22,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, planned_jobs, snakemake, snakemake_command
 
-from kvpipe.projection import report as projection_report
-from kvpipe.selection import report as selection_report
+from kvpipe.stages import stages
 
 pytestmark = pytest.mark.slow   # Snakemake runs, killed and rerun
 
 HOOK = REPO / "tests" / "faults"
-TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md",
-         "timing.html"}
+TIMED = {*(name for s in stages() for name in s.timing), "ttft_aggregates.parquet", "timing.md", "timing.html"}
 UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")
 
 

@@ -17,13 +17,11 @@ import pytest
 from conftest import REPO, planned_jobs, snakemake
 
 from kvpipe.kv import store as kvstore
-from kvpipe.projection.report import FIGURES as PROJECTION_FIGURES
-from kvpipe.selection.report import FIGURES as SELECTION_FIGURES
-from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
+from kvpipe.stages import stages
 
 pytestmark = pytest.mark.slow   # every test here starts Snakemake (most on the completed smoke run)
 
-STAGE_FIGURES = {"structure": STRUCTURE_FIGURES, "selection": SELECTION_FIGURES, "projection": PROJECTION_FIGURES}
+STAGE_FIGURES = {stage.name: stage.figures for stage in stages()}
 PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
 RUN_JOBS = {**PAIR_JOBS, "pairs_summary": 1}   # a pair's jobs and the run's cross-pair summary
 
@@ -237,7 +235,7 @@ def test_html_report_holds_every_figure(repo):
     for name in (name for figures in STAGE_FIGURES.values() for name in figures):
         assert f"{name}.png" in html
     # the summaries as HTML pages, which the report shows inline (it offers Markdown only as a download)
-    pages = {"structure": ["summary"], "selection": ["summary", "timing"], "projection": ["summary", "timing"]}
+    pages = {stage.name: ["summary", *(["timing"] if stage.timing else [])] for stage in stages()}
     for stage, names in pages.items():
         for name in names:
             rendered = (repo / "results" / stage / "synthetic-small" / "tiny" / f"{name}.html").read_text()
@@ -261,10 +259,10 @@ def test_rule_files_are_snakefmt_formatted_and_lint_clean():
     assert lint.returncode == 0 and "Congratulations" in lint.stdout + lint.stderr, lint.stdout + lint.stderr
 
 
-def test_every_figure_has_one_caption():
-    for stage, figures in STAGE_FIGURES.items():
-        captions = {p.stem for p in (REPO / "workflow" / "report" / stage).glob("*.rst")} - {"summary", "timing"}
-        assert captions == set(figures)
+def test_every_figure_and_page_has_one_caption():
+    for stage in stages():
+        captions = {p.stem for p in (REPO / "workflow" / "report" / stage.name).glob("*.rst")}
+        assert captions == {*stage.figures, "summary", *(["timing"] if stage.timing else [])}
 
 
 def test_bad_config_stops_before_any_job_with_one_line(tmp_path):

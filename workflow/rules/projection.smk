@@ -3,10 +3,10 @@ rule projection:
     input:
         scout_kv=pair_kv("scout"),
         main_kv=pair_kv("main"),
-        scout=pair_model_card("scout"),
-        main=pair_model_card("main"),
+        scout_dir=pair_model_card("scout"),
+        main_dir=pair_model_card("main"),
         samples=rules.sample_dataset.output.samples,
-        structure=projection_structure_metrics,
+        structure_metrics=projection_structure_metrics,
     output:
         answers="results/projection/{dataset}/{pair}/answers.parquet",
         metrics="results/projection/{dataset}/{pair}/projector_metrics.parquet",
@@ -26,58 +26,31 @@ rule projection:
         runtime=job_resource("runtime", job_pair_models),
         gpu=MODEL_GPUS,
     params:
-        projection=lambda wc: pair_settings(config, wc.pair, "projection"),
-        prompt=config["prompt"],
-        device=config["device"],
-        dtype=config["extraction"]["dtype"],
-        code=code("projection_pair.py"),
+        **compute_params("projection"),
     script:
-        "../scripts/projection_pair.py"
+        "../scripts/stage_compute.py"
 
 
 rule projection_report:
     """F1 against bytes, F1 per condition, reconstruction against function, and the summary."""
     input:
-        answers=rules.projection.output.answers,
-        metrics=rules.projection.output.metrics,
-        facts=rules.projection.output.facts,
-        timing=rules.projection.output.timing,
+        report_inputs("projection"),
     output:
-        **stage_figures("projection"),
-        **stage_figures("projection", pdf=True),
-        summary="results/projection/{dataset}/{pair}/summary.md",
-        # the report shows HTML inline (Markdown only as a download): the same page rendered
-        summary_html=report(
-            "results/projection/{dataset}/{pair}/summary.html",
-            caption="../report/projection/summary.rst",
-            category="projection",
-            subcategory="{pair} on {dataset}",
-            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
-        ),
+        **report_outputs("projection"),
         aggregates="results/projection/{dataset}/{pair}/aggregates.parquet",
-        timing="results/projection/{dataset}/{pair}/timing.md",
-        # the report shows HTML inline (Markdown only as a download): the same page rendered
-        timing_html=report(
-            "results/projection/{dataset}/{pair}/timing.html",
-            caption="../report/projection/timing.rst",
-            category="projection",
-            subcategory="{pair} on {dataset}",
-            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "timing"},
-        ),
         ttft="results/projection/{dataset}/{pair}/ttft_aggregates.parquet",
     log:
         "results/logs/projection_report/{dataset}/{pair}.log",
     conda:
         CONDA_ENV
     params:
-        verdicts=config["verdicts"],
-        code=code("projection_report.py"),
+        **report_params("projection"),
     script:
-        "../scripts/projection_report.py"
+        "../scripts/stage_report.py"
 
 
 localrules:
     projection_report,
 
 
-TARGETS.append(rules.projection_report.output.summary)
+stage_target(rules.projection_report.output.summary, "projection")

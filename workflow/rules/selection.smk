@@ -1,8 +1,8 @@
 rule selection:
     """Q2C / SnapKV / random selection by scout and main, overlap, and QA F1 from pruned caches."""
     input:
-        scout=pair_model_card("scout"),
-        main=pair_model_card("main"),
+        scout_dir=pair_model_card("scout"),
+        main_dir=pair_model_card("main"),
         samples=rules.sample_dataset.output.samples,
     output:
         answers="results/selection/{dataset}/{pair}/answers.parquet",
@@ -22,59 +22,30 @@ rule selection:
         runtime=job_resource("runtime", job_pair_models),
         gpu=MODEL_GPUS,
     params:
-        # with the one alignment setting selection reads (only for a pair whose tokenizers differ)
-        selection=lambda wc: pair_settings(config, wc.pair, "selection")
-        | {"alignment": {"min_cover": config["alignment"]["min_cover"]}},
-        prompt=config["prompt"],
-        device=config["device"],
-        dtype=config["extraction"]["dtype"],
-        code=code("selection_pair.py"),
+        **compute_params("selection"),
     script:
-        "../scripts/selection_pair.py"
+        "../scripts/stage_compute.py"
 
 
 rule selection_report:
     """Paired-bootstrap tables, figures and summary of selection transfer, from its tables alone."""
     input:
-        answers=rules.selection.output.answers,
-        overlap=rules.selection.output.overlap,
-        facts=rules.selection.output.facts,
-        timing=rules.selection.output.timing,
+        report_inputs("selection"),
     output:
-        **stage_figures("selection"),
-        **stage_figures("selection", pdf=True),
-        summary="results/selection/{dataset}/{pair}/summary.md",
-        # the report shows HTML inline (Markdown only as a download): the same page rendered
-        summary_html=report(
-            "results/selection/{dataset}/{pair}/summary.html",
-            caption="../report/selection/summary.rst",
-            category="selection",
-            subcategory="{pair} on {dataset}",
-            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
-        ),
+        **report_outputs("selection"),
         aggregates="results/selection/{dataset}/{pair}/aggregates.parquet",
-        timing="results/selection/{dataset}/{pair}/timing.md",
-        # the report shows HTML inline (Markdown only as a download): the same page rendered
-        timing_html=report(
-            "results/selection/{dataset}/{pair}/timing.html",
-            caption="../report/selection/timing.rst",
-            category="selection",
-            subcategory="{pair} on {dataset}",
-            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "timing"},
-        ),
     log:
         "results/logs/selection_report/{dataset}/{pair}.log",
     conda:
         CONDA_ENV
     params:
-        verdicts=config["verdicts"],
-        code=code("selection_report.py"),
+        **report_params("selection"),
     script:
-        "../scripts/selection_report.py"
+        "../scripts/stage_report.py"
 
 
 localrules:
     selection_report,
 
 
-TARGETS.append(rules.selection_report.output.summary)
+stage_target(rules.selection_report.output.summary, "selection")

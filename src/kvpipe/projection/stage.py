@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,11 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     if len(test):
         facts["n_template_tokens"] = answerer.prompt_tokens(next(test.itertuples(index=False))).context_start
     write_json(out_dir / "facts.json", facts)
+
+
+def compute(inputs: Mapping[str, Path | None], pair: str, params: Mapping[str, Any], out_dir: Path) -> None:
+    """The stage's compute step as the workflow and the CLI run it (kvpipe.stages): inputs by name, params from
+    kvpipe.config.stage_params."""
+    run_projection(inputs["scout_kv"], inputs["main_kv"], inputs["samples"], inputs["scout_dir"], inputs["main_dir"], pair,
+                   params["projection"], params["prompt"], params["device"], params["dtype"], out_dir,
+                   inputs["structure_metrics"])

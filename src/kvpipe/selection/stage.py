@@ -284,3 +284,10 @@ def run_selection(scout_dir: Path, main_dir: Path, samples: Path, pair: str, cfg
         write_parquet(frame, out_dir / f"{name}.parquet")
     write_json(out_dir / "facts.json", {"pair": pair, "n_samples": len(used), "n_sampled": len(table), "selection": cfg,
                                         **{role: read_json(models[role] / CARD)["slug"] for role in ROLES}})
+
+
+def compute(inputs: Mapping[str, Path | None], pair: str, params: Mapping[str, Any], out_dir: Path) -> None:
+    """The stage's compute step as the workflow and the CLI run it (kvpipe.stages): inputs by name, params from
+    kvpipe.config.stage_params."""
+    run_selection(inputs["scout_dir"], inputs["main_dir"], inputs["samples"], pair, params["selection"], params["prompt"],
+                  params["device"], params["dtype"], out_dir)

@@ -1,13 +1,13 @@
-"""Rule projection: a pair's KV datasets and models x samples -> projectors, answers, metrics, facts, timing files."""
+"""Rule projection_chunk: a pair's models and fitted projectors x one chunk of samples -> answers, TTFT, timings."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # this checkout's kvpipe
-from kvpipe.projection.stage import run_projection
+from kvpipe.projection.stage import answer_chunk
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):
-    run_projection(Path(snakemake.input.scout_kv).parent, Path(snakemake.input.main_kv).parent, snakemake.input.samples,
-                   Path(snakemake.input.scout).parent, Path(snakemake.input.main).parent, snakemake.wildcards.pair,
-                   snakemake.params.projection, snakemake.params.prompt, snakemake.params.device,
-                   snakemake.params.dtype, Path(snakemake.output.answers).parent, snakemake.input.structure or None)
+    answer_chunk(snakemake.input.answering, snakemake.input.chunk, Path(snakemake.input.scout).parent,
+                 Path(snakemake.input.main).parent, snakemake.wildcards.pair, snakemake.params.projection,
+                 snakemake.params.prompt, snakemake.params.device, snakemake.params.dtype,
+                 Path(snakemake.output.answers).parent)

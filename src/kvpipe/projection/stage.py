@@ -12,6 +12,9 @@
    timing files (ttft.parquet, timings.parquet per sample, timings.json: phases and fit times), so that
    every other output is byte-identical between runs; kvpipe.projection.report turns the tables into
    aggregates, figures, the summary and the timing report.
+
+Steps 1-2 are fit_projection (once per pair, on the whole sample table); step 3 is answer_chunk, one job per
+chunk of samples (kvpipe.chunks), reading the fit's ANSWERING file; kvpipe.projection.gather joins the chunks.
 """
 
 from __future__ import annotations

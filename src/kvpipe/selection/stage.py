@@ -277,7 +277,7 @@ def run_chunk(scout_dir: Path, main_dir: Path, chunk: Path, pair: str, cfg: dict
 
     With `max_samples`, the selection is made on the whole sample table (samples), whose passages it counts.
     """
-    used = pd.read_parquet(chunk)
+    used = pd.read_parquet(chunk).sort_values("sample_idx", ignore_index=True)
     if cfg["max_samples"] is not None:
         if samples is None:
             raise KvpipeError("selection.max_samples: the chunk needs the whole sample table to select passages")

@@ -82,6 +82,9 @@ def gather_kv(chunk_roots: Sequence[Path | str], samples: Path | str, root: Path
     for field in manifests[0]["key"].keys() - {"samples_sha256"}:
         _same([m["key"] for m in manifests], field)
     size = _same([m["key"]["extraction"] for m in manifests], "shard_size")
+    n_samples = sum(m["n_samples"] for m in manifests)
+    if n_samples != pq.read_metadata(samples).num_rows:
+        raise KvpipeError(f"{samples}: {pq.read_metadata(samples).num_rows} samples, but the KV chunks hold {n_samples}")
     shards = []
     for chunk_root, manifest in zip(map(Path, chunk_roots), manifests, strict=True):
         for shard in manifest["shards"]:
@@ -97,9 +100,6 @@ def gather_kv(chunk_roots: Sequence[Path | str], samples: Path | str, root: Path
                 _link(chunk_root / rel, root / target)
                 files[target] = digest
             shards.append(shard | {"index": index, "files": files})
-    n_samples = sum(m["n_samples"] for m in manifests)
-    if n_samples != pq.read_metadata(samples).num_rows:
-        raise KvpipeError(f"{samples}: {pq.read_metadata(samples).num_rows} samples, but the KV chunks hold {n_samples}")
     kvstore.remove_stale(root, {rel for shard in shards for rel in shard["files"]})
     manifest = manifests[0] | {
         "key": manifests[0]["key"] | {"samples_sha256": sha256_file(Path(samples))},

@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from kvpipe.io import atomic_path, write_json, write_parquet
+from kvpipe.kv.pairs import read_passages
 from kvpipe.models.load import load_model
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
@@ -42,7 +43,6 @@ from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
 from kvpipe.projection.payload import text_bytes
 from kvpipe.splits import whole_passages
-from kvpipe.structure.pair_data import read_passages
 
 ANSWERING = "answering.pt"        # fit_projection -> answer_chunk: fitted projectors, means, hidden map, test samples
 FIT_TIMINGS = "fit_timings.json"  # the fit's phases and times, joined with the chunks' seconds by the gather

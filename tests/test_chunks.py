@@ -211,6 +211,7 @@ def gpu_jobs(dry_run: str) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_readme_states_the_gpu_fan_out_of_a_3b_7b_run_on_1000_squad_questions(tmp_path):
     squad = tmp_path / "dev-v2.0.json"
     squad.write_text("{}")  # a dry run reads no dataset

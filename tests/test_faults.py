@@ -26,6 +26,8 @@ from kvpipe.projection import report as projection_report
 from kvpipe.projection.stage import FIT_TIMINGS
 from kvpipe.selection import report as selection_report
 
+pytestmark = pytest.mark.slow   # Snakemake runs, killed and rerun
+
 HOOK = REPO / "tests" / "faults"
 TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, FIT_TIMINGS, "ttft_aggregates.parquet",
          "timing.md", "timing.html"}

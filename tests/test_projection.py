@@ -24,10 +24,11 @@ from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import SampleInputs
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
+from kvpipe.projection.gather import gather
 from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
 from kvpipe.projection.registry import CONDITIONS, PROJECTORS, plan_all
-from kvpipe.projection.stage import run_projection
+from kvpipe.projection.stage import ANSWERING, FIT_TIMINGS, answer_chunk, fit_projection, run_projection
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
@@ -335,3 +336,30 @@ def test_the_scout_selects_with_any_registered_method(self_fit, tiny_main, smoke
         k = context_budget(r, n, tokens.context_start, smoke_config["projection"]["budget"])
         assert np.array_equal(sel, top_n(uniform, k))
     assert any(not np.array_equal(chosen["random"][r], chosen["q2c"][r]) for r in chosen["q2c"])
+
+
+@pytest.mark.slow
+def test_answering_chunks_gathered_equal_the_whole_run_byte_for_byte(tmp_path, kv_dirs, model_dirs, samples_path,
+                                                                      smoke_config):
+    """One fit, then the test samples answered in two chunks of the sample table ([0, 4) and [4, 6)) and gathered:
+    the answers are the whole run's byte for byte; TTFT covers the first test sample only, wherever its chunk."""
+    cfg = smoke_config["projection"] | {"projectors": ["ridge"], "objectives": ["reconstruction"],
+                                        "conditions": ["main_full", "projected_kv", "always_abstain"], "ttft_samples": 1}
+    args = (model_dirs["tiny-scout"], model_dirs["tiny-main"], "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
+    kv = (kv_dirs / "tiny-scout", kv_dirs / "tiny-main", samples_path)
+    run_projection(*kv, *args, tmp_path / "whole")
+    fit_projection(*kv, *args, tmp_path / "fit")
+    table = pd.read_parquet(samples_path)
+    chunks = []
+    for first, end in ((0, 4), (4, 6)):
+        table.iloc[first:end].to_parquet(tmp_path / f"chunk{first}.parquet")
+        chunks.append(tmp_path / "fit" / "chunks" / str(first))
+        answer_chunk(tmp_path / "fit" / ANSWERING, tmp_path / f"chunk{first}.parquet", *args, chunks[-1])
+    assert all(len(pd.read_parquet(c / "answers.parquet")) for c in chunks)   # both chunks hold test samples
+    gather(chunks, tmp_path / "fit" / FIT_TIMINGS, tmp_path / "fit")
+    for name in ("answers.parquet", "projector_metrics.parquet", "facts.json"):
+        assert (tmp_path / "fit" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    ttft = pd.read_parquet(tmp_path / "fit" / "ttft.parquet")
+    assert ttft["sample_idx"].nunique() == 1 and len(ttft) == len(pd.read_parquet(tmp_path / "whole" / "ttft.parquet"))
+    assert set(read_json(tmp_path / "fit" / "timings.json")["phases"]) == {"statistics_s", "attention_data_s", "fit_s",
+                                                                           "metrics_s", "answers_s"}

@@ -17,6 +17,7 @@ from kvpipe.scoring.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, 
 from kvpipe.scoring.select import context_budget, select
 from kvpipe.selection import stage
 from kvpipe.selection.aggregate import aggregate
+from kvpipe.selection.gather import gather
 from kvpipe.selection.report import FIGURES, summary_markdown, write_report
 from kvpipe.selection.stage import overlap_row, run_pair, run_selection
 from kvpipe.splits import whole_passages
@@ -159,6 +160,32 @@ def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, 
     agg = pd.read_parquet(tmp_path / "report/aggregates.parquet")
     assert {"q2c", "snapkv", "random", "full"} <= set(agg["method"]) and {"main", "scout"} <= set(agg["role"])
     assert {"transfer", "overlap"} <= set(agg["table"])
+
+
+@pytest.mark.slow
+def test_chunks_gathered_equal_the_whole_run_byte_for_byte_with_max_samples(tmp_path, model_dirs, samples, smoke_config):
+    """max_samples 3 keeps the first two passages of samples 1..4 (kvpipe.splits.whole_passages on the whole table):
+    chunk [1, 3) answers both its samples, chunk [3, 5) none (its two samples share the third passage) and loads no
+    model; their tables, gathered, are the whole run's byte for byte, and so is facts.json."""
+    cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2, "max_samples": 3}
+    table = samples.iloc[1:5]
+    table.to_parquet(tmp_path / "samples.parquet")
+    models = (model_dirs["tiny-scout"], model_dirs["tiny-main"])
+    run_selection(*models, tmp_path / "samples.parquet", "tiny", cfg, smoke_config["prompt"], "cpu", "float32",
+                  tmp_path / "whole")
+    chunks = []
+    for i, rows in enumerate((table.iloc[:2], table.iloc[2:])):
+        rows.to_parquet(tmp_path / f"chunk{i}.parquet")
+        chunks.append(tmp_path / "chunks" / str(i))
+        stage.run_chunk(*models, tmp_path / f"chunk{i}.parquet", "tiny", cfg, smoke_config["prompt"], "cpu", "float32",
+                        chunks[-1], tmp_path / "samples.parquet")
+    assert len(pd.read_parquet(chunks[0] / "answers.parquet")) and not len(pd.read_parquet(chunks[1] / "answers.parquet"))
+    gather(chunks, tmp_path / "samples.parquet", {"scout": models[0], "main": models[1]}, "tiny", cfg, tmp_path / "gathered")
+    for name in ("answers.parquet", "overlap.parquet", "facts.json"):
+        assert (tmp_path / "gathered" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    with pytest.raises(KvpipeError, match="selection.max_samples: the chunk needs the whole sample table"):
+        stage.run_chunk(*models, tmp_path / "chunk0.parquet", "tiny", cfg, smoke_config["prompt"], "cpu", "float32",
+                        tmp_path / "nowhere")
 
 
 def _with_alignment(smoke_config, **kw):

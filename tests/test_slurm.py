@@ -35,8 +35,10 @@ from test_faults import PAIRS_SUMMARY, STAGE_DIRS, differences, result_digests
 SCRIPT = REPO / "profiles" / "slurm" / "testcluster.sh"
 HOOK = REPO / "tests" / "slurm"
 SYSTEM_CONF = "/etc/slurm/slurm.conf"  # the script links it to its cluster's slurm.conf
-GPU_RULES = {"extract_kv", "selection", "projection"}  # the profile sends them to the GPU partition
-LOCAL_RULES = {"structure_report", "selection_report", "projection_report", "pairs_summary", "all"}
+# the profile sends them to the GPU partition: one job per chunk of samples, and the projector fit
+GPU_RULES = {"extract_kv_chunk", "selection_chunk", "projection_fit", "projection_chunk"}
+LOCAL_RULES = {"structure_report", "selection_report", "projection_report", "pairs_summary", "all",
+               "sample_dataset", "extract_kv", "selection", "projection"}   # the reports and the chunks' gathers
 CLUSTER_ARGS = (
     "--slurm-status-command",
     "squeue",
@@ -147,10 +149,10 @@ def test_every_job_runs_on_slurm_and_the_results_equal_the_local_run(slurm_run, 
     log = proc.stdout + proc.stderr
     jobs = slurm_jobs(log)
     planned = {m[1] for m in re.finditer(r"^rule (\w+):$", log, re.M)}
-    assert planned == {"materialize_model", "sample_dataset", "extract_kv", "structure", "selection", "projection"}
+    assert planned == {"materialize_model", "sample_chunk", "structure"} | GPU_RULES
     assert set(re.findall(r"^localrule (\w+):$", log, re.M)) == LOCAL_RULES  # run on the submit host, as declared
-    assert set(jobs) == planned and [len(jobs[r]) for r in ("materialize_model", "extract_kv")] == [2, 2]
-    assert all(len(jobs[r]) == 1 for r in planned - {"materialize_model", "extract_kv"}), jobs  # no retry needed
+    assert set(jobs) == planned and [len(jobs[r]) for r in ("materialize_model", "extract_kv_chunk")] == [2, 2]
+    assert all(len(jobs[r]) == 1 for r in planned - {"materialize_model", "extract_kv_chunk"}), jobs  # no retry needed
     records = squeue(slurm_cluster, [slurm_id for submitted in jobs.values() for _, slurm_id in submitted])
     for rule, submitted in jobs.items():
         for _, slurm_id in submitted:
@@ -183,7 +185,7 @@ def test_a_job_cancelled_mid_stage_is_resubmitted_with_more_memory_and_gives_the
     )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    (first, cancelled), (second, resubmitted) = slurm_jobs(log)["selection"]  # one job, submitted twice
+    (first, cancelled), (second, resubmitted) = slurm_jobs(log)["selection_chunk"]  # one job, submitted twice
     assert first == second and mark.read_text() == cancelled != resubmitted  # the first one cancelled itself
     assert f"SLURM-job '{cancelled}' failed, SLURM status is: 'CANCELLED'" in log
     records = squeue(slurm_cluster, [cancelled, resubmitted])

@@ -22,7 +22,9 @@ from kvpipe.stages import stages
 pytestmark = pytest.mark.slow   # every test here starts Snakemake (most on the completed smoke run)
 
 STAGE_FIGURES = {stage.name: stage.figures for stage in stages()}
-PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
+# a pair's jobs (the smoke run's 6 samples make one chunk): structure, and selection and projection per chunk, gathered
+PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")} | {
+    "selection_chunk": 1, "projection_fit": 1, "projection_chunk": 1}
 RUN_JOBS = {**PAIR_JOBS, "pairs_summary": 1}   # a pair's jobs and the run's cross-pair summary
 
 
@@ -70,7 +72,7 @@ def test_smoke_workflow_builds_every_target(repo):
         assert manifest["n_samples"] == 6
         assert kvstore.read_layer(root, layers - 1).num_rows == manifest["rows_per_layer"]
         assert (repo / f"results/logs/extract_kv/synthetic-small/{model}.log").read_text().startswith("torch threads: ")
-        assert (repo / f"results/benchmarks/extract_kv/synthetic-small/{model}.tsv").read_text().startswith("s\t")
+        assert (repo / f"results/benchmarks/extract_kv_chunk/synthetic-small/{model}/0000.tsv").read_text().startswith("s\t")
     card = json.loads((repo / "results/models/tiny-main/kvpipe_model.json").read_text())
     assert card["slug"] == "tiny-main"
 
@@ -79,8 +81,8 @@ def test_rerun_does_nothing_and_one_model_change_reruns_only_its_jobs(repo, tmp_
     assert planned_jobs(snakemake(repo, "-n")) == {}
     change = overlay(tmp_path, "models:\n  tiny-main: {seed: 9}\n")
     # that model, its KV, and the analyses of the one pair that uses it; the dataset is not resampled
-    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"materialize_model": 1, "extract_kv": 1,
-                                                                        **RUN_JOBS, "all": 1}
+    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"materialize_model": 1, "extract_kv_chunk": 1,
+                                                                        "extract_kv": 1, **RUN_JOBS, "all": 1}
     resources = overlay(tmp_path, "resources:\n  models:\n    tiny-main: {mem_mb: 1200}\n")
     assert planned_jobs(snakemake(repo, "-n", overlays=(resources,))) == {}
 
@@ -89,8 +91,8 @@ def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
     change = overlay(tmp_path, "extraction: {storage_dtype: float16}\n")
     plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
     # selection reads no stored KV
-    assert plan == {"extract_kv": 2, "structure": 1, "structure_report": 1, "projection": 1, "projection_report": 1,
-                    "pairs_summary": 1, "all": 1}
+    assert plan == {"extract_kv_chunk": 2, "extract_kv": 2, "structure": 1, "structure_report": 1, "projection_fit": 1,
+                    "projection_chunk": 1, "projection": 1, "projection_report": 1, "pairs_summary": 1, "all": 1}
 
 
 @pytest.mark.parametrize("module, expected", [
@@ -98,9 +100,10 @@ def test_extraction_setting_reruns_extraction_only(repo, tmp_path):
     ("selection/report.py", {"selection_report": 1, "pairs_summary": 1}),
     ("reporting.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
     ("markdown_html.py", {"structure_report": 1, "selection_report": 1, "projection_report": 1, "pairs_summary": 1}),
-    ("projection/mlp.py", {"projection": 1, "projection_report": 1}),
+    ("projection/mlp.py", {"projection_fit": 1, "projection_chunk": 1, "projection": 1, "projection_report": 1}),
     ("structure/cka.py", {"structure": 1, "structure_report": 1, "pairs_summary": 1}),  # defines linear_cka
-    ("data/prompt.py", {"sample_dataset": 1, "extract_kv": 2, **RUN_JOBS}),  # every rule that builds prompts
+    # every rule that builds prompts, and the gathers that read the KV store's segment names
+    ("data/prompt.py", {"sample_chunk": 1, "sample_dataset": 1, "extract_kv_chunk": 2, "extract_kv": 2, **RUN_JOBS}),
 ])
 def test_editing_a_module_reruns_exactly_the_rules_that_run_it(repo, module, expected):
     assert "def linear_cka" in (repo / "src/kvpipe/structure/cka.py").read_text()
@@ -114,13 +117,14 @@ def test_a_new_pair_with_a_new_model_runs_only_that_model_and_pair(repo, tmp_pat
                                "pairs:\n  tiny2: {scout: tiny-scout, main: tiny-new}\n"
                                "run:\n  pairs: [tiny, tiny2]\n")
     plan = planned_jobs(snakemake(repo, "-n", overlays=(change,)))
-    assert plan == {"materialize_model": 1, "extract_kv": 1, **RUN_JOBS, "all": 1}
+    assert plan == {"materialize_model": 1, "extract_kv_chunk": 1, "extract_kv": 1, **RUN_JOBS, "all": 1}
 
 
 def test_one_pair_setting_reruns_only_that_pairs_selection(repo, tmp_path):
     change = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 3}}\n")
-    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"selection": 1, "selection_report": 1,
-                                                                        "pairs_summary": 1, "all": 1}
+    assert planned_jobs(snakemake(repo, "-n", overlays=(change,))) == {"selection_chunk": 1, "selection": 1,
+                                                                        "selection_report": 1, "pairs_summary": 1,
+                                                                        "all": 1}
     same = overlay(tmp_path, "pairs:\n  tiny: {selection: {max_new_tokens: 4}}\n")  # the global value: nothing changes
     assert planned_jobs(snakemake(repo, "-n", overlays=(same,))) == {}
 
@@ -147,7 +151,7 @@ def test_editing_the_dataset_file_resamples(repo, tmp_path):
     assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {}
     doc["data"][0]["paragraphs"][0]["qas"][0]["question"] = "Edited question about the Normans?"
     squad.write_text(json.dumps(doc))
-    assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {"sample_dataset": 1}
+    assert planned_jobs(snakemake(repo, "-n", target, overlays=(change,))) == {"sample_chunk": 1, "sample_dataset": 1}
 
 
 def test_a_gguf_path_is_an_input_of_materialisation(repo, tmp_path):
@@ -167,7 +171,7 @@ def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
     with edited(repo / "src/kvpipe/data/sampling.py", f"\nraise RuntimeError({marker!r})\n"):
         proc = snakemake(repo, "results/data/synthetic-marker/samples.parquet", overlays=(change,))
     assert proc.returncode != 0
-    log = repo / "results/logs/sample_dataset/synthetic-marker.log"
+    log = repo / "results/logs/sample_chunk/synthetic-marker/0000.log"
     assert marker in proc.stderr + (log.read_text() if log.exists() else "")
     assert marker not in (REPO / "src/kvpipe/data/sampling.py").read_text()
 
@@ -317,8 +321,9 @@ def test_usable_as_a_snakemake_module_from_a_wrapper_in_another_directory(tmp_pa
                               capture_output=True, text=True, timeout=600)
 
     plan = planned_jobs(wrapper("-n"))
-    assert plan == {f"kvpipe_{rule}": n for rule, n in {"materialize_model": 2, "sample_dataset": 1, "extract_kv": 2,
-                                                         **RUN_JOBS, "all": 1}.items()}
+    assert plan == {f"kvpipe_{rule}": n for rule, n in {"materialize_model": 2, "sample_chunk": 1, "sample_dataset": 1,
+                                                         "extract_kv_chunk": 2, "extract_kv": 2, **RUN_JOBS,
+                                                         "all": 1}.items()}
     target = "results/data/synthetic-small/samples.parquet"
     proc = wrapper(target)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -38,7 +38,7 @@ def schema() -> dict[str, Any]:
             "description": f"this pair's overrides of the global `{name}` section (merged over it, then validated)"}
     props["run"]["properties"]["stages"] |= {"items": {"enum": names}, "default": names}
     threads = props["resources"]["properties"]["threads"]["propertyNames"]
-    threads["enum"] = sorted([*threads["enum"], *names])
+    threads["enum"] = sorted([*threads["enum"], *(rule for s in stages() for rule in s.threaded_rules)])
     return root
 
 
@@ -171,6 +171,10 @@ def _check_references(config: Config) -> None:
     if tokenizer not in models and "/" not in tokenizer:
         raise KvpipeError(f"sampling.tokenizer: {tokenizer!r} is neither a configured model "
                           f"({', '.join(sorted(models))}) nor a hub tokenizer id (org/name)")
+    size, shard = config["run"]["chunk_size"], config["extraction"]["shard_size"]
+    if size % shard:
+        raise KvpipeError(f"run.chunk_size: {size} is not a multiple of extraction.shard_size={shard} "
+                          "(a chunk holds whole KV shards)")
     user = config["prompt"]["user"]
     if user.count("{context}") != 1 or user.count("{question}") != 1:
         raise KvpipeError("prompt.user: must contain {context} and {question} exactly once each")

@@ -53,6 +53,12 @@ class Stage:
     alignment: tuple[str, ...] = ()  # the `alignment` settings it reads, merged into its section's settings
     models: bool = False  # it runs the models: its params hold the prompt, device and compute dtype
     verdicts: bool = False  # its report words comparisons: write_report takes the config's `verdicts` section
+    job_rules: tuple[str, ...] = ()  # its rules that run jobs (resources.threads keys); () = its compute rule alone
+
+    @property
+    def threaded_rules(self) -> tuple[str, ...]:
+        """The rule names whose threads resources.threads may set: its job rules, else its compute rule."""
+        return self.job_rules or (self.name,)
 
     @property
     def figures(self) -> tuple[str, ...]:

@@ -150,12 +150,18 @@ def stage_timing_files(stage):
     return [f"{stage_dir(stage)}/{n}" for n in STAGES[stage].timing]
 
 
+def stage_settings(stage):
+    """Param function: what a stage's jobs read of the config for the job's pair (kvpipe.config.stage_params:
+    a change reruns them)."""
+    return lambda wc: stage_params(config, STAGES[stage], wc.pair)
+
+
 def compute_params(stage):
     """Params of a stage's compute rule: the stage, what it reads of the config for the job's pair
     (kvpipe.config.stage_params: a change reruns it) and the code it runs."""
     return {
         "stage": stage,
-        "settings": lambda wc: stage_params(config, STAGES[stage], wc.pair),
+        "settings": stage_settings(stage),
         "code": code("stage_compute.py", f"kvpipe.{stage}.stage"),
     }
 

@@ -22,4 +22,5 @@ STAGE = Stage(
     timing=("ttft.parquet", "timings.parquet", "timings.json"),
     models=True,
     verdicts=True,
+    job_rules=("projection_fit", "projection_chunk"),  # answering runs per chunk of samples (workflow/rules/chunks.smk)
 )

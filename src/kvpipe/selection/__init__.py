@@ -12,4 +12,5 @@ STAGE = Stage(
     alignment=("min_cover",),
     models=True,
     verdicts=True,
+    job_rules=("selection_chunk",),  # answering runs per chunk of samples (workflow/rules/chunks.smk)
 )

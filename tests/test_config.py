@@ -142,7 +142,9 @@ def test_the_schema_knows_exactly_the_declared_stages(base):
     assert props["run"]["properties"]["stages"]["items"]["enum"] == names
     assert validate(base)["run"]["stages"] == names   # the default: every stage
     assert pair_sections() == tuple(names)
-    assert set(names) <= set(props["resources"]["properties"]["threads"]["propertyNames"]["enum"])
+    threaded = {rule for s in stages() for rule in s.threaded_rules}   # each stage's job rules, else its compute rule
+    assert threaded == {"structure", "selection_chunk", "projection_fit", "projection_chunk"}
+    assert threaded <= set(props["resources"]["properties"]["threads"]["propertyNames"]["enum"])
     assert all(props[name]["type"] == "object" for name in names)   # each stage's own section
     base["run"]["stages"] = ["structure", "keynorm"]
     with pytest.raises(KvpipeError, match=r"^config: run.stages.1: 'keynorm' is not one of \['structure', 'selection', "

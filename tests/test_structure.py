@@ -281,7 +281,7 @@ def _unaligned(run, shard, scout_layers, main_layers):
     first = tables[("scout", scout_layers[0])]
     for col in ("sample_idx", "position", "token_id"):
         assert first.column(col).equals(tables[("main", main_layers[0])].column(col))
-    keep = pc.is_in(pc.cast(first.column("segment"), pa.string()), value_set=pa.array(run.cfg["segments"], pa.string()))
+    keep = pc.is_in(pc.cast(first.column("segment"), pa.string()), value_set=pa.array(run.cfg.segments, pa.string()))
     mats = {(role, layer, kind): kvstore.matrix(table.filter(keep), kind).astype(np.float64)
             for (role, layer), table in tables.items() for kind in KINDS}
     kept = first.filter(keep)

@@ -62,10 +62,11 @@ class Session:
         missing = sorted({c.cache for c in conditions} - set(self.contexts))
         if missing:
             raise KvpipeError(f"model {self.lm.slug}: no context KV named {missing[0]!r} (have {', '.join(self.contexts)})")
-        n_context = self.context.stop - self.context.start
+        start, end = self.tokens.context_start, self.tokens.context_end
+        rows = [(self.contexts[c.cache], c.indices(end - start), start) if c.keep_template
+                else (self.contexts[c.cache], c.indices(end), 0) for c in conditions]
         started = time.perf_counter()
-        batch = prune_batch(self.lm, [(self.contexts[c.cache], c.indices(n_context)) for c in conditions],
-                            self.tokens.context_start, rerotate)
+        batch = prune_batch(self.lm, rows, rerotate)
         self.prune_seconds += time.perf_counter() - started
         answers, capture = decode(self.lm, self.tokens, batch, max_new_tokens, rerotate, capture_row)
         if capture is not None:

@@ -71,7 +71,7 @@ class ScoringInputs:
 
     context: slice                          # cache indices of the context tokens
     sample_idx: int
-    window_queries: list[torch.Tensor]      # per layer [Hq, w, d], RoPE applied: last w context tokens
+    window_queries: list[torch.Tensor]      # per layer [Hq, w, d], RoPE applied: last w prefix tokens
     window_index: torch.Tensor              # cache indices of those queries
     question_queries: list[torch.Tensor] | None   # per layer [Hq, nq, d], RoPE applied: question tokens
     question_index: torch.Tensor | None     # their cache indices

@@ -91,7 +91,9 @@ def _conditions(protocol: str, tokens, inputs, retentions: list[float]) -> list:
     return out
 
 
-def kvpipe_side(model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int) -> dict:
+def kvpipe_side(
+    model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int, protocols: list[str]
+) -> dict:
     """Per protocol and question: seconds for one prefill + scoring + every retention in one batch; answers; kept."""
     from kvpipe.inference.conditions import Condition
     from kvpipe.inference.session import Session
@@ -116,9 +118,9 @@ def kvpipe_side(model: Path, samples: Path, retentions: list[float], max_new_tok
             "kept": [c.selection.tolist() for c in conditions] if protocol == "kvpress" else None,
         }
 
-    for protocol in PROTOCOLS:  # warm-up
+    for protocol in protocols:  # warm-up
         one(0, protocol)
-    return {protocol: [one(i, protocol) for i in range(len(rows))] for protocol in PROTOCOLS}
+    return {protocol: [one(i, protocol) for i in range(len(rows))] for protocol in protocols}
 
 
 def kvpress_side(model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int) -> list:
@@ -182,11 +184,11 @@ def _side_row(f1: list[float], seconds: float, decoded: list[int], n_conditions:
     }
 
 
-def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, threads: int) -> dict:
+def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, threads: int, protocols: list[str]) -> dict:
     from kvpipe.data.qa_metrics import score_reply
 
     rows = pd.read_parquet(samples)
-    ours = in_child(kvpipe_side, model, samples, grid, max_new_tokens, threads)
+    ours = in_child(kvpipe_side, model, samples, grid, max_new_tokens, threads, protocols)
     theirs = in_child(kvpress_side, model, samples, grid, max_new_tokens, threads)
     n_conditions, answerable = len(rows) * len(grid), [bool(len(a)) for a in rows["answers"]]
 
@@ -208,8 +210,8 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, 
         "kvpress": _side_row(f1(press_answers), press_seconds, [c["decoded"] for q in theirs for c in q], n_conditions),
         "kvpipe": {},
     }
-    for protocol, what in PROTOCOLS.items():
-        runs = ours[protocol]
+    for protocol in protocols:
+        what, runs = PROTOCOLS[protocol], ours[protocol]
         seconds = sum(q["seconds"] for q in runs)
         same = [a == b for q, p in zip(runs, press_answers) for a, b in zip(q["answers"], p)]
         out["kvpipe"][protocol] = {
@@ -241,6 +243,12 @@ def main() -> None:
     ap.add_argument("--grid", choices=sorted(GRIDS), action="append", help="retention grids (default: three, nine)")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each side")
+    ap.add_argument(
+        "--own-grids",
+        choices=sorted(GRIDS),
+        action="append",
+        help="grids on which kvpipe's own protocols run too (default: every grid)",
+    )
     ap.add_argument("--out", type=Path, default=Path("bench/results/kvpress.json"))
     args = ap.parse_args()
     from importlib.metadata import version
@@ -270,7 +278,8 @@ def main() -> None:
             samples,
         )
         for name in args.grid or ["three", "nine"]:
-            record["grids"][name] = compare(args.model, samples, GRIDS[name], args.max_new_tokens, args.threads)
+            protocols = list(PROTOCOLS) if name in (args.own_grids or GRIDS) else ["kvpress"]
+            record["grids"][name] = compare(args.model, samples, GRIDS[name], args.max_new_tokens, args.threads, protocols)
             print(name, json.dumps({k: v for k, v in record["grids"][name].items() if k != "kept_positions"}), flush=True)
     args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 

@@ -250,6 +250,7 @@ def main() -> None:
         help="grids on which kvpipe's own protocols run too (default: every grid)",
     )
     ap.add_argument("--out", type=Path, default=Path("bench/results/kvpress.json"))
+    ap.add_argument("--update", action="store_true", help="keep the other grids of the record at --out")
     args = ap.parse_args()
     from importlib.metadata import version
 
@@ -267,6 +268,11 @@ def main() -> None:
         "targets": TARGETS,
         "grids": {},
     }
+    if args.update and args.out.exists():  # keep the other grids of a record made with the same settings
+        old = json.loads(args.out.read_text())
+        if {k: v for k, v in old.items() if k != "grids"} != {k: v for k, v in record.items() if k != "grids"}:
+            raise SystemExit(f"{args.out}: recorded with other settings; cannot --update it")
+        record["grids"] = old["grids"]
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
         sample_to_file(
@@ -281,7 +287,7 @@ def main() -> None:
             protocols = list(PROTOCOLS) if name in (args.own_grids or GRIDS) else ["kvpress"]
             record["grids"][name] = compare(args.model, samples, GRIDS[name], args.max_new_tokens, args.threads, protocols)
             print(name, json.dumps({k: v for k, v in record["grids"][name].items() if k != "kept_positions"}), flush=True)
-    args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # after every grid
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -188,6 +189,7 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, 
     from kvpipe.data.qa_metrics import score_reply
 
     rows = pd.read_parquet(samples)
+    load = os.getloadavg()[0]
     ours = in_child(kvpipe_side, model, samples, grid, max_new_tokens, threads, protocols)
     theirs = in_child(kvpress_side, model, samples, grid, max_new_tokens, threads)
     n_conditions, answerable = len(rows) * len(grid), [bool(len(a)) for a in rows["answers"]]
@@ -232,6 +234,7 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, 
         for j, r in enumerate(grid)
         if ours["kvpress"][i]["answers"][j] != press_answers[i][j]
     ]
+    out["load_average"] = [round(load, 1), round(os.getloadavg()[0], 1)]  # 1-minute load at start and end: 2 cores
     return out
 
 

@@ -117,6 +117,14 @@ def rows() -> list[tuple[str, str, str, str, str]]:
                         f"{ratio:.3f}", "—", "", "selection.json"))
     if kvp := _load("kvpress"):
         out += _kvpress_rows(kvp)
+    if sp := _load("scoutpress"):
+        own = sp["presses"]["snapkv"]
+        for kind in ("scout_snapkv", "scout_q2c"):
+            row = sp["presses"][kind]
+            out.append((f"main's time to first token through kvpress, ScoutPress ({kind}; scout {sp['scout']}, its share "
+                        f"{row['scout_share_of_ttft']:.2f}) / own SnapKVPress, {sp['main']}, retention {sp['retention']:g}, "
+                        f"{sp['questions']} {sp['dataset']} questions; answerable F1 {row['answerable_f1']:.3f} vs "
+                        f"{own['answerable_f1']:.3f}", f"{row['ttft_s'] / own['ttft_s']:.2f}", "—", "", "scoutpress.json"))
     if dec := _load("decode"):
         three = dec["rows"]["3"]
         out.append((f"CPU decoding step of 3 conditions, stock linear layers / kvpipe's few-row path, {dec['model']}",

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from kvpipe.config import validate
+from kvpipe.data.sampling import load_dataset
 from kvpipe.data.synthetic import generate
 from kvpipe.errors import KvpipeError
 
@@ -52,8 +53,9 @@ def test_settings_belong_to_their_mode(smoke_config):
         generate(mode="long", bridge=True)
     with pytest.raises(KvpipeError, match="hops"):
         generate(mode="long", hops=[4], length=LENGTH)
-    spec = {"source": "synthetic", "mode": "long", "length": LENGTH}
-    config = smoke_config | {"datasets": smoke_config["datasets"] | {"long": spec}}
-    validate(config)
+    spec = {"source": "synthetic", "mode": "long", "length": LENGTH, "passages": 1}
+    config = validate(smoke_config | {"datasets": smoke_config["datasets"] | {"long": spec}})
+    loaded = load_dataset("long", config["datasets"]["long"])  # the config's settings reach the generator
+    assert len(loaded) == config["datasets"]["long"]["entities_per_passage"] and loaded["context"].str.len().min() >= LENGTH
     with pytest.raises(KvpipeError, match="datasets.long: 'mode' is a required property"):
         validate(smoke_config | {"datasets": {"long": {"source": "synthetic", "length": LENGTH}}})

@@ -23,6 +23,8 @@ compression_ratio)) positions, as every kvpress ScorerPress does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,24 +144,15 @@ class ScoutPress(ScorerPress):
         """kvpress's compression, except during the scout's own forward."""
         return output if self._busy else super().forward_hook(module, input, kwargs, output)
 
-    def __call__(self, model: torch.nn.Module) -> Any:
+    @contextmanager
+    def __call__(self, model: torch.nn.Module) -> Iterator[None]:
         """kvpress's hooks, plus one on the embedding that hands the prefill's ids to the scout."""
         hook = model.get_input_embeddings().register_forward_pre_hook(self._see_ids)
-        return _Hooked(super().__call__(model), hook)
-
-
-class _Hooked:
-    """A press context manager that also removes an extra hook on exit."""
-
-    def __init__(self, inner: Any, hook: torch.utils.hooks.RemovableHandle) -> None:
-        self.inner, self.hook = inner, hook
-
-    def __enter__(self) -> Any:
-        return self.inner.__enter__()
-
-    def __exit__(self, *exc: object) -> Any:
-        self.hook.remove()
-        return self.inner.__exit__(*exc)
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            hook.remove()
 
 
 def _spans(tokenizer: PreTrainedTokenizerBase, text: str) -> np.ndarray:

@@ -86,7 +86,9 @@ def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
         out.append((f"answers identical to kvpress's, share of conditions; {where}", f"{same:.3f}", "≥ 0.95",
                     _verdict(same, 0.95, True), "kvpress.json"))
         verdict = _verdict(ours["speedup_over_kvpress"], target, True) if kept >= 1 and same >= 0.95 else "no verdict"
-        out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, the same work (kvpress's protocol); {where}",
+        load = "–".join(f"{x:g}" for x in grid.get("load_average", []))
+        out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, the same work (kvpress's protocol); {where}"
+                    + (f"; 1-minute load {load} on 2 cores" if load else ""),
                     f"{ours['speedup_over_kvpress']:.2f}×", f"≥ {target:g}×", verdict, "kvpress.json"))
         out.append((f"decoded tokens per condition (stop token included), kvpipe / kvpress; {where}",
                     f"{ours['decoded_tokens_per_condition']:.1f} / {theirs['decoded_tokens_per_condition']:.1f}", "—", "",
@@ -95,8 +97,9 @@ def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
                     f"{ours['answerable_f1']:.3f} / {theirs['answerable_f1']:.3f}", "—", "", "kvpress.json"))
         for protocol, row in grid["kvpipe"].items():
             if protocol != "kvpress":
-                out.append((f"kvpress time / kvpipe time per answered condition, SnapKV {protocol}, {row['what']}; "
-                            f"{where}; answerable F1 {row['answerable_f1']:.3f}, same answers {row['same_answer_fraction']:.3f}",
+                out.append((f"kvpress time / kvpipe time per answered condition, kvpipe's SnapKV {protocol}: not the same work "
+                            f"(bench/README); {where}; answerable F1 {row['answerable_f1']:.3f}, same answers "
+                            f"{row['same_answer_fraction']:.3f}",
                             f"{row['speedup_over_kvpress']:.2f}×", "—", "no verdict", "kvpress.json"))
     return out
 

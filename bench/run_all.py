@@ -80,12 +80,13 @@ def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
         where = f"{grid['conditions_per_prefill']} retentions per prefill, {kvp['model']}, {grid['questions']} SQuAD v2 questions"
         ours, theirs = grid["kvpipe"]["kvpress"], grid["kvpress"]
         kept, same = grid["kept_positions"]["identical_fraction"], ours["same_answer_fraction"]
-        target = kvp["targets"][name]
+        target, enough = kvp["targets"][name], grid["questions"] >= 20   # the n for judging identical work
         out.append((f"kept positions identical to kvpress's, share of (question, retention, layer, KV head); {where}",
-                    f"{kept:.3f}", "1", _verdict(kept, 1, True), "kvpress.json"))
-        out.append((f"answers identical to kvpress's, share of conditions; {where}", f"{same:.3f}", "≥ 0.95",
-                    _verdict(same, 0.95, True), "kvpress.json"))
-        verdict = _verdict(ours["speedup_over_kvpress"], target, True) if kept >= 1 and same >= 0.95 else "no verdict"
+                    f"{kept:.3f}", "1 (≥ 20 questions)", _verdict(kept, 1, True) if enough else "no verdict", "kvpress.json"))
+        out.append((f"answers identical to kvpress's, share of conditions; {where}", f"{same:.3f}", "≥ 0.95 (≥ 20 questions)",
+                    _verdict(same, 0.95, True) if enough else "no verdict", "kvpress.json"))
+        same_work = enough and kept >= 1 and same >= 0.95
+        verdict = _verdict(ours["speedup_over_kvpress"], target, True) if same_work else "no verdict"
         load = "–".join(f"{x:g}" for x in grid.get("load_average", []))
         out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, the same work (kvpress's protocol); {where}"
                     + (f"; 1-minute load {load} on 2 cores" if load else ""),

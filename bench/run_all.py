@@ -29,7 +29,7 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
             [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"], [py, "bench/decode_bench.py"],
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
-            [kvpress_python, "bench/kvpress_bench.py", "--squad", squad, "--own-grids", "three"], [py, "bench/size_gap_bench.py"],
+            [kvpress_python, "bench/kvpress_bench.py", "--squad", squad], [py, "bench/size_gap_bench.py"],
             [py, "bench/size_gap_bench.py", "--dataset", "multihop_bridge"],
             [py, "bench/pipeline_record.py", "synthetic"]]
 

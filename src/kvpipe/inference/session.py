@@ -4,8 +4,9 @@ Protocol per (model, sample):
   1. the model prefills the prompt up to the end of the context, once (OwnPrefill); other
      context KVs (GivenTensors) may be added under their own names;
   2. per condition, the named context KV is pruned to the template plus the selected context
-     tokens (with keep_template False: to the selected prefix tokens alone), the question part is fed after the pruning and the answer decoded greedily
-     (kvpipe.inference.prune, kvpipe.inference.decode). Any list of conditions runs as one batch.
+     tokens (with keep_template False: to the selected prefix tokens alone), the question part
+     is fed after the pruning and the answer decoded greedily (kvpipe.inference.prune,
+     kvpipe.inference.decode). Any list of conditions runs as one batch.
 The question queries of a full-context row are captured for Q2C scores (capture_row).
 """
 

@@ -67,10 +67,10 @@ def _setup(model: Path, samples: Path, threads: int) -> tuple:
 
 def _conditions(protocol: str, tokens, inputs, retentions: list[float]) -> list:
     """The pruned conditions of one prompt under a protocol, one per retention."""
-    from kvpipe.inference.conditions import Condition
-    from kvpipe.selection.methods import SnapKV, top_n
-    from kvpipe.selection.overlap import context_budget
-    from kvpipe.selection.snapkv_kvpress import kvpress_budget
+    from kvpipe.inference.requests import AnswerRequest
+    from kvpipe.scoring.methods import SnapKV, top_n
+    from kvpipe.scoring.select import context_budget
+    from kvpipe.scoring.snapkv_kvpress import kvpress_budget
 
     snap = SnapKV.from_config({"snapkv": {"preset": "kvpress", "protocol": protocol}})
     out = []
@@ -80,7 +80,7 @@ def _conditions(protocol: str, tokens, inputs, retentions: list[float]) -> list:
         else:
             k = context_budget(r, tokens.context_end - tokens.context_start, tokens.context_start, "prompt")
         out.append(
-            Condition(
+            AnswerRequest(
                 f"r={r}",
                 top_n(snap.head_scores(inputs, k), k),
                 method="snapkv",
@@ -96,9 +96,9 @@ def kvpipe_side(
     model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int, protocols: list[str]
 ) -> dict:
     """Per protocol and question: seconds for one prefill + scoring + every retention in one batch; answers; kept."""
-    from kvpipe.inference.conditions import Condition
+    from kvpipe.inference.requests import AnswerRequest
     from kvpipe.inference.session import Session
-    from kvpipe.selection.methods import ScoringInputs
+    from kvpipe.scoring.methods import ScoringInputs
 
     lm, rows, prompts = _setup(model, samples, threads)
 
@@ -107,7 +107,7 @@ def kvpipe_side(
         started = time.perf_counter()
         session = Session(lm, tokens, WINDOW)
         if protocol == "query_aware":  # the question pass whose last queries are the window
-            session.answer([Condition("full")], max_new_tokens, capture_row=0)
+            session.answer([AnswerRequest("full")], max_new_tokens, capture_row=0)
         conditions = _conditions(protocol, tokens, ScoringInputs.from_session(session, i), retentions)
         answers = session.answer(conditions, max_new_tokens)
         seconds = time.perf_counter() - started

@@ -8,10 +8,10 @@ from transformers import DynamicCache
 
 from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.selection.methods import ScoringInputs, SnapKV, top_n
-from kvpipe.selection.snapkv_kvpress import kvpress_budget
+from kvpipe.scoring.methods import ScoringInputs, SnapKV, top_n
+from kvpipe.scoring.snapkv_kvpress import kvpress_budget
 
 WINDOW, KERNEL = 16, 5
 RETENTIONS = [0.02, 0.1, 0.25, 0.5, 0.75, 0.9]
@@ -37,7 +37,7 @@ def test_kvpress_protocol_rules(tiny_main, prompts):
     window = np.arange(prefix - WINDOW, prefix)
     assert all(set(window) <= set(row) for row in kept.reshape(-1, kept.shape[-1]))  # the window is always kept
     assert (kept < tokens.context_start).any()  # template tokens are candidates
-    (answer,) = session.answer([Condition("p", kept, keep_template=False)], 2)
+    (answer,) = session.answer([AnswerRequest("p", kept, keep_template=False)], 2)
     assert answer.kept == kept.shape[-1]  # the template is not added back
     _, small = _kvpipe_kept(tiny_main, tokens, 0.02)  # budget below the window
     assert small.shape[-1] == int(0.02 * prefix) < WINDOW and (small >= prefix - WINDOW).all()
@@ -85,7 +85,7 @@ def test_answers_equal_kvpress_pipeline(tiny_main, prompts):
     pipe = pipeline("kv-press-text-generation", model=tiny_main.model, tokenizer=tiny_main.tokenizer, device="cpu")
     for tokens in prompts[:3]:
         session, kept = _kvpipe_kept(tiny_main, tokens, 0.5)
-        (ours,) = session.answer([Condition("p", kept, keep_template=False)], 6)
+        (ours,) = session.answer([AnswerRequest("p", kept, keep_template=False)], 6)
         ids = torch.as_tensor(tokens.input_ids)[None]
         inputs = {"context_ids": ids[:, : tokens.context_end], "questions_ids": [ids[:, tokens.context_end :]]}
         press = SnapKVPress(compression_ratio=0.5, window_size=WINDOW, kernel_size=KERNEL)

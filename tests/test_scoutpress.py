@@ -10,11 +10,11 @@ import torch
 from transformers import DynamicCache
 
 from kvpipe.data.prompt import build_prompt
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.models.load import load_model
-from kvpipe.selection.methods import top_n
-from kvpipe.selection.snapkv_kvpress import kvpress_budget
+from kvpipe.scoring.methods import top_n
+from kvpipe.scoring.snapkv_kvpress import kvpress_budget
 
 WINDOW, KERNEL = 16, 5
 NEEDS_KVPRESS = "kvpress is not installed (the bench environment: pip install '.[bench]')"
@@ -96,5 +96,5 @@ def test_answers_through_kvpress_equal_kvpipe_own_scout_selection(tiny_main, mod
         # kvpipe's own: the main prefills itself and keeps the scout's selection of the prefix, the template evictable
         scores = press.scout_scores(tokens.input_ids[: tokens.context_end].tolist()).numpy()
         selection = top_n(scores, kvpress_budget(0.5, tokens.context_end))
-        (ours,) = Session(tiny_main, tokens).answer([Condition("scout", selection, keep_template=False)], 6)
+        (ours,) = Session(tiny_main, tokens).answer([AnswerRequest("scout", selection, keep_template=False)], 6)
         assert ours.text == theirs.strip()

@@ -37,7 +37,7 @@ from kvpipe.errors import KvpipeError
 from kvpipe.inference.capture import capture_queries, rope_queries
 from kvpipe.kv.checks import cache_layer
 from kvpipe.models.load import LoadedModel
-from kvpipe.selection.methods import Q2C, ScoringInputs, SnapKV
+from kvpipe.scoring.methods import Q2C, ScoringInputs, SnapKV
 
 try:
     from kvpress import ScorerPress

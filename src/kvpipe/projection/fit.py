@@ -15,13 +15,13 @@ from safetensors.torch import save_file
 
 from kvpipe.data.prompt import build_prompt
 from kvpipe.io import atomic_path, sha256_json, write_json
+from kvpipe.linalg.ridge import pooled
 from kvpipe.models.load import LoadedModel
-from kvpipe.projection import gated, mlp  # noqa: F401  (register the gated and MLP projectors)
 from kvpipe.projection.attention import AttentionSample, collect, fine_tune
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill_stage import DistillData, distilled
-from kvpipe.projection.projectors import PROJECTORS, Errors, Projector, Stats
-from kvpipe.structure.ridge import pooled
+from kvpipe.projection.projectors import Errors, Projector, Stats
+from kvpipe.projection.registry import PROJECTORS
 
 
 @dataclass

@@ -12,7 +12,7 @@ holds its layer: B for own_bottom_projected_top, L for projected_hidden.
                                the main's residual stream at layer L (kvpipe.projection.hidden), from
                                which the main computes its own KV of layers L..; projected KV below L
     projected_kv_refresh       projected KV of the whole context, then the main's own prefill of the
-                               template and the scout's Q2C selection at each `retention` (causal
+                               template and the scout's selection (chain.method) at each `retention` (causal
                                among the refreshed tokens, at their positions) overwrites those entries;
                                sends the scout KV, the selected tokens' text and their indices
     fused                      the main prefills itself and each head is fused with the projected cache
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.kv.checks import cache_layer
 from kvpipe.projection.conditions import Condition, Plan, SampleInputs, Variant
 from kvpipe.projection.gated import GatedProjector, fuse_heads

@@ -24,24 +24,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvpipe.linalg.ridge import LinearMap, RidgeStats, pooled, squared_error
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.linear import choose_shared_alpha, fit_per_layer, fit_shared, ridge_cv_error, scatter
-from kvpipe.structure.ridge import LinearMap, RidgeStats, pooled, squared_error
+from kvpipe.registry import Registered
 
 PROJECTORS: dict[str, type[Projector]] = {}
 Stats = dict[tuple[int, str, int], RidgeStats]
 Errors = dict[str, dict[str, float]]   # kind -> {"calibration": e, "validation": e}
 
 
-class Projector(nn.Module, ABC):
+class Projector(Registered, nn.Module, ABC):
     """Maps scout KV rows to main KV rows per (main layer, kind)."""
 
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:   # concrete kinds name themselves; shared bases do not
-            PROJECTORS[cls.name] = cls
+    registry = PROJECTORS   # concrete kinds name themselves; shared bases do not
 
     def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: dict[str, Any]) -> None:
         super().__init__()

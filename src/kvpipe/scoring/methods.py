@@ -28,7 +28,7 @@ SnapKV, over an observation window W of w query rows, by `protocol`:
     fraction of the budget and the rest is chosen by score. Without a budget, w = min(window, n).
   query_aware (as in the SnapKV paper): W = the last w = min(window, question tokens) question
     queries of the full-KV question pass; every context token is scored and none is forced.
-  kvpress (NVIDIA kvpress's SnapKVPress exactly, kvpipe.selection.snapkv_kvpress): W = the last
+  kvpress (NVIDIA kvpress's SnapKVPress exactly, kvpipe.scoring.snapkv_kvpress): W = the last
     `window` prefix tokens, no cap; every prefix token is a candidate, template included
     (`scope` "prefix": scores and selections index cache positions [0, context_end)).
 The answering pass always feeds the question over the pruned cache.
@@ -51,7 +51,7 @@ scores (depending on n and k only, so shared by every model), which the overlap 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 
 from kvpipe.errors import KvpipeError
-from kvpipe.selection import snapkv_kvpress
+from kvpipe.registry import Registered
+from kvpipe.scoring import snapkv_kvpress
 
 if TYPE_CHECKING:
     from kvpipe.inference.session import Session
@@ -77,6 +78,7 @@ class ScoringInputs:
     question_index: torch.Tensor | None     # their cache indices
     keys: list[torch.Tensor]                # per layer [Hkv, T, d], post-RoPE, T ≥ every query index
     scales: list[float]                     # per layer: the attention scale of the model (self_attn.scaling)
+    computed: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_session(cls, session: Session, sample_idx: int) -> ScoringInputs:
@@ -90,6 +92,15 @@ class ScoringInputs:
             return cls(session.context, sample_idx, own.window_queries, own.window_index, None, None, own.keys, scales)
         return cls(session.context, sample_idx, own.window_queries, own.window_index, question.queries,
                    question.index, question.keys, scales)
+
+    def scores(self, method: SelectionMethod, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A method's (shared [n_context], per-head [layers, kv_heads, n_context]) scores for a budget of k, computed
+        once per (method name, k) — once in all for a method whose scores do not depend on the budget."""
+        key = (method.name, k if method.budget_dependent else None)
+        if key not in self.computed:
+            heads = method.head_scores(self, key[1])
+            self.computed[key] = (method.reduce_heads(heads).sum(axis=0), heads)
+        return self.computed[key]
 
     def question(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The question's queries and cache indices (a question-aware method's input)."""
@@ -110,7 +121,7 @@ def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch
 METHODS: dict[str, type[SelectionMethod]] = {}
 
 
-class SelectionMethod(ABC):
+class SelectionMethod(Registered, ABC):
     """Scores context tokens; higher means keep.
 
     `head_scores` gives one score per (layer, KV head, context token); `score` reduces it to
@@ -118,13 +129,9 @@ class SelectionMethod(ABC):
     Subclasses register in METHODS under `name`; `attention_based` ones score from attention rows.
     """
 
-    name: ClassVar[str]
+    registry = METHODS
     attention_based: ClassVar[bool]   # scores come from attention rows (checked against eager attention in the tests)
     budget_dependent: ClassVar[bool] = False   # scores change with the budget k
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        METHODS[cls.name] = cls
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> SelectionMethod:

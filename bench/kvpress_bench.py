@@ -36,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from structure_bench import in_child
+from benchkit import TARGETS as BENCH_TARGETS
+from benchkit import in_child
 
 GRIDS = {"three": [0.25, 0.5, 0.75], "nine": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
-TARGETS = {"three": 3.0, "nine": 6.0}
+TARGETS = {"three": BENCH_TARGETS["kvpress_speedup"].bound, "nine": BENCH_TARGETS["kvpress_speedup_9"].bound}
 WINDOW, KERNEL = 64, 5
 PROTOCOLS = {
     "kvpress": "the same work: kvpress's protocol (window 64 uncapped, scores over the whole prefix, template evictable, "

@@ -17,8 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from kvpipe.io import read_json, write_json, write_parquet
+from kvpipe.projection import STAGE
 from kvpipe.projection.aggregate import VARIANT
-from kvpipe.projection.report import TIMING_FILES, write_report
+from kvpipe.projection.report import write_report
 
 
 def split_timings(run: Path) -> None:
@@ -41,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     split_timings(args.dir)
     write_report(args.dir / "answers.parquet", args.dir / "projector_metrics.parquet", args.dir / "facts.json",
-                 {name: args.dir / name for name in TIMING_FILES}, args.dataset, args.dir)
+                 {name: args.dir / name for name in STAGE.timing}, args.dataset, args.dir)
     print(f"re-reported {args.dir}")
 
 

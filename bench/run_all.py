@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from benchkit import RECORDS as RESULTS
+from benchkit import REPO, TARGETS, Target
+
 BEGIN, END = "<!-- bench-table: written by bench/run_all.py -->", "<!-- /bench-table -->"
 
 
@@ -39,10 +40,6 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _verdict(value: float, target: float, higher_is_better: bool = False) -> str:
-    return "met" if (value >= target if higher_is_better else value <= target) else "**missed**"
-
-
 def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     """End-to-end TTFT of an injected cache over main_full's (the scout's own prefill and the transfer included), per
     link speed: judged against the target only for a cache that carries content (kvpipe.estimands)."""
@@ -55,7 +52,7 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     keys = ["condition", "projector", "objective", "key_map", "retention", "rank"]
     injected = ttft[ttft["condition"].isin(("projected_kv", "chain"))].merge(agg[[*keys, "carries_content"]], on=keys)
     facts = json.loads((RESULTS / record / "facts.json").read_text())
-    target = facts["projection"].get("ttft", {}).get("target", 0.3)
+    target = Target(facts["projection"].get("ttft", {}).get("target", TARGETS["ttft_ratio_injected"].bound))
     out = []
     for regime, g in injected[injected["regime"].str.startswith("e2e_")].groupby("regime"):
         link = regime.removeprefix("e2e_").removesuffix("mbps")
@@ -64,11 +61,11 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
         if content.empty:
             low, high = f"{g['ttft_ratio'].min():.2f}", f"{g['ttft_ratio'].max():.2f}"
             out.append((f"{what}; no injected cache carries content", low if low == high else f"{low}–{high}",
-                        f"≤ {target:g}", "no verdict", f"{record}/ttft_aggregates.parquet"))
+                        target.text(), "no verdict", f"{record}/ttft_aggregates.parquet"))
         else:
             best = content.sort_values("ttft_ratio_high").iloc[0]
-            out.append((f"{what}; best cache that carries content", f"{best['ttft_ratio']:.3f}", f"≤ {target:g}",
-                        _verdict(best["ttft_ratio_high"], target), f"{record}/ttft_aggregates.parquet"))
+            out.append((f"{what}; best cache that carries content", f"{best['ttft_ratio']:.3f}", target.text(),
+                        target.verdict(best["ttft_ratio_high"]), f"{record}/ttft_aggregates.parquet"))
     return out
 
 
@@ -80,17 +77,20 @@ def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
         where = f"{grid['conditions_per_prefill']} retentions per prefill, {kvp['model']}, {grid['questions']} SQuAD v2 questions"
         ours, theirs = grid["kvpipe"]["kvpress"], grid["kvpress"]
         kept, same = grid["kept_positions"]["identical_fraction"], ours["same_answer_fraction"]
-        target, enough = kvp["targets"][name], grid["questions"] >= 20   # the issue's n for judging identical work
+        enough = grid["questions"] >= 20   # the issue's n for judging identical work
+        target = TARGETS["kvpress_speedup" if name == "three" else "kvpress_speedup_9"]
+        kept_t, same_t = TARGETS["kvpress_kept_identical"], TARGETS["kvpress_same_answers"]
         out.append((f"kept positions identical to kvpress's, share of (question, retention, layer, KV head); {where}",
-                    f"{kept:.3f}", "1 (≥ 20 questions)", _verdict(kept, 1, True) if enough else "no verdict", "kvpress.json"))
-        out.append((f"answers identical to kvpress's, share of conditions; {where}", f"{same:.3f}", "≥ 0.95 (≥ 20 questions)",
-                    _verdict(same, 0.95, True) if enough else "no verdict", "kvpress.json"))
-        same_work = enough and kept >= 1 and same >= 0.95
-        verdict = _verdict(ours["speedup_over_kvpress"], target, True) if same_work else "no verdict"
+                    f"{kept:.3f}", f"{kept_t.text()} (20 questions)", kept_t.verdict(kept) if enough else "no verdict",
+                    "kvpress.json"))
+        out.append((f"answers identical to kvpress's, share of conditions; {where}", f"{same:.3f}",
+                    f"{same_t.text()} (20 questions)", same_t.verdict(same) if enough else "no verdict", "kvpress.json"))
+        same_work = enough and kept_t.met(kept) and same_t.met(same)
+        verdict = target.verdict(ours["speedup_over_kvpress"]) if same_work else "no verdict"
         load = "–".join(f"{x:g}" for x in grid.get("load_average", []))
         out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, the same work (kvpress's protocol); {where}"
                     + (f"; 1-minute load {load} on 2 cores" if load else ""),
-                    f"{ours['speedup_over_kvpress']:.2f}×", f"≥ {target:g}×", verdict, "kvpress.json"))
+                    f"{ours['speedup_over_kvpress']:.2f}×", target.text("×"), verdict, "kvpress.json"))
         out.append((f"decoded tokens per condition (stop token included), kvpipe / kvpress; {where}",
                     f"{ours['decoded_tokens_per_condition']:.1f} / {theirs['decoded_tokens_per_condition']:.1f}", "—", "",
                     "kvpress.json"))
@@ -107,11 +107,12 @@ def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
 
 def rows() -> list[tuple[str, str, str, str, str]]:
     """(benchmark, measured, target, verdict, source) per line of the table."""
-    out = []
+    out, rss = [], TARGETS["rss_ratio_4x_over_1x"]
     if ext := _load("extract"):
         for model, m in ext["models"].items():
-            out.append((f"extraction / bare forward, {model}", f"{m['ratio_extraction_over_bare']:.3f}", "≤ 1.15",
-                        _verdict(m["ratio_extraction_over_bare"], 1.15), "extract.json"))
+            ratio, target = m["ratio_extraction_over_bare"], TARGETS["extraction_over_bare"]
+            out.append((f"extraction / bare forward, {model}", f"{ratio:.3f}", target.text(), target.verdict(ratio),
+                        "extract.json"))
     if sel := _load("selection"):
         # own and transferred selections per method (random ones are shared: own only), per retention below 1
         pruned = sum(1 if m == "random" else 2 for m in sel["methods"]) * sum(r < 1 for r in sel["grid"])
@@ -139,26 +140,26 @@ def rows() -> list[tuple[str, str, str, str, str]]:
                 out.append((f"KV shard write / read (zstd, width {run['width']}, hash-checked read)",
                             f"{run['write_mb_s']:.0f} / {run['read_mb_s']:.0f} MB/s", "—", "", "parquet.json"))
     if thr := _load("threads"):
-        out.append(("extraction job under Snakemake / run directly", f"{thr['ratio_snakemake_over_direct']:.3f}",
-                    "≤ 1.1", _verdict(thr["ratio_snakemake_over_direct"], 1.1), "threads.json"))
+        ratio, target = thr["ratio_snakemake_over_direct"], TARGETS["snakemake_over_direct"]
+        out.append(("extraction job under Snakemake / run directly", f"{ratio:.3f}", target.text(), target.verdict(ratio),
+                    "threads.json"))
     if st := _load("structure"):
-        out.append(("peak RSS 4× / 1× samples: extraction", f"{st['extract_rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
-                    _verdict(st["extract_rss_ratio_4x_over_1x"], 1.1), "structure.json"))
-        out.append(("peak RSS 4× / 1× samples: structure", f"{st['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
-                    _verdict(st["rss_ratio_4x_over_1x"], 1.1), "structure.json"))
+        for what, ratio in (("extraction", st["extract_rss_ratio_4x_over_1x"]), ("structure", st["rss_ratio_4x_over_1x"])):
+            out.append((f"peak RSS 4× / 1× samples: {what}", f"{ratio:.3f}", rss.text(), rss.verdict(ratio),
+                        "structure.json"))
     if proj := _load("projection"):
         mem = proj["memory"]
-        out.append(("peak RSS 4× / 1× samples: projector fitting", f"{mem['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
-                    _verdict(mem["rss_ratio_4x_over_1x"], 1.1), "projection.json"))
-        sq = proj["squad_v2"]
-        out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{sq['fit_total_s']:.0f}", "≤ 600",
-                    _verdict(sq["fit_total_s"], 600), "projection.json"))
+        out.append(("peak RSS 4× / 1× samples: projector fitting", f"{mem['rss_ratio_4x_over_1x']:.3f}", rss.text(),
+                    rss.verdict(mem["rss_ratio_4x_over_1x"]), "projection.json"))
+        fit_s, target = proj["squad_v2"]["fit_total_s"], TARGETS["projection_fit_total_s"]
+        out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{fit_s:.0f}", target.text(), target.verdict(fit_s),
+                    "projection.json"))
     out += _ttft_rows("projection_squad_v2")
     if mem := _load("stage_memory"):
         for stage in ("selection", "projection"):
             ratio, n = mem[stage]["rss_ratio_4x_over_1x"], mem[stage]["n"]
-            out.append((f"peak RSS 4× / 1× samples: {stage} stage ({4 * n} / {n} samples)", f"{ratio:.3f}", "≤ 1.1",
-                        _verdict(ratio, 1.1), "stage_memory.json"))
+            out.append((f"peak RSS 4× / 1× samples: {stage} stage ({4 * n} / {n} samples)", f"{ratio:.3f}", rss.text(),
+                        rss.verdict(ratio), "stage_memory.json"))
     if run := _load("pipeline_synthetic/run"):
         out.append((f"default config end to end (s; `snakemake --cores {run['cores']}` from the GGUF files: "
                     f"models, KV, {', '.join(run['stages'])})", f"{run['wall_s']:.0f}", "—", "",

@@ -130,3 +130,23 @@ def test_settings_are_built_from_the_validated_section(smoke_config):
     assert with_pool.alignment == StructurePool("max_overlap")
     with pytest.raises(KeyError, match="cv_folds"):
         from_section(StructureSettings, {k: v for k, v in smoke_config["structure"].items() if k != "cv_folds"})
+
+
+def test_the_schema_knows_exactly_the_declared_stages(base):
+    from kvpipe.config import schema
+    from kvpipe.stages import stages
+
+    names = [s.name for s in stages()]
+    assert names == ["structure", "selection", "projection"]   # in pipeline order, found without a central list
+    props = schema()["properties"]
+    assert props["run"]["properties"]["stages"]["items"]["enum"] == names
+    assert validate(base)["run"]["stages"] == names   # the default: every stage
+    assert pair_sections() == tuple(names)
+    threaded = {rule for s in stages() for rule in s.threaded_rules}   # each stage's job rules, else its compute rule
+    assert threaded == {"structure", "selection_chunk", "projection_fit", "projection_chunk"}
+    assert threaded <= set(props["resources"]["properties"]["threads"]["propertyNames"]["enum"])
+    assert all(props[name]["type"] == "object" for name in names)   # each stage's own section
+    base["run"]["stages"] = ["structure", "keynorm"]
+    with pytest.raises(KvpipeError, match=r"^config: run.stages.1: 'keynorm' is not one of \['structure', 'selection', "
+                                          r"'projection'\]$"):
+        validate(base)

@@ -22,11 +22,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO, planned_jobs, snakemake, snakemake_command
 
-from kvpipe.projection import report as projection_report
-from kvpipe.selection import report as selection_report
+from kvpipe.projection.stage import FIT_TIMINGS
+from kvpipe.stages import stages
+
+pytestmark = pytest.mark.slow   # Snakemake runs, killed and rerun
 
 HOOK = REPO / "tests" / "faults"
-TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md",
+TIMED = {*(name for s in stages() for name in s.timing), FIT_TIMINGS, "ttft_aggregates.parquet", "timing.md",
          "timing.html"}
 UNTIMED_DIRS = ("results/logs/", "results/benchmarks/")
 
@@ -65,13 +67,13 @@ PAIRS_SUMMARY = "results/pairs/synthetic-small"
 
 @pytest.mark.parametrize(("rule", "bar", "count", "output", "removed"), [
     # extraction: its manifest goes (the shards stay, as after a first run killed midway), and everything after it
-    ("extract_kv", "extract tiny-main", 5, "results/kv/synthetic-small/tiny-main/manifest.json",
-     [*STAGE_DIRS.values(), PAIRS_SUMMARY]),
+    ("extract_kv_chunk", "extract tiny-main", 5, "results/kv/synthetic-small/tiny-main/chunks/0000/manifest.json",
+     ["results/kv/synthetic-small/tiny-main/manifest.json", *STAGE_DIRS.values(), PAIRS_SUMMARY]),
     ("structure", "structure tiny", 1, f"{STAGE_DIRS['structure']}/metrics.parquet",
      [STAGE_DIRS["structure"], PAIRS_SUMMARY]),
-    ("selection", "selection tiny", 2, f"{STAGE_DIRS['selection']}/answers.parquet",
+    ("selection_chunk", "selection tiny", 2, f"{STAGE_DIRS['selection']}/chunks/0000/answers.parquet",
      [STAGE_DIRS["selection"], PAIRS_SUMMARY]),
-    ("projection", "projection tiny: answers", 1, f"{STAGE_DIRS['projection']}/answers.parquet",
+    ("projection_chunk", "projection tiny: answers", 1, f"{STAGE_DIRS['projection']}/chunks/0000/answers.parquet",
      [STAGE_DIRS["projection"]]),
 ])
 def test_sigkill_mid_stage_leaves_nothing_complete_and_the_rerun_gives_the_same_results(run, rule, bar, count, output,

@@ -24,10 +24,11 @@ from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import SampleInputs
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
+from kvpipe.projection.gather import gather
 from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
 from kvpipe.projection.registry import CONDITIONS, PROJECTORS, plan_all
-from kvpipe.projection.stage import run_projection
+from kvpipe.projection.stage import ANSWERING, FIT_TIMINGS, answer_chunk, fit_projection, run_projection
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
@@ -54,6 +55,7 @@ def stage_out(tmp_path_factory, kv_dirs, model_dirs, samples_path, smoke_config)
     return out
 
 
+@pytest.mark.slow
 def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke_config):
     answers = pd.read_parquet(stage_out / "answers.parquet")
     assert ANSWER_COLUMNS <= set(answers.columns)
@@ -143,6 +145,7 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
                     smoke_config["prompt"], "self")
 
 
+@pytest.mark.slow
 def test_identity_projection_reproduces_the_main_answers_token_for_token(self_fit, tiny_main, smoke_config, samples):
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv", "chain"])
     for row in samples.itertuples(index=False):
@@ -277,13 +280,15 @@ def test_attention_objective_lowers_the_attention_loss(self_fit, tiny_main, smok
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
     data = [collect(tiny_main, tiny_main, answerer.prompt_tokens(r)) for r in samples.head(3).itertuples(index=False)]
     projector = PROJECTORS["ridge"](len(cal.layer_map), ("key", "value"), *cal.widths, cfg)
+    noise = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for kind in ("key", "value"):
-            projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(3, *projector.weight[kind].shape[1:]))
+            shape = projector.weight[kind].shape
+            projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(*shape, generator=noise))
     before = float(attention_loss(projector, data[2], cal.layer_map, tiny_main).detach())
     losses = fine_tune(projector, data[:2], data[2:], cal.layer_map, tiny_main,
                        {"steps": 30, "lr": 1e-2, "eval_every": 5, "seed": 0})
-    assert losses["validation"] < before
+    assert losses["validation"] < before / 4   # seeded: 3.94 -> 0.38 on the held-out sample; a stalled fit fails
 
 
 @pytest.mark.parametrize(("edit", "message"), [
@@ -331,3 +336,30 @@ def test_the_scout_selects_with_any_registered_method(self_fit, tiny_main, smoke
         k = context_budget(r, n, tokens.context_start, smoke_config["projection"]["budget"])
         assert np.array_equal(sel, top_n(uniform, k))
     assert any(not np.array_equal(chosen["random"][r], chosen["q2c"][r]) for r in chosen["q2c"])
+
+
+@pytest.mark.slow
+def test_answering_chunks_gathered_equal_the_whole_run_byte_for_byte(tmp_path, kv_dirs, model_dirs, samples_path,
+                                                                      smoke_config):
+    """One fit, then the test samples answered in two chunks of the sample table ([0, 4) and [4, 6)) and gathered:
+    the answers are the whole run's byte for byte; TTFT covers the first test sample only, wherever its chunk."""
+    cfg = smoke_config["projection"] | {"projectors": ["ridge"], "objectives": ["reconstruction"],
+                                        "conditions": ["main_full", "projected_kv", "always_abstain"], "ttft_samples": 1}
+    args = (model_dirs["tiny-scout"], model_dirs["tiny-main"], "tiny", cfg, smoke_config["prompt"], "cpu", "float32")
+    kv = (kv_dirs / "tiny-scout", kv_dirs / "tiny-main", samples_path)
+    run_projection(*kv, *args, tmp_path / "whole")
+    fit_projection(*kv, *args, tmp_path / "fit")
+    table = pd.read_parquet(samples_path)
+    chunks = []
+    for first, end in ((0, 4), (4, 6)):
+        table.iloc[first:end].to_parquet(tmp_path / f"chunk{first}.parquet")
+        chunks.append(tmp_path / "fit" / "chunks" / str(first))
+        answer_chunk(tmp_path / "fit" / ANSWERING, tmp_path / f"chunk{first}.parquet", *args, chunks[-1])
+    assert all(len(pd.read_parquet(c / "answers.parquet")) for c in chunks)   # both chunks hold test samples
+    gather(chunks, tmp_path / "fit" / FIT_TIMINGS, tmp_path / "fit")
+    for name in ("answers.parquet", "projector_metrics.parquet", "facts.json"):
+        assert (tmp_path / "fit" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    ttft = pd.read_parquet(tmp_path / "fit" / "ttft.parquet")
+    assert ttft["sample_idx"].nunique() == 1 and len(ttft) == len(pd.read_parquet(tmp_path / "whole" / "ttft.parquet"))
+    assert set(read_json(tmp_path / "fit" / "timings.json")["phases"]) == {"statistics_s", "attention_data_s", "fit_s",
+                                                                           "metrics_s", "answers_s"}

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvpipe.projection import STAGE
 from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, on_front, pareto_front
-from kvpipe.projection.report import FIGURES, TIMING_FILES, write_report
+from kvpipe.projection.report import FIGURES, write_report
 from kvpipe.projection.summary import summary_markdown
 from kvpipe.stats import holm
 
@@ -181,6 +182,7 @@ def test_summary_states_the_verdicts(agg):
     assert len(chain) == 2 and all("| -" in line for line in chain)
 
 
+@pytest.mark.slow
 def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
     stage = tmp_path / "stage"
     stage.mkdir()
@@ -189,7 +191,7 @@ def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
     (stage / "facts.json").write_text(json.dumps(FACTS))
     outs = [tmp_path / "a", tmp_path / "b"]
     for i, out in enumerate(outs):   # the second run measured other times
-        timing = {name: stage / f"{i}-{name}" for name in TIMING_FILES}
+        timing = {name: stage / f"{i}-{name}" for name in STAGE.timing}
         pd.DataFrame({"sample_idx": range(12), "scout_prefill_s": 0.1 + i, "main_prefill_s": 0.5 + i,
                       "answer_s": 0.2}).to_parquet(timing["timings.parquet"])
         ttft = _ttft()

@@ -21,8 +21,9 @@ from kvpipe.errors import KvpipeError
 from kvpipe.scheduling import job_resources, model_resources, model_size_b, on_attempt, size_in_name, uses_cuda
 from kvpipe.workflow import claim_gpus
 
-MODEL_RULES = {"extract_kv", "selection", "projection"}  # rules that run a model on the device
-THREADED_RULES = {"materialize_model", "extract_kv", "structure", "selection", "projection"}
+# rules that run a model on the device: one job per chunk of samples, and the projector fit
+MODEL_RULES = {"extract_kv_chunk", "selection_chunk", "projection_fit", "projection_chunk"}
+THREADED_RULES = {"materialize_model", "structure"} | MODEL_RULES
 OVERLAY_3B_7B = REPO / "config" / "qwen2.5-3b-7b.yaml"
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "ALL_PROXY": "http://127.0.0.1:9",
            "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "all_proxy": "http://127.0.0.1:9",
@@ -203,8 +204,9 @@ def test_a_job_given_exactly_its_gpus_keeps_them(tmp_path, monkeypatch):
 
 # --- the workflow's declarations (dry runs) ------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_jobs_declare_a_gpu_only_on_cuda_and_threads_from_the_run(checkout, tmp_path):
-    cuda = overlay(tmp_path, "device: cuda\nresources: {threads: {selection: 1}}\n")
+    cuda = overlay(tmp_path, "device: cuda\nresources: {threads: {selection_chunk: 1}}\n")
     for extra, gpu in (((), "0"), ((cuda,), "1")):
         proc = snakemake(checkout, "-n", "--cores", "3", "--resources", "gpu=1", overlays=extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -212,7 +214,7 @@ def test_model_jobs_declare_a_gpu_only_on_cuda_and_threads_from_the_run(checkout
         assert {j["rule"] for j in jobs} >= THREADED_RULES | {"sample_dataset", "structure_report"}
         for j in jobs:
             assert j["resources"].get("gpu", "0") == (gpu if j["rule"] in MODEL_RULES else "0"), j
-            threaded = j["rule"] in THREADED_RULES and not (extra and j["rule"] == "selection")
+            threaded = j["rule"] in THREADED_RULES and not (extra and j["rule"] == "selection_chunk")
             assert j["threads"] == (3 if threaded else 1), j   # --cores 2 in snakemake() is overridden by --cores 3
 
 
@@ -233,6 +235,7 @@ def test_the_workstation_profile_is_not_loaded_into_cluster_runs():
     assert local["resources"]["gpu"] == 1 and "executor" not in local
 
 
+@pytest.mark.slow
 def test_the_3b_7b_pair_on_slurm_builds_offline_with_each_jobs_resources(checkout):
     proc = cluster_dry_run(checkout, checkout / OVERLAY_3B_7B.relative_to(REPO))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -240,17 +243,18 @@ def test_the_3b_7b_pair_on_slurm_builds_offline_with_each_jobs_resources(checkou
     assert "workflow specific profile" not in proc.stdout + proc.stderr
     jobs = dry_run_jobs(proc.stdout)
     assert sorted(j["rule"] for j in jobs) == sorted(
-        ["materialize_model"] * 2 + ["extract_kv"] * 2 + ["sample_dataset", "structure", "selection", "projection",
-                                                          "structure_report", "selection_report", "projection_report",
-                                                          "pairs_summary", "all"])
+        ["materialize_model"] * 2 + ["sample_chunk"] * 2 + ["extract_kv_chunk"] * 4 + ["extract_kv"] * 2
+        + ["selection_chunk"] * 2 + ["projection_chunk"] * 2   # n = 20 in chunks of 16
+        + ["sample_dataset", "structure", "selection", "projection_fit", "projection", "structure_report",
+           "selection_report", "projection_report", "pairs_summary", "all"])
     config = load_config([REPO / "config.yaml", OVERLAY_3B_7B])
     profile = yaml.safe_load((checkout / "profiles" / "slurm" / "config.yaml").read_text())
     cores = profile["cores"]
     for j in jobs:
         res, rule = j["resources"], j["rule"]
-        if rule in ("materialize_model", "extract_kv"):
+        if rule in ("materialize_model", "extract_kv_chunk"):
             expected = job_resources(config, [j["wildcards"]["model"]])
-        elif rule in ("selection", "projection"):
+        elif rule in ("selection_chunk", "projection_fit", "projection_chunk"):
             expected = job_resources(config, ["qwen2.5-3b", "qwen2.5-7b"])
         else:
             expected = None
@@ -262,20 +266,21 @@ def test_the_3b_7b_pair_on_slurm_builds_offline_with_each_jobs_resources(checkou
         else:
             assert res.get("gpu", "0") == "0" and res.get("slurm_partition") == "cpu", j
     # the sizes themselves: 2000 + 5000 MB and 30 + 30 minutes per billion parameters (3.09B, 7.62B)
-    assert job(jobs, "extract_kv", model="qwen2.5-7b")["resources"]["mem_mb"] == "40100"
-    assert job(jobs, "extract_kv", model="qwen2.5-3b")["resources"]["runtime"] == "123"
-    pair = job(jobs, "selection")["resources"]
+    assert job(jobs, "extract_kv_chunk", model="qwen2.5-7b", chunk="0001")["resources"]["mem_mb"] == "40100"
+    assert job(jobs, "extract_kv_chunk", model="qwen2.5-3b", chunk="0000")["resources"]["runtime"] == "123"
+    pair = job(jobs, "selection_chunk", chunk="0000")["resources"]
     assert (pair["mem_mb"], pair["runtime"]) == ("57550", "382")   # not capped by a workstation's 20 GB
 
 
 # --- the thread count a model job runs with ------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_jobs_run_torch_with_the_jobs_threads(tmp_path):
     checkout = copy_checkout(tmp_path / "checkout")
-    threads = overlay(tmp_path, "resources: {threads: {extract_kv: 1}}\n")
+    threads = overlay(tmp_path, "resources: {threads: {extract_kv_chunk: 1}}\n")
     proc = snakemake(checkout, "results/kv/synthetic-small/tiny-scout/manifest.json", overlays=(threads,))
     assert proc.returncode == 0, proc.stderr[-3000:]
     logs = checkout / "results" / "logs"
     assert "torch threads: 2\n" in (logs / "materialize_model" / "tiny-scout.log").read_text()     # --cores 2
-    assert "torch threads: 1\n" in (logs / "extract_kv" / "synthetic-small" / "tiny-scout.log").read_text()
+    assert "torch threads: 1\n" in (logs / "extract_kv_chunk" / "synthetic-small" / "tiny-scout" / "0000.log").read_text()
     assert "torch threads: 1\n" in (logs / "sample_dataset" / "synthetic-small.log").read_text()

@@ -7,13 +7,15 @@ several times; later files override) and calls the same function as the workflow
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
 from kvpipe.errors import KvpipeError, one_line_errors
+from kvpipe.stages import SAMPLES, Input, Stage, stage, stages
+
+MODEL_DIR = Input("model_dir", "materialised model directory", holds="kvpipe_model.json")
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -72,17 +74,17 @@ def _directory(path: Path, what: str, *names: str) -> None:
 
 def _inputs(args: argparse.Namespace) -> None:
     """Check every file and directory a subcommand reads before any work starts (one line naming the option)."""
-    for option in ("samples", "structure_metrics"):
-        if getattr(args, option, None) is not None:
-            _readable(args.__dict__[option], "--" + option.replace("_", "-"))
-    for option in ("model_dir", "scout_dir", "main_dir"):
-        if getattr(args, option, None) is not None:
-            _directory(args.__dict__[option], "--" + option.replace("_", "-"), "kvpipe_model.json")
+    for spec in args.inputs:
+        path = getattr(args, spec.name)
+        if path is None:
+            continue
+        option = "--" + spec.name.replace("_", "-")
+        if spec.holds:
+            _directory(path, option, spec.holds)
+        else:
+            _readable(path, option)
     if getattr(args, "logs", None) is not None:
         _directory(args.logs, "--logs")
-    for option in ("scout_kv", "main_kv"):
-        if getattr(args, option, None) is not None:
-            _directory(args.__dict__[option], "--" + option.replace("_", "-"), "manifest.json")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -124,73 +126,32 @@ def cmd_extract(args: argparse.Namespace) -> None:
           f"{manifest['bytes'] / 1e6:.1f} MB in {args.out}")
 
 
-REPORT_TABLES = {  # the tables each stage's report reads, in write_report's order (facts.json last)
-    "structure": ("metrics.parquet", "facts.json"),
-    "selection": ("answers.parquet", "overlap.parquet", "facts.json"),
-    "projection": ("answers.parquet", "projector_metrics.parquet", "facts.json"),
-}
-
-
-VERDICT_STAGES = ("selection", "projection")   # the reports that word comparisons (the config's `verdicts` section)
-
-
-def _report(stage: str, out: Path, dataset: str, config: dict) -> None:
+def _report(stage: Stage, out: Path, dataset: str, config: dict) -> None:
     """Run a stage's report step on the tables (and timing files, where it has them) its compute step wrote to out."""
-    out = Path(out)
-    report = importlib.import_module(f"kvpipe.{stage}.report")
-    timing = {name: out / name for name in getattr(report, "TIMING_FILES", ())}
-    extra = [config["verdicts"]] if stage in VERDICT_STAGES else []
-    report.write_report(*(out / name for name in REPORT_TABLES[stage]), *([timing] if timing else []), dataset, out,
-                        *extra)
     from kvpipe.markdown_html import write_page
 
+    stage.report(out, dataset, config["verdicts"])
     for page in ("summary.md", "timing.md"):   # the HTML twins the workflow's report shows inline
-        if (out / page).is_file():
-            write_page(out / page)
+        if (Path(out) / page).is_file():
+            write_page(Path(out) / page)
 
 
-def cmd_structure(args: argparse.Namespace) -> None:
-    from kvpipe.config import pair_settings
-    from kvpipe.structure.stage import run_structure
-
-    config = _config(args)
-    _entry(config, "pairs", args.pair)
-    cfg = pair_settings(config, args.pair, "structure") | {"alignment": {"pool": config["alignment"]["pool"]}}
-    run_structure(args.scout_kv, args.main_kv, args.samples, args.pair, cfg, args.out)
-    _report("structure", args.out, args.dataset, config)
-    print(f"wrote {args.out}/metrics.parquet, facts.json, summary.md, figures/")
-
-
-def cmd_selection(args: argparse.Namespace) -> None:
-    from kvpipe.config import pair_settings
-    from kvpipe.selection.stage import run_selection
+def cmd_stage(args: argparse.Namespace) -> None:
+    """Run a stage's compute step and its report, as its rules do."""
+    from kvpipe.config import stage_params
 
     config = _config(args)
     _entry(config, "pairs", args.pair)
-    cfg = pair_settings(config, args.pair, "selection") | {"alignment": {"min_cover": config["alignment"]["min_cover"]}}
-    run_selection(args.scout_dir, args.main_dir, args.samples, args.pair, cfg, config["prompt"], config["device"],
-                  config["extraction"]["dtype"], args.out)
-    _report("selection", args.out, args.dataset, config)
-    print(f"wrote {args.out}/answers.parquet, summary.md, figures/")
-
-
-def cmd_projection(args: argparse.Namespace) -> None:
-    from kvpipe.config import pair_settings
-    from kvpipe.projection.stage import run_projection
-
-    config = _config(args)
-    _entry(config, "pairs", args.pair)
-    run_projection(args.scout_kv, args.main_kv, args.samples, args.scout_dir, args.main_dir, args.pair,
-                   pair_settings(config, args.pair, "projection"), config["prompt"], config["device"],
-                   config["extraction"]["dtype"], args.out, args.structure_metrics)
-    _report("projection", args.out, args.dataset, config)
-    print(f"wrote {args.out}/answers.parquet, projector_metrics.parquet, projectors/, summary.md, figures/")
+    inputs = {spec.name: getattr(args, spec.name) for spec in args.declared.inputs}
+    args.declared.compute(inputs, args.pair, stage_params(config, args.declared, args.pair), args.out)
+    _report(args.declared, args.out, args.dataset, config)
+    print(f"wrote {args.out}/{', '.join(args.declared.tables)}, summary.md, figures/")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    report = importlib.import_module(f"kvpipe.{args.stage}.report")
-    _directory(args.dir, "--dir", *REPORT_TABLES[args.stage], *getattr(report, "TIMING_FILES", ()))
-    _report(args.stage, args.dir, args.dataset, _config(args))
+    chosen = stage(args.stage)
+    _directory(args.dir, "--dir", *chosen.tables, *chosen.timing)
+    _report(chosen, args.dir, args.dataset, _config(args))
     print(f"wrote {args.dir}/summary.md, figures/")
 
 
@@ -218,11 +179,14 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="kvpipe", description=__doc__.splitlines()[0])
     sub = top.add_subparsers(dest="command", required=True)
 
-    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+    def add(name: str, func, help_: str, inputs: tuple[Input, ...] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("-c", "--config", action="append", type=Path, default=None,
                        help="config YAML (repeatable, later overrides earlier; default: config.yaml)")
-        p.set_defaults(func=func)
+        for spec in inputs:   # checked before any work starts (_inputs)
+            p.add_argument("--" + spec.name.replace("_", "-"), required=spec.required, type=Path, default=None,
+                           help=spec.help)
+        p.set_defaults(func=func, inputs=inputs)
         return p
 
     add("validate", cmd_validate, "Validate the configuration and list what the workflow would build.")
@@ -234,38 +198,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True,
                    help="materialised model directory or hub tokenizer id that counts sampling.max_context_tokens")
     p.add_argument("--out", required=True, type=Path, help="output Parquet file")
-    p = add("extract", cmd_extract, "Extract one model's KV cache for a sample table into sharded Parquet.")
-    p.add_argument("--model-dir", required=True, type=Path, help="materialised model directory")
-    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file")
+    p = add("extract", cmd_extract, "Extract one model's KV cache for a sample table into sharded Parquet.",
+            (MODEL_DIR, SAMPLES))
     p.add_argument("--dataset", default="", help="dataset name recorded in the manifest")
     p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/kv/DATASET/MODEL)")
-    p = add("structure", cmd_structure, "Analyse how a scout's keys and values predict a main model's (two KV datasets).")
-    p.add_argument("--pair", required=True, help="pair name from the config")
-    p.add_argument("--scout-kv", required=True, type=Path, help="KV dataset directory of the scout")
-    p.add_argument("--main-kv", required=True, type=Path, help="KV dataset directory of the main model")
-    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file (passage ids for the split)")
-    p.add_argument("--dataset", default="", help="dataset name for the report")
-    p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/structure/DATASET/PAIR)")
-    p = add("selection", cmd_selection, "Token selection by scout and main, overlap, and QA F1 from pruned caches.")
-    p.add_argument("--pair", required=True, help="pair name from the config")
-    p.add_argument("--scout-dir", required=True, type=Path, help="materialised scout model directory")
-    p.add_argument("--main-dir", required=True, type=Path, help="materialised main model directory")
-    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file")
-    p.add_argument("--dataset", default="", help="dataset name for the report")
-    p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/selection/DATASET/PAIR)")
-    p = add("projection", cmd_projection, "Fit scout->main KV projectors, inject them, answer; bytes and TTFT.")
-    p.add_argument("--pair", required=True, help="pair name from the config")
-    p.add_argument("--scout-kv", required=True, type=Path, help="KV dataset directory of the scout")
-    p.add_argument("--main-kv", required=True, type=Path, help="KV dataset directory of the main model")
-    p.add_argument("--scout-dir", required=True, type=Path, help="materialised scout model directory")
-    p.add_argument("--main-dir", required=True, type=Path, help="materialised main model directory")
-    p.add_argument("--samples", required=True, type=Path, help="samples Parquet file the KV datasets come from")
-    p.add_argument("--structure-metrics", type=Path, default=None,
-                   help="the structure stage's metrics.parquet (needed by projection.layer_map: best_cka)")
-    p.add_argument("--dataset", default="", help="dataset name for the report")
-    p.add_argument("--out", required=True, type=Path, help="output directory (e.g. results/projection/DATASET/PAIR)")
+    for declared in stages():
+        p = add(declared.name, cmd_stage, declared.help, declared.inputs)
+        p.add_argument("--pair", required=True, help="pair name from the config")
+        p.add_argument("--dataset", default="", help="dataset name for the report")
+        p.add_argument("--out", required=True, type=Path,
+                       help=f"output directory (e.g. results/{declared.name}/DATASET/PAIR)")
+        p.set_defaults(declared=declared)
     p = add("report", cmd_report, "Rewrite a stage's figures and summary from the tables in its directory.")
-    p.add_argument("stage", choices=list(REPORT_TABLES), help="which stage's report")
+    p.add_argument("stage", choices=[s.name for s in stages()], help="which stage's report")
     p.add_argument("--dir", required=True, type=Path, help="the stage's output directory (its tables are read)")
     p.add_argument("--dataset", default="", help="dataset name for the report")
     p = add("progress", cmd_progress, "Show what running workflow jobs are doing: the last progress line of each "

@@ -18,14 +18,28 @@ import jsonschema
 import yaml
 
 from kvpipe.errors import KvpipeError
+from kvpipe.stages import Stage, stages
 
 Config = dict[str, Any]
 
 
 @cache
 def schema() -> dict[str, Any]:
-    """The configuration JSON schema."""
-    return yaml.safe_load(resources.files("kvpipe").joinpath("config.schema.yaml").read_text())
+    """The configuration JSON schema, with what every stage kvpipe declares (kvpipe.stages) brings:
+    its name in run.stages (and their default) and in resources.threads, and its per-pair overrides."""
+    root = yaml.safe_load(resources.files("kvpipe").joinpath("config.schema.yaml").read_text())
+    props = root["properties"]
+    names = [s.name for s in stages()]
+    for name in names:
+        if name not in props:
+            raise KvpipeError(f"config.schema.yaml: no section for the stage {name!r} (kvpipe.{name} declares it)")
+        props["pairs"]["additionalProperties"]["properties"][name] = {
+            "type": "object",
+            "description": f"this pair's overrides of the global `{name}` section (merged over it, then validated)"}
+    props["run"]["properties"]["stages"] |= {"items": {"enum": names}, "default": names}
+    threads = props["resources"]["properties"]["threads"]["propertyNames"]
+    threads["enum"] = sorted([*threads["enum"], *(rule for s in stages() for rule in s.threaded_rules)])
+    return root
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +171,10 @@ def _check_references(config: Config) -> None:
     if tokenizer not in models and "/" not in tokenizer:
         raise KvpipeError(f"sampling.tokenizer: {tokenizer!r} is neither a configured model "
                           f"({', '.join(sorted(models))}) nor a hub tokenizer id (org/name)")
+    size, shard = config["run"]["chunk_size"], config["extraction"]["shard_size"]
+    if size % shard:
+        raise KvpipeError(f"run.chunk_size: {size} is not a multiple of extraction.shard_size={shard} "
+                          "(a chunk holds whole KV shards)")
     user = config["prompt"]["user"]
     if user.count("{context}") != 1 or user.count("{question}") != 1:
         raise KvpipeError("prompt.user: must contain {context} and {question} exactly once each")
@@ -190,6 +208,16 @@ def pair_sections() -> tuple[str, ...]:
 def pair_settings(config: Config, pair: str, section: str) -> dict[str, Any]:
     """A pair's settings of one section: its own overrides merged over the global section."""
     return deep_merge(config[section], config["pairs"][pair].get(section, {}))
+
+
+def stage_params(config: Config, stage: Stage, pair: str) -> dict[str, Any]:
+    """What a stage's compute step reads of the config for a pair (its rule's params): its section's settings (with
+    the alignment settings it reads) under its name, and the prompt, device and compute dtype if it runs the models."""
+    settings = pair_settings(config, pair, stage.name)
+    if stage.alignment:
+        settings |= {"alignment": {key: config["alignment"][key] for key in stage.alignment}}
+    models = {"prompt": config["prompt"], "device": config["device"], "dtype": config["extraction"]["dtype"]}
+    return {stage.name: settings, **(models if stage.models else {})}
 
 
 def _check_pair_overrides(config: Config, root: dict[str, Any]) -> None:

@@ -93,10 +93,11 @@ def _digest(own: bytes, modules: Iterable[str], src: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def script_hash(script: Path, src: Path | None = None) -> str:
-    """SHA-256 (first 16 hex digits) over a script and the kvpipe modules its imports run."""
+def script_hash(script: Path, src: Path | None = None, modules: Iterable[str] = ()) -> str:
+    """SHA-256 (first 16 hex digits) over a script and the kvpipe modules its imports run, and those that importing
+    ``modules`` runs (what a script imports by name, as kvpipe.stages imports a stage's modules)."""
     src = SRC if src is None else src
-    return _digest(script.read_bytes(), kvpipe_imports(script, src), src)
+    return _digest(script.read_bytes(), kvpipe_imports(script, src) | set(modules), src)
 
 
 def module_hash(*modules: str, src: Path | None = None) -> str:

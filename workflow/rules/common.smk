@@ -1,6 +1,5 @@
 # Shared Python of the workflow: config validation, wildcard constraints, code hashes, targets.
 import copy
-import importlib
 import re
 import sys
 from pathlib import Path
@@ -19,12 +18,23 @@ if CHECKOUT is not None:
 
 import yaml
 
-from kvpipe.config import pair_settings, run_models, under_defaults, validate
+from kvpipe.config import (
+    pair_settings,
+    run_models,
+    stage_params,
+    under_defaults,
+    validate,
+)
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
 from kvpipe.scheduling import job_resources, on_attempt, uses_cuda
 from kvpipe.shared_tokenizer import check_projection_tokenizers, source_spec
+from kvpipe.stages import stages
+
+# The analysis stages, each declared once by its kvpipe subpackage (kvpipe.stages); the helpers below build
+# their rules' params and report outputs, and all_targets their targets, from these declarations.
+STAGES = {s.name: s for s in stages()}
 
 # The checkout's config.yaml under the given config, as for a run from the checkout (where Snakemake has
 # merged it already, so this adds nothing): a module's configfile directive is not read, so a wrapper's
@@ -66,9 +76,13 @@ wildcard_constraints:
     pair=_alternatives(config["pairs"]),
 
 
-def code(script):
-    """Hash of a workflow script and of every kvpipe module it imports, directly or transitively."""
-    return script_hash(Path(workflow.source_path(f"../scripts/{script}")))
+def code(script, *modules):
+    """Hash of a workflow script and of every kvpipe module it imports, directly or transitively, or that
+    importing modules runs (the stage modules a stage's script runs through kvpipe.stages).
+    """
+    return script_hash(
+        Path(workflow.source_path(f"../scripts/{script}")), modules=modules
+    )
 
 
 def pair_model(pair, role):
@@ -119,32 +133,96 @@ def rule_threads(rule):
     return config["resources"]["threads"].get(rule, cores if cores is not None else 1)
 
 
+# ---- A stage's rules, from its declaration (kvpipe.stages.Stage): its rule file `workflow/rules/{stage}.smk`
+# holds the compute rule `{stage}` (its inputs named as the stage's, outputs under results/{stage}/{dataset}/{pair}/,
+# `params: **compute_params("{stage}")`, the script stage_compute.py) and the report rule `{stage}_report`
+# (`input: report_inputs("{stage}")`, `output: **report_outputs("{stage}")`, `params: **report_params("{stage}")`,
+# the script stage_report.py), and registers its final output with stage_target.
+
+
+def stage_dir(stage):
+    """The output directory pattern of a stage's jobs."""
+    return f"results/{stage}/{{dataset}}/{{pair}}"
+
+
 def stage_timing_files(stage):
-    """A stage's measured seconds (kvpipe.<stage>.report.TIMING_FILES), apart so that its other outputs are
-    byte-identical between runs."""
-    names = importlib.import_module(f"kvpipe.{stage}.report").TIMING_FILES
-    return [f"results/{stage}/{{dataset}}/{{pair}}/{n}" for n in names]
+    """A stage's measured seconds, apart so that its other outputs are byte-identical between runs."""
+    return [f"{stage_dir(stage)}/{n}" for n in STAGES[stage].timing]
 
 
-def stage_figures(stage, pdf=False):
-    """Output files of a stage's figures, named once in kvpipe.<stage>.report.FIGURES.
+def stage_settings(stage):
+    """Param function: what a stage's jobs read of the config for the job's pair (kvpipe.config.stage_params:
+    a change reruns them)."""
+    return lambda wc: stage_params(config, STAGES[stage], wc.pair)
 
-    PNGs go into the HTML report with one caption each (workflow/report/<stage>/<name>.rst).
-    """
-    names = importlib.import_module(f"kvpipe.{stage}.report").FIGURES
-    base = f"results/{stage}/{{dataset}}/{{pair}}/figures"
-    if pdf:
-        return {f"{n}_pdf": f"{base}/{figure_files(n)[1]}" for n in names}
+
+def compute_params(stage):
+    """Params of a stage's compute rule: the stage, what it reads of the config for the job's pair
+    (kvpipe.config.stage_params: a change reruns it) and the code it runs."""
     return {
-        n: report(
-            f"{base}/{figure_files(n)[0]}",
-            caption=f"../report/{stage}/{n}.rst",
-            category=stage,
-            subcategory="{pair} on {dataset}",
-            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": n},
-        )
-        for n in names
+        "stage": stage,
+        "settings": stage_settings(stage),
+        "code": code("stage_compute.py", f"kvpipe.{stage}.stage"),
     }
+
+
+def report_params(stage):
+    """Params of a stage's report rule: the stage, the verdicts section if its report words comparisons, its code."""
+    verdicts = {"verdicts": config["verdicts"]} if STAGES[stage].verdicts else {}
+    return {
+        "stage": stage,
+        **verdicts,
+        "code": code("stage_report.py", f"kvpipe.{stage}.report"),
+    }
+
+
+def report_inputs(stage):
+    """The tables (and timing files) a stage's report reads."""
+    return [
+        f"{stage_dir(stage)}/{n}" for n in STAGES[stage].tables
+    ] + stage_timing_files(stage)
+
+
+def _caption(stage, name):
+    """workflow/report/{stage}/{name}.rst if it exists (assumed for a remote module: none is checked there)."""
+    caption = f"../report/{stage}/{name}.rst"
+    if (
+        CHECKOUT is None
+        or (CHECKOUT / "workflow" / "report" / stage / f"{name}.rst").is_file()
+    ):
+        return caption
+    return None
+
+
+def _shown(stage, path, name):
+    """path in the HTML report, under the stage and the job's pair and dataset, with its caption."""
+    return report(
+        path,
+        caption=_caption(stage, name),
+        category=stage,
+        subcategory="{pair} on {dataset}",
+        labels={"pair": "{pair}", "dataset": "{dataset}", "figure": name},
+    )
+
+
+def report_outputs(stage):
+    """Outputs every report of a stage writes: its figures (PNG shown in the HTML report, PDF), summary.md and,
+    if the stage measures time, timing.md, each with its HTML page, which the report shows inline (Markdown only
+    as a download). Figures are named once in kvpipe.{stage}.report.FIGURES."""
+    base = stage_dir(stage)
+    out = {}
+    for n in STAGES[stage].figures:
+        png, pdf = figure_files(n)
+        out |= {
+            n: _shown(stage, f"{base}/figures/{png}", n),
+            f"{n}_pdf": f"{base}/figures/{pdf}",
+        }
+    for page in ["summary"] + (["timing"] if STAGES[stage].timing else []):
+        out |= {
+            page: f"{base}/{page}.md",
+            f"{page}_html": _shown(stage, f"{base}/{page}.html", page),
+        }
+    return out
 
 
 def model_source_files(wc):
@@ -212,7 +290,28 @@ def projection_structure_metrics(wc):
     return one(rules.structure.output.metrics, dataset=wc.dataset, pair=wc.pair)
 
 
-TARGETS = []  # output patterns of the stages' final rules, registered by the rule files
+# Output patterns of the final rules, as the rule files register them, of every run (TARGETS.append) or of stages
+# (stage_target), which TARGET_STAGES maps to the stages they need: built when run.stages holds them all.
+TARGETS = []
+TARGET_STAGES = {}
+
+
+def stage_target(pattern, *stages):
+    """Register pattern as a target of the default run when run.stages holds every one of stages (a stage's rule
+    file registers its final output so)."""
+    for stage in stages:
+        if stage not in STAGES:
+            _stop(
+                f"a rule file registers a target of {stage!r}, which no kvpipe subpackage declares as a stage"
+            )
+    TARGETS.append(pattern)
+    TARGET_STAGES[pattern] = set(stages)
+
+
+def _stop(message):
+    """One line, before any job starts (as for an invalid configuration)."""
+    print(f"kvpipe: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def all_targets():
@@ -222,10 +321,16 @@ def all_targets():
         "pair": config["run"]["pairs"],
         "model": run_models(config),
     }
-    skipped = {"structure", "selection", "projection"} - set(config["run"]["stages"])
+    own = {s for needs in TARGET_STAGES.values() if len(needs) == 1 for s in needs}
+    for stage in (
+        set(config["run"]["stages"]) - own
+    ):  # a stage whose rule file registered its target
+        _stop(
+            f"run.stages: {stage!r} has no rules: the Snakefile must include workflow/rules/{stage}.smk"
+        )
     out = []
     for pattern in TARGETS:
-        if pattern.split("/")[1] in skipped:
+        if not TARGET_STAGES.get(pattern, set()) <= set(config["run"]["stages"]):
             continue
         names = set(re.findall(r"{(\w+)}", pattern))
         out += expand(pattern, **{k: v for k, v in values.items() if k in names})

@@ -39,4 +39,4 @@ localrules:
     pairs_summary,
 
 
-TARGETS.append(rules.pairs_summary.output.summary)
+stage_target(rules.pairs_summary.output.summary, "structure", "selection")

@@ -1,8 +1,8 @@
 rule structure:
     """Scout -> main transfer of keys and values, layer by layer, with baselines and CIs."""
     input:
-        scout=pair_kv("scout"),
-        main=pair_kv("main"),
+        scout_kv=pair_kv("scout"),
+        main_kv=pair_kv("main"),
         samples=rules.sample_dataset.output.samples,
     output:
         metrics="results/structure/{dataset}/{pair}/metrics.parquet",
@@ -18,43 +18,30 @@ rule structure:
         mem_mb=retry_mem_mb(8000),
         runtime=120,
     params:
-        # with the one alignment setting structure reads (only for a pair whose tokenizers differ)
-        structure=lambda wc: pair_settings(config, wc.pair, "structure")
-        | {"alignment": {"pool": config["alignment"]["pool"]}},
-        code=code("structure_pair.py"),
+        # its settings with the one alignment setting it reads (only for a pair whose tokenizers differ)
+        **compute_params("structure"),
     script:
-        "../scripts/structure_pair.py"
+        "../scripts/stage_compute.py"
 
 
 rule structure_report:
     """Figures and summary of the structural analysis, from its tables alone."""
     input:
-        metrics=rules.structure.output.metrics,
-        facts=rules.structure.output.facts,
+        report_inputs("structure"),
     output:
-        **stage_figures("structure"),
-        **stage_figures("structure", pdf=True),
-        summary="results/structure/{dataset}/{pair}/summary.md",
-        # the report shows HTML inline (Markdown only as a download): the same page rendered
-        summary_html=report(
-            "results/structure/{dataset}/{pair}/summary.html",
-            caption="../report/structure/summary.rst",
-            category="structure",
-            subcategory="{pair} on {dataset}",
-            labels={"pair": "{pair}", "dataset": "{dataset}", "figure": "summary"},
-        ),
+        **report_outputs("structure"),
     log:
         "results/logs/structure_report/{dataset}/{pair}.log",
     conda:
         CONDA_ENV
     params:
-        code=code("structure_report.py"),
+        **report_params("structure"),
     script:
-        "../scripts/structure_report.py"
+        "../scripts/stage_report.py"
 
 
 localrules:
     structure_report,
 
 
-TARGETS.append(rules.structure_report.output.summary)
+stage_target(rules.structure_report.output.summary, "structure")

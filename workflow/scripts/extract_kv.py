@@ -1,4 +1,4 @@
-"""Rule extract_kv: model x samples -> sharded Parquet KV dataset."""
+"""Rule extract_kv_chunk: model x one chunk of samples -> sharded Parquet KV dataset."""
 import sys
 from pathlib import Path
 

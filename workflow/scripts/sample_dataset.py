@@ -1,11 +1,10 @@
-"""Rule sample_dataset: dataset -> seeded sample table (Parquet)."""
+"""Rule sample_dataset: the chunks of a dataset's sample -> its sample table (Parquet)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # this checkout's kvpipe
-from kvpipe.data.sampling import sample_to_file
+from kvpipe.chunks import concat_tables
 from kvpipe.workflow import rule_script
 
 with rule_script(snakemake):
-    sample_to_file(snakemake.wildcards.dataset, snakemake.params.dataset, snakemake.params.tokenizer,
-                   snakemake.params.prompt, snakemake.params.sampling, snakemake.output.samples)
+    concat_tables(snakemake.input.chunks, snakemake.output.samples)

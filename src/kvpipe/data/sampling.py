@@ -34,12 +34,14 @@ def load_dataset(name: str, spec: dict[str, Any]) -> pd.DataFrame:
 
 
 def sample(examples: pd.DataFrame, tokenizers: Sequence[PreTrainedTokenizerBase], prompt: dict[str, Any],
-           sampling: dict[str, Any], dataset: str = "dataset") -> pd.DataFrame:
-    """Take the first n examples of a seeded permutation whose prompt fits every tokenizer.
+           sampling: dict[str, Any], dataset: str = "dataset", start: int = 0) -> pd.DataFrame:
+    """Take the examples start..n-1 of a seeded permutation whose prompt fits every tokenizer.
 
     The permutation depends only on the seed and the example ids, so the same seed gives
-    the same samples whatever the row order of the source. Columns added: sample_idx,
-    prompt_tokens (the longest prompt over the tokenizers) and passage (id of the context).
+    the same samples whatever the row order of the source; and it is walked in order, so
+    sample i is the same for every n > i (growing n appends samples; a chunk [start, n) is
+    the same rows as in the whole table). Columns added: sample_idx, prompt_tokens (the
+    longest prompt over the tokenizers) and passage (id of the context).
     """
     pool = examples.sort_values("id", kind="stable").reset_index(drop=True)
     if sampling["answerable_only"]:
@@ -58,9 +60,9 @@ def sample(examples: pd.DataFrame, tokenizers: Sequence[PreTrainedTokenizerBase]
     if len(kept) < n:
         raise KvpipeError(f"sampling.n: dataset {dataset} has only {len(kept)} examples whose prompt fits "
                           f"sampling.max_context_tokens={limit} (asked for {n})")
-    out = pool.iloc[kept].reset_index(drop=True)
-    out.insert(0, "sample_idx", np.arange(n, dtype=np.int32))
-    out["prompt_tokens"] = np.asarray(lengths, dtype=np.int32)
+    out = pool.iloc[kept[start:]].reset_index(drop=True)
+    out.insert(0, "sample_idx", np.arange(start, n, dtype=np.int32))
+    out["prompt_tokens"] = np.asarray(lengths[start:], dtype=np.int32)
     out["passage"] = passage_ids(out["context"])
     return out
 
@@ -83,8 +85,9 @@ def length_tokenizer(ref: str | Path) -> PreTrainedTokenizerBase:
 
 
 def sample_to_file(name: str, spec: dict[str, Any], tokenizer: str | Path, prompt: dict[str, Any],
-                   sampling: dict[str, Any], out: Path) -> pd.DataFrame:
-    """Load a dataset, sample it with the length tokenizer and write the table atomically."""
-    frame = sample(load_dataset(name, spec), [length_tokenizer(tokenizer)], prompt, sampling, name)
+                   sampling: dict[str, Any], out: Path, start: int = 0) -> pd.DataFrame:
+    """Load a dataset, sample it (samples start..sampling.n-1) with the length tokenizer and write the table
+    atomically."""
+    frame = sample(load_dataset(name, spec), [length_tokenizer(tokenizer)], prompt, sampling, name, start)
     write_parquet(frame, Path(out))
     return frame

@@ -142,9 +142,9 @@ def read_shard(root: Path, layer: int, shard: int, columns: list[str] | None = N
     path = Path(root) / rel
     expected = shard_digests(manifest if manifest is not None else load_manifest(root)).get(rel)
     if expected is None:
-        raise KvpipeError(f"{path}: not listed in {Path(root) / MANIFEST}; rerun extraction (extract_kv)")
+        raise KvpipeError(f"{path}: not listed in {Path(root) / MANIFEST}; rerun extraction (extract_kv_chunk)")
     if not path.is_file():
-        raise KvpipeError(f"{path}: missing shard file; rerun extraction (extract_kv)")
+        raise KvpipeError(f"{path}: missing shard file; rerun extraction (extract_kv_chunk)")
     data = path.read_bytes()
     digest = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
     try:
@@ -152,7 +152,7 @@ def read_shard(root: Path, layer: int, shard: int, columns: list[str] | None = N
     finally:  # a damaged file is reported as such, whatever decoding it raised
         if digest.result() != expected:
             raise KvpipeError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted or truncated shard); "
-                              "rerun extraction (extract_kv)") from None
+                              "rerun extraction (extract_kv_chunk)") from None
 
 
 def matrix(table: pa.Table, kind: str) -> np.ndarray:

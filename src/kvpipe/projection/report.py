@@ -26,13 +26,12 @@ from kvpipe.reporting import save_figure
 _DRAW = {"f1_vs_bytes": figures.f1_vs_bytes, "f1_by_condition": figures.f1_by_condition,
          "r2_by_layer": figures.r2_by_layer}
 FIGURES = tuple(_DRAW)
-TIMING_FILES = ("ttft.parquet", "timings.parquet", "timings.json")   # what the stage measured in seconds
 
 
 def write_report(answers: Path, metrics: Path, facts: Path, timing: dict[str, Path], dataset: str, out_dir: Path,
                  verdicts: Mapping[str, Any] | None = None) -> None:
     """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables;
-    ttft_aggregates.parquet and timing.md from its timing files (timing: TIMING_FILES name -> path).
+    ttft_aggregates.parquet and timing.md from its timing files (timing: STAGE.timing name -> path).
     verdicts: the config's `verdicts` section (default: the schema's)."""
     answers_t, metrics_t = with_failure_flags(pd.read_parquet(answers)), pd.read_parquet(metrics)
     about = read_json(Path(facts))

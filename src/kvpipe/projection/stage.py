@@ -12,20 +12,25 @@
    timing files (ttft.parquet, timings.parquet per sample, timings.json: phases and fit times), so that
    every other output is byte-identical between runs; kvpipe.projection.report turns the tables into
    aggregates, figures, the summary and the timing report.
+
+Steps 1-2 are fit_projection (once per pair, on the whole sample table); step 3 is answer_chunk, one job per
+chunk of samples (kvpipe.chunks), reading the fit's ANSWERING file; kvpipe.projection.gather joins the chunks.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
-from kvpipe.io import write_json, write_parquet
+from kvpipe.io import atomic_path, write_json, write_parquet
 from kvpipe.kv.pairs import read_passages
 from kvpipe.models.load import load_model
 from kvpipe.projection.answer import Answerer
@@ -33,11 +38,15 @@ from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import Variant
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
+from kvpipe.projection.gather import gather
 from kvpipe.projection.hidden_distill import stage_hidden_map
 from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
 from kvpipe.projection.payload import text_bytes
 from kvpipe.splits import whole_passages
+
+ANSWERING = "answering.pt"        # fit_projection -> answer_chunk: fitted projectors, means, hidden map, test samples
+FIT_TIMINGS = "fit_timings.json"  # the fit's phases and times, joined with the chunks' seconds by the gather
 
 
 def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, Any], samples: pd.DataFrame,
@@ -54,10 +63,11 @@ def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, An
             "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": cfg}
 
 
-def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
+def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
                    cfg: dict[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
                    structure_metrics: Path | None = None) -> None:
-    """Fit, score, inject and answer for one pair; write every table and the projectors under out_dir."""
+    """Fit and score the projectors of one pair on the whole sample table; write them, their metrics, the facts,
+    the fit's timings (FIT_TIMINGS) and what the answering chunks need (ANSWERING: answer_chunk) under out_dir."""
     out_dir = Path(out_dir)
     passages = read_passages(Path(samples), Path(scout_kv))
     table = pd.read_parquet(samples)
@@ -78,35 +88,76 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
              "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": lmap}}
     cards = save(fitted, cal, about, out_dir / "projectors")
     write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
-    common = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
-              "means": main_means(stats, cal)}
+    state = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
+             "means": main_means(stats, cal), "hidden": None}
     if "projected_hidden" in cfg["conditions"]:
-        hidden = stage_hidden_map(cal, table, (scout, main), prompt, cfg, common["projectors"], about, out_dir)
-        common["extras"] = {"hidden": (scout, hidden)}
-    answerer = Answerer(scout, main, common, cfg, prompt, pair)
+        state["hidden"] = stage_hidden_map(cal, table, (scout, main), prompt, cfg, state["projectors"], about, out_dir)
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
+    state["test"] = test["sample_idx"].tolist()
+    with atomic_path(out_dir / ANSWERING) as tmp:
+        torch.save(state, tmp)
+    clock.append(time.perf_counter())
+    phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_s"), np.diff(clock).round(2)))
+    write_json(out_dir / FIT_TIMINGS, {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()},
+                                       "fit_peak_mib": {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items()
+                                                        if f.peak_mib is not None}})
+    facts = _facts(pair, cal, cfg, cards, table, test)
+    if len(test):
+        answerer = Answerer(scout, main, state, cfg, prompt, pair)
+        facts["n_template_tokens"] = answerer.prompt_tokens(next(test.itertuples(index=False))).context_start
+    write_json(out_dir / "facts.json", facts)
+
+
+def answer_chunk(answering: Path, chunk: Path, scout_model: Path, main_model: Path, pair: str, cfg: dict[str, Any],
+                 prompt: dict[str, Any], device: str, dtype: str, out_dir: Path) -> None:
+    """Answer the test samples of a chunk of the sample table with the fitted projectors (the ANSWERING file of
+    fit_projection); write its CHUNK_TABLES and its seconds (timings.json) under out_dir."""
+    started = time.perf_counter()
+    state = torch.load(answering, weights_only=False)   # fit_projection's, each tensor on the device it was fitted on
+    order = {idx: i for i, idx in enumerate(state["test"])}   # position among all test samples
+    table = pd.read_parquet(chunk)
+    test = table[table["sample_idx"].isin(order)].sort_values("sample_idx")
+    timed = len(order) if cfg["ttft_samples"] is None else cfg["ttft_samples"]
     answers, ttfts, timings = [], [], []
-    timed = len(test) if cfg["ttft_samples"] is None else cfg["ttft_samples"]
-    if timed and len(test):
-        answerer.warm_up(next(test.itertuples(index=False)))
-    rows = test.itertuples(index=False)
-    for i, row in enumerate(tqdm(rows, total=len(test), desc=f"projection {pair}: answers", unit="sample")):
-        records, ttft, timing = answerer.sample(row, ttft=i < timed)
+    if len(test):   # a chunk without test samples loads no model
+        scout, main = load_model(Path(scout_model), device, dtype), load_model(Path(main_model), device, dtype)
+        common = {k: state[k] for k in ("projectors", "layer_map", "means")}
+        if state["hidden"] is not None:
+            common["extras"] = {"hidden": (scout, state["hidden"])}
+        answerer = Answerer(scout, main, common, cfg, prompt, pair)
+        if order[test["sample_idx"].iloc[0]] < timed:
+            answerer.warm_up(next(test.itertuples(index=False)))
+    for row in tqdm(test.itertuples(index=False), total=len(test), desc=f"projection {pair}: answers", unit="sample"):
+        records, ttft, timing = answerer.sample(row, ttft=order[row.sample_idx] < timed)
         answers += records
         ttfts += ttft
         timings.append(timing)
+    out_dir = Path(out_dir)
     write_parquet(pd.DataFrame(answers), out_dir / "answers.parquet")
-    clock.append(time.perf_counter())
     write_parquet(pd.DataFrame(timings), out_dir / "timings.parquet")
     variant = [f.name for f in fields(Variant)]
     parts = ["scout_s", "own_prefill_s", "build_s", "question_s", "bytes"]   # answer.Answerer.ttft's measured parts
     write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *variant, *parts]), out_dir / "ttft.parquet")
-    phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
-    write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()},
-                                          "fit_peak_mib": {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items()
-                                                           if f.peak_mib is not None}})
-    facts = _facts(pair, cal, cfg, cards, table, test)
-    if len(test):
-        facts["n_template_tokens"] = answerer.prompt_tokens(next(test.itertuples(index=False))).context_start
-    write_json(out_dir / "facts.json", facts)
+    write_json(out_dir / "timings.json", {"answers_s": round(time.perf_counter() - started, 2)})
+
+
+def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
+                   cfg: dict[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
+                   structure_metrics: Path | None = None) -> None:
+    """Fit, score, inject and answer for one pair on the whole sample table (one chunk); write every table and the
+    projectors under out_dir."""
+    out_dir = Path(out_dir)
+    fit_projection(scout_kv, main_kv, samples, scout_model, main_model, pair, cfg, prompt, device, dtype, out_dir,
+                   structure_metrics)
+    answer_chunk(out_dir / ANSWERING, samples, scout_model, main_model, pair, cfg, prompt, device, dtype,
+                 out_dir / "chunks" / "all")
+    gather([out_dir / "chunks" / "all"], out_dir / FIT_TIMINGS, out_dir)
+
+
+def compute(inputs: Mapping[str, Path | None], pair: str, params: Mapping[str, Any], out_dir: Path) -> None:
+    """The stage's compute step as the workflow and the CLI run it (kvpipe.stages): inputs by name, params from
+    kvpipe.config.stage_params."""
+    run_projection(inputs["scout_kv"], inputs["main_kv"], inputs["samples"], inputs["scout_dir"], inputs["main_dir"], pair,
+                   params["projection"], params["prompt"], params["device"], params["dtype"], out_dir,
+                   inputs["structure_metrics"])

@@ -23,7 +23,6 @@ from kvpipe.selection.aggregate import aggregate
 
 _DRAW = {"f1_vs_retention": figures.f1_vs_retention, "overlap": figures.overlap}
 FIGURES = tuple(_DRAW)
-TIMING_FILES = ("timings.parquet",)   # what the stage measured in seconds
 NOTES = {  # the notes' figures (Qwen2.5 3B -> 7B, SQuAD v2, 50 samples)
     ("overlap", "q2c", 0.5): 0.863, ("overlap", "q2c", 0.75): 0.915,
     ("overlap", "snapkv", 0.5): 0.895, ("overlap", "snapkv", 0.75): 0.949,
@@ -265,7 +264,7 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, 
 def write_report(answers: Path, overlap: Path, facts: Path, timing: dict[str, Path], dataset: str, out_dir: Path,
                  verdicts: Mapping[str, Any] | None = None) -> None:
     """aggregates.parquet, summary.md and figures/{FIGURES}.png|pdf under out_dir, from the stage's tables;
-    timing.md from its timing file (timing: TIMING_FILES name -> path). verdicts: the config's `verdicts` section
+    timing.md from its timing file (timing: STAGE.timing name -> path). verdicts: the config's `verdicts` section
     (default: the schema's)."""
     frames = {name: pd.read_parquet(path) for name, path in (("answers", answers), ("overlap", overlap))}
     frames["answers"] = with_failure_flags(frames["answers"])

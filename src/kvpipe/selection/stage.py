@@ -51,16 +51,17 @@ from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT
 from kvpipe.inference.decode import Answer
 from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.io import read_json, write_json, write_parquet
+from kvpipe.io import write_parquet
 from kvpipe.kv.checks import check_window
-from kvpipe.models.load import CARD, load_model
+from kvpipe.models.load import load_model
 from kvpipe.scoring.methods import ScoringInputs, SelectionMethod, build_methods
 from kvpipe.scoring.select import capture_window, context_budget, select
+from kvpipe.selection.gather import TABLES, write_facts
 from kvpipe.selection.overlap import character_overlap, overlap_row
 from kvpipe.settings import SelectionSettings, from_section
 from kvpipe.splits import whole_passages
 
-__all__ = ["overlap_row", "run_pair", "run_selection", "selected_samples"]
+__all__ = ["overlap_row", "run_chunk", "run_pair", "run_selection", "selected_samples"]
 ROLES = ("scout", "main")
 OTHER = {"scout": "main", "main": "scout"}
 Scores = dict[str, ScoringInputs]                            # role -> its inputs, holding every method's scores
@@ -272,15 +273,34 @@ def run_pair(models: dict[str, Path], samples: pd.DataFrame, pair: str, cfg: dic
     return pd.DataFrame(answers), pd.DataFrame(overlaps), pd.DataFrame(timings)
 
 
+def run_chunk(scout_dir: Path, main_dir: Path, chunk: Path, pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
+              device: str, dtype: str, out_dir: Path, samples: Path | None = None) -> None:
+    """Run a pair on the selected samples of a chunk of the sample table (none: no model loads); write TABLES in out_dir.
+
+    With `max_samples`, the selection is made on the whole sample table (samples), whose passages it counts.
+    """
+    used = pd.read_parquet(chunk).sort_values("sample_idx", ignore_index=True)
+    if cfg["max_samples"] is not None:
+        if samples is None:
+            raise KvpipeError("selection.max_samples: the chunk needs the whole sample table to select passages")
+        chosen = selected_samples(pd.read_parquet(samples), cfg["max_samples"])["sample_idx"]
+        used = used[used["sample_idx"].isin(chosen)]
+    models = {"scout": Path(scout_dir), "main": Path(main_dir)}
+    frames = run_pair(models, used, pair, cfg, prompt, device, dtype) if len(used) else [pd.DataFrame()] * 3
+    for name, frame in zip(TABLES, frames, strict=True):
+        write_parquet(frame, Path(out_dir) / f"{name}.parquet")
+
+
 def run_selection(scout_dir: Path, main_dir: Path, samples: Path, pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
                   device: str, dtype: str, out_dir: Path) -> None:
     """Run a pair on the selected samples; write answers, overlap and timings Parquet and facts.json under out_dir."""
-    table = pd.read_parquet(samples)
-    used = selected_samples(table, cfg["max_samples"])
-    models = {"scout": Path(scout_dir), "main": Path(main_dir)}
-    answers, overlaps, timings = run_pair(models, used, pair, cfg, prompt, device, dtype)
-    out_dir = Path(out_dir)
-    for name, frame in (("answers", answers), ("overlap", overlaps), ("timings", timings)):
-        write_parquet(frame, out_dir / f"{name}.parquet")
-    write_json(out_dir / "facts.json", {"pair": pair, "n_samples": len(used), "n_sampled": len(table), "selection": cfg,
-                                        **{role: read_json(models[role] / CARD)["slug"] for role in ROLES}})
+    run_chunk(scout_dir, main_dir, samples, pair, cfg, prompt, device, dtype, out_dir, samples)
+    write_facts(out_dir, pair, cfg, {"scout": Path(scout_dir), "main": Path(main_dir)},
+                pd.read_parquet(Path(out_dir) / "answers.parquet"), samples)
+
+
+def compute(inputs: Mapping[str, Path | None], pair: str, params: Mapping[str, Any], out_dir: Path) -> None:
+    """The stage's compute step as the workflow and the CLI run it (kvpipe.stages): inputs by name, params from
+    kvpipe.config.stage_params."""
+    run_selection(inputs["scout_dir"], inputs["main_dir"], inputs["samples"], pair, params["selection"], params["prompt"],
+                  params["device"], params["dtype"], out_dir)

@@ -257,3 +257,9 @@ def run_structure(scout_kv: Path, main_kv: Path, samples: Path, pair: str, cfg: 
     table, facts = analyse_pair(Path(scout_kv), Path(main_kv), read_passages(Path(samples), Path(scout_kv)), pair, cfg)
     write_json(Path(out_dir) / "facts.json", facts)
     write_parquet(table, Path(out_dir) / "metrics.parquet")
+
+
+def compute(inputs: Mapping[str, Path | None], pair: str, params: Mapping[str, Any], out_dir: Path) -> None:
+    """The stage's compute step as the workflow and the CLI run it (kvpipe.stages): inputs by name, params from
+    kvpipe.config.stage_params."""
+    run_structure(inputs["scout_kv"], inputs["main_kv"], inputs["samples"], pair, params["structure"], out_dir)

@@ -127,7 +127,7 @@ def kv_f1(kv: ContextKV, sample: DistillSample, main: LoadedModel, max_new_token
     """F1 of the main's greedy answer from a given context KV (question samples only)."""
     tokens = sample.tokens
     given = GivenTensors(kv).context_kv(main, tokens)
-    batch = prune_batch(main, [(given, np.arange(tokens.context_end - tokens.context_start))], tokens.context_start)
+    batch = prune_batch(main, [(given, np.arange(tokens.context_end - tokens.context_start), tokens.context_start)])
     answer = decode(main, tokens, batch, max_new_tokens)[0][0]
     return score_prediction(answer.text, list(sample.answers))[2]
 

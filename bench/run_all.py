@@ -48,11 +48,13 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     link speed: judged against the target only for a cache that carries content (kvpipe.estimands)."""
     import pandas as pd
 
+    from kvpipe.projection.aggregate import VARIANT
+
     path = RESULTS / record / "ttft_aggregates.parquet"
     if not path.exists() or "regime" not in pd.read_parquet(path).columns:
         return []
     ttft, agg = pd.read_parquet(path), pd.read_parquet(RESULTS / record / "aggregates.parquet")
-    keys = ["condition", "projector", "objective", "key_map", "retention", "rank"]
+    keys = list(VARIANT)
     injected = ttft[ttft["condition"].isin(("projected_kv", "chain"))].merge(agg[[*keys, "carries_content"]], on=keys)
     facts = json.loads((RESULTS / record / "facts.json").read_text())
     target = facts["projection"].get("ttft", {}).get("target", 0.3)

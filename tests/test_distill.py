@@ -201,16 +201,17 @@ def test_hybrid_caches_at_their_extremes_are_the_main_or_the_projection(self_fit
         {"bottom_fractions": [0.0, 1.0]},
     )
     table = table[table["key_map"] != "post_rope"]
-    by = table.set_index(["sample_idx", "condition", "projector", "objective", "rank"])["prediction"]
+    assert (table["rank"] == -1).all()  # B and L have their own columns
+    by = table.set_index(["sample_idx", "condition", "projector", "objective", "bottom_layers", "hidden_layer"])["prediction"]
     n_layers = len(self_fit[0].layer_map)
     for i in table["sample_idx"].unique():
-        full = by[(i, "main_full", "none", "none", -1)]
-        assert by[(i, "own_bottom_projected_top", "ridge", "reconstruction", n_layers)] == full
+        full = by[(i, "main_full", "none", "none", -1, -1)]
+        assert by[(i, "own_bottom_projected_top", "ridge", "reconstruction", n_layers, -1)] == full
         assert (
-            by[(i, "own_bottom_projected_top", "ridge", "reconstruction", 0)]
-            == by[(i, "projected_kv", "ridge", "reconstruction", -1)]
+            by[(i, "own_bottom_projected_top", "ridge", "reconstruction", 0, -1)]
+            == by[(i, "projected_kv", "ridge", "reconstruction", -1, -1)]
         )
-        assert by[(i, "projected_hidden", "ridge", "reconstruction", 0)] == full
+        assert by[(i, "projected_hidden", "ridge", "reconstruction", -1, 0)] == full
 
 
 def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_config, samples):

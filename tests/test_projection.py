@@ -31,8 +31,8 @@ from kvpipe.structure.pair_data import read_passages
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
-                  "retention", "rank", "reply", "prediction", "exact", "f1", "abstained", "empty", "bytes", "n_context",
-                  "n_tokens"}
+                  "retention", "rank", "bottom_layers", "hidden_layer", "reply", "prediction", "exact", "f1", "abstained",
+                  "empty", "bytes", "n_context", "n_tokens"}
 
 
 @pytest.fixture(scope="module")

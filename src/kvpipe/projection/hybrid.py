@@ -2,8 +2,8 @@
 
 Registered in CONDITIONS (kvpipe.projection.conditions), each with its bytes and time to first
 token (every build below is timed; only `fused` adds the main's full own prefill). They use the
-projector and objective of `hybrid` (the gated projectors for `fused`). A row's `rank` column
-holds its layer: B for own_bottom_projected_top, L for projected_hidden.
+projector and objective of `hybrid` (the gated projectors for `fused`). A row's B is in its
+`bottom_layers` column, its L in `hidden_layer` (kvpipe.projection.conditions.Variant).
 
     own_bottom_projected_top   the main's own prefill through its bottom B layers, projected KV above
                                (B = round(f · layers) for f in hybrid.bottom_fractions); sends the
@@ -63,7 +63,7 @@ class OwnBottomProjectedTop(Condition):
 
         return [
             Plan(
-                Variant(self.name, p, o, "pre_rope", rank=b),
+                Variant(self.name, p, o, "pre_rope", bottom_layers=b),
                 lambda b=b: build(b),
                 None,
                 text_bytes(s.context) + kv_bytes(len(s.payload), _widths(s, range(b, n_layers))),
@@ -92,7 +92,7 @@ class ProjectedHidden(Condition):
             return _replace(s.projected(p, o), {layer + i: kv for i, kv in enumerate(own)})
 
         size = len(s.payload) * scout_hidden.shape[1] * FLOAT16 + kv_bytes(len(s.payload), _widths(s, range(layer)))
-        return [Plan(Variant(self.name, p, o, "pre_rope", rank=layer), build, None, size, False)]
+        return [Plan(Variant(self.name, p, o, "pre_rope", hidden_layer=layer), build, None, size, False)]
 
 
 def _refresh(s: SampleInputs, base: ContextKV, kept: np.ndarray) -> ContextKV:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,11 @@ from kvpipe.config import schema
 from kvpipe.models.load import load_model
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import CONDITIONS
-from kvpipe.projection.distill import distill_loss, question_sample
+from kvpipe.projection.distill import distill_loss, log_probs_after, question_sample
 from kvpipe.projection.distill_fit import fit_distill, schedule
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import fit_all, save
+from kvpipe.projection.fuser import fuse_f1, fuse_loss, fuse_sample, fuser_start, stage_fuser
 from kvpipe.projection.layer_map import relative_depth
 from kvpipe.projection.projectors import PROJECTORS
 from kvpipe.structure.pair_data import PairData, read_passages
@@ -92,19 +94,27 @@ def test_distill_from_a_perturbed_identity_recovers_the_main_answers(self_fit, s
     assert all(same())
 
 
+def _random_gated(scout, main, cfg):
+    """The relative-depth layer map and a gated projector from scout to main with random maps, one gate per head."""
+    lmap = relative_depth(scout.card["num_layers"], main.card["num_layers"])
+    p = scout.card["num_kv_heads"] * scout.card["head_dim"]
+    q = main.card["num_kv_heads"] * main.card["head_dim"]
+    projector = PROJECTORS["gated"](len(lmap), ("key", "value"), p, q, cfg)
+    projector.set_heads(main.card["num_kv_heads"])
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for kind in ("key", "value"):
+            projector.weight[kind].copy_(0.1 * torch.randn(projector.weight[kind].shape, generator=gen))
+    return lmap, projector
+
+
 def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke_config, samples, self_fit):
     scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
     _, _, _, cfg = self_fit
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
     rows = list(samples.head(3).itertuples(index=False))
     data = [question_sample(scout, tiny_main, answerer.prompt_tokens(r), tuple(r.answers), 4) for r in rows]
-    lmap = relative_depth(scout.card["num_layers"], tiny_main.card["num_layers"])
-    p = scout.card["num_kv_heads"] * scout.card["head_dim"]
-    q = tiny_main.card["num_kv_heads"] * tiny_main.card["head_dim"]
-    projector = PROJECTORS["gated"](len(lmap), ("key", "value"), p, q, cfg)
-    projector.set_heads(tiny_main.card["num_kv_heads"])
-    torch.nn.init.normal_(projector.weight["key"], std=0.1)
-    torch.nn.init.normal_(projector.weight["value"], std=0.1)
+    lmap, projector = _random_gated(scout, tiny_main, cfg)
     models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
     start = copy.deepcopy(projector.state_dict())
     fit_distill(projector, data[:2], data[2:], lmap, tiny_main, SETTINGS | {"steps": 3, "eval_every": 1})
@@ -152,7 +162,10 @@ def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_pat
         kinds = ("key", "value", "key_post")
         cal = Calibration.open(kv_dirs / "tiny-scout", kv_dirs / "tiny-main", passages, "tiny", lmap, kinds, cfg)
         data = distill_data(cal, table, scout, main, smoke_config["prompt"], cfg)
-        save(fit_all(cal, cal.statistics(), cfg, main, None, data, out / "checkpoints"), cal, {}, out)
+        fitted = fit_all(cal, cal.statistics(), cfg, main, None, data, out / "checkpoints")
+        save(fitted, cal, {}, out)
+        projectors = {k: f.projector for k, f in fitted.items()}
+        stage_fuser(cal, table, (scout, main), smoke_config["prompt"], cfg, projectors, {}, out / "fuser")
         return cal
 
     cal = fit(tmp_path / "a")
@@ -175,10 +188,20 @@ def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_pat
     table.loc[test[table["sample_idx"]], "context"] = "river mountain " * 20
     fit(tmp_path / "b")
     assert sum(touched) > 0  # test rows were read from disk (and perturbed), then left out
-    for name in ("ridge-reconstruction", "ridge-distill", "gated-reconstruction", "gated-distill"):
+    names = (
+        "ridge-reconstruction",
+        "ridge-distill",
+        "gated-reconstruction",
+        "gated-distill",
+        "fuser/projectors/fuser-next_token",
+    )
+    for name in names:
         assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == (tmp_path / "b" / f"{name}.safetensors").read_bytes()
         assert load_file(str(tmp_path / "a" / f"{name}.safetensors"))
     assert not (tmp_path / "a" / "checkpoints").exists()  # removed once the fits are done
+    assert not (tmp_path / "a" / "fuser" / "checkpoints").exists()
+    card = json.loads((tmp_path / "a" / "fuser" / "projectors" / "fuser-next_token.json").read_text())
+    assert card["errors"]["next_token"]["tokens_seen"]["target"] > 0 and card["start"] == "gated/reconstruction"
 
 
 def _predictions(self_fit, tiny_main, smoke_config, samples, conditions, hybrid, hidden_layer=0):
@@ -218,6 +241,7 @@ def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_c
     from kvpipe.inference.session import Session
     from kvpipe.projection.conditions import SampleInputs
     from kvpipe.projection.hidden import main_bottom, main_from_layer
+    from kvpipe.projection.inject import project
 
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
     tokens = answerer.prompt_tokens(next(samples.itertuples(index=False)))
@@ -243,16 +267,20 @@ def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_c
         selections,
         answerer.cfg,
     )
-    gated = s.projectors[("gated", "reconstruction")]
-    with torch.no_grad():
-        for g in gated.gate.values():
-            g.zero_()  # every head damped to its fallback: the main's own cache
+    fuser = fuser_start(s.projectors[("gated", "reconstruction")])  # every gate 0: the main's own cache
+    s.extras["fuser"] = fuser
     (plan,) = CONDITIONS["fused"]().plans(s)
+    assert (plan.variant.projector, plan.variant.objective, plan.own_prefill) == ("gated", "next_token", True)
     built = plan.build()
-    assert all(torch.allclose(a, b.float()) for a, b in zip(built.keys + built.values, own.keys + own.values))
+    assert all(torch.equal(a, b.float()) for a, b in zip(built.keys + built.values, own.keys + own.values))
     with torch.no_grad():
-        for g in gated.gate.values():
-            g.fill_(1.0)
+        for g in fuser.gate.values():
+            g.fill_(1.0)  # every gate 1: the ungated projection at the context rows, the main's own template rows
+    built, t = plan.build(), tokens.context_start
+    with torch.no_grad(), fuser.ungated():
+        projected = project(fuser, payload, cal.layer_map, tiny_main)
+    for a, b, o in zip(built.keys + built.values, projected.keys + projected.values, own.keys + own.values):
+        assert torch.equal(a[:, :t], o[:, :t].float()) and torch.allclose(a[:, t:], b[:, t:].float())
 
 
 def test_the_schema_knows_exactly_the_registered_projectors_and_conditions():
@@ -296,7 +324,7 @@ def test_memory_is_one_sample_graph_whatever_the_samples_per_step(self_fit, self
         meter = _SavedBytes()
         projector = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
         optimiser = torch.optim.Adam(projector.parameters(), lr=1e-3)
-        log = {"tokens": [0, 0], "train_kl": []}
+        log = {"tokens": [0, 0], "train_loss": []}
         with frozen(tiny_main), meter.hooks():
             _step(Student(projector, cal.layer_map, tiny_main), optimiser, [sample] * k, log)
         peaks[k] = meter.peak
@@ -383,3 +411,34 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
     assert (_state_bytes(tiny_main.model), _state_bytes(projector)) == models  # only the hidden map is trained
     assert not (tmp_path / "c").exists()
+
+
+def test_the_fuser_learns_the_main_next_token_loss_with_both_models_frozen(
+    model_dirs, tiny_main, smoke_config, samples, self_fit
+):
+    scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    rows = list(samples.head(4).itertuples(index=False))
+    answers = [() if i == 1 else tuple(r.answers) for i, r in enumerate(rows)]  # sample 1 taken as unanswerable
+    data = [fuse_sample(scout, tiny_main, answerer.prompt_tokens(r), a) for r, a in zip(rows, answers)]
+    replies = [tiny_main.tokenizer.decode(s.targets[s.targets >= 0][:-1]) for s in data]
+    assert replies[1] == "unanswerable" and replies[0] == rows[0].answers[0]["text"]  # no answer: the abstention reply
+    lmap, gated = _random_gated(scout, tiny_main, self_fit[3])
+    fuser = fuser_start(gated)
+    for s in data:  # every gate 0: the loss is the main's own cross-entropy of the gold reply, from its own cache
+        scored = s.targets >= 0
+        own = log_probs_after(s.own, s.after, tiny_main)[scored].gather(1, s.targets[scored][:, None])
+        assert int(scored.sum()) >= 2 and torch.allclose(fuse_loss(fuser, s, lmap, tiny_main), -own.mean(), atol=1e-5)
+    models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
+    before = [float(fuse_loss(fuser, s, lmap, tiny_main).detach()) for s in data[:3]]
+    settings = SETTINGS | {"steps": 20, "lr": 1e-1, "eval_every": 5}
+    result = fit_distill(fuser, data[:3], data[:3], lmap, tiny_main, settings, loss=fuse_loss, f1=fuse_f1)
+    after = [float(fuse_loss(fuser, s, lmap, tiny_main).detach()) for s in data[:3]]
+    curve = [c["validation_loss"] for c in result["learning_curve"]]  # the training prompts, scored every 5 steps
+    assert curve[0] == pytest.approx(np.mean(before)) and all(np.diff(curve) < 0), curve
+    assert np.mean(after) < np.mean(before) - 0.15, (before, after)  # random tiny models: CE near log(vocab) at start
+    assert all(g.abs().max() > 0 for g in fuser.gate.values())  # the gates were trained off the main's own cache
+    assert {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)} == models
+    assert result["tokens_seen"]["target"] == sum(
+        data[i].n_tokens[1] for step in range(1, result["steps"] + 1) for i in schedule(3, step, 2, 0)
+    )

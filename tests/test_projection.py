@@ -23,6 +23,7 @@ from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import CONDITIONS, SampleInputs, plan_all
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
+from kvpipe.projection.fuser import fuser_start
 from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
 from kvpipe.projection.projectors import PROJECTORS
@@ -138,7 +139,8 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
     cal, stats, fitted, cfg = self_fit
     chosen = {k: f.projector.eval() for k, f in fitted.items() if projectors is None or k[0] in projectors}
     common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal),
-              "extras": {"hidden": (tiny_main, identity_hidden(tiny_main))}}
+              "extras": {"hidden": (tiny_main, identity_hidden(tiny_main)),
+                         "fuser": fuser_start(fitted[("gated", "reconstruction")].projector).eval()}}
     return Answerer(tiny_main, tiny_main, common, cfg | {"conditions": conditions},
                     smoke_config["prompt"], "self")
 
@@ -244,6 +246,12 @@ def test_bytes_are_counted_from_the_shapes_sent(self_fit, tiny_main, smoke_confi
     assert by[("chain", "ridge", "pre_rope", 0.5, 2)] == 2 * sum(min(kept * w, 2 * (kept + w)) * 2 for w in widths) + index
     assert by[("scout_selection", "none", "none", 0.5, -1)] == len(s.context.encode("utf-8")) + index
     assert by[("mean_kv", "none", "none", 1.0, -1)] == 0
+    assert by[("fused", "gated", "pre_rope", 1.0, -1)] == len(s.context.encode("utf-8")) + 2 * n * sum(widths) * 2
+    above = {p.variant.bottom_layers: p.bytes - len(s.context.encode("utf-8")) for p in plans.values()
+             if p.variant.condition == "own_bottom_projected_top"}
+    sent = {b: {s.layer_map[j] for j in range(b, len(s.layer_map))} for b in above}   # each scout layer sent once
+    assert above and all(nbytes == 2 * n * sum(s.payload.values[j].shape[1] for j in sent[b]) * 2
+                         for b, nbytes in above.items())
 
 
 def test_payload_encodings():

@@ -52,6 +52,11 @@ class DistillSample:
         """(prefix tokens the projector mapped, target tokens the loss covers)."""
         return self.prefix, len(self.after)
 
+    @property
+    def key(self) -> float:
+        """A fingerprint of the training target (a checkpoint must have been made on the same targets)."""
+        return float(self.teacher.sum())
+
 
 @contextmanager
 def frozen(lm: LoadedModel) -> Iterator[None]:
@@ -73,7 +78,8 @@ def _teacher(main: LoadedModel, ids: np.ndarray, prefix: int) -> torch.Tensor:
     return torch.log_softmax(out.logits[0, prefix:].float(), dim=-1).cpu()
 
 
-def _payload(scout: LoadedModel, tokens: PromptTokens) -> ScoutPayload:
+def scout_payload(scout: LoadedModel, tokens: PromptTokens) -> ScoutPayload:
+    """The scout's payload of the prompt up to the context's end (its own prefill)."""
     return ScoutPayload.from_context(scout, OwnPrefill(1).context_kv(scout, tokens))
 
 
@@ -84,7 +90,7 @@ def question_sample(
     own = Session(main, tokens, 1).answer([Condition("teacher")], max_new_tokens)[0].token_ids
     ids = np.concatenate([tokens.input_ids, np.asarray(own, dtype=np.int64)])
     end = tokens.context_end
-    return DistillSample(_payload(scout, tokens), torch.as_tensor(ids[end:]), _teacher(main, ids, end), tokens, answers)
+    return DistillSample(scout_payload(scout, tokens), torch.as_tensor(ids[end:]), _teacher(main, ids, end), tokens, answers)
 
 
 def continuation_sample(scout: LoadedModel, main: LoadedModel, tokens: PromptTokens) -> DistillSample:
@@ -92,7 +98,7 @@ def continuation_sample(scout: LoadedModel, main: LoadedModel, tokens: PromptTok
     cut = tokens.context_start + max(1, (tokens.context_end - tokens.context_start) // 2)
     head = dataclasses.replace(tokens, context_end=cut)
     ids = tokens.input_ids[: tokens.context_end]
-    return DistillSample(_payload(scout, head), torch.as_tensor(ids[cut:]), _teacher(main, ids, cut), None)
+    return DistillSample(scout_payload(scout, head), torch.as_tensor(ids[cut:]), _teacher(main, ids, cut), None)
 
 
 def model_cache(kv: ContextKV, main: LoadedModel) -> DynamicCache:
@@ -101,18 +107,23 @@ def model_cache(kv: ContextKV, main: LoadedModel) -> DynamicCache:
     return DynamicCache(ddp_cache_data=[(k[None].to(main.dtype), v[None].to(main.dtype)) for k, v in pairs])
 
 
-def kl_after(kv: ContextKV, sample: DistillSample, main: LoadedModel) -> torch.Tensor:
-    """Mean over the tokens after the prefix of KL(p_own ‖ p_student), the student reading the prefix from kv."""
-    n, m = sample.prefix, len(sample.after)
+def log_probs_after(kv: ContextKV, after: torch.Tensor, main: LoadedModel) -> torch.Tensor:
+    """The main's next-token log-probabilities [m, vocab] at the tokens `after` fed over the prefix cache kv."""
+    n, m = len(kv), len(after)
     positions = torch.arange(n, n + m, device=main.device)
     out = main.model(
-        input_ids=sample.after.to(main.device)[None],
+        input_ids=after.to(main.device)[None],
         position_ids=positions[None],
         use_cache=True,
         past_key_values=model_cache(kv, main),
         cache_position=positions,
     )
-    student = torch.log_softmax(out.logits[0].float(), dim=-1)
+    return torch.log_softmax(out.logits[0].float(), dim=-1)
+
+
+def kl_after(kv: ContextKV, sample: DistillSample, main: LoadedModel) -> torch.Tensor:
+    """Mean over the tokens after the prefix of KL(p_own ‖ p_student), the student reading the prefix from kv."""
+    student = log_probs_after(kv, sample.after, main)
     teacher = sample.teacher.to(main.device)
     return (teacher.exp() * (teacher - student)).sum(-1).mean()
 

@@ -44,16 +44,22 @@ def _samples(
     return out
 
 
-def distill_data(
-    cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
-) -> DistillData:
-    """Seeded training and held-out samples from the training and validation calibration folds."""
+def calibration_rows(cal: Calibration, samples: pd.DataFrame, cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded training and held-out rows of the samples table from the training and validation calibration folds."""
     rng = np.random.default_rng([cfg["seed"], 22])
     idx = samples["sample_idx"].to_numpy()
     train = np.sort(rng.permutation(idx[cal.part(idx, "train")])[: cfg["distill"]["samples"]])
     held = np.sort(rng.permutation(idx[cal.part(idx, "validation")])[: cfg["distill"]["held_out"]])
     by_idx = samples.set_index("sample_idx", drop=False)
-    return (_samples(by_idx.loc[train], scout, main, prompt, cfg), _samples(by_idx.loc[held], scout, main, prompt, cfg))
+    return by_idx.loc[train], by_idx.loc[held]
+
+
+def distill_data(
+    cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
+) -> DistillData:
+    """Seeded training and held-out samples from the training and validation calibration folds."""
+    train, held = calibration_rows(cal, samples, cfg)
+    return (_samples(train, scout, main, prompt, cfg), _samples(held, scout, main, prompt, cfg))
 
 
 def finished(checkpoint: Path | None) -> None:

@@ -99,6 +99,13 @@ def fit_data_hash(cal: Calibration) -> str:
                         "calibration": np.flatnonzero(cal.fold_of >= 0).tolist()})
 
 
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (on CPU, atomically; the folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+
+
 def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """projectors/{name}-{objective}.safetensors and .json under out_dir; returns the cards by 'name/objective'."""
     cards = {}
@@ -110,9 +117,7 @@ def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[st
                         "validation_error": float(np.mean([e["validation"] for e in f.errors.values()])),
                         "params": f.projector.n_params(), "bytes": f.projector.n_bytes()} | f.card
         base = Path(out_dir) / f"{name}-{objective}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(base.with_suffix(".safetensors")) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in f.projector.state_dict().items()}, str(tmp))
+        save_tensors(f.projector.state_dict(), base.with_suffix(".safetensors"))
         write_json(base.with_suffix(".json"), card)
         cards[f"{name}/{objective}"] = card
     return cards

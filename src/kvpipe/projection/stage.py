@@ -26,12 +26,13 @@ import pandas as pd
 from tqdm import tqdm
 
 from kvpipe.io import write_json, write_parquet
-from kvpipe.models.load import load_model
+from kvpipe.models.load import LoadedModel, load_model
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import Variant
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
+from kvpipe.projection.fuser import OBJECTIVE, stage_fuser
 from kvpipe.projection.hidden_distill import stage_hidden_map
 from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
@@ -52,6 +53,20 @@ def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, An
             "projectors": {k: {f: c[f] for f in ("params", "bytes", "calibration_error", "validation_error", "errors")}
                            for k, c in cards.items()},
             "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": cfg}
+
+
+def _hybrid_fits(cal: Calibration, table: pd.DataFrame, models: tuple[LoadedModel, LoadedModel], prompt: dict[str, Any],
+                 cfg: dict[str, Any], projectors: dict[tuple[str, str], Any], about: dict[str, Any],
+                 out_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """What the configured hybrid conditions need fitted (projected_hidden's hidden map, fused's fuser), and the
+    fuser's fit time and peak memory."""
+    extras, measured = {}, {}
+    if "projected_hidden" in cfg["conditions"]:
+        extras["hidden"] = (models[0], stage_hidden_map(cal, table, models, prompt, cfg, projectors, about, out_dir))
+    if "fused" in cfg["conditions"]:
+        extras["fuser"], measured[f"gated/{OBJECTIVE}"] = stage_fuser(cal, table, models, prompt, cfg, projectors, about,
+                                                                       out_dir)
+    return extras, measured
 
 
 def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
@@ -80,9 +95,8 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
     common = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
               "means": main_means(stats, cal)}
-    if "projected_hidden" in cfg["conditions"]:
-        hidden = stage_hidden_map(cal, table, (scout, main), prompt, cfg, common["projectors"], about, out_dir)
-        common["extras"] = {"hidden": (scout, hidden)}
+    common["extras"], fuser_fit = _hybrid_fits(cal, table, (scout, main), prompt, cfg, common["projectors"], about,
+                                               out_dir)
     answerer = Answerer(scout, main, common, cfg, prompt, pair)
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
@@ -103,9 +117,10 @@ def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     parts = ["scout_s", "own_prefill_s", "build_s", "question_s", "bytes"]   # answer.Answerer.ttft's measured parts
     write_parquet(pd.DataFrame(ttfts, columns=["sample_idx", *variant, *parts]), out_dir / "ttft.parquet")
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_and_answers_s"), np.diff(clock).round(2)))
-    write_json(out_dir / "timings.json", {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()},
-                                          "fit_peak_mib": {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items()
-                                                           if f.peak_mib is not None}})
+    fit_s = {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()} | {k: m["fit_s"] for k, m in fuser_fit.items()}
+    peaks = {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items() if f.peak_mib is not None}
+    write_json(out_dir / "timings.json", {"phases": phases, "fit_s": fit_s,
+                                          "fit_peak_mib": peaks | {k: m["peak_mib"] for k, m in fuser_fit.items()}})
     facts = _facts(pair, cal, cfg, cards, table, test)
     if len(test):
         facts["n_template_tokens"] = answerer.prompt_tokens(next(test.itertuples(index=False))).context_start

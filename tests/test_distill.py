@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from kvpipe.config import schema
+from kvpipe.data.prompt import build_prompt
 from kvpipe.models.load import load_model
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import CONDITIONS
@@ -151,7 +152,8 @@ def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_pat
     cfg = smoke_config["projection"] | {
         "projectors": ["ridge", "gated"],
         "objectives": ["reconstruction", "distill"],
-        "distill": smoke_config["projection"]["distill"] | {"steps": 2},
+        "distill": smoke_config["projection"]["distill"]
+        | {"steps": 2, "extra": {"source": "synthetic", "seed": 1009, "passages": 2, "target": "continuation", "path": None}},
     }
     scout, main = (load_model(model_dirs[m], "cpu", "float32") for m in ("tiny-scout", "tiny-main"))
     passages = read_passages(samples_path, kv_dirs / "tiny-main")
@@ -200,6 +202,8 @@ def test_fitting_reads_no_row_of_a_test_passage(kv_dirs, model_dirs, samples_pat
         assert load_file(str(tmp_path / "a" / f"{name}.safetensors"))
     assert not (tmp_path / "a" / "checkpoints").exists()  # removed once the fits are done
     assert not (tmp_path / "a" / "fuser" / "checkpoints").exists()
+    distilled = json.loads((tmp_path / "a" / "ridge-distill.json").read_text())["distill"]
+    assert distilled["extra_samples"] == 2 and distilled["train_samples"] > 2  # the extra passages trained too
     card = json.loads((tmp_path / "a" / "fuser" / "projectors" / "fuser-next_token.json").read_text())
     assert card["errors"]["next_token"]["tokens_seen"]["target"] > 0 and card["start"] == "gated/reconstruction"
 
@@ -442,3 +446,43 @@ def test_the_fuser_learns_the_main_next_token_loss_with_both_models_frozen(
     assert result["tokens_seen"]["target"] == sum(
         data[i].n_tokens[1] for step in range(1, result["steps"] + 1) for i in schedule(3, step, 2, 0)
     )
+
+
+def test_extra_passages_never_overlap_the_samples_table(tmp_path, samples):
+    from kvpipe.data.synthetic import generate
+    from kvpipe.projection.extra import extra_passages
+
+    known = list(samples["context"].unique())
+    text = "First extra passage.\n\n" + known[0][:40] + "\n\n \n\nSecond  extra\npassage.\n\n" + known[1] + " More.\n"
+    (tmp_path / "p.txt").write_text(text)
+    spec = {"source": "file", "path": str(tmp_path / "p.txt"), "passages": 8, "seed": 0}
+    assert extra_passages(spec, known) == ["First extra passage.", "Second  extra\npassage."]  # in and around known: out
+    assert extra_passages(spec | {"passages": 1}, known) == ["First extra passage."]
+    made = list(generate(seed=1009, passages=3)["context"].unique())
+    assert extra_passages({"source": "synthetic", "seed": 1009, "passages": 3}, [made[1]]) == [made[0], made[2]]
+    assert extra_passages(spec | {"source": "none"}, known) == []
+
+
+def test_extra_samples_are_self_questions_or_continuations_of_the_passages(model_dirs, tiny_main, smoke_config, tmp_path):
+    from kvpipe.projection.extra import ASK, extra_samples, self_question
+
+    scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
+    passages = ["Kalo Rinvel was born in the town of Quamel in 1841.", "Dar Tho founded the Velwyn Guild in Ostban."]
+    known = ["Another passage entirely."]
+    spec = {"source": "file", "passages": 8, "seed": 0, "question_tokens": 8}
+    cfg, prompt = {"max_new_tokens": 4}, smoke_config["prompt"]
+    (tmp_path / "p.txt").write_text("\n\n".join(passages))
+    spec["path"] = str(tmp_path / "p.txt")
+    asked = extra_samples(scout, tiny_main, prompt, cfg | {"distill": {"extra": spec | {"target": "question"}}}, known)
+    cont = extra_samples(scout, tiny_main, prompt, cfg | {"distill": {"extra": spec | {"target": "continuation"}}}, known)
+    questions = [self_question(tiny_main, p, 8) for p in passages]
+    assert len(asked) == sum(map(bool, questions)) > 0 and len(cont) == 2
+    for s, (p, q) in zip(asked, [(p, q) for p, q in zip(passages, questions) if q]):
+        expected = build_prompt(tiny_main.tokenizer, prompt, p, q)
+        assert s.extra and s.answers == () and np.array_equal(s.tokens.input_ids, expected.input_ids)
+        assert torch.equal(
+            s.after[: len(expected) - expected.context_end], torch.as_tensor(expected.input_ids[expected.context_end :])
+        )
+    for s, p in zip(cont, passages):
+        tokens = build_prompt(tiny_main.tokenizer, prompt, p, ASK)
+        assert s.extra and s.tokens is None and s.prefix + len(s.after) == tokens.context_end

@@ -212,6 +212,12 @@ def projection_structure_metrics(wc):
     return one(rules.structure.output.metrics, dataset=wc.dataset, pair=wc.pair)
 
 
+def projection_extra_passages(wc):
+    """Input function: the distill objective's extra passages file, when the pair's projection reads one."""
+    extra = pair_settings(config, wc.pair, "projection")["distill"]["extra"]
+    return [extra["path"]] if extra["source"] == "file" else []
+
+
 TARGETS = []  # output patterns of the stages' final rules, registered by the rule files
 
 

@@ -7,6 +7,7 @@ rule projection:
         main=pair_model_card("main"),
         samples=rules.sample_dataset.output.samples,
         structure=projection_structure_metrics,
+        extra=projection_extra_passages,
     output:
         answers="results/projection/{dataset}/{pair}/answers.parquet",
         metrics="results/projection/{dataset}/{pair}/projector_metrics.parquet",

@@ -42,6 +42,7 @@ class DistillSample:
     tokens: PromptTokens | None  # the question prompt (None for continuation samples), for answer F1
     answers: tuple[str, ...] = ()  # gold answers (empty: unanswerable, or a continuation sample)
     hidden: torch.Tensor | None = None  # the scout's hidden states of the prefix (projected_hidden's distill)
+    extra: bool = False  # from an extra unlabeled passage (kvpipe.projection.extra), not a calibration one
 
     @property
     def prefix(self) -> int:

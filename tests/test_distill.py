@@ -369,6 +369,7 @@ def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, token
         ({"hybrid": {"projector": "mlp"}, "projectors": ["ridge", "gated"]}, "projection.hybrid.projector: 'mlp' is not fitted"),
         ({"hybrid": {"objective": "distill"}, "objectives": ["reconstruction"]}, "projection.hybrid.objective"),
         ({"projectors": ["ridge"]}, "projection.conditions: fused needs the gated projector"),
+        ({"fused": {"objective": "distill"}, "objectives": ["reconstruction"]}, "projection.fused.objective: 'distill'"),
     ],
 )
 def test_hybrid_config_cross_references(smoke_config, edit, message):
@@ -380,6 +381,20 @@ def test_hybrid_config_cross_references(smoke_config, edit, message):
     config["projection"] = {**section, **edit, "hybrid": {**section["hybrid"], **edit.get("hybrid", {})}}
     with pytest.raises(KvpipeError, match=message):
         validate(config)
+
+
+def test_an_extra_passages_file_needs_its_path(smoke_config):
+    from kvpipe.config import validate
+    from kvpipe.errors import KvpipeError
+
+    section = smoke_config["projection"]
+    extra = section["distill"]["extra"] | {"source": "file", "path": None}
+    config = dict(smoke_config) | {"projection": section | {"distill": section["distill"] | {"extra": extra}}}
+    with pytest.raises(KvpipeError, match="projection.distill.extra.path: required with source: file"):
+        validate(config)
+    validate(
+        dict(smoke_config) | {"projection": section | {"distill": section["distill"] | {"extra": extra | {"path": "x.txt"}}}}
+    )
 
 
 def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_fit, self_samples, tiny_main, tmp_path):
@@ -486,3 +501,23 @@ def test_extra_samples_are_self_questions_or_continuations_of_the_passages(model
     for s, p in zip(cont, passages):
         tokens = build_prompt(tiny_main.tokenizer, prompt, p, ASK)
         assert s.extra and s.tokens is None and s.prefix + len(s.after) == tokens.context_end
+
+
+def test_a_top_k_teacher_is_the_kl_of_the_coarsened_distributions():
+    from kvpipe.projection.distill import token_kl
+
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.log_softmax(3 * torch.randn(5, 50, generator=gen), -1)
+    student = torch.log_softmax(3 * torch.randn(5, 50, generator=gen), -1)
+    full = token_kl(teacher, student)
+    assert torch.allclose(full, torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1))
+    top = teacher.topk(8, dim=-1)
+    coarse = token_kl(top.values, student, top.indices)
+    p, q = teacher.exp(), student.exp()  # the same KL computed on 9 outcomes: the top 8 and the rest
+    p9 = torch.cat([p.gather(1, top.indices), 1 - p.gather(1, top.indices).sum(-1, keepdim=True)], 1)
+    q9 = torch.cat([q.gather(1, top.indices), 1 - q.gather(1, top.indices).sum(-1, keepdim=True)], 1)
+    assert torch.allclose(coarse, (p9 * (p9.log() - q9.log())).sum(-1), atol=1e-5)
+    assert (coarse <= full + 1e-6).all() and (coarse < full).any()  # a lower bound of the full KL
+    assert torch.allclose(token_kl(top.values, teacher, top.indices), torch.zeros(5), atol=1e-6)
+    whole = teacher.topk(50, dim=-1)
+    assert torch.allclose(token_kl(whole.values, student, whole.indices), full, atol=1e-5)

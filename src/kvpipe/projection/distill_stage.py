@@ -39,10 +39,10 @@ def _samples(
     for row in rows.itertuples(index=False):
         tokens = build_prompt(main.tokenizer, prompt, row.context, row.question)
         answers = () if row.is_impossible else tuple(row.answers)
-        out.append(question_sample(scout, main, tokens, answers, cfg["max_new_tokens"]))
+        out.append(question_sample(scout, main, tokens, answers, cfg["max_new_tokens"], cfg["distill"]["teacher_top_k"]))
         if cfg["distill"]["continuation"] and row.passage not in seen:
             seen.add(row.passage)
-            out.append(continuation_sample(scout, main, tokens))
+            out.append(continuation_sample(scout, main, tokens, cfg["distill"]["teacher_top_k"]))
     return out
 
 

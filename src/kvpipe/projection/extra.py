@@ -71,14 +71,14 @@ def extra_samples(
     scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any], known: list[str]
 ) -> list[DistillSample]:
     """The training samples of the extra passages (a passage whose self-question is empty gives none)."""
-    spec = cfg["distill"]["extra"]
+    spec, top_k = cfg["distill"]["extra"], cfg["distill"]["teacher_top_k"]
     out = []
     for passage in extra_passages(spec, known):
         if spec["target"] == "continuation":
-            out.append(continuation_sample(scout, main, build_prompt(main.tokenizer, prompt, passage, ASK)))
+            out.append(continuation_sample(scout, main, build_prompt(main.tokenizer, prompt, passage, ASK), top_k))
             continue
         question = self_question(main, passage, spec["question_tokens"])
         if question:
             tokens = build_prompt(main.tokenizer, prompt, passage, question)
-            out.append(question_sample(scout, main, tokens, (), cfg["max_new_tokens"]))
+            out.append(question_sample(scout, main, tokens, (), cfg["max_new_tokens"], top_k))
     return [dataclasses.replace(s, extra=True) for s in out]

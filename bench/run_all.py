@@ -26,7 +26,8 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
     py = sys.executable
     return [[py, "bench/extract_bench.py"], [py, "bench/structure_bench.py"], [py, "bench/parquet_bench.py"],
             [py, "bench/stage_memory_bench.py", "--stages", "selection", "--n", "12"],
-            [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"], [py, "bench/decode_bench.py"],
+            [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"],
+            [py, "bench/distill_memory_bench.py"], [py, "bench/decode_bench.py"],
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
             [kvpress_python, "bench/kvpress_bench.py", "--squad", squad], [py, "bench/size_gap_bench.py"],
@@ -122,6 +123,11 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         sq = proj["squad_v2"]
         out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{sq['fit_total_s']:.0f}", "≤ 600",
                     _verdict(sq["fit_total_s"], 600), "projection.json"))
+    if dm := _load("distill_memory"):
+        n = dm["runs"]["1x"]["train_samples"]
+        out.append((f"peak RSS 4× / 1× samples: distill fit ({4 * n} / {n} prompts, 4 / 1 per step)",
+                    f"{dm['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1", _verdict(dm["rss_ratio_4x_over_1x"], 1.1),
+                    "distill_memory.json"))
     out += _ttft_rows("projection_squad_v2")
     if mem := _load("stage_memory"):
         for stage in ("selection", "projection"):

@@ -86,7 +86,10 @@ def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke
     assert (answers.loc[answers["condition"] == "no_context", "n_tokens"] == facts["n_template_tokens"]).all()
     timing = read_json(stage_out / "timings.json")
     assert set(timing["fit_s"]) == {f"{p}/{o}" for p in smoke_config["projection"]["projectors"]
-                                    for o in smoke_config["projection"]["objectives"]}
+                                    for o in smoke_config["projection"]["objectives"]} | {"gated/next_token"}  # fused's
+    fuser = read_json(stage_out / "projectors" / "fuser-next_token.json")
+    assert fuser["errors"]["next_token"]["steps"] == smoke_config["projection"]["distill"]["steps"]
+    assert timing["fit_peak_mib"]["gated/next_token"] > 0 and not (stage_out / "checkpoints").exists()
     assert "fit_s" not in json.dumps(facts) and not any(c.endswith("_s") for c in answers.columns)
 
 

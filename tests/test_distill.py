@@ -488,13 +488,17 @@ def test_extra_samples_are_self_questions_or_continuations_of_the_passages(model
     cfg, prompt = {"max_new_tokens": 4}, smoke_config["prompt"]
     (tmp_path / "p.txt").write_text("\n\n".join(passages))
     spec["path"] = str(tmp_path / "p.txt")
-    asked = extra_samples(scout, tiny_main, prompt, cfg | {"distill": {"extra": spec | {"target": "question"}}}, known)
-    cont = extra_samples(scout, tiny_main, prompt, cfg | {"distill": {"extra": spec | {"target": "continuation"}}}, known)
+    settings = {"target": "question"}, {"target": "continuation"}
+    asked, cont = (
+        extra_samples(scout, tiny_main, prompt, cfg | {"distill": {"extra": spec | t, "teacher_top_k": 16}}, known)
+        for t in settings
+    )
     questions = [self_question(tiny_main, p, 8) for p in passages]
     assert len(asked) == sum(map(bool, questions)) > 0 and len(cont) == 2
     for s, (p, q) in zip(asked, [(p, q) for p, q in zip(passages, questions) if q]):
         expected = build_prompt(tiny_main.tokenizer, prompt, p, q)
         assert s.extra and s.answers == () and np.array_equal(s.tokens.input_ids, expected.input_ids)
+        assert s.teacher.shape == s.teacher_ids.shape == (len(s.after), 16)  # the top-k teacher
         assert torch.equal(
             s.after[: len(expected) - expected.context_end], torch.as_tensor(expected.input_ids[expected.context_end :])
         )

@@ -24,12 +24,12 @@ import pandas as pd
 import torch
 
 from kvpipe.config import load_config
+from kvpipe.kv.pairs import read_passages
 from kvpipe.models.load import load_model
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import fit_all
 from kvpipe.projection.layer_map import layer_map
-from kvpipe.structure.pair_data import read_passages
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from kvpipe.projection.distill import question_sample
 from kvpipe.projection.distill_fit import fit_distill
 from kvpipe.projection.distill_stage import settings_of
 from kvpipe.projection.layer_map import relative_depth
-from kvpipe.projection.projectors import PROJECTORS
+from kvpipe.projection.registry import PROJECTORS
 
 QWEN_VOCAB = 151_936  # Qwen2.5's output vocabulary, for the whole-vocabulary teacher's size
 

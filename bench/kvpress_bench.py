@@ -54,11 +54,11 @@ def _prompts(model: Path, samples: Path) -> tuple[pd.DataFrame, list]:
 
 def kvpipe_side(model: Path, samples: Path, retentions: list[float], max_new_tokens: int) -> dict:
     """Per question: seconds for one prefill + scoring + every retention answered in one batch; answers; selections."""
-    from kvpipe.inference.conditions import Condition
+    from kvpipe.inference.requests import AnswerRequest
     from kvpipe.inference.session import Session
     from kvpipe.models.load import load_model
-    from kvpipe.selection.methods import ScoringInputs, SnapKV, top_n
-    from kvpipe.selection.overlap import context_budget
+    from kvpipe.scoring.methods import ScoringInputs, SnapKV, top_n
+    from kvpipe.scoring.select import context_budget
 
     lm = load_model(model, "cpu", "float32")
     rows, prompts = _prompts(model, samples)
@@ -74,7 +74,7 @@ def kvpipe_side(model: Path, samples: Path, retentions: list[float], max_new_tok
         for r in retentions:
             k = context_budget(r, n, tokens.context_start, "prompt")
             selections[r] = top_n(snap.head_scores(inputs, k), k)
-        conditions = [Condition(f"r={r}", selections[r], method="snapkv", retention=r, source="own_per_head")
+        conditions = [AnswerRequest(f"r={r}", selections[r], method="snapkv", retention=r, source="own_per_head")
                       for r in retentions]
         answers = session.answer(conditions, max_new_tokens)
         return time.perf_counter() - started, [a.text for a in answers], selections

@@ -20,7 +20,7 @@ import pandas as pd
 from kvpipe.config import load_config, run_models
 from kvpipe.data.prompt import CONTEXT, build_prompt
 from kvpipe.data.qa_metrics import score_prediction
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.models.load import load_model
 
@@ -49,7 +49,7 @@ def main() -> None:
             free = np.setdiff1d(ctx[: len(ctx) - len(span)], np.arange(span[0] - len(span), span[-1] + 1))
             control = np.arange(len(span)) + rng.choice(free)
             session = Session(lm, tokens)
-            conditions = [Condition(name, sel) for name, sel in zip(f1, (None, np.setdiff1d(ctx, span),
+            conditions = [AnswerRequest(name, sel) for name, sel in zip(f1, (None, np.setdiff1d(ctx, span),
                                                                            np.setdiff1d(ctx, control)))]
             answers = session.answer(conditions, config["selection"]["max_new_tokens"])
             for name, a in zip(f1, answers):

@@ -28,8 +28,8 @@ from structure_bench import in_child, peak_rss_mb, scaled_pair
 from kvpipe.config import load_config, pair_settings
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.kv.extract import extract
+from kvpipe.kv.pairs import read_passages
 from kvpipe.projection.aggregate import VARIANT
-from kvpipe.structure.pair_data import read_passages
 
 KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "facts.json", "summary.md",
         "ttft.parquet", "timings.parquet", "timings.json", "ttft_aggregates.parquet", "timing.md")

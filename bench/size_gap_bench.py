@@ -3,7 +3,7 @@
 Samples the configured dataset exactly as the pipeline does (same seed and length rule, only a
 larger n: the pipeline's samples are a prefix of these), answers every sample with each model's
 full cache, and reports both mean F1s and the paired difference main − scout with bootstrap
-intervals over resampled passages (the selection stage's Bootstrap). Per-sample answers are kept by
+intervals over resampled passages (kvpipe.stats.PassageBootstrap). Per-sample answers are kept by
 sample id and written after each model, so a stopped run resumes and a larger --n only answers the
 new samples. On a multi-hop set it also counts the answers that are the one-hop shortcut (the
 named person's own attribute, the generator's `shortcut` column).
@@ -26,10 +26,10 @@ from kvpipe.config import load_config
 from kvpipe.data.prompt import build_prompt
 from kvpipe.data.qa_metrics import score_prediction
 from kvpipe.data.sampling import length_tokenizer, load_dataset, sample
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.models.load import load_model
-from kvpipe.selection.aggregate import Bootstrap
+from kvpipe.stats import PassageBootstrap as Bootstrap
 
 
 def _answer(model_dir: Path, samples: pd.DataFrame, prompt: dict, max_new_tokens: int, dtype: str,
@@ -42,7 +42,7 @@ def _answer(model_dir: Path, samples: pd.DataFrame, prompt: dict, max_new_tokens
     start = time.perf_counter()
     for row in todo.itertuples(index=False):
         tokens = build_prompt(lm.tokenizer, prompt, row.context, row.question)
-        (answer,) = Session(lm, tokens, 1).answer([Condition("full")], max_new_tokens)
+        (answer,) = Session(lm, tokens, 1).answer([AnswerRequest("full")], max_new_tokens)
         done[row.id] = {"f1": round(score_prediction(answer.text, list(row.answers))[2], 4), "prediction": answer.text}
     print(f"{model_dir.name}: {(time.perf_counter() - start) / len(todo):.1f} s per sample", flush=True)
     return done

@@ -24,8 +24,8 @@ from queue import Empty
 from kvpipe.config import load_config
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.kv.extract import extract
+from kvpipe.kv.pairs import read_passages
 from kvpipe.models.materialize import materialize
-from kvpipe.structure.pair_data import read_passages
 
 SCOUT = {"source": "tiny", "arch": "qwen2", "layers": 8, "hidden_size": 256, "heads": 8, "kv_heads": 2,
          "intermediate_size": 512, "vocab_size": 512, "tokenizer_seed": 0, "seed": 1}

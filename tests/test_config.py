@@ -101,8 +101,32 @@ def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):
     assert validate(base)["sampling"]["tokenizer"] == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def test_the_schema_knows_exactly_the_registered_selection_methods():
-    from kvpipe.config import schema
-    from kvpipe.selection.methods import METHODS
+@pytest.mark.parametrize("cls, section, rule_extra", [
+    ("StructureSettings", ("structure",), {"alignment"}),
+    ("CcaSettings", ("structure", "cca"), set()),
+    ("SelectionSettings", ("selection",), {"alignment"}),
+])
+def test_every_settings_dataclass_has_exactly_its_sections_keys(cls, section, rule_extra):
+    """A typed settings class names every key of its schema section (and the alignment key its rule adds), no other."""
+    import dataclasses
 
-    assert schema()["properties"]["selection"]["properties"]["methods"]["items"]["enum"] == sorted(METHODS)
+    from kvpipe import settings
+    from kvpipe.config import schema
+
+    node = schema()
+    for key in section:
+        node = node["properties"][key]
+    fields = {f.name for f in dataclasses.fields(getattr(settings, cls))}
+    assert fields == set(node["properties"]) | rule_extra
+
+
+def test_settings_are_built_from_the_validated_section(smoke_config):
+    from kvpipe.settings import CcaSettings, StructurePool, StructureSettings, from_section
+
+    built = from_section(StructureSettings, smoke_config["structure"])
+    assert built.cka_tokens == 256 and built.cv_folds == 2 and built.alignment is None       # the smoke overlay's
+    assert built.cca == CcaSettings(**smoke_config["structure"]["cca"])
+    with_pool = from_section(StructureSettings, smoke_config["structure"] | {"alignment": {"pool": "max_overlap"}})
+    assert with_pool.alignment == StructurePool("max_overlap")
+    with pytest.raises(KeyError, match="cv_folds"):
+        from_section(StructureSettings, {k: v for k, v in smoke_config["structure"].items() if k != "cv_folds"})

@@ -14,19 +14,17 @@ import test_projection
 import torch
 from safetensors.torch import load_file
 
-from kvpipe.config import schema
 from kvpipe.data.prompt import build_prompt
+from kvpipe.kv.pairs import PairData, read_passages
 from kvpipe.models.load import load_model
 from kvpipe.projection.calibration import Calibration
-from kvpipe.projection.conditions import CONDITIONS
 from kvpipe.projection.distill import distill_loss, log_probs_after, question_sample
 from kvpipe.projection.distill_fit import fit_distill, schedule
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import fit_all, save
 from kvpipe.projection.fuser import fuse_f1, fuse_loss, fuse_sample, fuser_start, stage_fuser
 from kvpipe.projection.layer_map import relative_depth
-from kvpipe.projection.projectors import PROJECTORS
-from kvpipe.structure.pair_data import PairData, read_passages
+from kvpipe.projection.registry import CONDITIONS, PROJECTORS
 
 kv_dirs, self_fit = test_projection.kv_dirs, test_projection.self_fit  # the projection tests' fixtures
 _answerer, identity_hidden = test_projection._answerer, test_projection.identity_hidden
@@ -287,14 +285,6 @@ def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_c
         assert torch.equal(a[:, :t], o[:, :t].float()) and torch.allclose(a[:, t:], b[:, t:].float())
 
 
-def test_the_schema_knows_exactly_the_registered_projectors_and_conditions():
-    props = schema()["properties"]["projection"]["properties"]
-    assert props["projectors"]["items"]["enum"] == sorted(PROJECTORS)
-    assert props["hybrid"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
-    assert props["chain"]["properties"]["projector"]["enum"] == sorted(PROJECTORS)
-    assert props["conditions"]["items"]["enum"] == sorted(CONDITIONS)
-
-
 class _Held:
     """A tensor autograd keeps for backward, counted by its meter while it lives."""
 
@@ -352,7 +342,7 @@ def test_continuation_samples_cut_the_passage_in_two(self_fit, tiny_main, smoke_
 def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, tokens):
     """Gemma 3 (sliding-window layers, decoder layers returning tuples): the bottom B layers and the layers above
     L, fed the model's own hidden states at L, are its own prefill's."""
-    from kvpipe.inference.sources import OwnPrefill
+    from kvpipe.inference.cache_sources import OwnPrefill
     from kvpipe.projection.hidden import hidden_states, main_bottom, main_from_layer
 
     own = OwnPrefill(1).context_kv(gemma, tokens)

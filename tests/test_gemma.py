@@ -16,10 +16,10 @@ from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
 from kvpipe.config import validate
 from kvpipe.data.prompt import QUESTION, build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.cache_sources import OwnPrefill
 from kvpipe.inference.decode import reply_end_id, stop_ids
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import OwnPrefill
 from kvpipe.kv import extract as ex
 from kvpipe.kv import store as kvstore
 from kvpipe.models.load import load_model, load_tokenizer
@@ -129,7 +129,7 @@ def test_own_prefill_keeps_every_token_and_its_queries_and_keys_give_the_models_
 @pytest.mark.parametrize("rerotate", [False, True])
 def test_full_retention_answer_equals_plain_generate(gemma, tokens, rerotate):
     s = Session(gemma, tokens, window=8)
-    (full,) = s.answer([Condition("full")], 6, rerotate=rerotate, capture_row=0)
+    (full,) = s.answer([AnswerRequest("full")], 6, rerotate=rerotate, capture_row=0)
     ids = torch.as_tensor(tokens.input_ids)[None]
     with torch.no_grad():
         plain = gemma.model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=stop_ids(gemma), pad_token_id=0)
@@ -140,7 +140,7 @@ def test_full_retention_answer_equals_plain_generate(gemma, tokens, rerotate):
 def test_question_capture_queries_are_the_models_rotated_queries(gemma, tokens):
     s = Session(gemma, tokens, window=8)
     with _seen(gemma) as seen:
-        s.answer([Condition("full")], 1, capture_row=0)
+        s.answer([AnswerRequest("full")], 1, capture_row=0)
     rows = torch.as_tensor(np.flatnonzero(tokens.segment[tokens.context_end:] == QUESTION))
     positions = tokens.context_end + rows
     for layer in range(3):

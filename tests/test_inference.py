@@ -8,12 +8,12 @@ import torch
 
 from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.cache_sources import CACHE_SOURCES, ContextKV, GivenTensors, OwnPrefill
 from kvpipe.inference.decode import reply_end_id, stop_ids
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import CACHE_SOURCES, ContextKV, GivenTensors, OwnPrefill
 from kvpipe.models.tiny import END_OF_TEXT, IM_END, build_tokenizer
-from kvpipe.selection.methods import top_k
+from kvpipe.scoring.methods import top_k
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,12 @@ def tokens(tiny_main, samples, smoke_config):
 @pytest.fixture(scope="module")
 def session(tiny_main, tokens):
     s = Session(tiny_main, tokens, window=16)
-    (full,) = s.answer([Condition("full")], 8, capture_row=0)
+    (full,) = s.answer([AnswerRequest("full")], 8, capture_row=0)
     return s, full
 
 
 def _rows(*selections):
-    return [Condition(f"row {i}", sel) for i, sel in enumerate(selections)]
+    return [AnswerRequest(f"row {i}", sel) for i, sel in enumerate(selections)]
 
 
 def _copy(kv: ContextKV) -> ContextKV:
@@ -50,7 +50,7 @@ def test_given_tensors_of_the_own_prefill_answer_like_the_own_prefill(tiny_main,
     layers, heads = tiny_main.card["num_layers"], tiny_main.card["num_kv_heads"]
     selections = [None, np.sort(rng.choice(n_ctx, n_ctx // 4, replace=False)),
                   np.sort(rng.random((layers, heads, n_ctx)).argsort(-1)[..., : n_ctx // 2], axis=-1)]
-    conditions = [Condition(f"{cache} {i}", sel, cache=cache)
+    conditions = [AnswerRequest(f"{cache} {i}", sel, cache=cache)
                   for i, sel in enumerate(selections) for cache in ("own_prefill", "given")]
     batched = s.answer(conditions, 8, rerotate=rerotate)          # one batch mixing both sources
     single = [s.answer([c], 8, rerotate=rerotate)[0] for c in conditions]
@@ -78,9 +78,9 @@ def test_given_tensors_of_the_wrong_shape_are_a_one_line_error(tiny_main, tokens
 def test_unknown_context_or_mixed_roles_are_rejected(tiny_main, tokens):
     s = Session(tiny_main, tokens, window=8)
     with pytest.raises(KvpipeError, match="no context KV named 'projected'"):
-        s.answer([Condition("x", cache="projected")], 2)
+        s.answer([AnswerRequest("x", cache="projected")], 2)
     with pytest.raises(KvpipeError, match="mixes the roles"):
-        s.answer([Condition("a", role="scout"), Condition("b", role="main")], 2)
+        s.answer([AnswerRequest("a", role="scout"), AnswerRequest("b", role="main")], 2)
 
 
 def test_tiny_models_end_turns_like_qwen(tiny_main):
@@ -110,7 +110,7 @@ def test_decoding_stops_at_the_end_of_turn_id_of_the_generation_config(tiny_main
     bonus = 1e4 * (torch.arange(len(tiny_main.tokenizer)) == IM_END)
     hook = tiny_main.model.lm_head.register_forward_hook(lambda m, i, o: o + bonus.to(o))
     try:
-        (ans,) = s.answer([Condition("full")], 6)
+        (ans,) = s.answer([AnswerRequest("full")], 6)
     finally:
         hook.remove()
     n_question_part = len(tokens) - tokens.context_end

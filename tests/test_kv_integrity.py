@@ -10,9 +10,9 @@ import pytest
 from kvpipe.errors import KvpipeError
 from kvpipe.kv import extract as ex
 from kvpipe.kv import store as kvstore
+from kvpipe.kv.pairs import read_passages
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.layer_map import relative_depth
-from kvpipe.structure.pair_data import read_passages
 from kvpipe.structure.stage import analyse_pair
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}

@@ -2,9 +2,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvpipe.scoring.methods import SnapKV
+from kvpipe.scoring.select import context_budget
 from kvpipe.selection.aggregate import aggregate
-from kvpipe.selection.methods import SnapKV
-from kvpipe.selection.overlap import context_budget, overlap_row, random_overlap
+from kvpipe.selection.overlap import overlap_row, random_overlap
 from kvpipe.selection.report import summary_markdown
 from kvpipe.stats import bootstrap_pvalue, holm
 
@@ -100,7 +101,7 @@ def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     detectable = agg[agg["quantity"] == "detectable_forward"]
     assert sorted(detectable["table"]) == ["transfer", "transfer_all"]   # answerable (the estimand), every question
     assert (detectable["value"] > 0).all()
-    assert {"transfer_all", "abstention", "overlap_has_answer", "overlap_no_answer"} <= set(agg["table"])
+    assert {"transfer_all", "abstention", "overlap_answerable", "overlap_unanswerable"} <= set(agg["table"])
     assert (family["verdict"] != "").all()
     facts = {"pair": "p", "scout": "s", "main": "m", "selection": cfg, "n_sampled": 12}
     text = summary_markdown(agg, answers, facts, "d", 0.05)

@@ -13,22 +13,22 @@ from safetensors.torch import load_file
 
 from kvpipe.config import validate
 from kvpipe.errors import KvpipeError
+from kvpipe.inference.cache_sources import GivenTensors
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import GivenTensors
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
+from kvpipe.kv.pairs import read_passages
 from kvpipe.projection import payload as pl
 from kvpipe.projection.aggregate import VARIANT
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
-from kvpipe.projection.conditions import CONDITIONS, SampleInputs, plan_all
+from kvpipe.projection.conditions import SampleInputs
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
 from kvpipe.projection.fuser import fuser_start
 from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
-from kvpipe.projection.projectors import PROJECTORS
+from kvpipe.projection.registry import CONDITIONS, PROJECTORS, plan_all
 from kvpipe.projection.stage import run_projection
-from kvpipe.structure.pair_data import read_passages
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
@@ -210,7 +210,7 @@ def test_mean_kv_ignores_the_context(self_fit, tiny_main, smoke_config, samples)
     for inputs, sess in ((s, session), (other, other_session)):
         (plan,) = CONDITIONS["mean_kv"]().plans(inputs)
         sess.add(GivenTensors(plan.build()), "mean")
-        answers.append(sess.answer([__import__("kvpipe.inference.conditions", fromlist=["Condition"]).Condition(
+        answers.append(sess.answer([__import__("kvpipe.inference.requests", fromlist=["AnswerRequest"]).AnswerRequest(
             "mean", cache="mean")], 6)[0].token_ids)
     assert answers[0] == answers[1]
 
@@ -319,3 +319,26 @@ def test_max_test_samples_answers_whole_test_passages_only(tmp_path, kv_dirs, mo
     facts = read_json(tmp_path / "facts.json")
     assert answers["passage"].nunique() == 1 and facts["n_test_samples"] == answers["sample_idx"].nunique()
     assert facts["n_test_passages"] == 1 and pd.read_parquet(tmp_path / "ttft.parquet").empty
+
+
+def test_the_scout_selects_with_any_registered_method(self_fit, tiny_main, smoke_config, samples):
+    """projection.chain.method: random gives the seeded uniform scores' top k at each budget, unlike Q2C's."""
+    from kvpipe.data.prompt import build_prompt
+    from kvpipe.scoring.methods import top_n
+    from kvpipe.scoring.select import context_budget
+
+    row = samples.iloc[0]
+    tokens = build_prompt(tiny_main.tokenizer, smoke_config["prompt"], row["context"], row["question"])
+    n, seed = tokens.context_end - tokens.context_start, self_fit[3]["seed"]
+    chosen = {}
+    for method in ("q2c", "random"):
+        answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+        answerer = Answerer(tiny_main, tiny_main, answerer.common, answerer.cfg | {"chain": answerer.cfg["chain"] | {
+            "method": method}}, smoke_config["prompt"], "self")
+        chosen[method] = answerer.scout_side(tokens, int(row["sample_idx"]))[1]
+    uniform = np.random.default_rng([seed, int(row["sample_idx"])]).random(n)
+    assert chosen["random"].keys() == chosen["q2c"].keys() and chosen["random"]
+    for r, sel in chosen["random"].items():
+        k = context_budget(r, n, tokens.context_start, smoke_config["projection"]["budget"])
+        assert np.array_equal(sel, top_n(uniform, k))
+    assert any(not np.array_equal(chosen["random"][r], chosen["q2c"][r]) for r in chosen["q2c"])

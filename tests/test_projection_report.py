@@ -230,3 +230,13 @@ def test_report_module_imports_no_matplotlib():
     """The workflow imports report.FIGURES at DAG-build time."""
     code = "import sys, kvpipe.projection.report; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_condition_of_the_documented_order_has_its_own_marker_and_colour():
+    """Markers and colours follow CONDITION_ORDER (the schema's default conditions), not a list of names."""
+    from kvpipe.projection.aggregate import CONDITION_ORDER
+    from kvpipe.projection.figures import MARKERS, _colour, _marker
+
+    assert len(MARKERS) == len(CONDITION_ORDER)
+    assert len({_marker(c) for c in CONDITION_ORDER}) == len({_colour(c) for c in CONDITION_ORDER}) == len(CONDITION_ORDER)
+    assert _marker("main_full") == ("*", 14) and _marker("fused") == ("o", 6) and _colour("fused") == "grey"

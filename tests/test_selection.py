@@ -10,12 +10,13 @@ from kvpipe.config import validate
 from kvpipe.data.prompt import QUESTION, build_prompt
 from kvpipe.data.qa_metrics import score_prediction, squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.io import read_json
+from kvpipe.scoring.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k, top_n
+from kvpipe.scoring.select import context_budget, select
 from kvpipe.selection import stage
 from kvpipe.selection.aggregate import aggregate
-from kvpipe.selection.methods import METHODS, Q2C, Random, ScoringInputs, SnapKV, build_methods, top_k
 from kvpipe.selection.report import FIGURES, summary_markdown, write_report
 from kvpipe.selection.stage import overlap_row, run_pair, run_selection
 from kvpipe.splits import whole_passages
@@ -63,7 +64,7 @@ def session(tiny_main, samples, smoke_config):
 
 
 def _rows(*selections):
-    return [Condition(f"row {i}", sel) for i, sel in enumerate(selections)]
+    return [AnswerRequest(f"row {i}", sel) for i, sel in enumerate(selections)]
 
 
 def _inputs(s):
@@ -303,6 +304,25 @@ def test_methods_from_config(smoke_config):
     snap = [m for m in methods if m.name == "snapkv"][0]
     assert (snap.window, snap.kernel, snap.pooling) == (64, 3, "avg")
     assert [m.name for m in methods] == ["q2c", "snapkv", "random"]
+
+
+@pytest.mark.parametrize("budget", ["context", "prompt"])
+def test_select_is_top_k_of_the_scores_at_the_budget_computed_once_per_budget(session, smoke_config, budget, monkeypatch):
+    """select = top-k of the method's scores at k = context_budget(r, n, template prefix); a method whose scores do not
+    depend on k is scored once for every retention, a budget-dependent one once per distinct k."""
+    s, _ = session
+    n, prefix = s.context.stop - s.context.start, s.tokens.context_start
+    for name in sorted(METHODS):
+        method, inputs, calls = METHODS[name].from_config(smoke_config["selection"]), _inputs(s), []
+        counted = lambda i, k=None, m=method, c=calls: c.append(k) or type(m).head_scores(m, i, k)  # noqa: E731
+        monkeypatch.setattr(method, "head_scores", counted)
+        for r in (0.1, 0.25, 0.5, 0.1):
+            k = context_budget(r, n, prefix, budget)
+            expected = type(method).head_scores(method, inputs, k if method.budget_dependent else None)
+            assert np.array_equal(select(method, inputs, r, budget), top_n(method.reduce_heads(expected).sum(0), k))
+            assert np.array_equal(select(method, inputs, r, budget, per_head=True), top_n(expected, k))
+        distinct = {context_budget(r, n, prefix, budget) for r in (0.1, 0.25, 0.5)}
+        assert sorted(calls, key=str) == sorted(distinct if method.budget_dependent else [None], key=str), name
 
 
 def test_per_head_scores_reduce_to_the_shared_scores(session):

@@ -45,3 +45,29 @@ def test_one_critical_value_for_every_level():
     assert [round(critical_value(level), 3) for level in (0.8, 0.9, 0.95, 0.99)] == [1.282, 1.645, 1.96, 2.576]
     with pytest.raises(ValueError):
         critical_value(1.0)
+
+
+def test_passage_bootstrap_pairs_by_sample_resamples_passages_and_skips_missing_values():
+    import pandas as pd
+
+    from kvpipe.stats import PassageBootstrap
+
+    passages = pd.Series(["a", "a", "b", "c", "c", "c"], index=[5, 4, 3, 2, 1, 0])   # indexed by sample_idx
+    boot = PassageBootstrap(passages, 400, 0.9, seed=2)
+    assert boot.samples.tolist() == [0, 1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(boot.counts, cluster_bootstrap_counts(["c", "c", "c", "b", "a", "a"], 400, 2))
+    r = np.random.default_rng(0)
+    a, b = pd.Series(r.random(6), index=range(6)), pd.Series(r.random(6), index=range(6))
+    point, reps = boot.replicates(a - b)
+    assert point == pytest.approx((a - b).mean())
+    np.testing.assert_allclose(reps, boot.replicates(a)[1] - boot.replicates(b)[1])   # paired: the same draws
+    assert boot.delta(a, b) == boot.mean(a - b) and boot.mean(a)[1] < a.mean() < boot.mean(a)[2]
+    by_passage = pd.Series([1.0, 1.0, 1.0, 5.0, 9.0, 9.0], index=range(6))   # constant within each passage
+    assert set(np.round(boot.replicates(by_passage)[1], 9)) <= {round((3 * i + 5 * j + 18 * k) / (3 * i + j + 2 * k), 9)
+                                                                  for i in range(4) for j in range(4) for k in range(4)
+                                                                  if i + j + k == 3}
+    holed = a.copy()
+    holed[2] = np.nan   # a missing value weighs nothing, in the mean and in every replicate
+    assert boot.replicates(holed)[0] == pytest.approx(a.drop(2).mean())
+    sub = boot.subset([0, 1, 2])
+    assert sub.counts.shape == (400, 3) and (sub.counts.sum(1) == 3).all()   # one passage, drawn afresh

@@ -13,13 +13,10 @@ from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
 from kvpipe.kv import extract as ex
 from kvpipe.kv import store as kvstore
-from kvpipe.structure import ridge
-from kvpipe.structure.cca import fit_cca, held_out_correlations, mean_correlation, unit_sums
-from kvpipe.structure.cka import linear_cka
-from kvpipe.structure.pair_data import KINDS, ShardRows, relative_depth
-from kvpipe.structure.position import rope_basis
-from kvpipe.structure.report import FIGURES, write_report
-from kvpipe.structure.ridge import (
+from kvpipe.kv.pairs import KINDS, ShardRows, relative_depth
+from kvpipe.linalg import ridge
+from kvpipe.linalg.cca import fit_cca, held_out_correlations, mean_correlation, unit_sums
+from kvpipe.linalg.ridge import (
     RidgeStats,
     choose_alpha,
     dim_scores,
@@ -31,6 +28,9 @@ from kvpipe.structure.ridge import (
     row_scores,
     squared_error,
 )
+from kvpipe.structure.cka import linear_cka
+from kvpipe.structure.position import rope_basis
+from kvpipe.structure.report import FIGURES, write_report
 from kvpipe.structure.stage import _Run, analyse_pair, run_structure
 from kvpipe.structure.summary import summary_markdown
 
@@ -368,7 +368,7 @@ def test_run_structure_rejects_another_sample_table(kv_dirs, samples, smoke_conf
 
 
 @pytest.mark.parametrize("module, absent", [
-    ("report", ["matplotlib", "kvpipe.structure.stage", "kvpipe.structure.cka", "kvpipe.structure.ridge"]),
+    ("report", ["matplotlib", "kvpipe.structure.stage", "kvpipe.structure.cka", "kvpipe.linalg.ridge"]),
     ("stage", ["matplotlib", "kvpipe.structure.report"]),
 ])
 def test_report_and_compute_modules_import_independently(module, absent):

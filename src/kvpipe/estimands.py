@@ -31,6 +31,7 @@ from kvpipe.stats import bootstrap_pvalue, critical_value, percentile_ci
 ANSWERABLE_F1 = "answerable F1"
 ABSTAIN_UNANSWERABLE = "abstention on unanswerable questions"
 ABSTAIN_ANSWERABLE = "abstention on answerable questions"
+SUBSETS = (("answerable", False), ("unanswerable", True))   # the kinds of question: (name, is_impossible)
 NO_CONTEXT, MEAN_KV, ALWAYS_ABSTAIN = "no_context", "mean_kv", "always_abstain"
 FLOORS = (NO_CONTEXT, MEAN_KV, ALWAYS_ABSTAIN)
 BETTER, WORSE, EQUIVALENT, UNDECIDED = "better", "worse", "equivalent", "undecided"

@@ -3,11 +3,16 @@
 Questions on one passage share their context rows, so the analysis stages resample passages:
 per-sample additive statistics are summed within a passage (cluster_codes) and the passages are
 resampled (bootstrap_counts over them); jackknife halves are drawn over passages likewise.
+PassageBootstrap is the one paired passage bootstrap of per-sample values every stage's report uses;
+critical_value the one z.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 from numpy.typing import ArrayLike
 from scipy.stats import norm
 
@@ -77,3 +82,53 @@ def holm(pvalues: ArrayLike) -> np.ndarray:
     m = len(order)
     out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
+
+
+class PassageBootstrap:
+    """Means over samples with percentile intervals, resampling passages: a replicate draws whole passages with
+    replacement and weighs every sample by its passage's draw count. Values of several conditions on the same samples
+    share the draws, so their differences are paired by sample."""
+
+    def __init__(self, passages: pd.Series, reps: int, level: float, seed: int) -> None:
+        """passages: the passage id of each sample, indexed by sample_idx."""
+        self.passages = passages.sort_index()
+        self.samples = self.passages.index.to_numpy()
+        self.counts = cluster_bootstrap_counts(self.passages.to_numpy(), reps, seed)
+        self.reps, self.level, self.seed = reps, level, seed
+
+    def subset(self, samples: ArrayLike) -> PassageBootstrap:
+        """The same bootstrap over some samples only (their passages drawn afresh, same seed)."""
+        return PassageBootstrap(self.passages.loc[samples], self.reps, self.level, self.seed)
+
+    def means(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Means over samples of each column of x [samples, k], NaNs skipped, and their replicates [reps, k]."""
+        ok = ~np.isnan(x)
+        v = np.where(ok, x, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return v.sum(0) / ok.sum(0), (self.counts @ v) / (self.counts @ ok)
+
+    def ci(self, replicates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """percentile_ci at the bootstrap's level, quiet about columns without replicates."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return percentile_ci(replicates, self.level)
+
+    def interval(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per column of x [samples, k]: mean, ci_low, ci_high."""
+        point, reps = self.means(x)
+        return (point, *self.ci(reps))
+
+    def replicates(self, values: pd.Series) -> tuple[float, np.ndarray]:
+        """The mean of per-sample values (indexed by sample_idx; NaN or absent samples skipped) and its replicates."""
+        point, reps = self.means(values.reindex(self.samples).to_numpy(dtype=float)[:, None])
+        return float(point[0]), reps[:, 0]
+
+    def mean(self, values: pd.Series) -> tuple[float, float, float]:
+        """Mean of per-sample values with its interval."""
+        point, reps = self.replicates(values)
+        low, high = self.ci(reps[:, None])
+        return point, float(low[0]), float(high[0])
+
+    def delta(self, a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
+        """Mean of a − b, paired by sample, with its interval."""
+        return self.mean(a.reindex(self.samples) - b.reindex(self.samples))

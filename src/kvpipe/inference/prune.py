@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.models.load import LoadedModel
 from kvpipe.models.rope import apply_rope, invert_rope, layer_rope_tables
 

@@ -16,18 +16,18 @@ from collections.abc import Sequence
 
 from kvpipe.data.prompt import PromptTokens
 from kvpipe.errors import KvpipeError
+from kvpipe.inference.cache_sources import WINDOW, CacheSource, ContextKV, OwnPrefill
 from kvpipe.inference.capture import QuestionCapture
-from kvpipe.inference.conditions import Condition
 from kvpipe.inference.decode import Answer, decode
 from kvpipe.inference.prune import prune_batch
-from kvpipe.inference.sources import CacheSource, ContextKV, OwnPrefill
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.models.load import LoadedModel
 
 
 class Session:
     """One model and one prompt; answers any number of conditions from its context KVs."""
 
-    def __init__(self, lm: LoadedModel, tokens: PromptTokens, window: int = 64) -> None:
+    def __init__(self, lm: LoadedModel, tokens: PromptTokens, window: int = WINDOW) -> None:
         self.lm, self.tokens = lm, tokens
         self.contexts: dict[str, ContextKV] = {}
         self.add(OwnPrefill(window))
@@ -50,7 +50,7 @@ class Session:
         """The model's own prefill, with the window queries SnapKV scores need."""
         return self.contexts[OwnPrefill.name]
 
-    def answer(self, conditions: Sequence[Condition], max_new_tokens: int, rerotate: bool = False,
+    def answer(self, conditions: Sequence[AnswerRequest], max_new_tokens: int, rerotate: bool = False,
                capture_row: int | None = None) -> list[Answer]:
         """Answer all conditions as one padded batch.
 

@@ -3,7 +3,7 @@ projection stage, with passage-bootstrap intervals and the verdict vocabulary of
 
 Every variant (condition, projector, objective, key_map, retention, rank, bottom_layers, hidden_layer) answers the same test
 questions, so deltas are paired by sample. Questions on one passage share its context, so every
-bootstrap resamples passages (kvpipe.stats.cluster_bootstrap_counts): a replicate is a mean over
+bootstrap resamples passages (kvpipe.stats.PassageBootstrap): a replicate is a mean over
 samples weighted by their passage's draw count. The estimand of every verdict is answerable F1
 (`f1_answerable`): ΔF1 against main_full gets a two-sided bootstrap p-value, Holm-adjusted over all
 other variants, `detectable` (z × its bootstrap standard error) and a worded verdict (better, worse,
@@ -16,54 +16,47 @@ apart; the all-question F1 stays in the table and is the basis of nothing.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from kvpipe.config import section_defaults
 from kvpipe.errors import KvpipeError
-from kvpipe.estimands import MEAN_KV, NO_CONTEXT, Comparison, carries_content, compare, with_failure_flags
+from kvpipe.estimands import MEAN_KV, NO_CONTEXT, SUBSETS, Comparison, carries_content, compare, with_failure_flags
 from kvpipe.reporting import Interval
-from kvpipe.stats import bootstrap_pvalue, cluster_bootstrap_counts, cluster_codes, critical_value, holm, percentile_ci
+from kvpipe.stats import PassageBootstrap, bootstrap_pvalue, cluster_codes, critical_value, holm
 
 VARIANT = ("condition", "projector", "objective", "key_map", "retention", "rank", "bottom_layers", "hidden_layer")
-CONDITIONS = ("main_full", "no_context", "mean_kv", "always_abstain", "projected_kv", "projected_k_own_v",
-              "own_k_projected_v", "scout_selection", "chain")
+# The documented order of conditions and projectors: the default config's (the schema's defaults, whose enums equal
+# the registries), the others after them.
+CONDITION_ORDER = tuple(section_defaults("projection")["conditions"])
+PROJECTOR_ORDER = tuple(section_defaults("projection")["projectors"])
 DIAGNOSTICS = ("projected_k_own_v", "own_k_projected_v")   # need the main's own prefill: not a way to send a context
-PROJECTORS = ("ridge", "shared", "mlp")
 BASELINE = ("main_full", "none", "none", "none", 1.0, -1, -1, -1)
 FLOOR_VARIANTS = {name: (name, *BASELINE[1:]) for name in (NO_CONTEXT, MEAN_KV)}
 INJECTED = ("projected_kv", "chain")   # conditions whose context cache the main never computes
-SUBSETS = (("answerable", False), ("unanswerable", True))   # (column suffix, is_impossible)
-
-
-def _ci(reps: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
-    """percentile_ci, quiet about columns without replicates (a subset or a time a variant never has)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return percentile_ci(reps, level)
 
 
 def _order(variant: tuple) -> tuple:
     """Conditions and projectors in their documented order, pre-RoPE key maps first, then retention (high first), rank,
     then the hybrid layers B and L."""
     condition, projector, objective, key_map, retention, *layers = variant
-    index = {name: i for i, name in enumerate((*CONDITIONS, *PROJECTORS))}
+    index = {name: i for i, name in enumerate((*CONDITION_ORDER, *PROJECTOR_ORDER))}
     return (index.get(condition, len(index)), index.get(projector, len(index)), objective, key_map == "post_rope",
             -retention, *(n if n >= 0 else math.inf for n in layers))
 
 
 class Paired:
-    """Per-sample values of every variant ([samples, variants] per column) and passage-bootstrap means of them."""
+    """Per-sample values of every variant ([samples, variants] per column) and their passage bootstrap (`boot`)."""
 
     def __init__(self, answers: pd.DataFrame, cfg: Mapping[str, Any],
                  columns: Sequence[str] = ("f1", "exact", "bytes", "abstained", "empty")) -> None:
         per_sample = answers.groupby("sample_idx")[["passage", "is_impossible"]].first()
         self.impossible = per_sample["is_impossible"].to_numpy(dtype=bool)
         self.passage, _ = cluster_codes(per_sample["passage"].to_numpy())
-        self.counts = cluster_bootstrap_counts(per_sample["passage"].to_numpy(), cfg["bootstrap"], cfg["seed"])
+        self.boot = PassageBootstrap(per_sample["passage"], cfg["bootstrap"], cfg["ci"], cfg["seed"])
         self.level = cfg["ci"]
         self.wide = {col: answers.pivot(index="sample_idx", columns=list(VARIANT), values=col).reindex(per_sample.index)
                      for col in columns}
@@ -75,28 +68,16 @@ class Paired:
         x = self.wide[col][list(variants or self.variants)].to_numpy(dtype=float)
         return x if subset is None else np.where((self.impossible == subset)[:, None], x, np.nan)
 
-    def means(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Means over samples of each column of x [samples, k], NaNs skipped, and their replicates [B, k]."""
-        ok = ~np.isnan(x)
-        v = np.where(ok, x, 0.0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return v.sum(0) / ok.sum(0), (self.counts @ v) / (self.counts @ ok)
-
-    def interval(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per column of x: mean, ci_low, ci_high."""
-        point, reps = self.means(x)
-        return (point, *_ci(reps, self.level))
-
     def replicates(self, a: tuple, b: tuple, col: str = "f1", subset: bool | None = False) -> tuple[float, np.ndarray]:
         """Mean of a − b paired by sample (answerable questions by default) and its bootstrap replicates."""
         x = self.matrix(col, [a], subset)[:, 0] - self.matrix(col, [b], subset)[:, 0]
-        point, reps = self.means(x[:, None])
+        point, reps = self.boot.means(x[:, None])
         return float(point[0]), reps[:, 0]
 
     def delta(self, a: tuple, b: tuple, col: str = "f1", subset: bool | None = False) -> tuple[Interval, float]:
         """Mean of a − b paired by sample with its interval and two-sided bootstrap p-value."""
         point, reps = self.replicates(a, b, col, subset)
-        lo, hi = _ci(reps[:, None], self.level)
+        lo, hi = self.boot.ci(reps[:, None])
         return (point, float(lo[0]), float(hi[0])), float(bootstrap_pvalue(reps, point))
 
     def compare(self, a: tuple, b: tuple, margin: float) -> Comparison:
@@ -145,10 +126,10 @@ def on_front(agg: pd.DataFrame, cost: str = "bytes") -> np.ndarray:
 def _main_full_columns(out: pd.DataFrame, p: Paired, base: int, margin: float) -> None:
     """Answerable ΔF1 vs main_full with interval, p-value, Holm p over every other variant, detectable size, verdict."""
     f1 = p.matrix("f1", subset=False)
-    point, reps = p.means(f1 - f1[:, [base]])
+    point, reps = p.boot.means(f1 - f1[:, [base]])
     in_family = np.arange(len(out)) != base
     rows = [compare(point[j], reps[:, j], p.level, margin) for j in range(len(out))]
-    out["delta_f1"], out["delta_f1_low"], out["delta_f1_high"] = point, *_ci(reps, p.level)
+    out["delta_f1"], out["delta_f1_low"], out["delta_f1_high"] = point, *p.boot.ci(reps)
     out["p_value"] = np.where(in_family, bootstrap_pvalue(reps, point), np.nan)
     out["p_holm"] = holm(out["p_value"].to_numpy())
     out["survives"] = out["p_holm"] < 1 - p.level
@@ -191,10 +172,10 @@ def aggregate(answers: pd.DataFrame, cfg: Mapping[str, Any], margin: float) -> p
     columns += [(f"abstain_{suffix}", p.matrix("abstained", subset=flag)) for suffix, flag in SUBSETS]
     columns += [(f"empty_{suffix}", p.matrix("empty", subset=flag)) for suffix, flag in SUBSETS]
     for name, x in columns:
-        out[name], out[f"{name}_low"], out[f"{name}_high"] = p.interval(x)
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = p.boot.interval(x)
     _main_full_columns(out, p, base, margin)
     _floor_columns(out, p, margin)
-    out["bytes"] = p.means(p.matrix("bytes"))[0]
+    out["bytes"] = p.boot.means(p.matrix("bytes"))[0]
     out["bytes_ratio"] = out["bytes"] / out["bytes"].iloc[base]
     return out
 
@@ -240,14 +221,13 @@ def ttft_aggregate(answers: pd.DataFrame, ttft: pd.DataFrame, cfg: Mapping[str, 
     for col in cols:
         t = p.matrix(col)
         both = ~np.isnan(t) & ~np.isnan(t[:, [base]])
-        (num, num_reps), (den, den_reps) = (p.means(np.where(both, x, np.nan)) for x in (t, np.broadcast_to(t[:, [base]],
+        (num, num_reps), (den, den_reps) = (p.boot.means(np.where(both, x, np.nan)) for x in (t, np.broadcast_to(t[:, [base]],
                                                                                                             t.shape)))
         out = pd.DataFrame(p.variants, columns=list(VARIANT))
         out["regime"] = col.removeprefix("ttft_").removesuffix("_s")
         out["n"] = (~np.isnan(t)).sum(0)
-        out["ttft_s"] = p.means(t)[0]
+        out["ttft_s"] = p.boot.means(t)[0]
         with np.errstate(invalid="ignore", divide="ignore"):
-            out["ttft_ratio"], out["ttft_ratio_low"], out["ttft_ratio_high"] = (num / den, *_ci(num_reps / den_reps,
-                                                                                                 p.level))
+            out["ttft_ratio"], out["ttft_ratio_low"], out["ttft_ratio_high"] = (num / den, *p.boot.ci(num_reps / den_reps))
         frames.append(out)
     return pd.concat(frames, ignore_index=True)

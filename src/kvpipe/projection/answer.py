@@ -1,7 +1,8 @@
 """Answering the test samples under every condition, with bytes and time to first token.
 
 Per sample: the scout prefills its context once, answers the question once (capturing its
-question queries) and selects context tokens by Q2C at each retention; its context KV, rounded to
+question queries) and selects context tokens at each retention by `chain.method` (Q2C by default;
+kvpipe.scoring); its context KV, rounded to
 float16, is the payload. The main prefills its own context once (main_full and the conditions that
 keep its own keys or values), every planned cache is built and all rows are answered in batches;
 a constant reply (always_abstain) is recorded without a model. Time to first token is then measured
@@ -20,18 +21,20 @@ from typing import Any
 
 import numpy as np
 
+from kvpipe.config import section_defaults
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import score_reply
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.cache_sources import GivenTensors, OwnPrefill
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import GivenTensors, OwnPrefill
 from kvpipe.kv.checks import check_window
 from kvpipe.models.load import LoadedModel
-from kvpipe.projection.conditions import Plan, SampleInputs, plan_all
+from kvpipe.projection.conditions import Plan, SampleInputs
 from kvpipe.projection.inject import ScoutPayload
-from kvpipe.selection.methods import METHODS, ScoringInputs, top_n
-from kvpipe.selection.overlap import context_budget
+from kvpipe.projection.registry import plan_all
+from kvpipe.scoring.methods import METHODS, ScoringInputs
+from kvpipe.scoring.select import capture_window, select
 
 
 class Answerer:
@@ -41,6 +44,7 @@ class Answerer:
                  prompt: dict[str, Any], pair: str) -> None:
         self.scout, self.main, self.common, self.cfg, self.prompt, self.pair = scout, main, common, cfg, prompt, pair
         self.retentions = sorted({r for r in [*cfg["retention"], *cfg["chain"]["retention"]] if r < 1})
+        self.method = METHODS[cfg["chain"]["method"]].from_config(section_defaults("selection") | {"seed": cfg["seed"]})
 
     def prompt_tokens(self, row: Any) -> PromptTokens:
         """The prompt both models read; they must tokenise it identically and fit their context windows."""
@@ -54,14 +58,12 @@ class Answerer:
         return tokens
 
     def scout_side(self, tokens: PromptTokens, sample_idx: int) -> tuple[ScoutPayload, dict[float, np.ndarray]]:
-        """The scout's payload and its Q2C selection at each retention below 1."""
-        session = Session(self.scout, tokens, 1)
-        session.answer([Condition("scout full", role="scout")], 1, capture_row=0)
-        q2c = METHODS["q2c"]()
-        scores = q2c.reduce_heads(q2c.head_scores(ScoringInputs.from_session(session, sample_idx))).sum(axis=0)
-        n = tokens.context_end - tokens.context_start
-        budget = {r: context_budget(r, n, tokens.context_start, self.cfg["budget"]) for r in self.retentions}
-        return ScoutPayload.from_context(self.scout, session.own), {r: top_n(scores, k) for r, k in budget.items()}
+        """The scout's payload and its selection (`chain.method`) at each retention below 1."""
+        session = Session(self.scout, tokens, capture_window([self.method]))
+        session.answer([AnswerRequest("scout full", role="scout")], 1, capture_row=0)
+        inputs = ScoringInputs.from_session(session, sample_idx)
+        return ScoutPayload.from_context(self.scout, session.own), {r: select(self.method, inputs, r, self.cfg["budget"])
+                                                                    for r in self.retentions}
 
     def ttft(self, session: Session, inputs: SampleInputs, plan: Plan, scout_s: float,
              prefill_s: float) -> dict[str, float]:
@@ -73,7 +75,7 @@ class Answerer:
             session.add(GivenTensors(plan.build()), "ttft")
             cache = "ttft"
         built = time.perf_counter()
-        session.answer([Condition("ttft", plan.selection, cache=cache)], 1)
+        session.answer([AnswerRequest("ttft", plan.selection, cache=cache)], 1)
         question_s = time.perf_counter() - built
         session.contexts.pop("ttft", None)
         return {"scout_s": scout_s if plan.uses_scout else 0.0, "own_prefill_s": prefill_s if plan.own_prefill else 0.0,
@@ -90,7 +92,7 @@ class Answerer:
             if plan.build is not None:
                 cache = plan.variant.label
                 session.add(GivenTensors(plan.build()), cache)
-            conditions.append(Condition(plan.variant.label, plan.selection, cache=cache))
+            conditions.append(AnswerRequest(plan.variant.label, plan.selection, cache=cache))
         size = self.cfg["batch_size"]
         generated = []
         for start in range(0, len(conditions), size):
@@ -102,7 +104,7 @@ class Answerer:
         """Run both models once on a prompt, so that no row's timing pays for one-off initialisation."""
         tokens = self.prompt_tokens(row)
         self.scout_side(tokens, row.sample_idx)
-        Session(self.main, tokens, 1).answer([Condition("warm-up")], 1)
+        Session(self.main, tokens, 1).answer([AnswerRequest("warm-up")], 1)
 
     def sample(self, row: Any, ttft: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
         """Answers-table rows, TTFT rows (ttft: measure each row's; else none) and the timings row of one test sample."""

@@ -22,8 +22,8 @@ import torch
 from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens
+from kvpipe.inference.cache_sources import OwnPrefill
 from kvpipe.inference.capture import capture_queries, rope_queries
-from kvpipe.inference.sources import OwnPrefill
 from kvpipe.kv.checks import cache_layer
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, project

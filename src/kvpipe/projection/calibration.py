@@ -24,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from kvpipe.errors import KvpipeError
+from kvpipe.kv.pairs import PairData
+from kvpipe.linalg.ridge import RidgeStats
 from kvpipe.splits import split_by_passage
-from kvpipe.structure.pair_data import PairData
-from kvpipe.structure.ridge import RidgeStats
 
 COLUMN = {"key": "key_pre_rope", "key_post": "key", "value": "value"}   # mapped kind -> KV dataset column
 SEGMENTS = ["template", "context"]

@@ -27,11 +27,12 @@ import torch
 
 from kvpipe.data.prompt import PromptTokens
 from kvpipe.data.qa_metrics import UNANSWERABLE
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, mean_context, mixed, project
 from kvpipe.projection.payload import index_bytes, kv_bytes, text_bytes
 from kvpipe.projection.projectors import Projector
+from kvpipe.registry import Registered
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class SampleInputs:
     layer_map: list[int]
     main: LoadedModel
     means: dict[str, torch.Tensor]
-    selections: dict[float, np.ndarray]            # the scout's Q2C selection per retention below 1
+    selections: dict[float, np.ndarray]            # the scout's selection (chain.method) per retention below 1
     settings: dict[str, Any]
     memo: dict[tuple, ContextKV] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)   # e.g. "hidden": (scout, HiddenMap) for projected_hidden
@@ -132,14 +133,10 @@ class SampleInputs:
 CONDITIONS: dict[str, type[Condition]] = {}
 
 
-class Condition(ABC):
+class Condition(Registered, ABC):
     """A way of giving the main model its context; plans one row per variant."""
 
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        CONDITIONS[cls.name] = cls
+    registry = CONDITIONS
 
     @abstractmethod
     def plans(self, s: SampleInputs) -> list[Plan]:
@@ -220,7 +217,7 @@ class MeanKV(Condition):
 
 
 class ScoutSelection(Condition):
-    """The main prefills itself and keeps the scout's Q2C selection (only indices are sent with the text)."""
+    """The main prefills itself and keeps the scout's selection (only indices are sent with the text)."""
 
     name: ClassVar[str] = "scout_selection"
 
@@ -232,7 +229,7 @@ class ScoutSelection(Condition):
 
 
 class Chain(Condition):
-    """Scout Q2C selection at r, rank-k SVD of the kept scout KV, projection, injection of the kept positions."""
+    """Scout selection (chain.method) at r, rank-k SVD of the kept scout KV, projection, injection of the kept positions."""
 
     name: ClassVar[str] = "chain"
 
@@ -251,10 +248,3 @@ class Chain(Condition):
                                 sel, kv_bytes(len(kept), s.widths, rank=k) + extra, False))
         return out
 
-
-def plan_all(s: SampleInputs, names: list[str]) -> list[Plan]:
-    """Every row of the named conditions, in the order named."""
-    return [plan for name in names for plan in CONDITIONS[name]().plans(s)]
-
-
-from kvpipe.projection import hybrid  # noqa: E402, F401  (registers the hybrid conditions; imports this module)

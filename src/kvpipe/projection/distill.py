@@ -26,11 +26,11 @@ from transformers import DynamicCache
 
 from kvpipe.data.prompt import PromptTokens
 from kvpipe.data.qa_metrics import score_prediction
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.cache_sources import ContextKV, GivenTensors, OwnPrefill
 from kvpipe.inference.decode import decode
 from kvpipe.inference.prune import prune_batch
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
-from kvpipe.inference.sources import ContextKV, GivenTensors, OwnPrefill
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, project
 from kvpipe.projection.projectors import Projector
@@ -102,7 +102,7 @@ def question_sample(
     top_k: int | None = None,
 ) -> DistillSample:
     """The sample of one question prompt: context cache, then question, answer prompt and the main's own answer."""
-    own = Session(main, tokens, 1).answer([Condition("teacher")], max_new_tokens)[0].token_ids
+    own = Session(main, tokens, 1).answer([AnswerRequest("teacher")], max_new_tokens)[0].token_ids
     ids = np.concatenate([tokens.input_ids, np.asarray(own, dtype=np.int64)])
     end = tokens.context_end
     teacher = _teacher(main, ids, end, top_k)

@@ -20,7 +20,7 @@ from typing import Any
 from kvpipe.data.prompt import build_prompt
 from kvpipe.data.synthetic import generate
 from kvpipe.errors import KvpipeError
-from kvpipe.inference.conditions import Condition
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.distill import DistillSample, continuation_sample, question_sample
@@ -63,7 +63,7 @@ def extra_passages(spec: dict[str, Any], known: list[str]) -> list[str]:
 def self_question(main: LoadedModel, passage: str, max_tokens: int) -> str:
     """The main's own question about a passage: the first line of its greedy reply ('' if none)."""
     tokens = build_prompt(main.tokenizer, ASK_PROMPT, passage, ASK)
-    text = Session(main, tokens, 1).answer([Condition("ask")], max_tokens)[0].text.strip()
+    text = Session(main, tokens, 1).answer([AnswerRequest("ask")], max_tokens)[0].text.strip()
     return text.splitlines()[0].strip() if text else ""
 
 

@@ -10,20 +10,26 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from kvpipe.projection.aggregate import CONDITIONS, label, on_front
+from kvpipe.estimands import MEAN_KV, NO_CONTEXT
+from kvpipe.projection.aggregate import BASELINE, CONDITION_ORDER, label, on_front
 from kvpipe.reporting import fmt_ci, pyplot
 
 KIND_LABELS = {"key": "keys (pre-RoPE)", "key_post": "keys (post-RoPE, mapped directly)", "value": "values"}
-MARKERS = {"main_full": ("*", 14), "no_context": ("P", 11), "mean_kv": ("X", 11), "always_abstain": ("x", 9),
-           "projected_kv": ("o", 7), "projected_k_own_v": ("<", 7), "own_k_projected_v": (">", 7),
-           "scout_selection": ("D", 6), "chain": ("s", 9)}   # (marker, size)
-HIGHLIGHT = ("main_full", "no_context", "mean_kv")
+# (marker, size) of each condition in CONDITION_ORDER (the reference and the floors first, larger); others: ("o", 6)
+MARKERS = (("*", 14), ("P", 11), ("X", 11), ("x", 9), ("o", 7), ("<", 7), (">", 7), ("D", 6), ("s", 9))
+HIGHLIGHT = (BASELINE[0], NO_CONTEXT, MEAN_KV)
 F1 = "f1_answerable"   # the estimand every figure plots (kvpipe.estimands)
 
 
 def _colour(condition: str) -> str:
     """One colour of matplotlib's default cycle per condition."""
-    return f"C{CONDITIONS.index(condition)}" if condition in CONDITIONS else "grey"
+    return f"C{CONDITION_ORDER.index(condition)}" if condition in CONDITION_ORDER else "grey"
+
+
+def _marker(condition: str) -> tuple[str, int]:
+    """The condition's (marker, size) by its place in CONDITION_ORDER."""
+    at = CONDITION_ORDER.index(condition) if condition in CONDITION_ORDER else len(MARKERS)
+    return MARKERS[at] if at < len(MARKERS) else ("o", 6)
 
 
 def _errors(rows: pd.DataFrame, name: str) -> np.ndarray:
@@ -36,7 +42,7 @@ def f1_vs_bytes(agg: pd.DataFrame, metrics: pd.DataFrame, title: str) -> Any:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
     for condition, g in agg.groupby("condition", sort=False):
-        marker, size = MARKERS.get(condition, ("o", 6))
+        marker, size = _marker(condition)
         ax.errorbar(g["bytes"], g[F1], yerr=_errors(g, F1), fmt=marker, ms=size, color=_colour(condition),
                     mec="black" if condition in HIGHLIGHT else None, mfc="none" if condition == "chain" else None,
                     capsize=2, label=condition)

@@ -11,17 +11,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
 from kvpipe.data.prompt import build_prompt
-from kvpipe.io import atomic_path, sha256_json, write_json
+from kvpipe.io import sha256_json, write_json
+from kvpipe.linalg.ridge import pooled
 from kvpipe.models.load import LoadedModel
-from kvpipe.projection import gated, mlp  # noqa: F401  (register the gated and MLP projectors)
 from kvpipe.projection.attention import AttentionSample, collect, fine_tune
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill_stage import DistillData, distilled
-from kvpipe.projection.projectors import PROJECTORS, Errors, Projector, Stats
-from kvpipe.structure.ridge import pooled
+from kvpipe.projection.projectors import Errors, Projector, Stats, save_tensors
+from kvpipe.projection.registry import PROJECTORS
 
 
 @dataclass
@@ -97,13 +96,6 @@ def fit_data_hash(cal: Calibration) -> str:
     return sha256_json({"scout": [s["files"] for s in cal.data.scout_manifest["shards"]],
                         "main": [s["files"] for s in cal.data.main_manifest["shards"]],
                         "calibration": np.flatnonzero(cal.fold_of >= 0).tolist()})
-
-
-def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """A state dict as safetensors (on CPU, atomically; the folder made if needed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
 
 
 def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[str, Any], out_dir: Path) -> dict[str, Any]:

@@ -26,17 +26,17 @@ import torch
 
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import UNANSWERABLE
+from kvpipe.inference.cache_sources import ContextKV, OwnPrefill
 from kvpipe.inference.decode import reply_end_id
-from kvpipe.inference.sources import ContextKV, OwnPrefill
 from kvpipe.io import write_json
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill import kv_f1, log_probs_after, scout_payload
 from kvpipe.projection.distill_fit import fit_distill
 from kvpipe.projection.distill_stage import calibration_rows, finished, settings_of
-from kvpipe.projection.fit import save_tensors
 from kvpipe.projection.gated import GatedProjector, fuse_heads
 from kvpipe.projection.inject import ScoutPayload, project
+from kvpipe.projection.projectors import save_tensors
 
 OBJECTIVE = "next_token"  # the fused rows' objective column
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvpipe.linalg.ridge import pooled
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.projectors import Errors, LinearProjector, Stats
-from kvpipe.structure.ridge import pooled
 
 
 class GatedProjector(LinearProjector):

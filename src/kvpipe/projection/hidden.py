@@ -26,9 +26,9 @@ from transformers import DynamicCache
 from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.io import atomic_path, write_json
 from kvpipe.kv.checks import cache_layer
+from kvpipe.linalg.ridge import RidgeStats, choose_alpha, fit_ridge, pooled, squared_error
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
-from kvpipe.structure.ridge import RidgeStats, choose_alpha, fit_ridge, pooled, squared_error
 
 
 class HiddenMap(nn.Module):

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill import DistillSample, kl_after, kv_f1

@@ -12,7 +12,7 @@ projector and objective of `hybrid` (`fused` its trained fuser). A row's B is in
                                the main's residual stream at layer L (kvpipe.projection.hidden), from
                                which the main computes its own KV of layers L..; projected KV below L
     projected_kv_refresh       projected KV of the whole context, then the main's own prefill of the
-                               template and the scout's Q2C selection at each `retention` (causal
+                               template and the scout's selection (chain.method) at each `retention` (causal
                                among the refreshed tokens, at their positions) overwrites those entries;
                                sends the scout KV, the selected tokens' text and their indices
     fused                      the main prefills itself and each context head is fused with the projected
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from kvpipe.inference.sources import ContextKV
+from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.kv.checks import cache_layer
 from kvpipe.projection.conditions import Condition, Plan, SampleInputs, Variant
 from kvpipe.projection.fuser import OBJECTIVE, fuse

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvpipe.structure.ridge import LinearMap, RidgeStats, choose_alpha, fit_ridge, pooled, squared_error
+from kvpipe.linalg.ridge import LinearMap, RidgeStats, choose_alpha, fit_ridge, pooled, squared_error
 
 
 def _centred(stats: RidgeStats) -> tuple[np.ndarray, np.ndarray]:

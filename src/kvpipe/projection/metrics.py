@@ -1,6 +1,6 @@
 """Per-layer test metrics of every projector: cosine, relative error and centred R² on test passages.
 
-Rows are summed per test passage (kvpipe.structure.ridge.row_scores, additive), so the bootstrap
+Rows are summed per test passage (kvpipe.linalg.ridge.row_scores, additive), so the bootstrap
 over passages resamples sums. R² is centred on the calibration mean, which is also scored as the
 baseline projector `mean` (R² exactly 0).
 """
@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from kvpipe.linalg.ridge import metrics_from_scores, pooled, row_scores
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.fit import Fitted
 from kvpipe.projection.projectors import Stats
 from kvpipe.stats import bootstrap_counts, cluster_codes, percentile_ci
-from kvpipe.structure.ridge import metrics_from_scores, pooled, row_scores
 
 WHOLE = [slice(None)]
+BOOTSTRAP_SEED = 1   # offset of the test-passage bootstrap's seed from projection.seed
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def projector_metrics(cal: Calibration, fitted: dict[tuple[str, str], Fitted], s
     unit_of = np.full(len(passages), -1)
     unit_of[test], n_units = cluster_codes(np.asarray(passages)[test])
     scores, rows = _passage_scores(cal, fitted, means, unit_of, n_units)
-    counts = bootstrap_counts(n_units, cfg["bootstrap"], cfg["seed"] + 1)
+    counts = bootstrap_counts(n_units, cfg["bootstrap"], cfg["seed"] + BOOTSTRAP_SEED)
     n_main = len(cal.layer_map)
     records = []
     for (projector, objective, kind, j), acc in sorted(scores.items()):

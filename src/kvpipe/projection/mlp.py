@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvpipe.linalg.ridge import choose_alpha, fit_ridge, pooled
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.projectors import Errors, Projector, Stats
-from kvpipe.structure.ridge import choose_alpha, fit_ridge, pooled
 
 
 def _residual(p: int, hidden: int, q: int, depth: int) -> nn.Sequential:

@@ -18,30 +18,29 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from kvpipe.io import atomic_path
+from kvpipe.linalg.ridge import LinearMap, RidgeStats, pooled, squared_error
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.linear import choose_shared_alpha, fit_per_layer, fit_shared, ridge_cv_error, scatter
-from kvpipe.structure.ridge import LinearMap, RidgeStats, pooled, squared_error
+from kvpipe.registry import Registered
 
 PROJECTORS: dict[str, type[Projector]] = {}
 Stats = dict[tuple[int, str, int], RidgeStats]
 Errors = dict[str, dict[str, float]]   # kind -> {"calibration": e, "validation": e}
 
 
-class Projector(nn.Module, ABC):
+class Projector(Registered, nn.Module, ABC):
     """Maps scout KV rows to main KV rows per (main layer, kind)."""
 
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__:   # concrete kinds name themselves; shared bases do not
-            PROJECTORS[cls.name] = cls
+    registry = PROJECTORS   # concrete kinds name themselves; shared bases do not
 
     def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: dict[str, Any]) -> None:
         super().__init__()
@@ -156,3 +155,10 @@ def _shared_cv(stats: Stats, kind: str, folds: int, n_layers: int, alpha: float)
             sse += squared_error(m, stats[(j, kind, k)])
             sst += scatter(stats[(j, kind, k)])
     return sse, sst
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (on CPU, atomically; the folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))

@@ -26,6 +26,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from kvpipe.io import write_json, write_parquet
+from kvpipe.kv.pairs import read_passages
 from kvpipe.models.load import LoadedModel, load_model
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
@@ -38,7 +39,6 @@ from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
 from kvpipe.projection.payload import text_bytes
 from kvpipe.splits import whole_passages
-from kvpipe.structure.pair_data import read_passages
 
 
 def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, Any], samples: pd.DataFrame,

@@ -1,1 +1,1 @@
-"""Selection transfer: token-selection methods, the stage runner and its report."""
+"""Selection transfer: scout/main overlap, the stage runner (methods from kvpipe.scoring) and its report."""

@@ -2,7 +2,7 @@
 
 Every interval and p-value resamples *passages*, not questions: questions on one passage share
 their context (and so their selections and much of their answers), so each bootstrap draw takes
-whole passages with all their questions (kvpipe.stats.cluster_bootstrap_counts); resampling
+whole passages with all their questions (kvpipe.stats.PassageBootstrap); resampling
 questions would treat them as independent and make intervals too narrow.
 
 The estimand of every F1 verdict is answerable F1 (kvpipe.estimands): table `transfer` is computed
@@ -15,8 +15,8 @@ gets two-sided bootstrap p-values (normal reference, bootstrap standard error) a
 correction over the whole family (kvpipe.stats.holm): columns `p_value` and `p_holm`, NaN outside
 it; every delta gets a `verdict` (better, worse, equivalent by TOST within the margin, undecided).
 Each forward delta also gets `detectable_forward`: z × its bootstrap standard error, the smallest
-|delta| its interval could tell from 0 at this n. Tables named `overlap_has_answer` and
-`overlap_no_answer` repeat the overlap table on answerable / unanswerable samples.
+|delta| its interval could tell from 0 at this n. Tables named `overlap_answerable` and
+`overlap_unanswerable` repeat the overlap table on answerable / unanswerable samples (kvpipe.estimands.SUBSETS).
 """
 
 from __future__ import annotations
@@ -24,71 +24,35 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from numpy.typing import ArrayLike
 
 from kvpipe.errors import KvpipeError
-from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, Comparison, compare, with_failure_flags
+from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, SUBSETS, compare, with_failure_flags
 from kvpipe.reporting import Interval
-from kvpipe.stats import cluster_bootstrap_counts, holm, percentile_ci
+from kvpipe.stats import PassageBootstrap, holm
 
 FAMILY = ("delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full")
-SUBSETS = (("has_answer", False), ("no_answer", True))   # (table suffix, is_impossible)
 FLOOR_METHODS = (NO_CONTEXT, ALWAYS_ABSTAIN)   # rows that are floors, not selection methods
 CHARACTER_OVERLAP = ("char_overlap", "char_overlap_random")   # overlap columns of a pair whose tokenizers differ
 
 
-class Bootstrap:
-    """Means and paired differences of per-sample values with percentile intervals over resampled passages."""
-
-    def __init__(self, passages: pd.Series, reps: int, level: float, seed: int, margin: float) -> None:
-        """passages: the passage id of each sample, indexed by sample_idx; margin: the TOST equivalence margin."""
-        self.passages = passages.sort_index()
-        self.samples = self.passages.index.to_numpy()
-        self.counts = cluster_bootstrap_counts(self.passages.to_numpy(), reps, seed)
-        self.reps, self.level, self.seed, self.margin = reps, level, seed, margin
-
-    def subset(self, samples: ArrayLike) -> Bootstrap:
-        """The same bootstrap restricted to some samples (their passages resampled)."""
-        return Bootstrap(self.passages.loc[samples], self.reps, self.level, self.seed, self.margin)
-
-    def replicates(self, values: pd.Series) -> tuple[float, np.ndarray]:
-        """The mean over samples (values indexed by sample_idx) and its bootstrap replicates."""
-        v = values.reindex(self.samples).to_numpy(dtype=float)
-        return float(v.mean()), self.counts @ v / self.counts.sum(1)
-
-    def mean(self, values: pd.Series) -> Interval:
-        """Mean over samples with its interval."""
-        value, reps = self.replicates(values)
-        lo, hi = percentile_ci(reps, self.level)
-        return value, float(lo), float(hi)
-
-    def delta(self, a: pd.Series, b: pd.Series) -> Interval:
-        """Mean of a - b, paired by sample."""
-        return self.mean(a.reindex(self.samples) - b.reindex(self.samples))
-
-    def test(self, a: pd.Series, b: pd.Series) -> Comparison:
-        """Mean of a - b paired by sample, worded (interval, p-value, standard error, TOST verdict)."""
-        return compare(*self.replicates(a.reindex(self.samples) - b.reindex(self.samples)), self.level, self.margin)
-
-
 class _Table:
-    """Rows of the tidy aggregates table."""
+    """Rows of the tidy aggregates table; margin: the TOST equivalence margin of every delta's verdict."""
 
-    def __init__(self) -> None:
+    def __init__(self, margin: float) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.margin = margin
 
     def add(self, table: str, role: str, method: str, retention: float, quantity: str, v: Interval,
             p: float = math.nan, verdict: str = "") -> None:
         self.rows.append({"table": table, "role": role, "method": method, "retention": retention, "quantity": quantity,
                           "value": v[0], "ci_low": v[1], "ci_high": v[2], "p_value": p, "verdict": verdict})
 
-    def delta(self, table: str, role: str, method: str, r: float, quantity: str, boot: Bootstrap, a: pd.Series,
+    def delta(self, table: str, role: str, method: str, r: float, quantity: str, boot: PassageBootstrap, a: pd.Series,
               b: pd.Series) -> None:
         """A delta row with its verdict; family deltas below retention 1 carry their p-value, forward ones their
         detectable size."""
-        c = boot.test(a, b)
+        c = compare(*boot.replicates(a.reindex(boot.samples) - b.reindex(boot.samples)), boot.level, self.margin)
         in_family = table == "transfer" and quantity in FAMILY and r < 1
         self.add(table, role, method, r, quantity, (c.delta, c.low, c.high), c.p_value if in_family else math.nan,
                  c.verdict)
@@ -96,7 +60,7 @@ class _Table:
             self.add(table, role, method, r, "detectable_forward", (c.detectable, math.nan, math.nan))
 
 
-def _rates(out: _Table, table: str, role: str, method: str, r: float, rows: pd.DataFrame, boot: Bootstrap,
+def _rates(out: _Table, table: str, role: str, method: str, r: float, rows: pd.DataFrame, boot: PassageBootstrap,
            suffix: str = "") -> None:
     """F1 on each kind of question, abstention on unanswerable ones, wrong abstentions and empty replies on answerable
     ones (rows indexed by sample_idx), each where its subset is not empty; `suffix` ends each quantity's name."""
@@ -110,7 +74,7 @@ def _rates(out: _Table, table: str, role: str, method: str, r: float, rows: pd.D
             out.add(table, role, method, r, quantity + suffix, boot.subset(rows.index[mask]).mean(values))
 
 
-def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
+def _full_kv(out: _Table, answers: pd.DataFrame, boot: PassageBootstrap) -> None:
     """Each model's full-KV answer beside its floors (no_context, always_abstain): F1 on every question and on each
     kind, abstention, exact match; full KV minus no_context and main minus scout on answerable questions."""
     answerable = answers.groupby("sample_idx")["is_impossible"].first()
@@ -139,7 +103,7 @@ def _full_kv(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
                   f1["scout"].loc[answerable])
 
 
-def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = "transfer") -> None:
+def _transfer(out: _Table, answers: pd.DataFrame, boot: PassageBootstrap, table: str = "transfer") -> None:
     answers = answers[~answers["method"].isin(FLOOR_METHODS)]
     f1 = answers.set_index(["role", "method", "retention", "source", "sample_idx"])["f1"].sort_index()
     conditions = set(f1.index.droplevel("sample_idx"))
@@ -164,7 +128,7 @@ def _transfer(out: _Table, answers: pd.DataFrame, boot: Bootstrap, table: str = 
                     out.delta(table, role, m, r, "delta_own_vs_random", boot, own, random)
 
 
-def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap, table: str = "overlap") -> None:
+def _overlap(out: _Table, overlaps: pd.DataFrame, boot: PassageBootstrap, table: str = "overlap") -> None:
     """Token-space overlap quantities and, for a pair whose tokenizers differ, the character-space ones."""
     characters = "char_overlap" in overlaps.columns
     for (m, r), group in overlaps.groupby(["method", "retention"]):
@@ -177,7 +141,7 @@ def _overlap(out: _Table, overlaps: pd.DataFrame, boot: Bootstrap, table: str = 
             out.add(table, "pair", m, r, "char_overlap_minus_random", boot.delta(*(g[q] for q in CHARACTER_OVERLAP)))
 
 
-def _abstention(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
+def _abstention(out: _Table, answers: pd.DataFrame, boot: PassageBootstrap) -> None:
     """Per pruned condition (and random): abstention on unanswerable, wrong abstentions and empty replies on
     answerable questions; quantities of a selection from the partner end in `_transfer`, per-head ones `_own_per_head`."""
     pruned = answers[~answers["method"].isin(("full", *FLOOR_METHODS))]
@@ -185,7 +149,7 @@ def _abstention(out: _Table, answers: pd.DataFrame, boot: Bootstrap) -> None:
         _rates(out, "abstention", role, m, r, g.set_index("sample_idx"), boot, "" if source == "own" else f"_{source}")
 
 
-def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, boot: Bootstrap) -> None:
+def _by_answerability(out: _Table, answers: pd.DataFrame, overlaps: pd.DataFrame, boot: PassageBootstrap) -> None:
     """The transfer table on answerable questions (the estimand; `transfer`), on every question (`transfer_all`,
     when some are unanswerable) and the overlap table on each kind."""
     impossible = answers.groupby("sample_idx")["is_impossible"].first().astype(bool)
@@ -213,8 +177,8 @@ def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any]
     """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high, p_value, verdict, p_holm);
     margin: the TOST equivalence margin (`verdicts.equivalence_margin`)."""
     answers = with_failure_flags(answers)
-    boot = Bootstrap(passages_of(answers), cfg["bootstrap"], cfg["ci"], cfg["seed"], margin)
-    out = _Table()
+    boot = PassageBootstrap(passages_of(answers), cfg["bootstrap"], cfg["ci"], cfg["seed"])
+    out = _Table(margin)
     _full_kv(out, answers, boot)
     _by_answerability(out, answers, overlaps, boot)
     _abstention(out, answers, boot)

@@ -1,9 +1,4 @@
-"""Selection budgets and scout/main overlap against its exact random expectation.
-
-Budget: with `selection.budget: context` a retention r keeps k = round(r · n) of the n context
-tokens; with `prompt` (as kvpress counts it) r applies to the whole pre-question prompt, template
-prefix p included, and since the template is always kept the context keeps k = round(r · (p + n)) − p.
-Either way 1 ≤ k ≤ n.
+"""Scout/main selection overlap against its exact random expectation (budgets: kvpipe.scoring.select).
 
 Null: a method may always keep some positions whatever the model (SnapKV's kept observation
 window); they depend only on (n, k), so scout and main share them. Two selections of k of n
@@ -25,15 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.stats import hypergeom
-
-BUDGETS = ("context", "prompt")
-
-
-def context_budget(retention: float, n_context: int, prefix: int = 0, budget: str = "context") -> int:
-    """Context tokens kept at a retention, counting the context alone or the prefix plus the context."""
-    if budget == "prompt":
-        return int(min(n_context, max(1, round(retention * (prefix + n_context)) - prefix)))
-    return int(max(1, round(retention * n_context)))
 
 
 def random_overlap(n: int, k: int, forced: int = 0) -> tuple[float, float]:

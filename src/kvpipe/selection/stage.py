@@ -17,7 +17,7 @@ batch; one `always_abstain` row per sample records what the constant abstention 
 
 At retention 1 every condition keeps the whole context and equals the full-KV answer.
 A retention r keeps k context tokens of each model by `selection.budget`
-(kvpipe.selection.overlap.context_budget); answers record both the share of context tokens kept and
+(kvpipe.scoring.select); answers record both the share of context tokens kept and
 the share of the pre-question KV (template prefix + context) kept. Models that tokenise a sample
 differently exchange selections through the characters their tokens cover (kvpipe.alignment): a
 partner's selection becomes exactly k of the receiving model's tokens, those its kept characters
@@ -34,6 +34,7 @@ tables with paired passage-bootstrap CIs.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +48,22 @@ from kvpipe.data.prompt import PromptTokens, build_prompt
 from kvpipe.data.qa_metrics import UNANSWERABLE, score_reply
 from kvpipe.errors import KvpipeError
 from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT
-from kvpipe.inference.conditions import Condition
 from kvpipe.inference.decode import Answer
+from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.io import read_json, write_json, write_parquet
 from kvpipe.kv.checks import check_window
 from kvpipe.models.load import CARD, load_model
-from kvpipe.selection.methods import ScoringInputs, SelectionMethod, SnapKV, build_methods, top_n
-from kvpipe.selection.overlap import character_overlap, context_budget, overlap_row
+from kvpipe.scoring.methods import ScoringInputs, SelectionMethod, build_methods
+from kvpipe.scoring.select import capture_window, context_budget, select
+from kvpipe.selection.overlap import character_overlap, overlap_row
+from kvpipe.settings import SelectionSettings, from_section
 from kvpipe.splits import whole_passages
 
 __all__ = ["overlap_row", "run_pair", "run_selection", "selected_samples"]
 ROLES = ("scout", "main")
 OTHER = {"scout": "main", "main": "scout"}
-# method -> budget k (None: no budget) -> (shared [n_context], per head [layers, kv_heads, n_context])
-Scores = dict[str, dict[int | None, tuple[np.ndarray, np.ndarray]]]
+Scores = dict[str, ScoringInputs]                            # role -> its inputs, holding every method's scores
 Selections = dict[str, dict[str, dict[float, np.ndarray]]]   # role -> method -> retention -> [k]
 Budgets = dict[str, dict[float, int]]                         # role -> retention -> k
 
@@ -71,37 +73,34 @@ def sources(method: str) -> tuple[str, ...]:
     return ("own",) if method == "random" else ("own", "transfer")
 
 
-def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int, budgets: list[int]) -> Scores:
-    """Every method's scores without a budget and, for budget-dependent methods, at each budget."""
+def _scores(session: Session, methods: list[SelectionMethod], sample_idx: int, budgets: list[int]) -> ScoringInputs:
+    """The session's scoring inputs holding every method's scores without a budget and at each budget."""
     inputs = ScoringInputs.from_session(session, sample_idx)
-    out: Scores = {}
     for m in methods:
-        out[m.name] = {}
-        for k in [None, *budgets] if m.budget_dependent else [None]:
-            heads = m.head_scores(inputs, k)
-            out[m.name][k] = (m.reduce_heads(heads).sum(axis=0), heads)
-        for k in [] if m.budget_dependent else budgets:
-            out[m.name][k] = out[m.name][None]
-    return out
+        for k in [None, *budgets]:
+            inputs.scores(m, k)
+    return inputs
 
 
 class PairRun:
     """A pair's two models and the selection settings; runs one sample at a time in small steps."""
 
-    def __init__(self, models: dict[str, Path], pair: str, cfg: dict[str, Any], prompt: dict[str, Any],
+    def __init__(self, models: dict[str, Path], pair: str, cfg: Mapping[str, Any], prompt: dict[str, Any],
                  device: str, dtype: str) -> None:
+        """cfg: the validated selection section (and `alignment`: min_cover for a pair whose tokenizers differ),
+        read once into SelectionSettings; each method builds itself from it (kvpipe.scoring.methods)."""
         self.lms = {role: load_model(models[role], device, dtype) for role in ROLES}
-        self.pair, self.cfg, self.prompt = pair, cfg, prompt
+        self.pair, self.cfg, self.prompt = pair, from_section(SelectionSettings, cfg), prompt
         self.methods = build_methods(cfg)
-        self.window = max([m.window for m in self.methods if isinstance(m, SnapKV)], default=1)
-        self.retentions = sorted(cfg["retention"])
+        self.window = capture_window(self.methods)
+        self.retentions = sorted(self.cfg.retention)
         self.pruned = [r for r in self.retentions if r < 1]
 
     def prompts(self, row: Any) -> dict[str, PromptTokens]:
         """Both models' prompts for a sample, each checked against its model's window."""
         tokens = {role: build_prompt(self.lms[role].tokenizer, self.prompt, row.context, row.question) for role in ROLES}
         for role in ROLES:
-            check_window(self.lms[role], len(tokens[role]), row.id, self.cfg["max_new_tokens"])
+            check_window(self.lms[role], len(tokens[role]), row.id, self.cfg.max_new_tokens)
         return tokens
 
     @staticmethod
@@ -118,30 +117,31 @@ class PairRun:
     def budgets(self, tokens: PromptTokens) -> dict[float, int]:
         """Context tokens kept at each retention below 1, by `selection.budget`."""
         n_ctx = tokens.context_end - tokens.context_start
-        return {r: context_budget(r, n_ctx, tokens.context_start, self.cfg["budget"]) for r in self.pruned}
+        return {r: context_budget(r, n_ctx, tokens.context_start, self.cfg.budget) for r in self.pruned}
 
-    def prefill(self, role: str, tokens: PromptTokens, sample_idx: int) -> tuple[Session, Answer, Scores, dict[str, float]]:
+    def prefill(self, role: str, tokens: PromptTokens, sample_idx: int) -> tuple[Session, Answer, ScoringInputs,
+                                                                                dict[str, float]]:
         """A model's session, its full-KV answer (capturing the question) and every method's scores, timed."""
         t0 = time.perf_counter()
         session = Session(self.lms[role], tokens, self.window)
         t1 = time.perf_counter()
-        (full,) = session.answer([Condition(f"{role} full", role=role)], self.cfg["max_new_tokens"], self.cfg["rerotate"],
+        (full,) = session.answer([AnswerRequest(f"{role} full", role=role)], self.cfg.max_new_tokens, self.cfg.rerotate,
                                  capture_row=0)
         t2 = time.perf_counter()
         scores = _scores(session, self.methods, sample_idx, sorted(set(self.budgets(tokens).values())))
         return session, full, scores, {"prefill_s": t1 - t0, "full_answer_s": t2 - t1, "scoring_s": time.perf_counter() - t2}
 
-    def full_conditions(self, role: str) -> list[Condition]:
+    def full_conditions(self, role: str) -> list[AnswerRequest]:
         """The full-KV answer, and at retention 1 (when in the grid) every method's condition, which equals it."""
-        conditions = [Condition(f"{role} full", role=role)]
+        conditions = [AnswerRequest(f"{role} full", role=role)]
         if 1.0 in self.retentions:
-            conditions += [Condition(f"{role} {m.name} 1 {source}", role=role, method=m.name, retention=1.0, source=source)
+            conditions += [AnswerRequest(f"{role} {m.name} 1 {source}", role=role, method=m.name, retention=1.0, source=source)
                            for m in self.methods for source in sources(m.name)]
         return conditions
 
-    def selections(self, scores: dict[str, Scores], budgets: Budgets) -> Selections:
+    def selections(self, scores: Scores, budgets: Budgets) -> Selections:
         """Each model's shared top-k selection per method and retention below 1."""
-        return {role: {m.name: {r: top_n(scores[role][m.name][k][0], k) for r, k in budgets[role].items()}
+        return {role: {m.name: {r: select(m, scores[role], r, self.cfg.budget) for r in budgets[role]}
                        for m in self.methods} for role in ROLES}
 
     def mapped(self, alignment: Alignment, selection: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
@@ -149,16 +149,18 @@ class PairRun:
         a pair whose tokens differ reads `alignment.min_cover`."""
         if alignment.is_identity:
             return selection
-        return alignment.transfer(selection, scores, k, self.cfg["alignment"]["min_cover"])
+        if self.cfg.alignment is None:
+            raise KvpipeError(f"pair {self.pair}: its tokenizers differ, and no alignment.min_cover was given")
+        return alignment.transfer(selection, scores, k, self.cfg.alignment.min_cover)
 
-    def transfers(self, scores: dict[str, Scores], selections: Selections, budgets: Budgets,
+    def transfers(self, scores: Scores, selections: Selections, budgets: Budgets,
                   alignments: dict[str, Alignment]) -> Selections:
         """Each model's selections from its partner: the partner's own, mapped to the model's tokens and budget."""
         return {role: {m.name: {r: self.mapped(alignments[role], selections[OTHER[role]][m.name][r],
-                                               scores[OTHER[role]][m.name][budgets[OTHER[role]][r]][0], k)
+                                               scores[OTHER[role]].scores(m, budgets[OTHER[role]][r])[0], k)
                                 for r, k in budgets[role].items()} for m in self.methods} for role in ROLES}
 
-    def overlaps(self, scores: dict[str, Scores], selections: Selections, transfers: Selections, budgets: Budgets,
+    def overlaps(self, scores: Scores, selections: Selections, transfers: Selections, budgets: Budgets,
                  tokens: dict[str, PromptTokens], alignment: Alignment) -> list[dict[str, Any]]:
         """Overlap of the scout's selection with the main's, in the main's tokens (null: the method's forced positions
         plus chance) and, across tokenizers, in characters; and the Spearman correlation of the finite budget-free
@@ -166,7 +168,7 @@ class PairRun:
         n = {role: tokens[role].context_end - tokens[role].context_start for role in ROLES}
         rows = []
         for m in self.methods:
-            a, b = alignment.max_scores(scores["scout"][m.name][None][0]), scores["main"][m.name][None][0]
+            a, b = alignment.max_scores(scores["scout"].scores(m)[0]), scores["main"].scores(m)[0]
             finite = np.isfinite(a) & np.isfinite(b)
             rho = float(spearmanr(a[finite], b[finite]).statistic)
             for r, k in budgets["main"].items():
@@ -180,30 +182,30 @@ class PairRun:
                 rows.append(row)
         return rows
 
-    def pruned_conditions(self, role: str, selections: Selections, transfers: Selections, scores: Scores,
-                          budgets: dict[float, int]) -> list[Condition]:
+    def pruned_conditions(self, role: str, selections: Selections, transfers: Selections,
+                          inputs: ScoringInputs) -> list[AnswerRequest]:
         """A model's pruned conditions: own, transfer (and random) selections, plus own per-head ones if asked."""
         chosen = {"own": selections[role], "transfer": transfers[role]}
-        conditions = [Condition(f"{role} {m.name} {r:g} {source}", chosen[source][m.name][r],
+        conditions = [AnswerRequest(f"{role} {m.name} {r:g} {source}", chosen[source][m.name][r],
                                 role=role, method=m.name, retention=r, source=source)
                       for m in self.methods for r in self.pruned for source in sources(m.name)]
-        conditions.append(Condition(f"{role} {NO_CONTEXT}", np.zeros(0, dtype=np.int64), role=role, method=NO_CONTEXT,
+        conditions.append(AnswerRequest(f"{role} {NO_CONTEXT}", np.zeros(0, dtype=np.int64), role=role, method=NO_CONTEXT,
                                     retention=0.0))
-        if self.cfg["per_head"]:
-            conditions += [Condition(f"{role} {m.name} {r:g} own_per_head", top_n(scores[m.name][k][1], k), role=role,
-                                     method=m.name, retention=r, source="own_per_head")
-                           for m in self.methods if m.name != "random" for r, k in budgets.items()]
+        if self.cfg.per_head:
+            conditions += [AnswerRequest(f"{role} {m.name} {r:g} own_per_head", select(m, inputs, r, self.cfg.budget, True),
+                                     role=role, method=m.name, retention=r, source="own_per_head")
+                           for m in self.methods if m.name != "random" for r in self.pruned]
         return conditions
 
-    def answer_pruned(self, session: Session, conditions: list[Condition], clock: dict[str, float]) -> list[Answer]:
+    def answer_pruned(self, session: Session, conditions: list[AnswerRequest], clock: dict[str, float]) -> list[Answer]:
         """All pruned conditions of one model as one batch, timed into clock."""
         t0 = time.perf_counter()
-        results = session.answer(conditions, self.cfg["max_new_tokens"], self.cfg["rerotate"])
+        results = session.answer(conditions, self.cfg.max_new_tokens, self.cfg.rerotate)
         clock.update(pruned_answers_s=time.perf_counter() - t0, pruned_conditions=len(conditions),
                      prune_copy_s=session.prune_seconds)
         return results
 
-    def record(self, row: Any, condition: Condition, answer: Answer, tokens: PromptTokens) -> dict[str, Any]:
+    def record(self, row: Any, condition: AnswerRequest, answer: Answer, tokens: PromptTokens) -> dict[str, Any]:
         """One answers-table row: the condition, its reply and scored prediction, its cache sizes and realised retention."""
         prefix, n_ctx = tokens.context_start, tokens.context_end - tokens.context_start
         kept = condition.n_kept(n_ctx)
@@ -234,7 +236,7 @@ class PairRun:
         selections = self.selections(scores, budgets)
         transfers = self.transfers(scores, selections, budgets, alignments)
         for role in ROLES:
-            conditions = self.pruned_conditions(role, selections, transfers, scores[role], budgets[role])
+            conditions = self.pruned_conditions(role, selections, transfers, scores[role])
             results = self.answer_pruned(sessions[role], conditions, clock[role])
             answers += [self.record(row, c, a, tokens[role]) for c, a in zip(conditions, results, strict=True)]
         answers.append(self.abstain_record(row))

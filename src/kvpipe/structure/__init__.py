@@ -1,1 +1,1 @@
-"""Structural analysis: CKA and ridge statistics, the stage runner and its report."""
+"""Structural analysis: CKA, the stage runner (ridge and CCA from kvpipe.linalg) and its report."""

@@ -10,6 +10,8 @@ from kvpipe.kv.store import KINDS
 from kvpipe.stats import cluster_halves, critical_value
 from kvpipe.structure.cka import center_gram, cka_from_grams
 
+JACKKNIFE_HALVES = 50   # delete-half jackknife draws (random halves of the passages) per CKA interval
+
 
 class TokenSubsample:
     """Seeded bottom-k token subsample kept across shards, with rows for every layer and kind."""
@@ -53,7 +55,7 @@ def cka_records(sub: TokenSubsample, scout_layers: list[int], main_layers: list[
     out = []
     clusters = np.asarray(passages)[sub.samples]
     units = np.unique(clusters)
-    halves = [np.flatnonzero(h) for h in cluster_halves(clusters, 50, seed)]
+    halves = [np.flatnonzero(h) for h in cluster_halves(clusters, JACKKNIFE_HALVES, seed)]
     for kind in KINDS:
         raw = {("main", m): sub.rows[("main", m, kind)] @ sub.rows[("main", m, kind)].T for m in main_layers}
         raw.update({("scout", s): sub.rows[("scout", s, kind)] @ sub.rows[("scout", s, kind)].T for s in scout_layers})

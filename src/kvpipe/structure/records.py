@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from kvpipe.kv.store import KINDS
+from kvpipe.linalg.cca import mean_correlation
+from kvpipe.linalg.ridge import metrics_from_scores, r2_per_dim
 from kvpipe.stats import bootstrap_pvalue, critical_value, holm, percentile_ci
-from kvpipe.structure.cca import mean_correlation
-from kvpipe.structure.ridge import metrics_from_scores, r2_per_dim
 
 PREDICTORS = ("none", "mean", "shuffled", "self", "position")  # 'none' = the fitted scout -> main map
 FITTED = ("none", "shuffled", "self", "position")              # the predictors fitted by ridge

@@ -12,7 +12,7 @@ and aligned (scout layer, main layer):
     shuffled token pairings, the main model paired with itself, and a position-only map
     from the RoPE basis of each token's position (structure/position.py);
   - per main head as well as for the whole layer;
-  - fits a regularised CCA (SVCCA-style, structure/cca.py) on calibration tokens and scores the mean
+  - fits a regularised CCA (SVCCA-style, kvpipe.linalg.cca) on calibration tokens and scores the mean
     of its top canonical correlations on test tokens, and on test tokens whose main rows are
     permuted across tokens (shard by shard, like the shuffled ridge baseline): the null;
   - bootstrap CIs over test *passages* (all figures come from per-passage sums), paired
@@ -30,7 +30,7 @@ Writes metrics.parquet and facts.json; structure/report.py turns them into the s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,16 +41,22 @@ from tqdm import tqdm
 
 from kvpipe.errors import KvpipeError
 from kvpipe.io import write_json, write_parquet
+from kvpipe.kv.pairs import KINDS, AlignmentTally, PairData, ShardRows, read_passages
+from kvpipe.linalg.cca import CanonicalMap, cca_sizes, fit_cca, unit_sums
+from kvpipe.linalg.ridge import LinearMap, RidgeStats, choose_alpha, dim_scores, fit_ridge, mean_map, pooled, row_scores
+from kvpipe.settings import StructureSettings, from_section
 from kvpipe.splits import split_by_passage
 from kvpipe.stats import bootstrap_counts, cluster_codes
 from kvpipe.structure import records as rec
-from kvpipe.structure.cca import CanonicalMap, cca_sizes, fit_cca, unit_sums
 from kvpipe.structure.cka_table import TokenSubsample, cka_records
-from kvpipe.structure.pair_data import KINDS, AlignmentTally, PairData, ShardRows, read_passages
 from kvpipe.structure.position import rope_basis
-from kvpipe.structure.ridge import LinearMap, RidgeStats, choose_alpha, dim_scores, fit_ridge, mean_map, pooled, row_scores
 
 PREDICTORS, FITTED, DIM_PREDICTORS = rec.PREDICTORS, rec.FITTED, rec.DIM_PREDICTORS
+# Random streams drawn from `structure.seed`: offsets added to it (the passage split and the CKA subsample use it as is)
+SHUFFLE_SEED = 1     # the shuffled-pairing ridge baseline's permutations (calibration pass)
+BOOTSTRAP_SEED = 2   # the bootstrap over test passages
+JACKKNIFE_SEED = 3   # the CKA jackknife halves
+CCA_NULL_SEED = 4    # the CCA null's permutations (test pass)
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,7 @@ class _Run:
     """What every step of one pair's analysis shares."""
 
     data: PairData
-    cfg: dict[str, Any]
+    cfg: StructureSettings
     aligned: list[tuple[int, int]]
     groups: list[slice]   # column groups scored: the whole main layer, then each main KV head
     fold_of: np.ndarray   # calibration fold per sample_idx, -1 = test
@@ -73,22 +79,24 @@ class _Run:
     @property
     def pool(self) -> str:
         """alignment.pool: read only for a pair whose tokens differ (the identity alignment pools nothing)."""
-        return self.cfg["alignment"]["pool"]
+        if self.cfg.alignment is None:
+            raise KvpipeError(f"pair {self.data.pair}: its tokenizers differ, and no alignment.pool was given")
+        return self.cfg.alignment.pool
 
     def matrices(self, shard: int, scout_layers: list[int],
                  main_layers: list[int]) -> tuple[ShardRows, dict[tuple[str, int, str], np.ndarray]]:
         """One shard's aligned rows of the analysed segments and their float64 matrices per (role, layer, kind)."""
-        rows = self.data.rows(shard, self.cfg["segments"], scout_layers[0], main_layers[0])
+        rows = self.data.rows(shard, self.cfg.segments, scout_layers[0], main_layers[0])
         pool = None if rows.alignment.is_identity else self.pool
         return rows, self.data.matrices(shard, rows, scout_layers, main_layers, pool)
 
 
-def _prepare(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str, cfg: dict[str, Any]) -> _Run:
+def _prepare(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str, cfg: StructureSettings) -> _Run:
     """Open and check the pair's data, align layers and split passages into calibration folds and test."""
     data = PairData.open(scout_root, main_root, pair)
     if len(passages) != data.n_samples:
         raise KvpipeError(f"pair {pair}: {len(passages)} passage ids for {data.n_samples} samples")
-    fold_of, test_ids = split_by_passage(passages, cfg["calibration_fraction"], cfg["cv_folds"], cfg["seed"])
+    fold_of, test_ids = split_by_passage(passages, cfg.calibration_fraction, cfg.cv_folds, cfg.seed)
     head_dim = data.main_manifest["head_dim"]
     groups = [slice(None)] + [slice(h * head_dim, (h + 1) * head_dim) for h in range(data.main_manifest["num_kv_heads"])]
     unit_of = np.full(len(passages), -1)
@@ -107,13 +115,13 @@ def _inputs(run: _Run, mats: dict[tuple[str, int, str], np.ndarray], kind: str, 
 def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample, AlignmentTally]:
     """Pass 1: ridge statistics per (kind, scout layer, main layer, fitted predictor, fold), the CKA subsample and
     the token alignment's counts."""
-    ms, mm, folds = run.data.scout_manifest, run.data.main_manifest, run.cfg["cv_folds"]
+    ms, mm, folds = run.data.scout_manifest, run.data.main_manifest, run.cfg.cv_folds
     width = {"none": ms["width"], "shuffled": ms["width"], "self": mm["width"], "position": mm["head_dim"]}
     stats = {(kind, s, m, pred, f): RidgeStats(width[pred], mm["width"])
              for kind in KINDS for s, m in run.aligned for pred in FITTED for f in range(folds)}
-    sub = TokenSubsample(run.cfg["cka_tokens"], run.cfg["seed"])
-    tally = AlignmentTally(run.cfg["segments"])
-    shuffle_rng = np.random.default_rng(run.cfg["seed"] + 1)
+    sub = TokenSubsample(run.cfg.cka_tokens, run.cfg.seed)
+    tally = AlignmentTally(run.cfg.segments)
+    shuffle_rng = np.random.default_rng(run.cfg.seed + SHUFFLE_SEED)
     for shard in run.shards("calibration pass"):
         # every layer, not only the aligned ones: CKA compares them all
         shard_rows, mats = run.matrices(shard, sorted(ms["layers"]), sorted(mm["layers"]))
@@ -137,8 +145,8 @@ def _calibrate(run: _Run) -> tuple[dict[tuple, RidgeStats], TokenSubsample, Alig
 
 def _fit_maps(run: _Run, stats: dict[tuple, RidgeStats]) -> tuple[dict[tuple, LinearMap], dict[str, float]]:
     """Every predictor's map on all calibration folds, α chosen by CV over the folds; and the chosen αs."""
-    grid = np.asarray(run.cfg["alpha_grid"], dtype=np.float64)
-    folds = range(run.cfg["cv_folds"])
+    grid = np.asarray(run.cfg.alpha_grid, dtype=np.float64)
+    folds = range(run.cfg.cv_folds)
     maps, alphas = {}, {}
     for kind in KINDS:
         for s, m in run.aligned:
@@ -153,19 +161,19 @@ def _fit_maps(run: _Run, stats: dict[tuple, RidgeStats]) -> tuple[dict[tuple, Li
 
 def _fit_cca(run: _Run, stats: dict[tuple, RidgeStats]) -> dict[tuple, CanonicalMap]:
     """Regularised CCA per (kind, scout layer, main layer) from the calibration statistics of the ridge pass."""
-    cfg, folds = run.cfg["cca"], range(run.cfg["cv_folds"])
+    cfg, folds = run.cfg.cca, range(run.cfg.cv_folds)
     return {(kind, s, m): fit_cca(pooled([stats[(kind, s, m, "none", f)] for f in folds]),
                                   pooled([stats[(kind, s, m, "self", f)] for f in folds]),
-                                  cfg["components"], cfg["regularisation"], cfg["top"])
+                                  cfg.components, cfg.regularisation, cfg.top)
             for kind in KINDS for s, m in run.aligned}
 
 
 def _cca_facts(run: _Run) -> dict[str, Any]:
     """The CCA settings and the sizes they give on this pair (SVD components per side, canonical pairs scored)."""
-    cfg = run.cfg["cca"]
-    kx, ky, top = cca_sizes(run.data.scout_manifest["width"], run.data.main_manifest["width"], cfg["components"],
-                            cfg["top"])
-    return {"scout_components": kx, "main_components": ky, "top": top, "regularisation": cfg["regularisation"]}
+    cfg = run.cfg.cca
+    kx, ky, top = cca_sizes(run.data.scout_manifest["width"], run.data.main_manifest["width"], cfg.components,
+                            cfg.top)
+    return {"scout_components": kx, "main_components": ky, "top": top, "regularisation": cfg.regularisation}
 
 
 def _score_test(run: _Run, maps: dict[tuple, LinearMap],
@@ -178,7 +186,7 @@ def _score_test(run: _Run, maps: dict[tuple, LinearMap],
     dims = np.zeros((len(KINDS), len(run.aligned), len(DIM_PREDICTORS), run.n_units, width, 2))
     cca_sums = np.zeros((len(KINDS), len(run.aligned), len(rec.CCA_PAIRINGS), run.n_units, _cca_facts(run)["top"], 5))
     tokens = np.zeros(run.n_units)
-    shuffle_rng = np.random.default_rng(run.cfg["seed"] + 4)
+    shuffle_rng = np.random.default_rng(run.cfg.seed + CCA_NULL_SEED)
     scout_ls, main_ls = sorted({s for s, _ in run.aligned}), sorted({m for _, m in run.aligned})
     for shard in run.shards("test pass"):
         shard_rows, mats = run.matrices(shard, scout_ls, main_ls)
@@ -214,35 +222,37 @@ def _facts(run: _Run, passages: np.ndarray, tokens: np.ndarray, sub: TokenSubsam
             "n_passages": len(np.unique(passages)), "n_calibration_passages": len(np.unique(passages[~test])),
             "n_test_passages": len(np.unique(passages[test])), "n_calibration_samples": int((~test).sum()),
             "n_test_samples": len(run.test_ids), "n_test_tokens": int(tokens.sum()), "cka_tokens": int(len(sub.keys)),
-            "segments": cfg["segments"], "aligned_layers": run.aligned, "alphas": alphas, "cv_folds": cfg["cv_folds"],
-            "bootstrap": cfg["bootstrap"], "ci": cfg["ci"], "scout_head_dim": ms["head_dim"], "main_head_dim": mm["head_dim"],
-            "thresholds": cfg["thresholds"], "cca": _cca_facts(run),
+            "segments": cfg.segments, "aligned_layers": run.aligned, "alphas": alphas, "cv_folds": cfg.cv_folds,
+            "bootstrap": cfg.bootstrap, "ci": cfg.ci, "scout_head_dim": ms["head_dim"], "main_head_dim": mm["head_dim"],
+            "thresholds": cfg.thresholds, "cca": _cca_facts(run),
             "alignment": tally.facts(None if tally.identity else run.pool)}
 
 
 def analyse_pair(scout_root: Path, main_root: Path, passages: np.ndarray, pair: str,
-                 cfg: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+                 section: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The tidy metrics table of a pair and a dict of run facts; passages[i] is the passage id of sample i.
-    cfg: the structure section and, for a pair whose tokens differ, `alignment` (the alignment section's pool)."""
+    section: the validated structure section and, for a pair whose tokens differ, `alignment` (the alignment
+    section's pool); read once into StructureSettings."""
+    cfg = from_section(StructureSettings, section)
     passages = np.asarray(passages)
     run = _prepare(Path(scout_root), Path(main_root), passages, pair, cfg)
     stats, sub, tally = _calibrate(run)
     maps, alphas = _fit_maps(run, stats)
     scores, dims, cca_sums, tokens = _score_test(run, maps, _fit_cca(run, stats))
-    counts = bootstrap_counts(run.n_units, cfg["bootstrap"], cfg["seed"] + 2)  # resamples test passages
-    records = rec.transfer_records(run.aligned, run.groups, scores, dims, tokens, counts, cfg["ci"])
-    records += rec.cca_records(run.aligned, cca_sums, tokens, counts, cfg["ci"])
+    counts = bootstrap_counts(run.n_units, cfg.bootstrap, cfg.seed + BOOTSTRAP_SEED)  # resamples test passages
+    records = rec.transfer_records(run.aligned, run.groups, scores, dims, tokens, counts, cfg.ci)
+    records += rec.cca_records(run.aligned, cca_sums, tokens, counts, cfg.ci)
     point, reps = rec.layer_r2(scores, tokens, counts)
-    records += rec.difference_records(run.aligned, point, reps, cfg["ci"])
-    records += rec.depth_slope_records(run.aligned, run.data.scout_manifest["num_layers"], point, reps, cfg["ci"])
+    records += rec.difference_records(run.aligned, point, reps, cfg.ci)
+    records += rec.depth_slope_records(run.aligned, run.data.scout_manifest["num_layers"], point, reps, cfg.ci)
     records += cka_records(sub, sorted(run.data.scout_manifest["layers"]), sorted(run.data.main_manifest["layers"]),
-                           set(run.aligned), cfg["ci"], cfg["seed"] + 3, passages)
+                           set(run.aligned), cfg.ci, cfg.seed + JACKKNIFE_SEED, passages)
     table = pd.DataFrame.from_records(records)
     table.insert(0, "pair", pair)
     return table, _facts(run, passages, tokens, sub, alphas, tally)
 
 
-def run_structure(scout_kv: Path, main_kv: Path, samples: Path, pair: str, cfg: dict[str, Any], out_dir: Path) -> None:
+def run_structure(scout_kv: Path, main_kv: Path, samples: Path, pair: str, cfg: Mapping[str, Any], out_dir: Path) -> None:
     """Analyse a pair (KV dataset directories, the sample table they come from); write metrics.parquet and facts.json."""
     table, facts = analyse_pair(Path(scout_kv), Path(main_kv), read_passages(Path(samples), Path(scout_kv)), pair, cfg)
     write_json(Path(out_dir) / "facts.json", facts)

@@ -20,6 +20,7 @@ from kvpipe.errors import KvpipeError
 from kvpipe.inference.capture import capture_queries, rope_queries
 from kvpipe.kv.checks import cache_layer, check_cache
 from kvpipe.models.load import LoadedModel
+from kvpipe.registry import Registered
 
 
 @dataclass(frozen=True)
@@ -37,16 +38,13 @@ class ContextKV:
 
 
 CACHE_SOURCES: dict[str, type[CacheSource]] = {}
+WINDOW = 64   # query rows at the end of the context the own prefill captures by default (SnapKV's observation window)
 
 
-class CacheSource(ABC):
+class CacheSource(Registered, ABC):
     """Gives a model its context KV for a prompt; subclasses register themselves by `name`."""
 
-    name: ClassVar[str]
-
-    def __init_subclass__(cls, **kwargs: object) -> None:
-        super().__init_subclass__(**kwargs)
-        CACHE_SOURCES[cls.name] = cls
+    registry = CACHE_SOURCES
 
     @abstractmethod
     def context_kv(self, lm: LoadedModel, tokens: PromptTokens) -> ContextKV:
@@ -61,7 +59,7 @@ class OwnPrefill(CacheSource):
     the last sliding_window - 1 tokens of sliding-window layers (Gemma 3). Attention is the same.
     """
 
-    window: int = 64
+    window: int = WINDOW
     name: ClassVar[str] = "own_prefill"
 
     def context_kv(self, lm: LoadedModel, tokens: PromptTokens) -> ContextKV:

@@ -1,7 +1,7 @@
 """Regularised CCA of a scout layer and a main layer (SVCCA-style), fitted and scored out of core.
 
 Fitted on calibration tokens from the sufficient statistics the stage accumulates anyway
-(kvpipe.structure.ridge.RidgeStats of (scout, main) rows and of (main, main) rows, whose XᵀX is
+(kvpipe.linalg.ridge.RidgeStats of (scout, main) rows and of (main, main) rows, whose XᵀX is
 the main's YᵀY):
 
   1. SVD reduction: each side's covariance C = (XᵀX − n x̄ᵀx̄) / (n − 1) is eigendecomposed and
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpipe.structure.ridge import RidgeStats
+from kvpipe.linalg.ridge import RidgeStats
 
 
 @dataclass(frozen=True)

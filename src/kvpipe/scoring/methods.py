@@ -48,7 +48,7 @@ scores (depending on n and k only, so shared by every model), which the overlap 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from kvpipe.errors import KvpipeError
+from kvpipe.registry import Registered
 
 if TYPE_CHECKING:
     from kvpipe.inference.session import Session
@@ -73,6 +74,7 @@ class ScoringInputs:
     question_index: torch.Tensor | None     # their cache indices
     keys: list[torch.Tensor]                # per layer [Hkv, T, d], post-RoPE, T ≥ every query index
     scales: list[float]                     # per layer: the attention scale of the model (self_attn.scaling)
+    computed: dict[tuple[str, int | None], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_session(cls, session: Session, sample_idx: int) -> ScoringInputs:
@@ -86,6 +88,15 @@ class ScoringInputs:
             return cls(session.context, sample_idx, own.window_queries, own.window_index, None, None, own.keys, scales)
         return cls(session.context, sample_idx, own.window_queries, own.window_index, question.queries,
                    question.index, question.keys, scales)
+
+    def scores(self, method: SelectionMethod, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A method's (shared [n_context], per-head [layers, kv_heads, n_context]) scores for a budget of k, computed
+        once per (method name, k) — once in all for a method whose scores do not depend on the budget."""
+        key = (method.name, k if method.budget_dependent else None)
+        if key not in self.computed:
+            heads = method.head_scores(self, key[1])
+            self.computed[key] = (method.reduce_heads(heads).sum(axis=0), heads)
+        return self.computed[key]
 
     def question(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The question's queries and cache indices (a question-aware method's input)."""
@@ -106,7 +117,7 @@ def attention_rows(queries: torch.Tensor, keys: torch.Tensor, query_index: torch
 METHODS: dict[str, type[SelectionMethod]] = {}
 
 
-class SelectionMethod(ABC):
+class SelectionMethod(Registered, ABC):
     """Scores context tokens; higher means keep.
 
     `head_scores` gives one score per (layer, KV head, context token); `score` reduces it to
@@ -114,13 +125,9 @@ class SelectionMethod(ABC):
     Subclasses register in METHODS under `name`; `attention_based` ones score from attention rows.
     """
 
-    name: ClassVar[str]
+    registry = METHODS
     attention_based: ClassVar[bool]   # scores come from attention rows (checked against eager attention in the tests)
     budget_dependent: ClassVar[bool] = False   # scores change with the budget k
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        METHODS[cls.name] = cls
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> SelectionMethod:

@@ -1,4 +1,4 @@
-"""Conditions: which model answers from which context KV, keeping which context tokens."""
+"""Answer requests: which model answers from which context KV, keeping which context tokens (one batch row)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvpipe.inference.sources import OwnPrefill
+from kvpipe.inference.cache_sources import OwnPrefill
 
 
 @dataclass(frozen=True, eq=False)
-class Condition:
+class AnswerRequest:
     """One answer to compute: a row of a batch, and the fields its table row needs.
 
     `selection` holds context-relative indices: [k] shared by every layer and KV head,

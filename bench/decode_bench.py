@@ -12,7 +12,6 @@ tokens. Writes bench/results/decode.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,9 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchkit import RECORDS, write_record
 from torch import nn
 from transformers import DynamicCache
 
+from kvpipe import layout
 from kvpipe.models.cpu_linear import few_row_linears
 from kvpipe.models.load import load_model
 
@@ -49,10 +50,10 @@ def _steps(model: nn.Module, rows: int, steps: int) -> tuple[list[float], list[l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=Path("results/models/qwen2.5-coder-0.5b"))
+    ap.add_argument("--model", type=Path, default=layout.model_dir("qwen2.5-coder-0.5b"))
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 13])
-    ap.add_argument("--out", type=Path, default=Path("bench/results/decode.json"))
+    ap.add_argument("--out", type=Path, default=RECORDS / "decode.json")
     args = ap.parse_args()
     lm = load_model(args.model, "cpu", "float32")
     record = {"model": args.model.name, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
@@ -76,8 +77,8 @@ def main() -> None:
             for _ in range(5):
                 f()
             record.setdefault("output_layer_3_rows_ms", {})[name] = round((time.perf_counter() - started) / 5 * 1e3, 1)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record, indent=2))
+    write_record(args.out, record)
+    print(args.out.read_text())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from benchkit import RECORDS, TARGETS, write_record
 
+from kvpipe import layout
 from kvpipe.config import load_config, run_models
 from kvpipe.data.prompt import build_prompt
 from kvpipe.io import read_json
@@ -40,12 +42,12 @@ def bare_seconds(lm, prompts) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--results", type=Path, default=Path("results"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/extract.json"))
+    ap.add_argument("--results", type=Path, default=layout.RESULTS)
+    ap.add_argument("--out", type=Path, default=RECORDS / "extract.json")
     args = ap.parse_args()
     config = load_config(["config.yaml"])
     dataset = config["run"]["datasets"][0]
-    samples_path = args.results / "data" / dataset / "samples.parquet"
+    samples_path = layout.samples_file(dataset, args.results)
     samples = pd.read_parquet(samples_path).head(args.n)
     record = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
               "dataset": dataset, "n_samples": len(samples), "models": {}}
@@ -53,7 +55,7 @@ def main() -> None:
         subset = Path(tmp) / "samples.parquet"
         samples.to_parquet(subset, index=False)
         for slug in run_models(config):
-            model_dir = args.results / "models" / slug
+            model_dir = layout.model_dir(slug, args.results)
             lm = load_model(model_dir, "cpu", config["extraction"]["dtype"])
             prompts = [build_prompt(lm.tokenizer, config["prompt"], r.context, r.question) for r in samples.itertuples()]
             forward(lm, prompts[0].input_ids)  # warm-up
@@ -78,10 +80,10 @@ def main() -> None:
             print(slug, record["models"][slug], flush=True)
             del lm
     record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    record["target_ratio"] = 1.15
-    record["meets_target"] = all(m["ratio_extraction_over_bare"] <= 1.15 for m in record["models"].values())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    target = TARGETS["extraction_over_bare"]
+    record["target_ratio"] = target.bound
+    record["meets_target"] = all(target.met(m["ratio_extraction_over_bare"]) for m in record["models"].values())
+    write_record(args.out, record)
     print(json.dumps(record, indent=2))
 
 

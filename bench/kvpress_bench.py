@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from structure_bench import in_child
+from benchkit import in_child
 
 GRIDS = {"three": [0.25, 0.5, 0.75], "nine": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 PRESET = {"window": 64, "kernel": 5}

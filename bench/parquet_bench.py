@@ -13,13 +13,13 @@ read. Throughput is raw tensor bytes (3 kinds x rows x width x 2 B) per second, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from benchkit import RECORDS, write_record
 
 from kvpipe.kv import store
 
@@ -53,12 +53,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/parquet.json"))
+    ap.add_argument("--out", type=Path, default=RECORDS / "parquet.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         runs = [one(width, args.rows, compression, args.repeats, Path(tmp))
                 for width in (128, 256) for compression in ("zstd", "none")]
-    args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    write_record(args.out, {"runs": runs})
     for run in runs:
         print(run)
 

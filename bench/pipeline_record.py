@@ -18,13 +18,16 @@ cross-pair summary), then copies `results/{stage}/{dataset}/{pair}/summary.md` (
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchkit import RECORDS, write_record
+
+from kvpipe import layout
 
 STAGES = ("structure", "selection", "projection")
 OVERLAYS = {"squad_v2": "config/squad_v2.yaml", "multihop": "config/cross_family.yaml",
@@ -44,16 +47,16 @@ def main() -> None:
     args = ap.parse_args()
     stages = args.stages or (["structure", "selection"] if args.dataset in PAIRS else list(STAGES))
     pairs = args.pairs or PAIRS.get(args.dataset, ["qwen-0.5b-1.5b"])
-    out = Path("bench/results") / f"pipeline_{args.dataset}"
+    out = RECORDS / f"pipeline_{args.dataset}"
     with tempfile.TemporaryDirectory() as tmp:
         configs = ["--configfile", OVERLAYS[args.dataset]] if args.dataset in OVERLAYS else []
         if args.dataset == "squad_v2":
             overlay = Path(tmp) / "squad_path.yaml"
             overlay.write_text(f"datasets:\n  squad_v2: {{path: {str(args.squad.resolve())!r}}}\n")
             configs.append(str(overlay))
-        targets = [f"results/{stage}/{args.dataset}/{pair}/summary.md" for stage in stages for pair in pairs]
+        targets = [str(layout.stage_dir(stage, args.dataset, pair) / "summary.md") for stage in stages for pair in pairs]
         if len(pairs) > 1:
-            targets.append(f"results/pairs/{args.dataset}/summary.md")
+            targets.append(str(layout.pairs_dir(args.dataset) / "summary.md"))
         if not args.copy_only:
             start = time.perf_counter()
             subprocess.run([sys.executable, "-m", "snakemake", "--cores", args.cores, *targets, *configs], check=True)
@@ -62,19 +65,19 @@ def main() -> None:
     if not args.copy_only:
         run = {"dataset": args.dataset, "stages": stages, "pairs": pairs, "cores": int(args.cores),
                "wall_s": round(wall, 1)}
-        (out / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+        write_record(out / "run.json", run)
     for stage in stages:
         for pair in pairs:
-            stage_dir = Path("results") / stage / args.dataset / pair
+            stage_dir = layout.stage_dir(stage, args.dataset, pair)
             prefix = stage if len(pairs) == 1 else f"{stage}_{pair}"
             shutil.copy2(stage_dir / "summary.md", out / f"{prefix}_summary.md")
             if (stage_dir / "aggregates.parquet").exists():
                 shutil.copy2(stage_dir / "aggregates.parquet", out / f"{prefix}_aggregates.parquet")
     if len(pairs) > 1:
         for name in ("summary.md", "pairs.parquet"):
-            shutil.copy2(Path("results/pairs") / args.dataset / name, out / f"pairs_{name}")
-    for tsv in Path("results/benchmarks").rglob("*.tsv"):
-        parts = tsv.relative_to("results/benchmarks").with_suffix("").parts
+            shutil.copy2(layout.pairs_dir(args.dataset) / name, out / f"pairs_{name}")
+    for tsv in layout.benchmarks_dir().rglob("*.tsv"):
+        parts = tsv.relative_to(layout.benchmarks_dir()).with_suffix("").parts
         if args.dataset in parts or parts[0] == "materialize_model":
             shutil.copy2(tsv, out / ("benchmark__" + "__".join(parts) + ".tsv"))
     print(f"recorded {out}")

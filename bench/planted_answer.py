@@ -11,12 +11,13 @@ the same length elsewhere in the context (control). Writes bench/results/planted
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from benchkit import RECORDS, write_record
 
+from kvpipe import layout
 from kvpipe.config import load_config, run_models
 from kvpipe.data.prompt import CONTEXT, build_prompt
 from kvpipe.data.qa_metrics import score_prediction
@@ -28,15 +29,15 @@ from kvpipe.models.load import load_model
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--results", type=Path, default=Path("results"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/planted_answer.json"))
+    ap.add_argument("--results", type=Path, default=layout.RESULTS)
+    ap.add_argument("--out", type=Path, default=RECORDS / "planted_answer.json")
     args = ap.parse_args()
     config = load_config(["config.yaml"])
-    samples = pd.read_parquet(args.results / "data" / "synthetic" / "samples.parquet").head(args.n)
+    samples = pd.read_parquet(layout.samples_file("synthetic", args.results)).head(args.n)
     rng = np.random.default_rng(0)
     record: dict = {"dataset": "synthetic", "n_samples": len(samples), "models": {}}
     for slug in run_models(config):
-        lm = load_model(args.results / "models" / slug, "cpu", config["extraction"]["dtype"])
+        lm = load_model(layout.model_dir(slug, args.results), "cpu", config["extraction"]["dtype"])
         f1 = {"full": [], "answer_dropped": [], "control_dropped": []}
         for row in samples.itertuples(index=False):
             ans = row.answers[0]
@@ -57,7 +58,7 @@ def main() -> None:
         record["models"][slug] = {k: round(float(np.mean(v)), 3) for k, v in f1.items()}
         print(slug, record["models"][slug], flush=True)
         del lm, session
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

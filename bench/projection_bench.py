@@ -6,7 +6,7 @@ official JSON given by --squad, unanswerable questions included), samples, extra
 (kvpipe.projection.stage.run_projection) in a child process that records its peak RSS; the report's
 tables and summary are copied to bench/results/projection_{dataset}/. A second part fits every
 projector (reconstruction; the attention objective uses a fixed number of prompts) on n and 4n
-samples of two random-initialised models with the default pair's widths (structure_bench.py's)
+samples of two random-initialised models with the default pair's widths (benchkit's scaled pair)
 and records the peak RSS of each fit: it may not grow with the number of samples.
 Writes bench/results/projection.json.
 
@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from structure_bench import in_child, peak_rss_mb, scaled_pair
+from benchkit import RECORDS, TARGETS, in_child, peak_rss_mb, scaled_pair, stage_report, write_record
 
+from kvpipe import layout
 from kvpipe.config import load_config, pair_settings
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.kv.extract import extract
@@ -36,7 +37,6 @@ KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "f
 
 
 def _stage(*args: object) -> dict:
-    from kvpipe.projection.report import write_report
     from kvpipe.projection.stage import run_projection
 
     start = time.perf_counter()
@@ -44,8 +44,7 @@ def _stage(*args: object) -> dict:
     out = Path(args[10])
     wall = time.perf_counter() - start
     rss = peak_rss_mb()
-    write_report(out / "answers.parquet", out / "projector_metrics.parquet", out / "timings.parquet",
-                 out / "facts.json", out.parent.name, out)
+    stage_report("projection", out, out.parent.name)
     return {"stage_wall_s": round(wall, 1), "peak_rss_mb": rss}
 
 
@@ -65,10 +64,10 @@ def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
 def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_samples: int | None = None) -> dict:
     """Sample, extract both models, run the stage; copy its report under out; return the record."""
     pair = config["run"]["pairs"][0]
-    models = {role: Path("results/models") / config["pairs"][pair][role] for role in ("scout", "main")}
+    models = {role: layout.model_dir(config["pairs"][pair][role]) for role in ("scout", "main")}
     root = work / name
     samples = root / "samples.parquet"
-    sample_to_file(name, config["datasets"][name], Path("results/models") / config["sampling"]["tokenizer"],
+    sample_to_file(name, config["datasets"][name], layout.model_dir(config["sampling"]["tokenizer"]),
                    config["prompt"], config["sampling"] | {"n": n}, samples)
     kv = {role: root / "kv" / models[role].name for role in models}
     for role in models:
@@ -111,8 +110,8 @@ def memory(n: int, config: dict) -> dict:
             fit = in_child(_fit, kv["scout"], kv["main"], samples, config["projection"])
             runs[f"{factor}x"] = fit | {"n_samples": n * factor}
             print(factor, runs[f"{factor}x"], flush=True)
-    ratio = runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"]
-    return {"runs": runs, "rss_ratio_4x_over_1x": round(ratio, 3), "target": 1.1, "meets_target": ratio <= 1.1}
+    ratio, target = runs["4x"]["peak_rss_mb"] / runs["1x"]["peak_rss_mb"], TARGETS["rss_ratio_4x_over_1x"]
+    return {"runs": runs, "rss_ratio_4x_over_1x": round(ratio, 3), "target": target.bound, "meets_target": target.met(ratio)}
 
 
 def main() -> None:
@@ -120,14 +119,16 @@ def main() -> None:
     ap.add_argument("--squad", type=Path, default=Path("data/squad_v2/dev-v2.0.json"), help="official SQuAD v2 JSON")
     ap.add_argument("--n", type=int, default=50, help="SQuAD questions")
     ap.add_argument("--memory-n", type=int, default=24)
-    ap.add_argument("--work", type=Path, default=Path("results/bench/projection"))
-    ap.add_argument("--out", type=Path, default=Path("bench/results/projection.json"))
+    ap.add_argument("--work", type=Path, default=layout.RESULTS / "bench" / "projection")
+    ap.add_argument("--out", type=Path, default=RECORDS / "projection.json")
     ap.add_argument("--only", choices=["synthetic", "squad_v2", "memory"], action="append")
     ap.add_argument("--ttft-samples", type=int, default=None, help="override projection.ttft_samples")
     args = ap.parse_args()
     only = set(args.only or ["synthetic", "squad_v2", "memory"])
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
-    record |= {"targets": {"ttft_ratio_injected": 0.3, "fit_total_s_50_samples": 600, "rss_ratio_4x_over_1x": 1.1}}
+    record |= {"targets": {"ttft_ratio_injected": TARGETS["ttft_ratio_injected"].bound,
+                           "fit_total_s_50_samples": TARGETS["projection_fit_total_s"].bound,
+                           "rss_ratio_4x_over_1x": TARGETS["rss_ratio_4x_over_1x"].bound}}
     if "synthetic" in only:
         config = load_config(["config.yaml"])
         record["synthetic"] = one_dataset("synthetic", config, config["sampling"]["n"], args.work, args.out.parent,
@@ -138,8 +139,7 @@ def main() -> None:
         record["squad_v2"] = one_dataset("squad_v2", config, args.n, args.work, args.out.parent, args.ttft_samples)
     if "memory" in only:
         record["memory"] = memory(args.memory_n, load_config(["config.yaml"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
     print(json.dumps({k: v for k, v in record.items() if k != "conditions"}, indent=2)[:4000])
 
 

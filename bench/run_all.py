@@ -16,8 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from benchkit import RECORDS as RESULTS
+from benchkit import REPO, TARGETS, Target
+
 BEGIN, END = "<!-- bench-table: written by bench/run_all.py -->", "<!-- /bench-table -->"
 
 
@@ -40,10 +41,6 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _verdict(value: float, target: float, higher_is_better: bool = False) -> str:
-    return "met" if (value >= target if higher_is_better else value <= target) else "**missed**"
-
-
 def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     """End-to-end TTFT of an injected cache over main_full's (the scout's own prefill and the transfer included), per
     link speed: judged against the target only for a cache that carries content (kvpipe.estimands)."""
@@ -58,7 +55,7 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     keys = list(VARIANT)
     injected = ttft[ttft["condition"].isin(("projected_kv", "chain"))].merge(agg[[*keys, "carries_content"]], on=keys)
     facts = json.loads((RESULTS / record / "facts.json").read_text())
-    target = facts["projection"].get("ttft", {}).get("target", 0.3)
+    target = Target(facts["projection"].get("ttft", {}).get("target", TARGETS["ttft_ratio_injected"].bound))
     out = []
     for regime, g in injected[injected["regime"].str.startswith("e2e_")].groupby("regime"):
         link = regime.removeprefix("e2e_").removesuffix("mbps")
@@ -67,21 +64,22 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
         if content.empty:
             low, high = f"{g['ttft_ratio'].min():.2f}", f"{g['ttft_ratio'].max():.2f}"
             out.append((f"{what}; no injected cache carries content", low if low == high else f"{low}–{high}",
-                        f"≤ {target:g}", "no verdict", f"{record}/ttft_aggregates.parquet"))
+                        target.text(), "no verdict", f"{record}/ttft_aggregates.parquet"))
         else:
             best = content.sort_values("ttft_ratio_high").iloc[0]
-            out.append((f"{what}; best cache that carries content", f"{best['ttft_ratio']:.3f}", f"≤ {target:g}",
-                        _verdict(best["ttft_ratio_high"], target), f"{record}/ttft_aggregates.parquet"))
+            out.append((f"{what}; best cache that carries content", f"{best['ttft_ratio']:.3f}", target.text(),
+                        target.verdict(best["ttft_ratio_high"]), f"{record}/ttft_aggregates.parquet"))
     return out
 
 
 def rows() -> list[tuple[str, str, str, str, str]]:
     """(benchmark, measured, target, verdict, source) per line of the table."""
-    out = []
+    out, rss = [], TARGETS["rss_ratio_4x_over_1x"]
     if ext := _load("extract"):
         for model, m in ext["models"].items():
-            out.append((f"extraction / bare forward, {model}", f"{m['ratio_extraction_over_bare']:.3f}", "≤ 1.15",
-                        _verdict(m["ratio_extraction_over_bare"], 1.15), "extract.json"))
+            ratio, target = m["ratio_extraction_over_bare"], TARGETS["extraction_over_bare"]
+            out.append((f"extraction / bare forward, {model}", f"{ratio:.3f}", target.text(), target.verdict(ratio),
+                        "extract.json"))
     if sel := _load("selection"):
         # own and transferred selections per method (random ones are shared: own only), per retention below 1
         pruned = sum(1 if m == "random" else 2 for m in sel["methods"]) * sum(r < 1 for r in sel["grid"])
@@ -90,13 +88,14 @@ def rows() -> list[tuple[str, str, str, str, str]]:
             out.append((f"selection: one pruned condition / context prefill, {model} ({pruned} per batch)",
                         f"{ratio:.3f}", "—", "", "selection.json"))
     if kvp := _load("kvpress"):
+        speedup = TARGETS["kvpress_speedup"]
         for grid in kvp["grids"].values():
             same = grid["kept_position_agreement"] >= 1   # a speed ratio means something only on identical work
             out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, {grid['conditions_per_prefill']} "
                         f"retentions per prefill, {kvp['model']}" + ("" if same else "; not the same work (agreement "
                                                                        "below)"),
-                        f"{grid['speedup_kvpipe_over_kvpress']:.2f}×", "≥ 3×",
-                        _verdict(grid["speedup_kvpipe_over_kvpress"], 3, True) if same else "no verdict", "kvpress.json"))
+                        f"{grid['speedup_kvpipe_over_kvpress']:.2f}×", speedup.text("×"),
+                        speedup.verdict(grid["speedup_kvpipe_over_kvpress"]) if same else "no verdict", "kvpress.json"))
             out.append((f"kept-position agreement with kvpress (per layer and KV head), {grid['conditions_per_prefill']} "
                         "retentions", f"{grid['kept_position_agreement']:.3f}", "—", "", "kvpress.json"))
     if dec := _load("decode"):
@@ -109,31 +108,30 @@ def rows() -> list[tuple[str, str, str, str, str]]:
                 out.append((f"KV shard write / read (zstd, width {run['width']}, hash-checked read)",
                             f"{run['write_mb_s']:.0f} / {run['read_mb_s']:.0f} MB/s", "—", "", "parquet.json"))
     if thr := _load("threads"):
-        out.append(("extraction job under Snakemake / run directly", f"{thr['ratio_snakemake_over_direct']:.3f}",
-                    "≤ 1.1", _verdict(thr["ratio_snakemake_over_direct"], 1.1), "threads.json"))
+        ratio, target = thr["ratio_snakemake_over_direct"], TARGETS["snakemake_over_direct"]
+        out.append(("extraction job under Snakemake / run directly", f"{ratio:.3f}", target.text(), target.verdict(ratio),
+                    "threads.json"))
     if st := _load("structure"):
-        out.append(("peak RSS 4× / 1× samples: extraction", f"{st['extract_rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
-                    _verdict(st["extract_rss_ratio_4x_over_1x"], 1.1), "structure.json"))
-        out.append(("peak RSS 4× / 1× samples: structure", f"{st['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
-                    _verdict(st["rss_ratio_4x_over_1x"], 1.1), "structure.json"))
+        for what, ratio in (("extraction", st["extract_rss_ratio_4x_over_1x"]), ("structure", st["rss_ratio_4x_over_1x"])):
+            out.append((f"peak RSS 4× / 1× samples: {what}", f"{ratio:.3f}", rss.text(), rss.verdict(ratio),
+                        "structure.json"))
     if proj := _load("projection"):
         mem = proj["memory"]
-        out.append(("peak RSS 4× / 1× samples: projector fitting", f"{mem['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1",
-                    _verdict(mem["rss_ratio_4x_over_1x"], 1.1), "projection.json"))
-        sq = proj["squad_v2"]
-        out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{sq['fit_total_s']:.0f}", "≤ 600",
-                    _verdict(sq["fit_total_s"], 600), "projection.json"))
+        out.append(("peak RSS 4× / 1× samples: projector fitting", f"{mem['rss_ratio_4x_over_1x']:.3f}", rss.text(),
+                    rss.verdict(mem["rss_ratio_4x_over_1x"]), "projection.json"))
+        fit_s, target = proj["squad_v2"]["fit_total_s"], TARGETS["projection_fit_total_s"]
+        out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{fit_s:.0f}", target.text(), target.verdict(fit_s),
+                    "projection.json"))
     if dm := _load("distill_memory"):
-        n = dm["runs"]["1x"]["train_samples"]
-        out.append((f"peak RSS 4× / 1× samples: distill fit ({4 * n} / {n} prompts, 4 / 1 per step)",
-                    f"{dm['rss_ratio_4x_over_1x']:.3f}", "≤ 1.1", _verdict(dm["rss_ratio_4x_over_1x"], 1.1),
-                    "distill_memory.json"))
+        n, ratio = dm["runs"]["1x"]["train_samples"], dm["rss_ratio_4x_over_1x"]
+        out.append((f"peak RSS 4× / 1× samples: distill fit ({4 * n} / {n} prompts, 4 / 1 per step)", f"{ratio:.3f}",
+                    rss.text(), rss.verdict(ratio), "distill_memory.json"))
     out += _ttft_rows("projection_squad_v2")
     if mem := _load("stage_memory"):
         for stage in ("selection", "projection"):
             ratio, n = mem[stage]["rss_ratio_4x_over_1x"], mem[stage]["n"]
-            out.append((f"peak RSS 4× / 1× samples: {stage} stage ({4 * n} / {n} samples)", f"{ratio:.3f}", "≤ 1.1",
-                        _verdict(ratio, 1.1), "stage_memory.json"))
+            out.append((f"peak RSS 4× / 1× samples: {stage} stage ({4 * n} / {n} samples)", f"{ratio:.3f}", rss.text(),
+                        rss.verdict(ratio), "stage_memory.json"))
     if run := _load("pipeline_synthetic/run"):
         out.append((f"default config end to end (s; `snakemake --cores {run['cores']}` from the GGUF files: "
                     f"models, KV, {', '.join(run['stages'])})", f"{run['wall_s']:.0f}", "—", "",

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from benchkit import RECORDS, write_record
 
+from kvpipe import layout
 from kvpipe.config import load_config
 from kvpipe.data.prompt import build_prompt
 from kvpipe.data.qa_metrics import score_prediction
@@ -65,13 +67,13 @@ def main() -> None:
     ap.add_argument("--dataset", default="multihop")
     ap.add_argument("--pair", default="qwen-0.5b-1.5b")
     ap.add_argument("--n", type=int, default=120)
-    ap.add_argument("--results", type=Path, default=Path("results"))
+    ap.add_argument("--results", type=Path, default=layout.RESULTS)
     ap.add_argument("--out", type=Path, help="default: bench/results/size_gap_{dataset}.json")
     args = ap.parse_args()
-    args.out = args.out or Path(f"bench/results/size_gap_{args.dataset}.json")
+    args.out = args.out or RECORDS / f"size_gap_{args.dataset}.json"
     config = load_config(["config.yaml", args.config])
     pair, sampling, sel = config["pairs"][args.pair], config["sampling"] | {"n": args.n}, config["selection"]
-    tokenizer = length_tokenizer(args.results / "models" / sampling["tokenizer"])
+    tokenizer = length_tokenizer(layout.model_dir(sampling["tokenizer"], args.results))
     samples = sample(load_dataset(args.dataset, config["datasets"][args.dataset]), [tokenizer], config["prompt"],
                      sampling, args.dataset)
     setup = {"config": str(args.config), "dataset": args.dataset, "pair": args.pair,
@@ -83,9 +85,9 @@ def main() -> None:
     record["n_samples"], record["n_passages"] = len(samples), int(samples["passage"].nunique())
     for role in ("scout", "main"):
         slug = pair[role]
-        record["models"][slug] = _answer(args.results / "models" / slug, samples, config["prompt"],
+        record["models"][slug] = _answer(layout.model_dir(slug, args.results), samples, config["prompt"],
                                          sel["max_new_tokens"], setup["dtype"], record["models"].get(slug, {}))
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        write_record(args.out, record, indent=1)
     f1 = {role: pd.Series([record["models"][pair[role]][i]["f1"] for i in samples["id"]], index=samples["sample_idx"])
           for role in ("scout", "main")}
     boot = Bootstrap(samples.set_index("sample_idx")["passage"], sel["bootstrap"], sel["ci"], sel["seed"])
@@ -96,7 +98,7 @@ def main() -> None:
     if "shortcut" in samples and samples["shortcut"].notna().any():   # a bridge set has no shortcut to take
         record["summary"]["shortcut_rate"] = {pair[role]: _shortcut_rate(samples, record["models"][pair[role]])
                                               for role in ("scout", "main")}
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out, record, indent=1)
     print(json.dumps(record["summary"]))
 
 

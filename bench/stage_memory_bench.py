@@ -1,6 +1,6 @@
 """Peak memory of the selection stage and of the whole projection stage at 1x and 4x samples: neither may grow with n.
 
-Uses structure_bench.py's scaled random pair (the default pair's KV shapes, 8 layers, one shared
+Uses benchkit's scaled random pair (the default pair's KV shapes, 8 layers, one shared
 tokenizer): n and 4n synthetic samples, both models' KV extracted with the production code, then
 each stage as the pipeline runs it (`run_selection` over every sample with the default grid;
 `run_projection` with the default settings: every projector and objective, every condition) in a
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from structure_bench import in_child, peak_rss_mb, scaled_pair
+from benchkit import RECORDS, in_child, peak_rss_mb, scaled_pair, write_record
 
 from kvpipe.config import load_config
 
@@ -89,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--stages", nargs="+", choices=["selection", "projection"], default=["selection", "projection"])
-    ap.add_argument("--out", type=Path, default=Path("bench/results/stage_memory.json"))
+    ap.add_argument("--out", type=Path, default=RECORDS / "stage_memory.json")
     args = ap.parse_args()
     config = load_config(["config.yaml"])
     selection = config["selection"] | {"max_samples": None}
@@ -113,8 +113,7 @@ def main() -> None:
             one, four = r["1x"]["phase_peak_rss_mb"], r["4x"]["phase_peak_rss_mb"]
             r["phase_ratio_4x_over_1x"] = {phase: round(four[phase] / one[phase], 3) for phase in one}
         record[stage] = r
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
     print(json.dumps(record, indent=2))
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -22,7 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchkit import RECORDS, REPO, TARGETS, write_record
+
+from kvpipe import layout
 
 
 def main() -> None:
@@ -30,33 +31,35 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12, help="synthetic samples")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b", help="a model of config.yaml, materialised in results/models")
     ap.add_argument("--cores", type=int, default=os.cpu_count())
-    ap.add_argument("--out", type=Path, default=REPO / "bench/results/threads.json")
+    ap.add_argument("--out", type=Path, default=RECORDS / "threads.json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "results/models").mkdir(parents=True)
-        (work / "results/models" / args.model).symlink_to((REPO / "results/models" / args.model).resolve())
+        results, model = work / layout.RESULTS, work / layout.model_dir(args.model)
+        model.parent.mkdir(parents=True)
+        model.symlink_to((REPO / layout.model_dir(args.model)).resolve())
         overlay = work / "bench.yaml"
         overlay.write_text(f"datasets: {{threadsbench: {{source: synthetic, seed: 0, passages: {args.n}}}}}\n"
                            f"sampling: {{n: {args.n}, tokenizer: {args.model}}}\n")
-        manifest = f"results/kv/threadsbench/{args.model}/manifest.json"
+        manifest = str(layout.kv_dir("threadsbench", args.model) / "manifest.json")
         subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
                         "--cores", str(args.cores), manifest, "--configfile", str(REPO / "config.yaml"), str(overlay)],
                        check=True)
-        with open(work / f"results/benchmarks/extract_kv/threadsbench/{args.model}.tsv") as f:
+        with open(layout.benchmark_file("extract_kv", "threadsbench", args.model, root=results)) as f:
             snakemake_s = float(next(csv.DictReader(f, delimiter="\t"))["s"])
-        log = (work / f"results/logs/extract_kv/threadsbench/{args.model}.log").read_text()
+        log = layout.log_file("extract_kv", "threadsbench", args.model, root=results).read_text()
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "kvpipe.cli", "extract", "--model-dir", str(work / "results/models" / args.model),
-                        "--samples", str(work / "results/data/threadsbench/samples.parquet"), "--out",
+        subprocess.run([sys.executable, "-m", "kvpipe.cli", "extract", "--model-dir", str(model),
+                        "--samples", str(layout.samples_file("threadsbench", results)), "--out",
                         str(work / "direct"), "-c", str(REPO / "config.yaml"), "-c", str(overlay)], check=True, cwd=REPO)
         direct_s = time.perf_counter() - started
-    ratio = snakemake_s / direct_s
+    ratio, target = snakemake_s / direct_s, TARGETS["snakemake_over_direct"]
     record = {"model": args.model, "n_samples": args.n, "cores": args.cores,
               "job_torch_threads": next(line for line in log.splitlines() if line.startswith("torch threads")),
               "snakemake_job_s": round(snakemake_s, 2), "direct_s": round(direct_s, 2),
-              "ratio_snakemake_over_direct": round(ratio, 3), "target": 1.1, "meets_target": ratio <= 1.1}
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+              "ratio_snakemake_over_direct": round(ratio, 3), "target": target.bound,
+              "meets_target": target.met(ratio)}
+    write_record(args.out, record)
     print(record)
 
 

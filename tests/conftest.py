@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -50,9 +51,13 @@ def snakemake_command(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -
             "--configfile", str(smoke), *map(str, overlays)]  # last: --configfile takes every word after it
 
 
+SNAKEMAKE_TIMEOUT_S = int(os.environ.get("KVPIPE_TEST_SNAKEMAKE_TIMEOUT", "1800"))  # a loaded 2-core machine needs >600
+
+
 def snakemake(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """Run snakemake_command, bounded by SNAKEMAKE_TIMEOUT_S."""
     return subprocess.run(snakemake_command(repo, *args, overlays=overlays), capture_output=True, text=True,
-                          timeout=600)
+                          timeout=SNAKEMAKE_TIMEOUT_S)
 
 
 def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:

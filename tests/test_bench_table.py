@@ -1,19 +1,24 @@
 """The README's benchmark table is the one bench/run_all.py writes from the recorded bench/results files."""
 
 import importlib.util
+import json
+import sys
 
 from conftest import REPO
 
 
-def _run_all():
-    spec = importlib.util.spec_from_file_location("run_all", REPO / "bench" / "run_all.py")
+def _bench(name: str):
+    """bench/{name}.py as a module (benchkit beside it on the path, as when it runs as a script)."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_readme_table_is_written_from_the_recorded_results():
-    run_all = _run_all()
+    run_all = _bench("run_all")
     readme = (REPO / "README.md").read_text()
     block = readme.split(run_all.BEGIN)[1].split(run_all.END)[0]
     assert block.strip() == run_all.table().strip()
@@ -25,11 +30,17 @@ def test_readme_table_is_written_from_the_recorded_results():
 
 def test_readme_findings_are_rendered_from_the_recorded_results():
     """Every number of 'What it has measured so far' comes from bench/findings.py reading bench/results/."""
-    spec = importlib.util.spec_from_file_location("findings", REPO / "bench" / "findings.py")
-    findings = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(findings)
+    findings = _bench("findings")
     readme = (REPO / "README.md").read_text()
     block = readme.split(findings.BEGIN)[1].split(findings.END)[0]
     assert block.strip() == findings.render().strip()
     cited = [part.split("`")[0] for part in block.split("`bench/results/")[1:]]
     assert len(cited) >= 8 and all((REPO / "bench" / "results" / path).exists() for path in cited)
+
+
+def test_readme_test_durations_are_rendered_from_the_recorded_run():
+    durations = _bench("test_durations")
+    record = json.loads(durations.RECORD.read_text())
+    readme = (REPO / "README.md").read_text()
+    assert readme.split(durations.BEGIN)[1].split(durations.END)[0].strip() == durations.render(record).strip()
+    assert all((REPO / path).is_file() for path in record["files"]) and record["wall_s"] > 0 and record["cpu_s"] > 0

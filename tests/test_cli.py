@@ -5,15 +5,25 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
+import pytest
 from conftest import REPO, SMOKE
 
+from kvpipe.io import read_json
 from kvpipe.kv import store as kvstore
 
 
+@pytest.mark.slow
 def test_cli_runs_the_stages_without_snakemake(tmp_path):
+    # the projection stage with two projectors, its layer map from the structure stage's table
+    (tmp_path / "projection.yaml").write_text(
+        "projection: {projectors: [ridge, mlp], objectives: [reconstruction], layer_map: best_cka, max_test_samples: 2,\n"
+        "             conditions: [main_full, no_context, mean_kv, always_abstain, projected_kv, chain]}\n")
+
     def kvpipe(*args):
         proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", *args, "-c", str(REPO / "config.yaml"),
-                               "-c", str(SMOKE)], capture_output=True, text=True, cwd=tmp_path)
+                               "-c", str(SMOKE), "-c", str(tmp_path / "projection.yaml")], capture_output=True, text=True,
+                              cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -24,14 +34,28 @@ def test_cli_runs_the_stages_without_snakemake(tmp_path):
     kvpipe("materialize", "--model", "tiny-main", "--out", "m2")
     kvpipe("extract", "--model-dir", "m2", "--samples", "s.parquet", "--out", "kv2")
     kvpipe("structure", "--pair", "tiny", "--scout-kv", "kv", "--main-kv", "kv2", "--samples", "s.parquet", "--out", "st")
-    assert (tmp_path / "st" / "metrics.parquet").exists()
+    metrics = pd.read_parquet(tmp_path / "st" / "metrics.parquet")
+    assert {"key", "key_pre_rope", "value"} <= set(metrics["kind"]) and {"none", "mean", "self"} <= set(metrics["baseline"])
+    assert metrics["value"].notna().any() and read_json(tmp_path / "st" / "facts.json")["pair"] == "tiny"
     kvpipe("selection", "--pair", "tiny", "--scout-dir", "m", "--main-dir", "m2", "--samples", "s.parquet",
            "--out", "sel")
     assert "Full-KV answers beside the floors" in (tmp_path / "sel" / "summary.md").read_text()
     (tmp_path / "sel" / "summary.md").unlink()
     kvpipe("report", "selection", "--dir", "sel", "--dataset", "synthetic-small")
     assert "Full-KV answers beside the floors" in (tmp_path / "sel" / "summary.md").read_text()
-    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection", "report", "progress"):
+    out = kvpipe("projection", "--pair", "tiny", "--scout-kv", "kv", "--main-kv", "kv2", "--scout-dir", "m", "--main-dir",
+                 "m2", "--samples", "s.parquet", "--structure-metrics", "st/metrics.parquet", "--dataset", "synthetic-small",
+                 "--out", "proj")
+    assert out.startswith("wrote proj/answers.parquet")
+    answers = pd.read_parquet(tmp_path / "proj" / "answers.parquet")
+    assert set(answers["condition"]) == {"main_full", "no_context", "mean_kv", "always_abstain", "projected_kv", "chain"}
+    assert set(answers.loc[answers["condition"] == "projected_kv", "projector"]) == {"ridge", "mlp"}
+    assert read_json(tmp_path / "proj" / "facts.json")["layer_map"]["name"] == "best_cka"
+    assert sorted(p.name for p in (tmp_path / "proj" / "projectors").glob("*.safetensors")) == [
+        "mlp-reconstruction.safetensors", "ridge-reconstruction.safetensors"]
+    assert "## " in (tmp_path / "proj" / "summary.md").read_text() and (tmp_path / "proj" / "summary.html").is_file()
+    for sub in ("validate", "materialize", "sample", "extract", "structure", "selection", "projection", "report",
+                "progress"):
         help_ = subprocess.run([sys.executable, "-m", "kvpipe.cli", sub, "--help"], capture_output=True, text=True)
         assert help_.returncode == 0 and "usage: kvpipe " + sub in help_.stdout
 

@@ -25,6 +25,8 @@ from conftest import REPO, planned_jobs, snakemake, snakemake_command
 from kvpipe.projection import report as projection_report
 from kvpipe.selection import report as selection_report
 
+pytestmark = pytest.mark.slow   # Snakemake runs, killed and rerun
+
 HOOK = REPO / "tests" / "faults"
 TIMED = {*projection_report.TIMING_FILES, *selection_report.TIMING_FILES, "ttft_aggregates.parquet", "timing.md",
          "timing.html"}

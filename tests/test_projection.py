@@ -55,6 +55,7 @@ def stage_out(tmp_path_factory, kv_dirs, model_dirs, samples_path, smoke_config)
     return out
 
 
+@pytest.mark.slow
 def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke_config):
     answers = pd.read_parquet(stage_out / "answers.parquet")
     assert ANSWER_COLUMNS <= set(answers.columns)
@@ -148,6 +149,7 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
                     smoke_config["prompt"], "self")
 
 
+@pytest.mark.slow
 def test_identity_projection_reproduces_the_main_answers_token_for_token(self_fit, tiny_main, smoke_config, samples):
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full", "projected_kv", "chain"])
     for row in samples.itertuples(index=False):
@@ -288,13 +290,15 @@ def test_attention_objective_lowers_the_attention_loss(self_fit, tiny_main, smok
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
     data = [collect(tiny_main, tiny_main, answerer.prompt_tokens(r)) for r in samples.head(3).itertuples(index=False)]
     projector = PROJECTORS["ridge"](len(cal.layer_map), ("key", "value"), *cal.widths, cfg)
+    noise = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for kind in ("key", "value"):
-            projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(3, *projector.weight[kind].shape[1:]))
+            shape = projector.weight[kind].shape
+            projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(*shape, generator=noise))
     before = float(attention_loss(projector, data[2], cal.layer_map, tiny_main).detach())
     losses = fine_tune(projector, data[:2], data[2:], cal.layer_map, tiny_main,
                        {"steps": 30, "lr": 1e-2, "eval_every": 5, "seed": 0})
-    assert losses["validation"] < before
+    assert losses["validation"] < before / 4   # seeded: 3.94 -> 0.38 on the held-out sample; a stalled fit fails
 
 
 @pytest.mark.parametrize(("edit", "message"), [

@@ -196,6 +196,7 @@ def test_summary_states_the_verdicts(agg):
     assert len(chain) == 2 and all("| -" in line for line in chain)
 
 
+@pytest.mark.slow
 def test_write_report_writes_every_figure_and_is_reproducible(tmp_path):
     stage = tmp_path / "stage"
     stage.mkdir()

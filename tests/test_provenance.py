@@ -33,6 +33,7 @@ def hashes(scripts: list[Path], src: Path) -> dict[str, str]:
     return {script.name: script_hash(script, src) for script in scripts}
 
 
+@pytest.mark.slow
 def test_hash_changes_exactly_for_scripts_that_import_the_module(tree):
     src, scripts = tree
     found = {}

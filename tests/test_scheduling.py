@@ -203,6 +203,7 @@ def test_a_job_given_exactly_its_gpus_keeps_them(tmp_path, monkeypatch):
 
 # --- the workflow's declarations (dry runs) ------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_jobs_declare_a_gpu_only_on_cuda_and_threads_from_the_run(checkout, tmp_path):
     cuda = overlay(tmp_path, "device: cuda\nresources: {threads: {selection: 1}}\n")
     for extra, gpu in (((), "0"), ((cuda,), "1")):
@@ -233,6 +234,7 @@ def test_the_workstation_profile_is_not_loaded_into_cluster_runs():
     assert local["resources"]["gpu"] == 1 and "executor" not in local
 
 
+@pytest.mark.slow
 def test_the_3b_7b_pair_on_slurm_builds_offline_with_each_jobs_resources(checkout):
     proc = cluster_dry_run(checkout, checkout / OVERLAY_3B_7B.relative_to(REPO))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -270,6 +272,7 @@ def test_the_3b_7b_pair_on_slurm_builds_offline_with_each_jobs_resources(checkou
 
 # --- the thread count a model job runs with ------------------------------------------------------
 
+@pytest.mark.slow
 def test_model_jobs_run_torch_with_the_jobs_threads(tmp_path):
     checkout = copy_checkout(tmp_path / "checkout")
     threads = overlay(tmp_path, "resources: {threads: {extract_kv: 1}}\n")

@@ -121,10 +121,12 @@ def test_pair_run_covers_every_condition(model_dirs, samples, smoke_config):
     pruned = answers[answers["retention"] == 0.5]
     assert (pruned["n_kept_context"] == (pruned["n_context"] * 0.5).round()).all()
     assert set(overlaps["method"]) == {"q2c", "snapkv", "random"}
-    assert (overlaps.loc[overlaps["method"] == "random", "overlap"] == 1.0).all()
+    learned = overlaps[overlaps["method"] != "random"]   # (random selections are shared: their overlap is 1)
+    assert (learned["overlap"] < 1).any() and learned["overlap"].between(0, 1).all()   # two models' selections differ
     assert {"prefill_s", "pruned_answers_s"} <= set(timings.columns)
 
 
+@pytest.mark.slow
 def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, model_dirs, samples, smoke_config):
     """Four sampled questions on three passages (the last two share one); max_samples 3 keeps the first two passages."""
     cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2, "max_samples": 3}
@@ -154,7 +156,9 @@ def test_stage_writes_tables_and_facts_and_the_report_reads_only_them(tmp_path, 
     assert "tiny-scout (scout) ↔ tiny-main (main), pair tiny, synthetic-small" in summary
     assert "2 samples from 2 passages: a subset of the 4 sampled (`selection.max_samples: 3`" in summary
     assert "bootstrap over passages" in summary
-    assert (tmp_path / "report/aggregates.parquet").exists()
+    agg = pd.read_parquet(tmp_path / "report/aggregates.parquet")
+    assert {"q2c", "snapkv", "random", "full"} <= set(agg["method"]) and {"main", "scout"} <= set(agg["role"])
+    assert {"transfer", "overlap"} <= set(agg["table"])
 
 
 def _with_alignment(smoke_config, **kw):
@@ -179,6 +183,7 @@ def _spy_transfers(monkeypatch) -> list:
     return seen
 
 
+@pytest.mark.slow
 def test_a_pair_sharing_a_tokenizer_exchanges_selections_unchanged(model_dirs, samples, smoke_config, monkeypatch):
     """The identity alignment: the partner's own selection as it is, the overlap of the two own selections, and
     exactly the overlap table's columns of an unaligned run; no character alignment is ever built."""
@@ -197,6 +202,7 @@ def test_a_pair_sharing_a_tokenizer_exchanges_selections_unchanged(model_dirs, s
             assert row.overlap == len(np.intersect1d(a, b)) / len(b)
 
 
+@pytest.mark.slow
 def test_a_pair_with_different_tokenizers_runs_end_to_end(tmp_path, model_dirs, samples, smoke_config, monkeypatch):
     seen = _spy_transfers(monkeypatch)
     cfg = _with_alignment(smoke_config, retention=[0.25, 0.5], max_new_tokens=2, per_head=True)
@@ -229,6 +235,7 @@ def test_a_pair_with_different_tokenizers_runs_end_to_end(tmp_path, model_dirs, 
     assert {"char_overlap", "char_overlap_random", "char_overlap_minus_random"} <= set(agg["quantity"])
 
 
+@pytest.mark.slow
 def test_min_cover_changes_what_crosses_tokenizers(model_dirs, samples, smoke_config, monkeypatch):
     seen = _spy_transfers(monkeypatch)
     for min_cover in (0.01, 1.0):
@@ -339,6 +346,7 @@ def test_per_head_scores_reduce_to_the_shared_scores(session):
     assert ans.kept == s.tokens.context_start + sel.shape[-1]
 
 
+@pytest.mark.slow
 def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
     cfg = smoke_config["selection"] | {"retention": [0.5], "max_new_tokens": 2, "per_head": True}
     answers, overlaps, timings = run_pair({"scout": model_dirs["tiny-scout"], "main": model_dirs["tiny-main"]},

@@ -1,16 +1,19 @@
 """The smoke workflow on a real single-node SLURM cluster, through profiles/slurm and the executor plugin.
 
 profiles/slurm/testcluster.sh starts munged, slurmctld and slurmd (Debian's slurm-wlm and munge packages, as root)
-for the session and stops exactly those daemons at its end; without them every test here is skipped, with the
-reason. The profile is used as shipped, its partition placeholders filled as a site would (`cpu` and `gpu`, both
-holding this machine); the command line adds only what a one-node, two-CPU test cluster needs: `--cores 2`, polling
-with squeue (no slurmdbd, so no sacct) soon after submission, and kept SLURM logs.
+for the session and stops exactly those daemons at its end. The cluster tests (marked `slurm`) are skipped, with the
+reason, where SLURM, munge or the executor plugin is not installed, the user is not root, or /etc/slurm/slurm.conf
+belongs to another cluster; a cluster that does not start there fails them. The profile is used as shipped, its
+partition placeholders filled as a site would (`cpu` and `gpu`, both holding this machine); the command line adds
+only what a one-node, two-CPU test cluster needs: `--cores 2`, polling with squeue (no slurmdbd, so no sacct) soon
+after submission, and kept SLURM logs.
 
 - Every job of the smoke run but the localrules goes through SLURM (a SLURM job id in Snakemake's log, COMPLETED in
   squeue, on the partition the profile names) and every result file equals the local run's byte for byte.
 - A selection job cancelled with scancel mid-stage is resubmitted by Snakemake's retry with twice the memory, and
   the results are again the local run's.
 - `run.materialize_on_submit_host` materialises a model on the submit host, without a SLURM job.
+- The script's own contract: start is idempotent; stop ends exactly the daemons it recorded (the latter without SLURM).
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 from conftest import REPO, copy_checkout, fill_slurm_placeholders, snakemake_command
 from test_faults import PAIRS_SUMMARY, STAGE_DIRS, differences, result_digests
 
-pytestmark = pytest.mark.slurm
-
 SCRIPT = REPO / "profiles" / "slurm" / "testcluster.sh"
 HOOK = REPO / "tests" / "slurm"
+SYSTEM_CONF = "/etc/slurm/slurm.conf"  # the script links it to its cluster's slurm.conf
 GPU_RULES = {"extract_kv", "selection", "projection"}  # the profile sends them to the GPU partition
 LOCAL_RULES = {"structure_report", "selection_report", "projection_report", "pairs_summary", "all"}
 CLUSTER_ARGS = (
@@ -45,29 +48,36 @@ CLUSTER_ARGS = (
 )
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """Environment of a running test cluster (SLURM_CONF set); skips when SLURM cannot run here, or unless
-    KVPIPE_SLURM_TESTS=1 asks for it (the tests have not yet passed a whole run on the 2-core CI machine)."""
+def missing_prerequisite() -> str | None:
+    """Why the test cluster cannot run here, or None."""
     if os.environ.get("KVPIPE_SLURM_TESTS") != "1":
-        pytest.skip("the SLURM cluster tests run only with KVPIPE_SLURM_TESTS=1 (see README: the SLURM test cluster)")
+        return "the SLURM cluster tests run with KVPIPE_SLURM_TESTS=1 (a whole run takes ~25-45 min on 2 cores: not in CI)"
     missing = [tool for tool in ("sbatch", "squeue", "scancel", "slurmctld", "slurmd", "munged") if not shutil.which(tool)]
     if missing:
-        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge")
+        return f"SLURM and munge are not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
     if os.geteuid() != 0:
-        pytest.skip("the SLURM test cluster runs as root (profiles/slurm/testcluster.sh)")
+        return "the SLURM test cluster runs as root (profiles/slurm/testcluster.sh)"
     if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        pytest.skip("snakemake-executor-plugin-slurm is not installed: pip install -e '.[test]'")
+        return "snakemake-executor-plugin-slurm is not installed: pip install -e '.[test]'"
+    if Path(SYSTEM_CONF).exists():  # a link left dangling by a test cluster that is gone does not count
+        return f"{SYSTEM_CONF} exists (a real cluster, or a test cluster started by hand: stop it first)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Environment of a running test cluster (SLURM_CONF set); skips, saying why, where it cannot run."""
+    reason = missing_prerequisite()
+    if reason:
+        pytest.skip(reason)
     state = Path(tempfile.mkdtemp(prefix="kvpipe-slurm-test-", dir="/tmp"))  # munged must reach it: not under pytest's
     env = os.environ | {"KVPIPE_SLURM_DIR": str(state), "KVPIPE_SLURM_PORT": os.environ.get("KVPIPE_SLURM_TEST_PORT", "6837")}
     try:
-        start = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
-        if start.returncode != 0:
-            reason = (start.stderr.strip().splitlines() or ["no message"])[-1]
-            pytest.skip(f"the SLURM test cluster did not start: {reason}")
+        start = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+        assert start.returncode == 0, f"the SLURM test cluster did not start: {start.stdout}{start.stderr}"
         yield env | {"SLURM_CONF": str(state / "slurm.conf")}
     finally:
-        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=120)
+        subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=300)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -130,6 +140,8 @@ def slurm_run(slurm_cluster, tmp_path_factory) -> tuple[Path, subprocess.Complet
     return repo, proc
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_every_job_runs_on_slurm_and_the_results_equal_the_local_run(slurm_run, slurm_cluster, local_digests):
     repo, proc = slurm_run
     log = proc.stdout + proc.stderr
@@ -156,6 +168,8 @@ def slurm_copy(slurm_run, tmp_path) -> Path:
     return repo
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_a_job_cancelled_mid_stage_is_resubmitted_with_more_memory_and_gives_the_same_results(
     slurm_copy, slurm_cluster, local_digests
 ):
@@ -178,6 +192,8 @@ def test_a_job_cancelled_mid_stage_is_resubmitted_with_more_memory_and_gives_the
     assert differences(result_digests(repo), local_digests) == []
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_models_can_be_materialised_on_the_submit_host(slurm_copy, slurm_cluster, local_digests, tmp_path):
     repo = slurm_copy
     card = "results/models/tiny-scout/kvpipe_model.json"
@@ -191,3 +207,66 @@ def test_models_can_be_materialised_on_the_submit_host(slurm_copy, slurm_cluster
     assert {k: v for k, v in result_digests(repo).items() if k.startswith("results/models/tiny-scout/")} == {
         k: v for k, v in local_digests.items() if k.startswith("results/models/tiny-scout/")
     }
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_start_again_starts_nothing(slurm_cluster):
+    """start is idempotent: on a running cluster it starts no daemon and records the same pids."""
+
+    def daemons() -> tuple[str, set[str]]:
+        status = subprocess.run([str(SCRIPT), "status"], env=slurm_cluster, capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr  # all three run
+        # every process started with a path of this cluster's directory: munged, slurmctld, slurmd (not slurmscriptd)
+        found = subprocess.run(["pgrep", "-f", slurm_cluster["KVPIPE_SLURM_DIR"]], capture_output=True, text=True)
+        return status.stdout, set(found.stdout.split())
+
+    before, pids = daemons()
+    again = subprocess.run([str(SCRIPT), "start"], env=slurm_cluster, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr
+    assert daemons() == (before, pids) and len(pids) == 3 and set(re.findall(r"pid (\d+)", before)) == pids
+
+
+def spawn(program: Path) -> subprocess.Popen:
+    """A process of `program` sleeping 5 minutes, reaped as soon as it ends (no zombie keeps its /proc entry)."""
+    proc = subprocess.Popen([str(program), "300"])
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+@pytest.mark.skipif(shutil.which("sleep") is None, reason="needs sleep(1)")
+def test_stop_ends_exactly_the_recorded_daemons(tmp_path):
+    """stop ends each process its pid files name while that process is still the daemon, and no other: neither a
+    process of the same name it did not record, nor a recorded pid another program holds now. No SLURM needed:
+    copies of sleep named like the daemons stand in for them."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    for name in ("slurmctld", "slurmd"):
+        shutil.copy(shutil.which("sleep"), fakes / name)  # /proc/<pid>/comm is the program's file name
+    state = tmp_path / "cluster"
+    (state / "munge").mkdir(parents=True)
+    recorded = {name: spawn(fakes / name) for name in ("slurmctld", "slurmd")}
+    others = [spawn(fakes / "slurmd"), spawn(Path(shutil.which("sleep")))]  # a namesake; a reused pid (below)
+    try:
+        for name, proc in recorded.items():
+            (state / f"{name}.pid").write_text(f"{proc.pid}\n")
+        (state / "munge" / "munged.pid").write_text(f"{others[1].pid}\n")  # munged is gone, its pid reused by sleep
+        stop = subprocess.run(
+            [str(SCRIPT), "stop"], env=os.environ | {"KVPIPE_SLURM_DIR": str(state)}, capture_output=True, text=True, timeout=60
+        )
+        assert stop.returncode == 0, stop.stderr
+        assert stop.stdout.splitlines() == [f"{name}: stopped (pid {recorded[name].pid})" for name in ("slurmd", "slurmctld")]
+        assert [proc.wait(timeout=10) for proc in recorded.values()] == [-15, -15]  # SIGTERM
+        assert [proc.poll() for proc in others] == [None, None]  # still running
+        assert not any(state.glob("slurm*.pid"))
+    finally:
+        for proc in [*recorded.values(), *others]:
+            proc.kill()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run's command is the README's test command."""
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"Run the tests .*?```bash\n(.*?)\n```", readme, re.S)[1]
+    assert (REPO / ".ci" / "run").read_text().rstrip().splitlines()[-1] == command
+    assert command.endswith("python -m pytest -q")

@@ -9,7 +9,9 @@ def test_holm_on_a_known_family():
     np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
     np.testing.assert_allclose(holm([0.5, 0.9]), [1.0, 1.0])   # capped at 1
     np.testing.assert_allclose(holm([0.2]), [0.2])             # a family of one is unadjusted
-    assert np.isnan(holm([0.5, np.nan, 0.01])[1])              # NaN is outside the family
+    out = holm([0.5, np.nan, 0.01])
+    assert np.isnan(out[1]) and out[0] == 0.5 and out[2] == pytest.approx(0.02)   # NaN is outside the family
+    np.testing.assert_allclose(holm([0.02, 0.03]), [0.04, 0.04])   # monotone in the sorted order
 
 
 def test_bootstrap_pvalue_is_small_only_when_replicates_avoid_zero():
@@ -18,6 +20,9 @@ def test_bootstrap_pvalue_is_small_only_when_replicates_avoid_zero():
     assert bootstrap_pvalue(away, [5.0])[0] < 1e-5 < 2 / 1000   # about 2 Φ(-5): finer than 2 / (B + 1)
     assert bootstrap_pvalue(around, [0.1])[0] > 0.5
     assert bootstrap_pvalue(np.zeros((10, 2)), [0.0, 0.3]).tolist() == [1.0, 0.0]
+    reps = np.random.default_rng(0).normal(0.0, 0.1, 100000)
+    assert bootstrap_pvalue(reps, 0.196) == pytest.approx(0.05, abs=0.002)      # 1.96 standard errors from 0
+    assert bootstrap_pvalue(reps, -0.196) == bootstrap_pvalue(reps, 0.196) and bootstrap_pvalue(reps, 0.0) == 1.0
 
 
 def test_cluster_bootstrap_resamples_whole_passages():

@@ -256,6 +256,7 @@ def test_model_paired_with_itself_gives_r2_and_cka_near_one(kv_dirs, samples, sm
     assert ((ci["ci_low"] <= ci["value"] + 1e-9) & (ci["value"] <= ci["ci_high"] + 1e-9)).all()
 
 
+@pytest.mark.slow
 def test_results_do_not_depend_on_sharding(kv_dirs, samples, smoke_config):
     """Out-of-core accumulation: 2 or 4 samples per shard give the same fitted-map figures."""
     def figures(suffix):
@@ -288,6 +289,7 @@ def _unaligned(run, shard, scout_layers, main_layers):
     return ShardRows(keep, keep, Alignment.identity(len(kept)), segment, kept.column("sample_idx").to_numpy()), mats
 
 
+@pytest.mark.slow
 def test_a_pair_sharing_a_tokenizer_gives_exactly_the_unaligned_results(kv_dirs, samples, smoke_config, monkeypatch):
     cfg = _cfg(smoke_config, segments=["template", "context", "question"])
     aligned, facts = analyse_pair(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], _passages(samples), "p", cfg)
@@ -299,6 +301,7 @@ def test_a_pair_sharing_a_tokenizer_gives_exactly_the_unaligned_results(kv_dirs,
     pd.testing.assert_frame_equal(aligned, unaligned, check_exact=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pool", ["mean", "max_overlap"])
 def test_a_pair_with_different_tokenizers_runs_on_aligned_tokens(kv_dirs, samples_path, samples, smoke_config, tmp_path,
                                                                  pool):
@@ -332,6 +335,7 @@ def test_a_pair_with_different_tokenizers_runs_on_aligned_tokens(kv_dirs, sample
             f"and are left out (template {main.count('template')}, context 0, question 0)") in summary
 
 
+@pytest.mark.slow
 def test_run_structure_writes_the_table_and_facts_and_the_report_reads_only_them(kv_dirs, samples_path, samples,
                                                                                   smoke_config, tmp_path):
     out = tmp_path / "tiny"
@@ -367,6 +371,7 @@ def test_run_structure_rejects_another_sample_table(kv_dirs, samples, smoke_conf
         run_structure(kv_dirs["tiny-scout"], kv_dirs["tiny-main"], other, "tiny", _cfg(smoke_config), tmp_path / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module, absent", [
     ("report", ["matplotlib", "kvpipe.structure.stage", "kvpipe.structure.cka", "kvpipe.linalg.ridge"]),
     ("stage", ["matplotlib", "kvpipe.structure.report"]),

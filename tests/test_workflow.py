@@ -21,6 +21,8 @@ from kvpipe.projection.report import FIGURES as PROJECTION_FIGURES
 from kvpipe.selection.report import FIGURES as SELECTION_FIGURES
 from kvpipe.structure.report import FIGURES as STRUCTURE_FIGURES
 
+pytestmark = pytest.mark.slow   # every test here starts Snakemake (most on the completed smoke run)
+
 STAGE_FIGURES = {"structure": STRUCTURE_FIGURES, "selection": SELECTION_FIGURES, "projection": PROJECTION_FIGURES}
 PAIR_JOBS = {f"{stage}{suffix}": 1 for stage in STAGE_FIGURES for suffix in ("", "_report")}
 RUN_JOBS = {**PAIR_JOBS, "pairs_summary": 1}   # a pair's jobs and the run's cross-pair summary
@@ -52,10 +54,10 @@ def test_smoke_workflow_builds_every_target(repo):
     for stage, figures in STAGE_FIGURES.items():
         out = repo / "results" / stage / "synthetic-small" / "tiny"
         assert (out / "summary.md").read_text().startswith("# ")
-        assert (out / "facts.json").exists()
+        assert json.loads((out / "facts.json").read_text())["pair"] == "tiny"
         for name in figures:
             assert (out / "figures" / f"{name}.png").stat().st_size > 1000
-            assert (out / "figures" / f"{name}.pdf").exists()
+            assert (out / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     assert "| tiny | same (qwen2) |" in (repo / "results/pairs/synthetic-small/summary.md").read_text()
     answers = pd.read_parquet(repo / "results/selection/synthetic-small/tiny/answers.parquet")
     assert set(answers["method"]) == {"full", "q2c", "snapkv", "random", "no_context", "always_abstain"}
@@ -69,8 +71,8 @@ def test_smoke_workflow_builds_every_target(repo):
         assert manifest["model"] == model and manifest["layers"] == list(range(layers))
         assert manifest["n_samples"] == 6
         assert kvstore.read_layer(root, layers - 1).num_rows == manifest["rows_per_layer"]
-        assert (repo / f"results/logs/extract_kv/synthetic-small/{model}.log").exists()
-        assert (repo / f"results/benchmarks/extract_kv/synthetic-small/{model}.tsv").exists()
+        assert (repo / f"results/logs/extract_kv/synthetic-small/{model}.log").read_text().startswith("torch threads: ")
+        assert (repo / f"results/benchmarks/extract_kv/synthetic-small/{model}.tsv").read_text().startswith("s\t")
     card = json.loads((repo / "results/models/tiny-main/kvpipe_model.json").read_text())
     assert card["slug"] == "tiny-main"
 
@@ -170,6 +172,55 @@ def test_jobs_run_the_kvpipe_of_their_checkout(repo, tmp_path):
     log = repo / "results/logs/sample_dataset/synthetic-marker.log"
     assert marker in proc.stderr + (log.read_text() if log.exists() else "")
     assert marker not in (REPO / "src/kvpipe/data/sampling.py").read_text()
+
+
+def fresh_copy(repo: Path, tmp_path: Path) -> Path:
+    """A copy of the completed smoke run that a test may change (the module's runs share `repo`)."""
+    return Path(shutil.copytree(repo, tmp_path / "repo", symlinks=True))
+
+
+def test_bad_input_under_snakemake_is_one_line_naming_the_rule(repo, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    change = overlay(tmp_path, f"datasets:\n  broken: {{source: squad_v2, path: {bad}}}\n")
+    proc = snakemake(repo, "results/data/broken/samples.parquet", overlays=(change,))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("kvpipe:")]
+    assert line.startswith(f"kvpipe: error in rule sample_dataset: {bad}: not valid JSON (")
+    assert (repo / "results/logs/sample_dataset/broken.log").read_text().splitlines()[-1] == line
+    assert not (repo / "results/data/broken").exists()
+
+
+def test_rematerialising_the_sampling_tokenizer_model_does_not_resample(repo, tmp_path):
+    """README: the sample table depends on the dataset and `sampling` only; the card of the sampling.tokenizer model
+    is an ancient input, so new weights for that model (same tokenizer) rerun its extraction, never the sampling."""
+    copy = fresh_copy(repo, tmp_path)
+    samples = copy / "results/data/synthetic-small/samples.parquet"
+    before = samples.read_bytes(), samples.stat().st_mtime_ns
+    card = copy / "results/models/tiny-scout/kvpipe_model.json"
+    old = json.loads(card.read_text())["fingerprint"]
+    weights = overlay(tmp_path, "models:\n  tiny-scout: {seed: 11}\n")
+    proc = snakemake(copy, "results/models/tiny-scout/kvpipe_model.json", overlays=(weights,))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(card.read_text())["fingerprint"] != old   # new weights, written
+    plan = planned_jobs(snakemake(copy, "-n", overlays=(weights,)))
+    assert "sample_dataset" not in plan and plan["extract_kv"] == 1   # the model's KV is redone, its samples are not
+    assert (samples.read_bytes(), samples.stat().st_mtime_ns) == before
+
+
+def test_a_pair_of_two_tokenizers_runs_structure_and_selection_through_snakemake(repo, tmp_path):
+    copy = fresh_copy(repo, tmp_path)
+    change = overlay(tmp_path, "pairs:\n  cross: {scout: tiny-scout, main: tiny-llama}\n"
+                               "run: {pairs: [tiny, cross], stages: [structure, selection]}\n")
+    targets = [f"results/{stage}/synthetic-small/cross/summary.md" for stage in ("structure", "selection")]
+    proc = snakemake(copy, *targets, "results/pairs/synthetic-small/summary.md", overlays=(change,))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    facts = json.loads((copy / "results/structure/synthetic-small/cross/facts.json").read_text())
+    assert facts["alignment"]["identity"] is False and facts["alignment"]["pool"] == "mean"
+    overlap = pd.read_parquet(copy / "results/selection/synthetic-small/cross/overlap.parquet")
+    assert overlap["char_overlap"].between(0, 1).all() and overlap["sample_idx"].nunique() == 6
+    assert "| cross |" in (copy / "results/pairs/synthetic-small/summary.md").read_text()
+    assert planned_jobs(snakemake(copy, "-n", *targets, overlays=(change,))) == {}
 
 
 def readme_command(repo: Path, *args: str) -> subprocess.CompletedProcess:

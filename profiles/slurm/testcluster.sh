@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A single-node SLURM cluster on this machine, for tests/test_slurm.py (pytest -m slurm) and for trying
-# profiles/slurm by hand. Needs root and Debian's slurm-wlm and munge packages (apt-get install slurm-wlm munge);
-# installs nothing itself.
+# profiles/slurm by hand. Needs root and Debian's slurm-wlm and munge packages, which only `install` installs.
 #
+#   profiles/slurm/testcluster.sh install  # apt-get install slurm-wlm munge, quiet and noninteractive, unless installed
 #   profiles/slurm/testcluster.sh start    # idempotent: starts whichever of munged, slurmctld, slurmd is not running
 #   profiles/slurm/testcluster.sh status   # the daemons' pids; exit status 0 when all three run
 #   profiles/slurm/testcluster.sh env      # prints `export SLURM_CONF=...`: eval "$(profiles/slurm/testcluster.sh env)"
@@ -136,14 +136,32 @@ start_munged() {
     wait_for 20 munged munge_works
 }
 
-start() {
-    [[ $(id -u) == 0 ]] || die "must run as root (it starts munged as the munge user and the SLURM daemons as root)"
+missing() { # what start needs and the machine lacks, space-separated
     local missing=()
-    for tool in munged munge unmunge slurmctld slurmd sinfo scontrol squeue scancel runuser; do
+    for tool in munged munge unmunge slurmctld slurmd sinfo scontrol squeue scancel sbatch runuser; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     getent passwd munge >/dev/null || missing+=("the munge user")
-    ((${#missing[@]} == 0)) || die "missing ${missing[*]}: install SLURM and munge first (apt-get install slurm-wlm munge)"
+    echo "${missing[*]}"
+}
+
+install_packages() {
+    [[ -n $(missing) ]] || return 0
+    [[ $(id -u) == 0 ]] || die "not root: SLURM and munge not installed (the SLURM tests will be skipped)"
+    command -v apt-get >/dev/null || die "no apt-get: install SLURM and munge with your system's packages"
+    local apt=(apt-get install -y -qq -o Dpkg::Use-Pty=0 slurm-wlm munge)
+    # the package lists first if the install fails without them
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null 2>&1; } ||
+        die "apt-get install slurm-wlm munge failed (the SLURM tests will be skipped)"
+    echo "testcluster: installed slurm-wlm and munge"
+}
+
+start() {
+    [[ $(id -u) == 0 ]] || die "must run as root (it starts munged as the munge user and the SLURM daemons as root)"
+    local lacking
+    lacking=$(missing)
+    [[ -z $lacking ]] || die "missing $lacking: install SLURM and munge first ($0 install)"
     mkdir -p "$DIR"
     chmod 0755 "$DIR" # munged, as the munge user, serves its socket from under it
     link_system_conf
@@ -190,15 +208,15 @@ stop_daemon() {
 }
 
 stop() {
-    if running_pid slurmctld >/dev/null; then
+    if running_pid slurmctld >/dev/null && [[ -f $CONF ]]; then # (SLURM's clients wait a minute for a missing conf)
         # the cluster's jobs first, so that no job step outlives slurmd
         local jobs
-        jobs=$(squeue -h -o %A 2>/dev/null || true)
+        jobs=$(timeout 30 squeue -h -o %A 2>/dev/null || true)
         if [[ -n $jobs ]]; then
             # shellcheck disable=SC2086
-            scancel $jobs 2>/dev/null || true
+            timeout 30 scancel $jobs 2>/dev/null || true
             for ((i = 0; i < 40; i++)); do
-                [[ -z $(squeue -h -t running,completing -o %A 2>/dev/null) ]] && break
+                [[ -z $(timeout 30 squeue -h -t running,completing -o %A 2>/dev/null) ]] && break
                 sleep 0.25
             done
         fi
@@ -212,12 +230,13 @@ stop() {
 }
 
 case ${1:-} in
+install) install_packages ;;
 start) start ;;
 stop) stop ;;
 status) status ;;
 env) echo "export SLURM_CONF=$CONF" ;;
 *)
-    echo "usage: $0 {start|stop|status|env}" >&2
+    echo "usage: $0 {install|start|stop|status|env}" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,68 @@
+"""Every benchmark script still imports and parses its arguments, every kvpipe name it imports (at the top or
+inside a function) still exists, and the results layout the benchmarks read is the one the workflow writes."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from kvpipe import layout
+
+SCRIPTS = sorted(p for p in (REPO / "bench").glob("*.py") if "__main__" in p.read_text())
+
+
+def test_every_bench_script_is_found():
+    assert len(SCRIPTS) >= 15 and (REPO / "bench" / "run_all.py") in SCRIPTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bench_script_imports_and_prints_its_help(script):
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: ")
+
+
+def _kvpipe_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every `from kvpipe... import name` in a file, wherever it stands."""
+    return [
+        (node.module, alias.name)
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "kvpipe"
+        for alias in node.names
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_kvpipe_name_a_bench_script_imports_exists(script):
+    """Function-level imports run only in a real benchmark (hours): check them here, without running it."""
+    for module, name in _kvpipe_imports(script):
+        found = hasattr(importlib.import_module(module), name) or importlib.util.find_spec(f"{module}.{name}") is not None
+        assert found, f"{script.name}: from {module} import {name}"
+
+
+@pytest.mark.parametrize(
+    ("path", "rule_file"),
+    [
+        (layout.model_dir("{model}") / "kvpipe_model.json", "models.smk"),
+        (layout.samples_file("{dataset}"), "data.smk"),
+        (layout.kv_dir("{dataset}", "{model}") / "manifest.json", "extract.smk"),
+        (layout.stage_dir("projection", "{dataset}", "{pair}") / "answers.parquet", "projection.smk"),
+        (layout.pairs_dir("{dataset}") / "summary.md", "pairs.smk"),
+        (layout.log_file("extract_kv", "{dataset}", "{model}"), "extract.smk"),
+        (layout.benchmark_file("extract_kv", "{dataset}", "{model}"), "extract.smk"),
+    ],
+)
+def test_the_layout_is_the_one_the_rules_write(path, rule_file):
+    rules = (REPO / "workflow" / "rules" / rule_file).read_text()
+    assert re.search(rf'"{re.escape(path.as_posix())}"', rules), f"{path} is not an output of {rule_file}"

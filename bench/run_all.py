@@ -27,7 +27,8 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
     py = sys.executable
     return [[py, "bench/extract_bench.py"], [py, "bench/structure_bench.py"], [py, "bench/parquet_bench.py"],
             [py, "bench/stage_memory_bench.py", "--stages", "selection", "--n", "12"],
-            [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"], [py, "bench/decode_bench.py"],
+            [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"],
+            [py, "bench/distill_memory_bench.py"], [py, "bench/decode_bench.py"],
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
             [kvpress_python, "bench/kvpress_bench.py", "--squad", squad], [py, "bench/size_gap_bench.py"],
@@ -45,11 +46,13 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     link speed: judged against the target only for a cache that carries content (kvpipe.estimands)."""
     import pandas as pd
 
+    from kvpipe.projection.aggregate import VARIANT
+
     path = RESULTS / record / "ttft_aggregates.parquet"
     if not path.exists() or "regime" not in pd.read_parquet(path).columns:
         return []
     ttft, agg = pd.read_parquet(path), pd.read_parquet(RESULTS / record / "aggregates.parquet")
-    keys = ["condition", "projector", "objective", "key_map", "retention", "rank"]
+    keys = list(VARIANT)
     injected = ttft[ttft["condition"].isin(("projected_kv", "chain"))].merge(agg[[*keys, "carries_content"]], on=keys)
     facts = json.loads((RESULTS / record / "facts.json").read_text())
     target = Target(facts["projection"].get("ttft", {}).get("target", TARGETS["ttft_ratio_injected"].bound))
@@ -154,6 +157,10 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         fit_s, target = proj["squad_v2"]["fit_total_s"], TARGETS["projection_fit_total_s"]
         out.append(("fitting every projector, 50 SQuAD v2 samples (s)", f"{fit_s:.0f}", target.text(), target.verdict(fit_s),
                     "projection.json"))
+    if dm := _load("distill_memory"):
+        n, ratio = dm["runs"]["1x"]["train_samples"], dm["rss_ratio_4x_over_1x"]
+        out.append((f"peak RSS 4× / 1× samples: distill fit ({4 * n} / {n} prompts, 4 / 1 per step)", f"{ratio:.3f}",
+                    rss.text(), rss.verdict(ratio), "distill_memory.json"))
     out += _ttft_rows("projection_squad_v2")
     if mem := _load("stage_memory"):
         for stage in ("selection", "projection"):

@@ -11,6 +11,9 @@ and records the peak RSS of each fit: it may not grow with the number of samples
 Writes bench/results/projection.json.
 
     python bench/projection_bench.py --squad data/squad_v2/dev-v2.0.json [--n 50] [--memory-n 24]
+    # answerable questions only, the conditions of bench/overlays/projection_answerable.yaml:
+    python bench/projection_bench.py --only squad_v2 --squad ... --n 140 \
+        --overlay bench/overlays/projection_answerable.yaml --name answerable
 """
 
 from __future__ import annotations
@@ -61,11 +64,14 @@ def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
-def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_samples: int | None = None) -> dict:
-    """Sample, extract both models, run the stage; copy its report under out; return the record."""
+def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_samples: int | None = None,
+                label: str = "") -> dict:
+    """Sample, extract both models, run the stage; copy its report under out (projection_{name}[_{label}]); return
+    the record."""
     pair = config["run"]["pairs"][0]
     models = {role: layout.model_dir(config["pairs"][pair][role]) for role in ("scout", "main")}
-    root = work / name
+    tag = "_".join(filter(None, (name, label)))
+    root = work / tag
     samples = root / "samples.parquet"
     sample_to_file(name, config["datasets"][name], layout.model_dir(config["sampling"]["tokenizer"]),
                    config["prompt"], config["sampling"] | {"n": n}, samples)
@@ -78,7 +84,7 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_sam
         cfg["ttft_samples"] = ttft_samples
     run = in_child(_stage, kv["scout"], kv["main"], samples, models["scout"], models["main"], pair, cfg,
                    config["prompt"], "cpu", config["extraction"]["dtype"], stage_out)
-    dest = out / f"projection_{name}"
+    dest = out / f"projection_{tag}"
     dest.mkdir(parents=True, exist_ok=True)
     for file in KEEP:
         shutil.copy2(stage_out / file, dest / file)
@@ -114,6 +120,10 @@ def memory(n: int, config: dict) -> dict:
     return {"runs": runs, "rss_ratio_4x_over_1x": round(ratio, 3), "target": target.bound, "meets_target": target.met(ratio)}
 
 
+def _key(dataset: str, name: str) -> str:
+    return "_".join(filter(None, (dataset, name)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--squad", type=Path, default=Path("data/squad_v2/dev-v2.0.json"), help="official SQuAD v2 JSON")
@@ -123,6 +133,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RECORDS / "projection.json")
     ap.add_argument("--only", choices=["synthetic", "squad_v2", "memory"], action="append")
     ap.add_argument("--ttft-samples", type=int, default=None, help="override projection.ttft_samples")
+    ap.add_argument("--overlay", type=Path, action="append", default=[], help="config overlay(s) merged last")
+    ap.add_argument("--name", default="", help="a variant's name: its record key and report folder get _NAME")
     args = ap.parse_args()
     only = set(args.only or ["synthetic", "squad_v2", "memory"])
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -130,13 +142,14 @@ def main() -> None:
                            "fit_total_s_50_samples": TARGETS["projection_fit_total_s"].bound,
                            "rss_ratio_4x_over_1x": TARGETS["rss_ratio_4x_over_1x"].bound}}
     if "synthetic" in only:
-        config = load_config(["config.yaml"])
-        record["synthetic"] = one_dataset("synthetic", config, config["sampling"]["n"], args.work, args.out.parent,
-                                          args.ttft_samples)
+        config = load_config(["config.yaml", *args.overlay])
+        record[_key("synthetic", args.name)] = one_dataset("synthetic", config, config["sampling"]["n"], args.work,
+                                                           args.out.parent, args.ttft_samples, args.name)
     if "squad_v2" in only:
-        config = load_config(["config.yaml", "config/squad_v2.yaml"])
+        config = load_config(["config.yaml", "config/squad_v2.yaml", *args.overlay])
         config["datasets"]["squad_v2"] |= {"path": str(args.squad)}
-        record["squad_v2"] = one_dataset("squad_v2", config, args.n, args.work, args.out.parent, args.ttft_samples)
+        record[_key("squad_v2", args.name)] = one_dataset("squad_v2", config, args.n, args.work, args.out.parent,
+                                                          args.ttft_samples, args.name)
     if "memory" in only:
         record["memory"] = memory(args.memory_n, load_config(["config.yaml"]))
     write_record(args.out, record)

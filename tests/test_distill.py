@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -59,6 +60,7 @@ def _state_bytes(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow  # a 30-step distill fit
 def test_distill_from_a_perturbed_identity_recovers_the_main_answers(self_fit, self_samples, tiny_main, smoke_config, samples):
     cal, _, _, cfg = self_fit
     train, held = self_samples
@@ -108,6 +110,7 @@ def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke
     assert {"weight.key", "weight.value", "gate.key", "gate.value"} <= changed
 
 
+@pytest.mark.slow  # three distill fits, one killed
 def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_main, tmp_path):
     cal, _, _, cfg = self_fit
     train, held = self_samples
@@ -132,7 +135,7 @@ def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_m
 
 def _predictions(self_fit, tiny_main, smoke_config, samples, conditions, hybrid, hidden_layer=0):
     answerer = _answerer(self_fit, tiny_main, smoke_config, conditions)
-    answerer.cfg = answerer.cfg | {"hybrid": answerer.cfg["hybrid"] | hybrid}
+    answerer.cfg = dataclasses.replace(answerer.cfg, hybrid=dataclasses.replace(answerer.cfg.hybrid, **hybrid))
     answerer.common["extras"] = {"hidden": (tiny_main, identity_hidden(tiny_main, hidden_layer))}
     out = []
     for row in samples.head(3).itertuples(index=False):
@@ -295,7 +298,7 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     from kvpipe.projection.hidden import HiddenMap
     from kvpipe.projection.hidden_distill import HiddenStudent, distill_hidden, hidden_loss, with_hidden
 
-    cal, _, fitted, _ = self_fit
+    cal, _, fitted, fit_cfg = self_fit
     train = with_hidden(self_samples[0][:2], tiny_main, 1)  # the main paired with itself, at layer 1
     width = tiny_main.model.config.hidden_size
     gen = torch.Generator().manual_seed(5)
@@ -318,7 +321,8 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     with torch.no_grad():  # a small step down the gradient lowers the KL: the gradient is the loss's
         probe.weight -= 0.05 * (probe.weight - torch.eye(width)).norm() / grad.norm() * grad
     assert float(kl(probe).detach()) < float(loss.detach())
-    cfg = {"distill": SETTINGS | {"steps": 2, "eval_every": 1}, "seed": 0, "max_new_tokens": 4}
+    distill = {k: v for k, v in SETTINGS.items() if k not in ("seed", "max_new_tokens")} | {"steps": 2, "eval_every": 1}
+    cfg = dataclasses.replace(fit_cfg, distill=dataclasses.replace(fit_cfg.distill, **distill), seed=0, max_new_tokens=4)
     trained, fields = distill_hidden(start, projector, (train, train), cal.layer_map, tiny_main, cfg, tmp_path / "c" / "h.pt")
     assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
     assert (_state_bytes(tiny_main.model), _state_bytes(projector)) == models  # only the hidden map is trained

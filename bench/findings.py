@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvpipe.projection.aggregate import label
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 BEGIN, END = "<!-- findings: written by bench/findings.py -->", "<!-- /findings -->"
@@ -102,12 +104,6 @@ def _abstains(row: pd.Series) -> str:
     return "" if math.isnan(value) else f", abstains on {100 * value:.0f} % of unanswerable questions"
 
 
-def _variant(row: pd.Series) -> str:
-    parts = [row["condition"]] + ([f"{row['projector']}/{row['objective']}"] if row["projector"] != "none" else [])
-    return " ".join(parts) + (" post-RoPE keys" if row["key_map"] == "post_rope" else "") + (
-        f" r={row['retention']:.2f}" if row["retention"] < 1 else "") + (f" rank {row['rank']}" if row["rank"] >= 0 else "")
-
-
 def _projection(rel: str, what: str) -> list[str]:
     agg = pd.read_parquet(RESULTS / rel / "aggregates.parquet")
     facts = json.loads((RESULTS / rel / "facts.json").read_text())
@@ -127,7 +123,7 @@ def _projection(rel: str, what: str) -> list[str]:
         rows = pd.concat([rows, half.sort_values("f1_answerable", ascending=False).head(1)])
     for _, r in rows.iterrows():
         carries = "carries content" if r["carries_content"] else "carries no content"
-        out.append(f"- {_variant(r)}: answerable F1 {_answerable(r)}"
+        out.append(f"- {label(r)}: answerable F1 {_answerable(r)}"
                    f" ({PHRASE[r['verdict']]}, detectable ±{r['detectable']:.3f}; {carries}); all-question F1 "
                    f"{r['f1']:.3f}{_abstains(r)}; {r['bytes'] / 1e6:.2f} MB sent per question.")
     ttft_path = RESULTS / rel / "ttft_aggregates.parquet"

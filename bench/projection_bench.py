@@ -30,6 +30,7 @@ from kvpipe.config import load_config, pair_settings
 from kvpipe.data.sampling import sample_to_file
 from kvpipe.kv.extract import extract
 from kvpipe.kv.pairs import read_passages
+from kvpipe.projection.aggregate import VARIANT
 
 KEEP = ("answers.parquet", "aggregates.parquet", "projector_metrics.parquet", "facts.json", "summary.md",
         "ttft.parquet", "timings.parquet", "timings.json", "ttft_aggregates.parquet", "timing.md")
@@ -86,7 +87,7 @@ def one_dataset(name: str, config: dict, n: int, work: Path, out: Path, ttft_sam
     shutil.copytree(stage_out / "figures", dest / "figures", dirs_exist_ok=True)
     facts = json.loads((stage_out / "facts.json").read_text())
     timing = json.loads((stage_out / "timings.json").read_text())
-    variant = ["condition", "projector", "objective", "key_map", "retention", "rank"]
+    variant = list(VARIANT)
     agg = pd.read_parquet(stage_out / "aggregates.parquet").merge(
         pd.read_parquet(stage_out / "ttft_aggregates.parquet").drop(columns=["n"]), on=variant, how="left")
     cols = [*variant, "n", "f1", "f1_low", "f1_high", "delta_f1", "delta_f1_low", "delta_f1_high", "p_holm", "bytes",

@@ -2,9 +2,10 @@
 
 Runs recorded before timings moved to their own files hold each row's `ttft_s` in answers.parquet
 and the fit times and phases in facts.json. This moves them, unchanged, into the stage's timing
-files (ttft.parquet, timings.json; timings.parquet already is one) and rewrites aggregates,
-figures, summary.md, ttft_aggregates.parquet and timing.md with
-kvpipe.projection.report.write_report. A run already in the current layout is only re-reported.
+files (ttft.parquet, timings.json; timings.parquet already is one); runs recorded before the hybrid
+layers had their own variant columns get `bottom_layers` and `hidden_layer` (-1: none, as every row
+of theirs). It then rewrites aggregates, figures, summary.md, ttft_aggregates.parquet and
+timing.md with kvpipe.projection.report.write_report. A run already in the current layout is only re-reported.
 
     python bench/projection_rereport.py DIR DATASET
 """
@@ -35,12 +36,22 @@ def split_timings(run: Path) -> None:
         write_json(run / "facts.json", facts)
 
 
+def add_variant_columns(run: Path) -> None:
+    """Give the answers and TTFT tables of an older run the variant columns it lacks (-1: none)."""
+    for name in ("answers.parquet", "ttft.parquet"):
+        table = pd.read_parquet(run / name)
+        missing = [c for c in VARIANT if c not in table]
+        if missing:
+            write_parquet(table.assign(**dict.fromkeys(missing, -1)), run / name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("dir", type=Path)
     ap.add_argument("dataset")
     args = ap.parse_args()
     split_timings(args.dir)
+    add_variant_columns(args.dir)
     write_report(args.dir / "answers.parquet", args.dir / "projector_metrics.parquet", args.dir / "facts.json",
                  {name: args.dir / name for name in STAGE.timing}, args.dataset, args.dir)
     print(f"re-reported {args.dir}")

@@ -102,7 +102,7 @@ def test_structure_maps_read_only_calibration_passages(kv_dirs, samples_path, sm
 PROJECTION = {
     "projectors": ["ridge", "shared", "mlp", "gated"],
     "objectives": ["reconstruction", "attention", "distill"],
-    "conditions": ["main_full", "projected_hidden"],
+    "conditions": ["main_full", "projected_hidden", "fused"],
     "max_test_samples": 1,
     "ttft_samples": 0,
 }
@@ -112,6 +112,8 @@ def _projectors(kv: Path, samples_path: Path, model_dirs: dict, smoke_config: di
     """Every file the projection stage saves under projectors/: the weights as bytes, the cards without the hash
     of the KV files they were fitted from (it names every shard, test shards included)."""
     cfg = smoke_config["projection"] | PROJECTION
+    extra = {"source": "synthetic", "seed": 1009, "passages": 2, "target": "continuation", "path": None, "question_tokens": 8}
+    cfg["distill"] = cfg["distill"] | {"extra": extra}  # extra passages: never a test passage either
     run_projection(
         kv / "tiny-scout",
         kv / "tiny-main",
@@ -143,6 +145,7 @@ def test_saved_projectors_read_only_calibration_passages(kv_dirs, samples_path, 
     expected = _projectors(kv_dirs, samples_path, model_dirs, smoke_config, tmp_path / "a")
     weights = {f"{p}-{o}.safetensors" for p in PROJECTION["projectors"] for o in PROJECTION["objectives"]}
     weights.add("hidden-reconstruction.safetensors")  # the projected_hidden condition's ridge map into the main
+    weights.add("fuser-next_token.safetensors")  # the fused condition's fuser
     assert weights <= set(expected)
     got = _projectors(*altered(kv_dirs, samples_path, test, tmp_path / "test"), model_dirs, smoke_config, tmp_path / "b")
     assert got == expected

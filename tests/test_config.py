@@ -108,7 +108,8 @@ def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):
     ("SelectionSettings", ("selection",), {"alignment"}),
     ("ProjectionSettings", ("projection",), set()),
     *[(f"{name}Settings", ("projection", name.lower()), set()) for name in ("Mlp", "Attention", "Distill", "Hybrid",
-                                                                          "Chain", "Ttft")],
+                                                                          "Chain", "Ttft", "Fused")],
+    ("ExtraPassages", ("projection", "distill", "extra"), set()),
 ])
 def test_every_settings_dataclass_has_exactly_its_sections_keys(cls, section, rule_extra):
     """A typed settings class names every key of its schema section (and the alignment key its rule adds), no other."""

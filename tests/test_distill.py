@@ -13,9 +13,11 @@ import test_gemma
 import test_projection
 import torch
 
+from kvpipe.data.prompt import build_prompt
 from kvpipe.models.load import load_model
-from kvpipe.projection.distill import distill_loss, question_sample
+from kvpipe.projection.distill import distill_loss, log_probs_after, question_sample
 from kvpipe.projection.distill_fit import fit_distill, schedule
+from kvpipe.projection.fuser import fuse_f1, fuse_loss, fuse_sample, fuser_start
 from kvpipe.projection.layer_map import relative_depth
 from kvpipe.projection.registry import CONDITIONS, PROJECTORS
 
@@ -87,19 +89,27 @@ def test_distill_from_a_perturbed_identity_recovers_the_main_answers(self_fit, s
     assert all(same())
 
 
+def _random_gated(scout, main, cfg):
+    """The relative-depth layer map and a gated projector from scout to main with random maps, one gate per head."""
+    lmap = relative_depth(scout.card["num_layers"], main.card["num_layers"])
+    p = scout.card["num_kv_heads"] * scout.card["head_dim"]
+    q = main.card["num_kv_heads"] * main.card["head_dim"]
+    projector = PROJECTORS["gated"](len(lmap), ("key", "value"), p, q, cfg)
+    projector.set_heads(main.card["num_kv_heads"])
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for kind in ("key", "value"):
+            projector.weight[kind].copy_(0.1 * torch.randn(projector.weight[kind].shape, generator=gen))
+    return lmap, projector
+
+
 def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke_config, samples, self_fit):
     scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
     _, _, _, cfg = self_fit
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
     rows = list(samples.head(3).itertuples(index=False))
     data = [question_sample(scout, tiny_main, answerer.prompt_tokens(r), tuple(r.answers), 4) for r in rows]
-    lmap = relative_depth(scout.card["num_layers"], tiny_main.card["num_layers"])
-    p = scout.card["num_kv_heads"] * scout.card["head_dim"]
-    q = tiny_main.card["num_kv_heads"] * tiny_main.card["head_dim"]
-    projector = PROJECTORS["gated"](len(lmap), ("key", "value"), p, q, cfg)
-    projector.set_heads(tiny_main.card["num_kv_heads"])
-    torch.nn.init.normal_(projector.weight["key"], std=0.1)
-    torch.nn.init.normal_(projector.weight["value"], std=0.1)
+    lmap, projector = _random_gated(scout, tiny_main, cfg)
     models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
     start = copy.deepcopy(projector.state_dict())
     fit_distill(projector, data[:2], data[2:], lmap, tiny_main, SETTINGS | {"steps": 3, "eval_every": 1})
@@ -153,22 +163,24 @@ def test_hybrid_caches_at_their_extremes_are_the_main_or_the_projection(self_fit
         {"bottom_fractions": [0.0, 1.0]},
     )
     table = table[table["key_map"] != "post_rope"]
-    by = table.set_index(["sample_idx", "condition", "projector", "objective", "rank"])["prediction"]
+    assert (table["rank"] == -1).all()  # B and L have their own columns
+    by = table.set_index(["sample_idx", "condition", "projector", "objective", "bottom_layers", "hidden_layer"])["prediction"]
     n_layers = len(self_fit[0].layer_map)
     for i in table["sample_idx"].unique():
-        full = by[(i, "main_full", "none", "none", -1)]
-        assert by[(i, "own_bottom_projected_top", "ridge", "reconstruction", n_layers)] == full
+        full = by[(i, "main_full", "none", "none", -1, -1)]
+        assert by[(i, "own_bottom_projected_top", "ridge", "reconstruction", n_layers, -1)] == full
         assert (
-            by[(i, "own_bottom_projected_top", "ridge", "reconstruction", 0)]
-            == by[(i, "projected_kv", "ridge", "reconstruction", -1)]
+            by[(i, "own_bottom_projected_top", "ridge", "reconstruction", 0, -1)]
+            == by[(i, "projected_kv", "ridge", "reconstruction", -1, -1)]
         )
-        assert by[(i, "projected_hidden", "ridge", "reconstruction", 0)] == full
+        assert by[(i, "projected_hidden", "ridge", "reconstruction", -1, 0)] == full
 
 
 def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_config, samples):
     from kvpipe.inference.session import Session
     from kvpipe.projection.conditions import SampleInputs
     from kvpipe.projection.hidden import main_bottom, main_from_layer
+    from kvpipe.projection.inject import project
 
     answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
     tokens = answerer.prompt_tokens(next(samples.itertuples(index=False)))
@@ -194,16 +206,20 @@ def test_hybrid_caches_are_exact_where_they_must_be(self_fit, tiny_main, smoke_c
         selections,
         answerer.cfg,
     )
-    gated = s.projectors[("gated", "reconstruction")]
-    with torch.no_grad():
-        for g in gated.gate.values():
-            g.zero_()  # every head damped to its fallback: the main's own cache
+    fuser = fuser_start(s.projectors[("gated", "reconstruction")])  # every gate 0: the main's own cache
+    s.extras["fuser"] = fuser
     (plan,) = CONDITIONS["fused"]().plans(s)
+    assert (plan.variant.projector, plan.variant.objective, plan.own_prefill) == ("gated", "next_token", True)
     built = plan.build()
-    assert all(torch.allclose(a, b.float()) for a, b in zip(built.keys + built.values, own.keys + own.values))
+    assert all(torch.equal(a, b.float()) for a, b in zip(built.keys + built.values, own.keys + own.values))
     with torch.no_grad():
-        for g in gated.gate.values():
-            g.fill_(1.0)
+        for g in fuser.gate.values():
+            g.fill_(1.0)  # every gate 1: the ungated projection at the context rows, the main's own template rows
+    built, t = plan.build(), tokens.context_start
+    with torch.no_grad(), fuser.ungated():
+        projected = project(fuser, payload, cal.layer_map, tiny_main)
+    for a, b, o in zip(built.keys + built.values, projected.keys + projected.values, own.keys + own.values):
+        assert torch.equal(a[:, :t], o[:, :t].float()) and torch.allclose(a[:, t:], b[:, t:].float())
 
 
 class _Held:
@@ -239,7 +255,7 @@ def test_memory_is_one_sample_graph_whatever_the_samples_per_step(self_fit, self
         meter = _SavedBytes()
         projector = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
         optimiser = torch.optim.Adam(projector.parameters(), lr=1e-3)
-        log = {"tokens": [0, 0], "train_kl": []}
+        log = {"tokens": [0, 0], "train_loss": []}
         with frozen(tiny_main), meter.hooks():
             _step(Student(projector, cal.layer_map, tiny_main), optimiser, [sample] * k, log)
         peaks[k] = meter.peak
@@ -280,6 +296,7 @@ def test_partial_prefills_are_the_own_prefills_layers_on_gemma3_too(gemma, token
         ({"hybrid": {"projector": "mlp"}, "projectors": ["ridge", "gated"]}, "projection.hybrid.projector: 'mlp' is not fitted"),
         ({"hybrid": {"objective": "distill"}, "objectives": ["reconstruction"]}, "projection.hybrid.objective"),
         ({"projectors": ["ridge"]}, "projection.conditions: fused needs the gated projector"),
+        ({"fused": {"objective": "distill"}, "objectives": ["reconstruction"]}, "projection.fused.objective: 'distill'"),
     ],
 )
 def test_hybrid_config_cross_references(smoke_config, edit, message):
@@ -291,6 +308,20 @@ def test_hybrid_config_cross_references(smoke_config, edit, message):
     config["projection"] = {**section, **edit, "hybrid": {**section["hybrid"], **edit.get("hybrid", {})}}
     with pytest.raises(KvpipeError, match=message):
         validate(config)
+
+
+def test_an_extra_passages_file_needs_its_path(smoke_config):
+    from kvpipe.config import validate
+    from kvpipe.errors import KvpipeError
+
+    section = smoke_config["projection"]
+    extra = section["distill"]["extra"] | {"source": "file", "path": None}
+    config = dict(smoke_config) | {"projection": section | {"distill": section["distill"] | {"extra": extra}}}
+    with pytest.raises(KvpipeError, match="projection.distill.extra.path: required with source: file"):
+        validate(config)
+    validate(
+        dict(smoke_config) | {"projection": section | {"distill": section["distill"] | {"extra": extra | {"path": "x.txt"}}}}
+    )
 
 
 def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_fit, self_samples, tiny_main, tmp_path):
@@ -327,3 +358,101 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
     assert (_state_bytes(tiny_main.model), _state_bytes(projector)) == models  # only the hidden map is trained
     assert not (tmp_path / "c").exists()
+
+
+def test_the_fuser_learns_the_main_next_token_loss_with_both_models_frozen(
+    model_dirs, tiny_main, smoke_config, samples, self_fit
+):
+    scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
+    answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
+    rows = list(samples.head(4).itertuples(index=False))
+    answers = [() if i == 1 else tuple(r.answers) for i, r in enumerate(rows)]  # sample 1 taken as unanswerable
+    data = [fuse_sample(scout, tiny_main, answerer.prompt_tokens(r), a) for r, a in zip(rows, answers)]
+    replies = [tiny_main.tokenizer.decode(s.targets[s.targets >= 0][:-1]) for s in data]
+    assert replies[1] == "unanswerable" and replies[0] == rows[0].answers[0]["text"]  # no answer: the abstention reply
+    lmap, gated = _random_gated(scout, tiny_main, self_fit[3])
+    fuser = fuser_start(gated)
+    for s in data:  # every gate 0: the loss is the main's own cross-entropy of the gold reply, from its own cache
+        scored = s.targets >= 0
+        own = log_probs_after(s.own, s.after, tiny_main)[scored].gather(1, s.targets[scored][:, None])
+        assert int(scored.sum()) >= 2 and torch.allclose(fuse_loss(fuser, s, lmap, tiny_main), -own.mean(), atol=1e-5)
+    models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
+    before = [float(fuse_loss(fuser, s, lmap, tiny_main).detach()) for s in data[:3]]
+    settings = SETTINGS | {"steps": 20, "lr": 1e-1, "eval_every": 5}
+    result = fit_distill(fuser, data[:3], data[:3], lmap, tiny_main, settings, loss=fuse_loss, f1=fuse_f1)
+    after = [float(fuse_loss(fuser, s, lmap, tiny_main).detach()) for s in data[:3]]
+    curve = [c["validation_loss"] for c in result["learning_curve"]]  # the training prompts, scored every 5 steps
+    assert curve[0] == pytest.approx(np.mean(before)) and all(np.diff(curve) < 0), curve
+    assert np.mean(after) < np.mean(before) - 0.15, (before, after)  # random tiny models: CE near log(vocab) at start
+    assert all(g.abs().max() > 0 for g in fuser.gate.values())  # the gates were trained off the main's own cache
+    assert {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)} == models
+    assert result["tokens_seen"]["target"] == sum(
+        data[i].n_tokens[1] for step in range(1, result["steps"] + 1) for i in schedule(3, step, 2, 0)
+    )
+
+
+def test_extra_passages_never_overlap_the_samples_table(tmp_path, samples):
+    from kvpipe.data.synthetic import generate
+    from kvpipe.projection.extra import extra_passages
+    from kvpipe.settings import ExtraPassages
+
+    known = list(samples["context"].unique())
+    text = "First extra passage.\n\n" + known[0][:40] + "\n\n \n\nSecond  extra\npassage.\n\n" + known[1] + " More.\n"
+    (tmp_path / "p.txt").write_text(text)
+    spec = ExtraPassages(source="file", path=str(tmp_path / "p.txt"), passages=8, seed=0, target="question", question_tokens=8)
+    assert extra_passages(spec, known) == ["First extra passage.", "Second  extra\npassage."]  # in and around known: out
+    assert extra_passages(dataclasses.replace(spec, passages=1), known) == ["First extra passage."]
+    made = list(generate(seed=1009, passages=3)["context"].unique())
+    synthetic = dataclasses.replace(spec, source="synthetic", path=None, seed=1009, passages=3)
+    assert extra_passages(synthetic, [made[1]]) == [made[0], made[2]]
+    assert extra_passages(dataclasses.replace(spec, source="none"), known) == []
+
+
+def test_extra_samples_are_self_questions_or_continuations_of_the_passages(model_dirs, tiny_main, smoke_config, tmp_path):
+    from kvpipe.projection.extra import ASK, extra_samples, self_question
+    from kvpipe.settings import ExtraPassages, ProjectionSettings, from_section
+
+    scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
+    passages = ["Kalo Rinvel was born in the town of Quamel in 1841.", "Dar Tho founded the Velwyn Guild in Ostban."]
+    known = ["Another passage entirely."]
+    spec = ExtraPassages(source="file", path=str(tmp_path / "p.txt"), passages=8, seed=0, target="question", question_tokens=8)
+    cfg, prompt = from_section(ProjectionSettings, smoke_config["projection"]), smoke_config["prompt"]
+    (tmp_path / "p.txt").write_text("\n\n".join(passages))
+
+    def settings(target: str) -> ProjectionSettings:
+        distill = dataclasses.replace(cfg.distill, extra=dataclasses.replace(spec, target=target), teacher_top_k=16)
+        return dataclasses.replace(cfg, distill=distill, max_new_tokens=4)
+
+    asked, cont = (extra_samples(scout, tiny_main, prompt, settings(t), known) for t in ("question", "continuation"))
+    questions = [self_question(tiny_main, p, 8) for p in passages]
+    assert len(asked) == sum(map(bool, questions)) > 0 and len(cont) == 2
+    for s, (p, q) in zip(asked, [(p, q) for p, q in zip(passages, questions) if q]):
+        expected = build_prompt(tiny_main.tokenizer, prompt, p, q)
+        assert s.extra and s.answers == () and np.array_equal(s.tokens.input_ids, expected.input_ids)
+        assert s.teacher.shape == s.teacher_ids.shape == (len(s.after), 16)  # the top-k teacher
+        assert torch.equal(
+            s.after[: len(expected) - expected.context_end], torch.as_tensor(expected.input_ids[expected.context_end :])
+        )
+    for s, p in zip(cont, passages):
+        tokens = build_prompt(tiny_main.tokenizer, prompt, p, ASK)
+        assert s.extra and s.tokens is None and s.prefix + len(s.after) == tokens.context_end
+
+
+def test_a_top_k_teacher_is_the_kl_of_the_coarsened_distributions():
+    from kvpipe.projection.distill import token_kl
+
+    gen = torch.Generator().manual_seed(4)
+    teacher = torch.log_softmax(3 * torch.randn(5, 50, generator=gen), -1)
+    student = torch.log_softmax(3 * torch.randn(5, 50, generator=gen), -1)
+    full = token_kl(teacher, student)
+    assert torch.allclose(full, torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1))
+    top = teacher.topk(8, dim=-1)
+    coarse = token_kl(top.values, student, top.indices)
+    p, q = teacher.exp(), student.exp()  # the same KL computed on 9 outcomes: the top 8 and the rest
+    p9 = torch.cat([p.gather(1, top.indices), 1 - p.gather(1, top.indices).sum(-1, keepdim=True)], 1)
+    q9 = torch.cat([q.gather(1, top.indices), 1 - q.gather(1, top.indices).sum(-1, keepdim=True)], 1)
+    assert torch.allclose(coarse, (p9 * (p9.log() - q9.log())).sum(-1), atol=1e-5)
+    assert (coarse <= full + 1e-6).all() and (coarse < full).any()  # a lower bound of the full KL
+    assert torch.allclose(token_kl(top.values, teacher, top.indices), torch.zeros(5), atol=1e-6)
+    whole = teacher.topk(50, dim=-1)
+    assert torch.allclose(token_kl(whole.values, student, whole.indices), full, atol=1e-5)

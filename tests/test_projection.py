@@ -24,6 +24,7 @@ from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import SampleInputs
 from kvpipe.projection.fit import fit_all, kinds_of, main_means
+from kvpipe.projection.fuser import fuser_start
 from kvpipe.projection.gather import gather
 from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
@@ -33,8 +34,8 @@ from kvpipe.settings import ProjectionSettings, from_section
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
-                  "retention", "rank", "reply", "prediction", "exact", "f1", "abstained", "empty", "bytes", "n_context",
-                  "n_tokens"}
+                  "retention", "rank", "bottom_layers", "hidden_layer", "reply", "prediction", "exact", "f1", "abstained",
+                  "empty", "bytes", "n_context", "n_tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,10 @@ def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke
     assert (answers.loc[answers["condition"] == "no_context", "n_tokens"] == facts["n_template_tokens"]).all()
     timing = read_json(stage_out / "timings.json")
     assert set(timing["fit_s"]) == {f"{p}/{o}" for p in smoke_config["projection"]["projectors"]
-                                    for o in smoke_config["projection"]["objectives"]}
+                                    for o in smoke_config["projection"]["objectives"]} | {"gated/next_token"}  # fused's
+    fuser = read_json(stage_out / "projectors" / "fuser-next_token.json")
+    assert fuser["errors"]["next_token"]["steps"] == smoke_config["projection"]["distill"]["steps"]
+    assert timing["fit_peak_mib"]["gated/next_token"] > 0 and not (stage_out / "checkpoints").exists()
     assert "fit_s" not in json.dumps(facts) and not any(c.endswith("_s") for c in answers.columns)
 
 
@@ -141,7 +145,8 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
     cal, stats, fitted, cfg = self_fit
     chosen = {k: f.projector.eval() for k, f in fitted.items() if projectors is None or k[0] in projectors}
     common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal),
-              "extras": {"hidden": (tiny_main, identity_hidden(tiny_main))}}
+              "extras": {"hidden": (tiny_main, identity_hidden(tiny_main)),
+                         "fuser": fuser_start(fitted[("gated", "reconstruction")].projector).eval()}}
     return Answerer(tiny_main, tiny_main, common, dataclasses.replace(cfg, conditions=conditions),
                     smoke_config["prompt"], "self")
 
@@ -248,6 +253,12 @@ def test_bytes_are_counted_from_the_shapes_sent(self_fit, tiny_main, smoke_confi
     assert by[("chain", "ridge", "pre_rope", 0.5, 2)] == 2 * sum(min(kept * w, 2 * (kept + w)) * 2 for w in widths) + index
     assert by[("scout_selection", "none", "none", 0.5, -1)] == len(s.context.encode("utf-8")) + index
     assert by[("mean_kv", "none", "none", 1.0, -1)] == 0
+    assert by[("fused", "gated", "pre_rope", 1.0, -1)] == len(s.context.encode("utf-8")) + 2 * n * sum(widths) * 2
+    above = {p.variant.bottom_layers: p.bytes - len(s.context.encode("utf-8")) for p in plans.values()
+             if p.variant.condition == "own_bottom_projected_top"}
+    sent = {b: {s.layer_map[j] for j in range(b, len(s.layer_map))} for b in above}   # each scout layer sent once
+    assert above and all(nbytes == 2 * n * sum(s.payload.values[j].shape[1] for j in sent[b]) * 2
+                         for b, nbytes in above.items())
 
 
 def test_payload_encodings():

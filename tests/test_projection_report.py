@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from kvpipe.projection import STAGE
-from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, on_front, pareto_front
+from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, label, on_front, pareto_front
 from kvpipe.projection.report import FIGURES, write_report
 from kvpipe.projection.summary import summary_markdown
 from kvpipe.stats import holm
@@ -21,20 +21,20 @@ CFG = {"bootstrap": 300, "ci": 0.95, "seed": 3, "retention": 1.0, "chain": {"ret
        "ttft": {"link_mbps": [100, 1000], "target": 0.3}}
 MARGIN = 0.05
 IMPOSSIBLE = (False, True)   # question q of a passage (two per passage unless said)
-# (condition, projector, objective, key_map, retention, rank) ->
+# (condition, projector, objective, key_map, retention, rank, bottom_layers, hidden_layer) ->
 #   (answerable F1 as a function of BASE, whether it abstains on unanswerable questions, bytes, ttft parts)
 VARIANTS = {
     BASELINE: (lambda b: b, True, 1000, 1.0),
-    ("no_context", "none", "none", "none", 1.0, -1): (lambda b: 0.1 * b, False, 0, 0.05),
-    ("mean_kv", "none", "none", "none", 1.0, -1): (lambda b: 0 * b, False, 0, 0.1),
-    ("always_abstain", "none", "none", "none", 1.0, -1): (lambda b: 0 * b, True, 0, np.nan),
-    ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, True, 50_000, 0.2),
-    ("projected_kv", "mlp", "attention", "pre_rope", 1.0, -1): (lambda b: 0.5 * b, True, 50_000, 0.25),
-    ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1): (lambda b: 0.25 * b, False, 50_000, np.nan),
-    ("projected_k_own_v", "ridge", "reconstruction", "pre_rope", 1.0, -1): (lambda b: b, True, 25_000, np.nan),
-    ("own_k_projected_v", "ridge", "reconstruction", "none", 1.0, -1): (lambda b: 0 * b, False, 25_000, np.nan),
-    ("scout_selection", "none", "none", "none", 0.5, -1): (lambda b: b - 0.1, True, 1100, np.nan),
-    **{("chain", "ridge", "reconstruction", "pre_rope", r, k): (lambda b, r=r, k=k: b * r * (0.9 if k > 0 else 1),
+    ("no_context", "none", "none", "none", 1.0, -1, -1, -1): (lambda b: 0.1 * b, False, 0, 0.05),
+    ("mean_kv", "none", "none", "none", 1.0, -1, -1, -1): (lambda b: 0 * b, False, 0, 0.1),
+    ("always_abstain", "none", "none", "none", 1.0, -1, -1, -1): (lambda b: 0 * b, True, 0, np.nan),
+    ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1, -1, -1): (lambda b: b, True, 50_000, 0.2),
+    ("projected_kv", "mlp", "attention", "pre_rope", 1.0, -1, -1, -1): (lambda b: 0.5 * b, True, 50_000, 0.25),
+    ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1, -1, -1): (lambda b: 0.25 * b, False, 50_000, np.nan),
+    ("projected_k_own_v", "ridge", "reconstruction", "pre_rope", 1.0, -1, -1, -1): (lambda b: b, True, 25_000, np.nan),
+    ("own_k_projected_v", "ridge", "reconstruction", "none", 1.0, -1, -1, -1): (lambda b: 0 * b, False, 25_000, np.nan),
+    ("scout_selection", "none", "none", "none", 0.5, -1, -1, -1): (lambda b: b - 0.1, True, 1100, np.nan),
+    **{("chain", "ridge", "reconstruction", "pre_rope", r, k, -1, -1): (lambda b, r=r, k=k: b * r * (0.9 if k > 0 else 1),
                                                                False, 50_000 * r * (0.1 if k > 0 else 1) + 10, np.nan)
        for r in (0.5, 1.0) for k in (4, -1)},
 }
@@ -93,8 +93,7 @@ def agg() -> pd.DataFrame:
 
 
 def _row(agg: pd.DataFrame, variant: tuple) -> pd.Series:
-    sel = agg[[tuple(r) == variant for r in agg[["condition", "projector", "objective", "key_map", "retention",
-                                                  "rank"]].itertuples(index=False)]]
+    sel = agg[[tuple(r) == variant for r in agg[list(VARIANT)].itertuples(index=False)]]
     assert len(sel) == 1
     return sel.iloc[0]
 
@@ -102,26 +101,26 @@ def _row(agg: pd.DataFrame, variant: tuple) -> pd.Series:
 def test_aggregates_recover_the_planted_effects(agg):
     assert len(agg) == len(VARIANTS) and agg.iloc[0]["condition"] == "main_full"
     assert (agg["n"] == 12).all() and (agg["n_answerable"] == 6).all() and (agg["n_passages"] == 6).all()
-    full, ridge = _row(agg, BASELINE), _row(agg, ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1))
+    full, ridge = _row(agg, BASELINE), _row(agg, ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1, -1, -1))
     assert full["f1_answerable"] == pytest.approx(BASE.mean()) and full["f1"] == pytest.approx((BASE.mean() + 1) / 2)
     assert full["abstain_unanswerable"] == 1 and full["abstain_answerable"] == 0
     assert (ridge["delta_f1"], ridge["delta_f1_low"], ridge["delta_f1_high"], ridge["p_value"]) == (0, 0, 0, 1)
     assert not ridge["survives"] and ridge["verdict"] == "equivalent" and ridge["carries_content"]
     assert ridge["bytes_ratio"] == 50 and not any("ttft" in c for c in agg.columns)
-    null = _row(agg, ("mean_kv", "none", "none", "none", 1.0, -1))
+    null = _row(agg, ("mean_kv", "none", "none", "none", 1.0, -1, -1, -1))
     assert null["f1_answerable"] == 0 and null["delta_f1"] == pytest.approx(-BASE.mean()) and null["survives"]
     assert null["delta_f1_low"] < -BASE.mean() < null["delta_f1_high"] < 0 and null["bytes"] == 0
     assert null["verdict"] == "worse" and not null["carries_content"]
-    post = _row(agg, ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1))
+    post = _row(agg, ("projected_kv", "ridge", "reconstruction", "post_rope", 1.0, -1, -1, -1))
     assert post["delta_f1"] == pytest.approx(-0.75 * BASE.mean()) and post["verdict_vs_no_context"] == "better"
 
 
 def test_a_cache_that_only_abstains_wins_no_verdict():
     """The issue's planted check: on a set with 60 % unanswerable questions a cache replaced by noise that abstains on
     every question has the highest all-question F1, and is still neither as good as main_full nor carrying content."""
-    noise = ("projected_kv", "mlp", "reconstruction", "pre_rope", 1.0, -1)
-    variants = {v: VARIANTS[v] for v in (BASELINE, ("no_context", "none", "none", "none", 1.0, -1),
-                                         ("mean_kv", "none", "none", "none", 1.0, -1))}
+    noise = ("projected_kv", "mlp", "reconstruction", "pre_rope", 1.0, -1, -1, -1)
+    variants = {v: VARIANTS[v] for v in (BASELINE, ("no_context", "none", "none", "none", 1.0, -1, -1, -1),
+                                         ("mean_kv", "none", "none", "none", 1.0, -1, -1, -1))}
     variants[BASELINE] = (lambda b: b, False, 1000, 1.0)   # main_full tries to answer everything
     variants[noise] = (lambda b: 0 * b, True, 50_000, 0.2)
     answers = _answers((False, False, True, True, True), variants)
@@ -132,6 +131,22 @@ def test_a_cache_that_only_abstains_wins_no_verdict():
     assert row["abstain_unanswerable"] == 1
     text = summary_markdown(agg, answers, _metrics(), FACTS, "planted", MARGIN)
     assert "**No injected cache carries content**" in text and "equivalent to main_full" not in text
+
+
+def test_hybrid_layers_are_their_own_typed_columns():
+    """B and L are variant columns of their own (not the chain's rank): one row per value, ordered, labelled."""
+    floors = [v for v in VARIANTS if v[0] in ("no_context", "mean_kv")]
+    hybrid = {("own_bottom_projected_top", "ridge", "reconstruction", "pre_rope", 1.0, -1, b, -1):
+              (lambda x, b=b: x * b / 4, True, 1000 * b, np.nan) for b in (3, 1)}
+    hybrid[("projected_hidden", "ridge", "reconstruction", "pre_rope", 1.0, -1, -1, 2)] = (lambda x: x / 2, True, 10, np.nan)
+    agg = aggregate(_answers(variants={v: VARIANTS[v] for v in (BASELINE, *floors)} | hybrid), CFG, MARGIN)
+    rows = agg[agg["condition"].isin(("own_bottom_projected_top", "projected_hidden"))]
+    assert all(agg[c].dtype == np.int64 for c in ("rank", "bottom_layers", "hidden_layer"))
+    assert (rows["rank"] == -1).all()
+    assert [label(r) for _, r in rows.iterrows()] == [
+        "own_bottom_projected_top ridge/reconstruction B=1", "own_bottom_projected_top ridge/reconstruction B=3",
+        "projected_hidden ridge/reconstruction L=2"]
+    assert rows["f1_answerable"].to_numpy() == pytest.approx(BASE.mean() * np.array([1 / 4, 3 / 4, 1 / 2]))
 
 
 def test_holm_is_applied_over_every_variant_but_main_full(agg):

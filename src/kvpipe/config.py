@@ -197,6 +197,12 @@ def check_projection(cfg: dict[str, Any], where: str = "projection") -> None:
                               f"{', '.join(known)})")
     if "fused" in cfg["conditions"] and "gated" not in cfg["projectors"]:
         raise KvpipeError(f"{where}.conditions: fused needs the gated projector ({where}.projectors)")
+    extra = cfg["distill"]["extra"]
+    if extra["source"] == "file" and not extra["path"]:
+        raise KvpipeError(f"{where}.distill.extra.path: required with source: file")
+    if "fused" in cfg["conditions"] and cfg["fused"]["objective"] not in cfg["objectives"]:
+        raise KvpipeError(f"{where}.fused.objective: {cfg['fused']['objective']!r} is not fitted ({where}.objectives: "
+                          f"{', '.join(cfg['objectives'])})")
 
 
 def pair_sections() -> tuple[str, ...]:

@@ -111,18 +111,32 @@ class AttentionSettings:
 
 
 @dataclass(frozen=True)
+class ExtraPassages:
+    """projection.distill.extra: passages beyond the sample table to distill on."""
+
+    source: str
+    path: str | None
+    passages: int
+    seed: int
+    target: str
+    question_tokens: int
+
+
+@dataclass(frozen=True)
 class DistillSettings:
     """projection.distill: the answer-distillation refinement of a fitted projector."""
 
     samples: int
     held_out: int
     continuation: bool
+    teacher_top_k: int | None
     steps: int
     accumulate: int
     lr: float
     eval_every: int
     patience: int
     checkpoint_every: int
+    extra: ExtraPassages
 
 
 @dataclass(frozen=True)
@@ -135,6 +149,13 @@ class HybridSettings:
     hidden_depth: float
     hidden_samples: int
     hidden_objective: str
+
+
+@dataclass(frozen=True)
+class FusedSettings:
+    """projection.fused: the fuser's starting gated projector."""
+
+    objective: str
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,7 @@ class ProjectionSettings:
     attention: AttentionSettings
     distill: DistillSettings
     hybrid: HybridSettings
+    fused: FusedSettings
     conditions: list[str]
     retention: list[float]
     budget: str

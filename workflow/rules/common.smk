@@ -290,6 +290,12 @@ def projection_structure_metrics(wc):
     return one(rules.structure.output.metrics, dataset=wc.dataset, pair=wc.pair)
 
 
+def projection_extra_passages(wc):
+    """Input function: the distill objective's extra passages file, when the pair's projection reads one."""
+    extra = pair_settings(config, wc.pair, "projection")["distill"]["extra"]
+    return [extra["path"]] if extra["source"] == "file" else []
+
+
 # Output patterns of the final rules, as the rule files register them, of every run (TARGETS.append) or of stages
 # (stage_target), which TARGET_STAGES maps to the stages they need: built when run.stages holds them all.
 TARGETS = []

@@ -7,6 +7,7 @@ rule projection_fit:
         main=pair_model_card("main"),
         samples=rules.sample_dataset.output.samples,
         structure=projection_structure_metrics,
+        extra=projection_extra_passages,
     output:
         metrics="results/projection/{dataset}/{pair}/projector_metrics.parquet",
         facts="results/projection/{dataset}/{pair}/facts.json",

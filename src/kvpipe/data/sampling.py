@@ -27,7 +27,7 @@ def load_dataset(name: str, spec: dict[str, Any]) -> pd.DataFrame:
         from kvpipe.data.synthetic import generate
 
         return generate(spec["seed"], spec["passages"], spec["entities_per_passage"], spec["unanswerable_fraction"],
-                        spec.get("mode", "single"), spec.get("hops"), spec.get("bridge", False))
+                        spec.get("mode", "single"), spec.get("hops"), spec.get("bridge", False), spec.get("length"))
     from kvpipe.data.squad import load_squad
 
     return load_squad(spec.get("path"), spec.get("hub_id"), spec["split"])

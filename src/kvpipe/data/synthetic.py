@@ -75,18 +75,29 @@ def generate(
     mode: str = "single",
     hops: Sequence[int] | None = None,
     bridge: bool = False,
+    length: int | None = None,
 ) -> pd.DataFrame:
     """Generate passages with one question per entity; unanswerable ones ask about an absent entity.
 
     mode "single" asks for an attribute of a named person; "multihop" for one of a person reached
     over ``hops`` facts (each question's count drawn from ``hops``, default every supported count;
-    recorded in an extra ``hops`` column and as the id's ``-h<k>`` suffix).
+    recorded in an extra ``hops`` column and as the id's ``-h<k>`` suffix); "long" builds passages of at
+    least ``length`` characters with a needle and multi-hop chain questions (kvpipe.data.synthetic_long).
     """
+    if mode == "long":   # kvpipe.data.synthetic_long; entities_per_passage counts the questions per passage
+        from kvpipe.data.synthetic_long import LENGTH, generate_long
+
+        if bridge:
+            raise KvpipeError("bridge: only with mode: multihop")
+        return generate_long(seed, passages, entities_per_passage, unanswerable_fraction, HOPS if hops is None else hops,
+                             LENGTH if length is None else length)
+    if length is not None:
+        raise KvpipeError("length: only with mode: long")
     if mode == "multihop":
         return _multihop(seed, passages, entities_per_passage, unanswerable_fraction, HOPS if hops is None else hops,
                          bridge)
     if mode != "single":
-        raise KvpipeError(f"mode: {mode!r} is not a synthetic mode (single, multihop)")
+        raise KvpipeError(f"mode: {mode!r} is not a synthetic mode (single, multihop, long)")
     if hops is not None:
         raise KvpipeError("hops: only with mode: multihop")
     if bridge:

@@ -30,7 +30,7 @@ class ContextKV:
     keys: list[torch.Tensor]                        # per layer [kv_heads, n, head_dim], post-RoPE
     values: list[torch.Tensor]                      # per layer [kv_heads, n, head_dim]
     positions: torch.Tensor                         # [n] RoPE positions of the keys
-    window_queries: list[torch.Tensor] | None = None   # per layer [Hq, w, d], RoPE applied: last w context tokens
+    window_queries: list[torch.Tensor] | None = None   # per layer [Hq, w, d], RoPE applied: last w prefix tokens
     window_index: torch.Tensor | None = None        # [w] their cache indices
 
     def __len__(self) -> int:
@@ -53,7 +53,7 @@ class CacheSource(Registered, ABC):
 
 @dataclass(frozen=True)
 class OwnPrefill(CacheSource):
-    """The model prefills the prompt up to the end of the context, capturing the last `window` queries.
+    """The model prefills the prompt up to the end of the context, capturing the queries of its last `window` tokens.
 
     A config-less DynamicCache keeps every token in every layer: a model's default cache keeps only
     the last sliding_window - 1 tokens of sliding-window layers (Gemma 3). Attention is the same.
@@ -64,7 +64,7 @@ class OwnPrefill(CacheSource):
 
     def context_kv(self, lm: LoadedModel, tokens: PromptTokens) -> ContextKV:
         ids = torch.as_tensor(tokens.input_ids[: tokens.context_end], device=lm.device)[None]
-        w = min(self.window, tokens.context_end - tokens.context_start)
+        w = min(self.window, tokens.context_end)   # the last prefix tokens (into the template if the context is short)
         with torch.inference_mode(), capture_queries(lm, last=w) as raw:
             cache = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, past_key_values=DynamicCache()).past_key_values
         check_cache(cache, lm)

@@ -16,6 +16,8 @@ class AnswerRequest:
     `selection` holds context-relative indices: [k] shared by every layer and KV head,
     [layers, kv_heads, k] per head, or None for the whole context. `cache` names the
     context KV the row starts from (a key of Session.contexts; by default the model's own prefill).
+    With `keep_template` False the selection indexes the whole prefix [0, context_end) instead and
+    the template is kept only where selected (kvpress's budget: SnapKV's `kvpress` protocol).
     """
 
     label: str
@@ -25,6 +27,7 @@ class AnswerRequest:
     method: str = "full"
     retention: float = 1.0
     source: str = "none"    # where the selection comes from: own, transfer, own_per_head, or none (whole context)
+    keep_template: bool = True
 
     def indices(self, n_context: int) -> np.ndarray:
         """The selection, with the whole context spelled out as [n_context]."""

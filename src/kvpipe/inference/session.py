@@ -4,8 +4,9 @@ Protocol per (model, sample):
   1. the model prefills the prompt up to the end of the context, once (OwnPrefill); other
      context KVs (GivenTensors) may be added under their own names;
   2. per condition, the named context KV is pruned to the template plus the selected context
-     tokens, the question part is fed after the pruning and the answer decoded greedily
-     (kvpipe.inference.prune, kvpipe.inference.decode). Any list of conditions runs as one batch.
+     tokens (with keep_template False: to the selected prefix tokens alone), the question part
+     is fed after the pruning and the answer decoded greedily (kvpipe.inference.prune,
+     kvpipe.inference.decode). Any list of conditions runs as one batch.
 The question queries of a full-context row are captured for Q2C scores (capture_row).
 """
 
@@ -62,10 +63,11 @@ class Session:
         missing = sorted({c.cache for c in conditions} - set(self.contexts))
         if missing:
             raise KvpipeError(f"model {self.lm.slug}: no context KV named {missing[0]!r} (have {', '.join(self.contexts)})")
-        n_context = self.context.stop - self.context.start
+        start, end = self.tokens.context_start, self.tokens.context_end
+        rows = [(self.contexts[c.cache], c.indices(end - start), start) if c.keep_template
+                else (self.contexts[c.cache], c.indices(end), 0) for c in conditions]
         started = time.perf_counter()
-        batch = prune_batch(self.lm, [(self.contexts[c.cache], c.indices(n_context)) for c in conditions],
-                            self.tokens.context_start, rerotate)
+        batch = prune_batch(self.lm, rows, rerotate)
         self.prune_seconds += time.perf_counter() - started
         answers, capture = decode(self.lm, self.tokens, batch, max_new_tokens, rerotate, capture_row)
         if capture is not None:

@@ -1,7 +1,7 @@
 """Per-variant answer quality, abstention and bytes (aggregate) and time to first token (ttft_aggregate) of the
 projection stage, with passage-bootstrap intervals and the verdict vocabulary of kvpipe.estimands.
 
-Every variant (condition, projector, objective, key_map, retention, rank) answers the same test
+Every variant (condition, projector, objective, key_map, retention, rank, bottom_layers, hidden_layer) answers the same test
 questions, so deltas are paired by sample. Questions on one passage share its context, so every
 bootstrap resamples passages (kvpipe.stats.PassageBootstrap): a replicate is a mean over
 samples weighted by their passage's draw count. The estimand of every verdict is answerable F1
@@ -28,24 +28,24 @@ from kvpipe.estimands import MEAN_KV, NO_CONTEXT, SUBSETS, Comparison, carries_c
 from kvpipe.reporting import Interval
 from kvpipe.stats import PassageBootstrap, bootstrap_pvalue, cluster_codes, critical_value, holm
 
-VARIANT = ("condition", "projector", "objective", "key_map", "retention", "rank")
+VARIANT = ("condition", "projector", "objective", "key_map", "retention", "rank", "bottom_layers", "hidden_layer")
 # The documented order of conditions and projectors: the default config's (the schema's defaults, whose enums equal
 # the registries), the others after them.
 CONDITION_ORDER = tuple(section_defaults("projection")["conditions"])
 PROJECTOR_ORDER = tuple(section_defaults("projection")["projectors"])
 DIAGNOSTICS = ("projected_k_own_v", "own_k_projected_v")   # need the main's own prefill: not a way to send a context
-BASELINE = ("main_full", "none", "none", "none", 1.0, -1)
-FLOOR_VARIANTS = {NO_CONTEXT: (NO_CONTEXT, "none", "none", "none", 1.0, -1), MEAN_KV: (MEAN_KV, "none", "none", "none",
-                                                                                   1.0, -1)}
+BASELINE = ("main_full", "none", "none", "none", 1.0, -1, -1, -1)
+FLOOR_VARIANTS = {name: (name, *BASELINE[1:]) for name in (NO_CONTEXT, MEAN_KV)}
 INJECTED = ("projected_kv", "chain")   # conditions whose context cache the main never computes
 
 
 def _order(variant: tuple) -> tuple:
-    """Conditions and projectors in their documented order, pre-RoPE key maps first, then retention (high first), rank."""
-    condition, projector, objective, key_map, retention, rank = variant
+    """Conditions and projectors in their documented order, pre-RoPE key maps first, then retention (high first), rank,
+    then the hybrid layers B and L."""
+    condition, projector, objective, key_map, retention, *layers = variant
     index = {name: i for i, name in enumerate((*CONDITION_ORDER, *PROJECTOR_ORDER))}
     return (index.get(condition, len(index)), index.get(projector, len(index)), objective, key_map == "post_rope",
-            -retention, rank if rank >= 0 else math.inf)
+            -retention, *(n if n >= 0 else math.inf for n in layers))
 
 
 class Paired:
@@ -91,7 +91,7 @@ def variant_of(row: Mapping[str, Any]) -> tuple:
 
 
 def label(row: Mapping[str, Any]) -> str:
-    """Short name of a variant, e.g. 'chain ridge/attention r=0.50 rank 8'."""
+    """Short name of a variant, e.g. 'chain ridge/attention r=0.50 rank 8', 'own_bottom_projected_top ridge/distill B=7'."""
     parts = [row["condition"]]
     if row["projector"] != "none":
         parts.append(row["projector"] + (f"/{row['objective']}" if row["objective"] != "none" else ""))
@@ -99,8 +99,9 @@ def label(row: Mapping[str, Any]) -> str:
         parts.append("post-RoPE keys")
     if row["retention"] < 1:
         parts.append(f"r={row['retention']:.2f}")
-    if row["rank"] >= 0:
-        parts.append(f"rank {row['rank']}")
+    for column, name in (("rank", "rank "), ("bottom_layers", "B="), ("hidden_layer", "L=")):
+        if row[column] >= 0:
+            parts.append(f"{name}{row[column]}")
     return " ".join(parts)
 
 

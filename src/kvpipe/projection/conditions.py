@@ -45,12 +45,14 @@ class Variant:
     objective: str = "none"
     key_map: str = "none"
     retention: float = 1.0
-    rank: int = -1            # SVD rank per layer and kind (-1: none); hybrid conditions: their layer (hybrid.py)
+    rank: int = -1            # chain: SVD rank per layer and kind (-1: none)
+    bottom_layers: int = -1   # own_bottom_projected_top: B, the main's own bottom layers (-1: none)
+    hidden_layer: int = -1    # projected_hidden: L, the main layer the mapped hidden states enter (-1: none)
 
     @property
     def label(self) -> str:
         return "/".join(str(v) for v in (self.condition, self.projector, self.objective, self.key_map,
-                                          f"{self.retention:g}", self.rank))
+                                          f"{self.retention:g}", self.rank, self.bottom_layers, self.hidden_layer))
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,13 @@ Each step accumulates the gradients of `accumulate` samples, one sample's graph 
 memory is one sample's forward and backward through the main whatever the batch), then takes an
 Adam step on the projector's parameters (post-RoPE key maps excepted). The samples of step s are
 a pure function of (seed, s): epoch-wise seeded permutations of the training samples. Every
-`eval_every` steps the held-out (validation-fold) KL and the answerable F1 of the main's greedy
-answers from the projected cache are recorded in a learning curve; the best held-out KL's weights
+`eval_every` steps the held-out (validation-fold) loss and the answerable F1 of the main's greedy
+answers from the projected cache are recorded in a learning curve; the best held-out loss's weights
 are kept and training stops after `patience` evaluations without a gain, or after `steps`. With a
 checkpoint path, the whole training state is saved every `checkpoint_every` steps (atomically) and a
-fit started again resumes from it, ending with the same weights as an uninterrupted one.
+fit started again resumes from it, ending with the same weights as an uninterrupted one. The loss is
+distill's KL by default; any loss over samples of the same shape can be trained (the fuser's,
+kvpipe.projection.fuser; the hidden map's, kvpipe.projection.hidden_distill).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ class Student:
     loss: Loss = distill_loss
     f1: F1 = answer_f1
 
-    def kl(self, sample: DistillSample) -> torch.Tensor:
+    def loss_of(self, sample: DistillSample) -> torch.Tensor:
         return self.loss(self.module, sample, self.layer_map, self.main)
 
     def answer_f1(self, sample: DistillSample, max_new_tokens: int) -> float:
@@ -72,11 +74,11 @@ def peak_mib(device: torch.device) -> float:
 
 
 def evaluate(student: Student, held: Sequence[DistillSample], max_new_tokens: int) -> dict[str, float | None]:
-    """Held-out mean KL, and the mean answer F1 over answerable question samples (None if none)."""
+    """Held-out mean loss, and the mean answer F1 over answerable question samples (None if none)."""
     with torch.no_grad():
-        kl = float(np.mean([float(student.kl(s)) for s in held]))
+        loss = float(np.mean([float(student.loss_of(s)) for s in held]))
     f1 = [student.answer_f1(s, max_new_tokens) for s in held if s.tokens is not None and s.answers]
-    return {"validation_kl": kl, "answerable_f1": float(np.mean(f1)) if f1 else None}
+    return {"validation_loss": loss, "answerable_f1": float(np.mean(f1)) if f1 else None}
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -87,7 +89,7 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 def _resume(path: Path | None, key: str, module: torch.nn.Module, optimiser: torch.optim.Optimizer) -> tuple[int, dict]:
     """(step, log) from a checkpoint of the same fit, loading its weights and optimiser state; else a fresh start."""
-    fresh = {"key": key, "best": None, "best_state": None, "waited": 0, "curve": [], "tokens": [0, 0], "train_kl": []}
+    fresh = {"key": key, "best": None, "best_state": None, "waited": 0, "curve": [], "tokens": [0, 0], "train_loss": []}
     if path is None or not path.exists():
         return 0, fresh
     state = torch.load(path, map_location=next(module.parameters()).device, weights_only=False)
@@ -103,18 +105,18 @@ def _step(student: Student, optimiser: torch.optim.Optimizer, batch: list[Distil
     optimiser.zero_grad(set_to_none=True)
     total = 0.0
     for sample in batch:
-        loss = student.kl(sample) / len(batch)
+        loss = student.loss_of(sample) / len(batch)
         loss.backward()
         total += float(loss.detach())
         log["tokens"] = [a + b for a, b in zip(log["tokens"], sample.n_tokens, strict=True)]
     optimiser.step()
-    log["train_kl"].append(total)
+    log["train_loss"].append(total)
 
 
 def fit_key(module: torch.nn.Module, train: Sequence[DistillSample], settings: dict[str, Any]) -> str:
     """Identifies a fit: its settings, the starting weights and the training targets (a checkpoint must match)."""
     start = {k: float(v.double().sum()) for k, v in module.state_dict().items()}
-    return sha256_json({"settings": settings, "start": start, "targets": [float(s.teacher.sum()) for s in train]})
+    return sha256_json({"settings": settings, "start": start, "targets": [s.key for s in train]})
 
 
 def fit_distill(
@@ -153,10 +155,10 @@ def fit_distill(
             if on_step is not None:
                 on_step(step)
         module.load_state_dict(log["best_state"])
-        train_kl = float(np.mean([float(student.kl(s).detach()) for s in train]))
+        train_loss = float(np.mean([float(student.loss_of(s).detach()) for s in train]))
     tokens = {"context": log["tokens"][0], "target": log["tokens"][1]}
     return {
-        "calibration": train_kl,
+        "calibration": train_loss,
         "validation": log["best"],
         "steps": step,
         "learning_curve": log["curve"],
@@ -168,11 +170,11 @@ def fit_distill(
 def _evaluated(student: Student, held: Sequence[DistillSample], settings: dict[str, Any], step: int, log: dict[str, Any]) -> None:
     """Evaluate, append to the learning curve and keep the best weights, or count an evaluation without a gain."""
     scores = evaluate(student, held, settings["max_new_tokens"])
-    recent = log["train_kl"][-settings["eval_every"] :]
+    recent = log["train_loss"][-settings["eval_every"] :]
     log["curve"].append(
-        {"step": step, "train_kl": float(np.mean(recent)) if recent else None, **scores, "tokens_target": log["tokens"][1]}
+        {"step": step, "train_loss": float(np.mean(recent)) if recent else None, **scores, "tokens_target": log["tokens"][1]}
     )
-    if log["best"] is None or scores["validation_kl"] < log["best"]:
-        log["best"], log["best_state"], log["waited"] = scores["validation_kl"], copy.deepcopy(student.module.state_dict()), 0
+    if log["best"] is None or scores["validation_loss"] < log["best"]:
+        log["best"], log["best_state"], log["waited"] = scores["validation_loss"], copy.deepcopy(student.module.state_dict()), 0
     elif step:
         log["waited"] += 1

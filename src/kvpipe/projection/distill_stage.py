@@ -2,7 +2,8 @@
 
 Samples come from calibration passages only: seeded question prompts of the training folds for
 training and of the validation fold for early stopping (and, with `continuation`, each chosen
-passage's continuation too). No test passage is read. Each projector's distill fit refines a copy
+passage's continuation too), plus, for training, the samples of the configured extra unlabeled
+passages (kvpipe.projection.extra). No test passage is read. Each projector's distill fit refines a copy
 of its reconstruction fit on the main model's device (CUDA when `device` says so).
 """
 
@@ -21,6 +22,7 @@ from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill import DistillSample, continuation_sample, question_sample
 from kvpipe.projection.distill_fit import fit_distill
+from kvpipe.projection.extra import extra_samples
 from kvpipe.projection.projectors import Projector
 from kvpipe.settings import ProjectionSettings
 
@@ -39,11 +41,21 @@ def _samples(
     for row in rows.itertuples(index=False):
         tokens = build_prompt(main.tokenizer, prompt, row.context, row.question)
         answers = () if row.is_impossible else tuple(row.answers)
-        out.append(question_sample(scout, main, tokens, answers, cfg.max_new_tokens))
+        out.append(question_sample(scout, main, tokens, answers, cfg.max_new_tokens, cfg.distill.teacher_top_k))
         if cfg.distill.continuation and row.passage not in seen:
             seen.add(row.passage)
-            out.append(continuation_sample(scout, main, tokens))
+            out.append(continuation_sample(scout, main, tokens, cfg.distill.teacher_top_k))
     return out
+
+
+def calibration_rows(cal: Calibration, samples: pd.DataFrame, cfg: ProjectionSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded training and held-out rows of the samples table from the training and validation calibration folds."""
+    rng = np.random.default_rng([cfg.seed, 22])
+    idx = samples["sample_idx"].to_numpy()
+    train = np.sort(rng.permutation(idx[cal.part(idx, "train")])[: cfg.distill.samples])
+    held = np.sort(rng.permutation(idx[cal.part(idx, "validation")])[: cfg.distill.held_out])
+    by_idx = samples.set_index("sample_idx", drop=False)
+    return by_idx.loc[train], by_idx.loc[held]
 
 
 def distill_data(
@@ -54,13 +66,17 @@ def distill_data(
     prompt: dict[str, Any],
     cfg: ProjectionSettings,
 ) -> DistillData:
-    """Seeded training and held-out samples from the training and validation calibration folds."""
-    rng = np.random.default_rng([cfg.seed, 22])
-    idx = samples["sample_idx"].to_numpy()
-    train = np.sort(rng.permutation(idx[cal.part(idx, "train")])[: cfg.distill.samples])
-    held = np.sort(rng.permutation(idx[cal.part(idx, "validation")])[: cfg.distill.held_out])
-    by_idx = samples.set_index("sample_idx", drop=False)
-    return (_samples(by_idx.loc[train], scout, main, prompt, cfg), _samples(by_idx.loc[held], scout, main, prompt, cfg))
+    """Seeded training and held-out samples from the training and validation calibration folds; the extra
+    passages' samples (distill.extra, none overlapping a passage of the samples table) train too."""
+    train, held = calibration_rows(cal, samples, cfg)
+    extra = extra_samples(scout, main, prompt, cfg, list(samples["context"].unique()))
+    return (_samples(train, scout, main, prompt, cfg) + extra, _samples(held, scout, main, prompt, cfg))
+
+
+def sample_counts(data: DistillData) -> dict[str, int]:
+    """Training samples (those of extra passages among them) and held-out samples, for a card."""
+    train, held = data
+    return {"train_samples": len(train), "extra_samples": sum(s.extra for s in train), "held_out_samples": len(held)}
 
 
 def finished(checkpoint: Path | None) -> None:
@@ -85,7 +101,8 @@ def distilled(
     finished(checkpoint)
     card = {
         "distill": {k: result[k] for k in ("steps", "learning_curve", "tokens_seen")}
-        | {"train_samples": len(data[0]), "held_out_samples": len(data[1]), "settings": settings_of(cfg)}
+        | sample_counts(data)
+        | {"settings": settings_of(cfg)}
     }
     errors = {"distill": {"calibration": result["calibration"], "validation": result["validation"]}}
     return refined.cpu(), errors, card, result["peak_mib"]

@@ -11,16 +11,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
 from kvpipe.data.prompt import build_prompt
-from kvpipe.io import atomic_path, sha256_json, write_json
+from kvpipe.io import sha256_json, write_json
 from kvpipe.linalg.ridge import pooled
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.attention import AttentionSample, collect, fine_tune
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill_stage import DistillData, distilled
-from kvpipe.projection.projectors import Errors, Projector, Stats
+from kvpipe.projection.projectors import Errors, Projector, Stats, save_tensors
 from kvpipe.projection.registry import PROJECTORS
 from kvpipe.settings import ProjectionSettings
 
@@ -111,9 +110,7 @@ def save(fitted: dict[tuple[str, str], Fitted], cal: Calibration, about: dict[st
                         "validation_error": float(np.mean([e["validation"] for e in f.errors.values()])),
                         "params": f.projector.n_params(), "bytes": f.projector.n_bytes()} | f.card
         base = Path(out_dir) / f"{name}-{objective}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(base.with_suffix(".safetensors")) as tmp:
-            save_file({k: v.detach().contiguous() for k, v in f.projector.state_dict().items()}, str(tmp))
+        save_tensors(f.projector.state_dict(), base.with_suffix(".safetensors"))
         write_json(base.with_suffix(".json"), card)
         cards[f"{name}/{objective}"] = card
     return cards

@@ -5,9 +5,10 @@ For main layer j, kind k and main KV head h (Cache-to-Cache's idea, written for 
     ŷ_h = a_h + g_{j,h} (x W_j + b_j − a)_h
 
 The fallback a is the main's calibration mean (the anchor) when the projected cache stands alone, and
-the main's own rows when a cache is fused (`fuse`, the `fused` condition): a gate of 1 passes the
-map through, a gate of 0 damps the head to its fallback. The reconstruction fit is the ridge map
-with every gate 1 (so it equals `ridge`); the `distill` objective trains maps and gates together.
+the main's own rows when a cache is fused (the `fused` condition's fuser, kvpipe.projection.fuser,
+a copy of a gated fit started at every gate 0): a gate of 1 passes the map through, a gate of 0
+damps the head to its fallback. The reconstruction fit is the ridge map with every gate 1 (so it
+equals `ridge`); the `distill` objective trains maps and gates together.
 Gates are plain per-head scalars (unbounded, so the fit starts exactly at pass-through with a
 non-zero gradient); their number is the main's KV heads, read from the KV dataset when fitting.
 """

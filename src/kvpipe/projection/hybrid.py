@@ -2,8 +2,8 @@
 
 Registered in CONDITIONS (kvpipe.projection.conditions), each with its bytes and time to first
 token (every build below is timed; only `fused` adds the main's full own prefill). They use the
-projector and objective of `hybrid` (the gated projectors for `fused`). A row's `rank` column
-holds its layer: B for own_bottom_projected_top, L for projected_hidden.
+projector and objective of `hybrid` (`fused` its trained fuser). A row's B is in its
+`bottom_layers` column, its L in `hidden_layer` (kvpipe.projection.conditions.Variant).
 
     own_bottom_projected_top   the main's own prefill through its bottom B layers, projected KV above
                                (B = round(f · layers) for f in hybrid.bottom_fractions); sends the
@@ -15,8 +15,9 @@ holds its layer: B for own_bottom_projected_top, L for projected_hidden.
                                template and the scout's selection (chain.method) at each `retention` (causal
                                among the refreshed tokens, at their positions) overwrites those entries;
                                sends the scout KV, the selected tokens' text and their indices
-    fused                      the main prefills itself and each head is fused with the projected cache
-                               by the gated projector's gate: own + g_h (projected − own)
+    fused                      the main prefills itself and each context head is fused with the projected
+                               cache by the fuser's gates, own + g_h (projected − own), the fuser a gated
+                               projector trained on the main's next-token loss (kvpipe.projection.fuser)
 """
 
 from __future__ import annotations
@@ -30,9 +31,8 @@ from transformers import DynamicCache
 from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.kv.checks import cache_layer
 from kvpipe.projection.conditions import Condition, Plan, SampleInputs, Variant
-from kvpipe.projection.gated import GatedProjector, fuse_heads
+from kvpipe.projection.fuser import OBJECTIVE, fuse
 from kvpipe.projection.hidden import hidden_states, main_bottom, main_from_layer
-from kvpipe.projection.inject import project
 from kvpipe.projection.payload import FLOAT16, index_bytes, kv_bytes, text_bytes
 
 
@@ -63,10 +63,10 @@ class OwnBottomProjectedTop(Condition):
 
         return [
             Plan(
-                Variant(self.name, p, o, "pre_rope", rank=b),
+                Variant(self.name, p, o, "pre_rope", bottom_layers=b),
                 lambda b=b: build(b),
                 None,
-                text_bytes(s.context) + kv_bytes(len(s.payload), _widths(s, range(b, n_layers))),
+                text_bytes(s.context) + kv_bytes(s.n_context, _widths(s, range(b, n_layers))),
                 False,
             )
             for b in bottoms
@@ -92,7 +92,7 @@ class ProjectedHidden(Condition):
             return _replace(s.projected(p, o), {layer + i: kv for i, kv in enumerate(own)})
 
         size = len(s.payload) * scout_hidden.shape[1] * FLOAT16 + kv_bytes(len(s.payload), _widths(s, range(layer)))
-        return [Plan(Variant(self.name, p, o, "pre_rope", rank=layer), build, None, size, False)]
+        return [Plan(Variant(self.name, p, o, "pre_rope", hidden_layer=layer), build, None, size, False)]
 
 
 def _refresh(s: SampleInputs, base: ContextKV, kept: np.ndarray) -> ContextKV:
@@ -145,25 +145,18 @@ class ProjectedKVRefresh(Condition):
 
 
 class Fused(Condition):
-    """The main's own cache fused per head with the projected cache by a gated projector's gates."""
+    """The main's own cache fused per head with the projected cache by the trained fuser (kvpipe.projection.fuser)."""
 
     name: ClassVar[str] = "fused"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        size = text_bytes(s.context) + kv_bytes(len(s.payload), s.widths)
-        return [
-            Plan(Variant(self.name, p, o, "pre_rope"), lambda p=p, o=o: fused(s, s.projectors[(p, o)]), None, size, True)
-            for p, o in s.projectors
-            if isinstance(s.projectors[(p, o)], GatedProjector)
-        ]
+        if "fuser" not in s.extras:
+            return []
+        fuser = s.extras["fuser"]
 
+        def build() -> ContextKV:
+            with torch.inference_mode():
+                return fuse(fuser, s.payload, s.own, s.layer_map, s.main, s.tokens.context_start)
 
-def fused(s: SampleInputs, projector: GatedProjector) -> ContextKV:
-    """own + g_h (projected − own) per layer, kind and head, the projection ungated."""
-    with torch.inference_mode(), projector.ungated():
-        given = project(projector, s.payload, s.layer_map, s.main)
-        keys = [fuse_heads(own.float(), k, projector.gate["key"][j]) for j, (own, k) in enumerate(zip(s.own.keys, given.keys))]
-        values = [
-            fuse_heads(own.float(), v, projector.gate["value"][j]) for j, (own, v) in enumerate(zip(s.own.values, given.values))
-        ]
-    return ContextKV(keys, values, given.positions)
+        size = text_bytes(s.context) + kv_bytes(s.n_context, s.widths)
+        return [Plan(Variant(self.name, "gated", OBJECTIVE, "pre_rope"), build, None, size, True)]

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from kvpipe.io import atomic_path
 from kvpipe.linalg.ridge import LinearMap, RidgeStats, pooled, squared_error
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.linear import choose_shared_alpha, fit_per_layer, fit_shared, ridge_cv_error, scatter
@@ -153,3 +156,10 @@ def _shared_cv(stats: Stats, kind: str, folds: int, n_layers: int, alpha: float)
             sse += squared_error(m, stats[(j, kind, k)])
             sst += scatter(stats[(j, kind, k)])
     return sse, sst
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as safetensors (on CPU, atomically; the folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))

@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from kvpipe.io import atomic_path, write_json, write_parquet
 from kvpipe.kv.pairs import read_passages
-from kvpipe.models.load import load_model
+from kvpipe.models.load import LoadedModel, load_model
 from kvpipe.projection.answer import Answerer
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.conditions import Variant
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import attention_data, fit_all, kinds_of, main_means, save
+from kvpipe.projection.fuser import OBJECTIVE, stage_fuser
 from kvpipe.projection.gather import gather
 from kvpipe.projection.hidden_distill import stage_hidden_map
 from kvpipe.projection.layer_map import layer_map
@@ -62,6 +63,20 @@ def _facts(pair: str, cal: Calibration, cfg: ProjectionSettings, cards: dict[str
             "projectors": {k: {f: c[f] for f in ("params", "bytes", "calibration_error", "validation_error", "errors")}
                            for k, c in cards.items()},
             "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": asdict(cfg)}
+
+
+def _hybrid_fits(cal: Calibration, table: pd.DataFrame, models: tuple[LoadedModel, LoadedModel], prompt: dict[str, Any],
+                 cfg: ProjectionSettings, projectors: dict[tuple[str, str], Any], about: dict[str, Any],
+                 out_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """What the configured hybrid conditions need fitted (projected_hidden's hidden map, fused's fuser), and the
+    fuser's fit time and peak memory."""
+    extras, measured = {"hidden": None, "fuser": None}, {}
+    if "projected_hidden" in cfg.conditions:
+        extras["hidden"] = stage_hidden_map(cal, table, models, prompt, cfg, projectors, about, out_dir)
+    if "fused" in cfg.conditions:
+        extras["fuser"], measured[f"gated/{OBJECTIVE}"] = stage_fuser(cal, table, models, prompt, cfg, projectors, about,
+                                                                       out_dir)
+    return extras, measured
 
 
 def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
@@ -91,9 +106,9 @@ def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     cards = save(fitted, cal, about, out_dir / "projectors")
     write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
     state = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
-             "means": main_means(stats, cal), "hidden": None}
-    if "projected_hidden" in cfg.conditions:
-        state["hidden"] = stage_hidden_map(cal, table, (scout, main), prompt, cfg, state["projectors"], about, out_dir)
+             "means": main_means(stats, cal)}
+    extras, fuser_fit = _hybrid_fits(cal, table, (scout, main), prompt, cfg, state["projectors"], about, out_dir)
+    state |= extras   # the hidden map and the fuser, None where not configured
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg.max_test_samples)]
     state["test"] = test["sample_idx"].tolist()
@@ -101,9 +116,10 @@ def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
         torch.save(state, tmp)
     clock.append(time.perf_counter())
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_s"), np.diff(clock).round(2)))
-    write_json(out_dir / FIT_TIMINGS, {"phases": phases, "fit_s": {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()},
-                                       "fit_peak_mib": {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items()
-                                                        if f.peak_mib is not None}})
+    fit_s = {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()} | {k: m["fit_s"] for k, m in fuser_fit.items()}
+    peaks = {f"{n}/{o}": f.peak_mib for (n, o), f in fitted.items() if f.peak_mib is not None}
+    write_json(out_dir / FIT_TIMINGS, {"phases": phases, "fit_s": fit_s,
+                                       "fit_peak_mib": peaks | {k: m["peak_mib"] for k, m in fuser_fit.items()}})
     facts = _facts(pair, cal, cfg, cards, table, test)
     if len(test):
         answerer = Answerer(scout, main, state, cfg, prompt, pair)
@@ -125,8 +141,9 @@ def answer_chunk(answering: Path, chunk: Path, scout_model: Path, main_model: Pa
     if len(test):   # a chunk without test samples loads no model
         scout, main = load_model(Path(scout_model), device, dtype), load_model(Path(main_model), device, dtype)
         common = {k: state[k] for k in ("projectors", "layer_map", "means")}
-        if state["hidden"] is not None:
-            common["extras"] = {"hidden": (scout, state["hidden"])}
+        common["extras"] = {"hidden": (scout, state["hidden"])} if state["hidden"] is not None else {}
+        if state["fuser"] is not None:
+            common["extras"]["fuser"] = state["fuser"]
         answerer = Answerer(scout, main, common, cfg, prompt, pair)
         if order[test["sample_idx"].iloc[0]] < timed:
             answerer.warm_up(next(test.itertuples(index=False)))

@@ -28,6 +28,9 @@ SnapKV, over an observation window W of w query rows, by `protocol`:
     fraction of the budget and the rest is chosen by score. Without a budget, w = min(window, n).
   query_aware (as in the SnapKV paper): W = the last w = min(window, question tokens) question
     queries of the full-KV question pass; every context token is scored and none is forced.
+  kvpress (NVIDIA kvpress's SnapKVPress exactly, kvpipe.scoring.snapkv_kvpress): W = the last
+    `window` prefix tokens, no cap; every prefix token is a candidate, template included
+    (`scope` "prefix": scores and selections index cache positions [0, context_end)).
 The answering pass always feeds the question over the pruned cache.
 
     a[l, h, j] = Σ_{i ∈ W} A[l, h, i, j]                                 for context j ∉ W
@@ -57,6 +60,7 @@ import torch.nn.functional as F
 
 from kvpipe.errors import KvpipeError
 from kvpipe.registry import Registered
+from kvpipe.scoring import snapkv_kvpress
 
 if TYPE_CHECKING:
     from kvpipe.inference.session import Session
@@ -68,7 +72,7 @@ class ScoringInputs:
 
     context: slice                          # cache indices of the context tokens
     sample_idx: int
-    window_queries: list[torch.Tensor]      # per layer [Hq, w, d], RoPE applied: last w context tokens
+    window_queries: list[torch.Tensor]      # per layer [Hq, w, d], RoPE applied: last w prefix tokens
     window_index: torch.Tensor              # cache indices of those queries
     question_queries: list[torch.Tensor] | None   # per layer [Hq, nq, d], RoPE applied: question tokens
     question_index: torch.Tensor | None     # their cache indices
@@ -138,6 +142,12 @@ class SelectionMethod(Registered, ABC):
     def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
         """float64 [layers, kv_heads, n_context], for a budget of k context tokens (None: no budget)."""
 
+    @property
+    def scope(self) -> str:
+        """What scores index: "context" (context positions; the template is always kept) or "prefix" (cache
+        positions [0, context_end): template tokens are candidates too)."""
+        return "context"
+
     def forced_positions(self, n: int, k: int) -> np.ndarray:
         """Context positions always kept with a budget of k of n (+inf scores); none by default."""
         return np.empty(0, dtype=np.int64)
@@ -185,6 +195,11 @@ class SnapKV(SelectionMethod):
         "kvpress": {"window": 64, "kernel": 5, "pooling": "avg", "head_reduce": "mean", "keep_window": True},
     }
 
+    def __post_init__(self) -> None:
+        if self.protocol == "kvpress" and (self.pooling, self.head_reduce, self.keep_window) != ("avg", "mean", True):
+            raise KvpipeError("selection.snapkv: protocol kvpress is kvpress's SnapKVPress: pooling avg, head_reduce "
+                              "mean, keep_window true")
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> SnapKV:
         """The `selection.snapkv` preset with its overrides."""
@@ -202,14 +217,25 @@ class SnapKV(SelectionMethod):
         w = max(1, min(cap, limit))
         return w, min(w, limit) if self.keep_window else 0
 
+    @property
+    def scope(self) -> str:
+        return "prefix" if self.protocol == "kvpress" else "context"
+
     def forced_positions(self, n: int, k: int) -> np.ndarray:
-        """The kept tail of the observation window (query_agnostic with keep_window), else none."""
+        """The kept tail of the observation window (query_agnostic with keep_window; kvpress: the window when k covers
+        it, else none, as which window positions are kept then depends on the scores), else none."""
+        if self.protocol == "kvpress":
+            return np.arange(n - self.window, n) if k >= self.window else np.empty(0, dtype=np.int64)
         return np.arange(n - self.plan(n, k, self.window)[1], n)
 
     def reduce_heads(self, scores: np.ndarray) -> np.ndarray:
         return scores.max(axis=1) if self.head_reduce == "max" else scores.mean(axis=1)
 
     def head_scores(self, inputs: ScoringInputs, k: int | None = None) -> np.ndarray:
+        if self.protocol == "kvpress":
+            layers = [snapkv_kvpress.layer_scores(q, keys[:, : inputs.context.stop], self.window, self.kernel)
+                      for q, keys in zip(inputs.window_queries, inputs.keys, strict=True)]
+            return snapkv_kvpress.resolve_ties(torch.stack(layers), k).double().cpu().numpy()
         ctx = inputs.context
         n_ctx = ctx.stop - ctx.start
         aware = self.protocol == "query_aware"

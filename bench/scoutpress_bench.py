@@ -1,0 +1,155 @@
+"""ScoutPress against kvpress's own SnapKV: the main's time to first token through kvpress, and answerable F1.
+
+    .venv-bench/bin/python bench/scoutpress_bench.py --squad PATH [--n 5] [--main DIR] [--scout DIR]
+
+The main (Qwen2.5-Coder-1.5B) answers SQuAD v2 questions through kvpress's "kv-press-text-generation"
+pipeline at one retention, under three presses: its own `SnapKVPress` (window 64, kernel 5), and
+`kvpipe.kvpress.ScoutPress` with the scout (Qwen2.5-Coder-0.5B) scoring by SnapKV (kvpress
+protocol, query-agnostic) or by Q2C (query-aware). Same token sequences as bench/kvpress_bench.py,
+greedy, `--max-new-tokens`, kvpipe's stop ids as the eos, after a warm-up. Per press: the time
+to first token (pipeline start to the end of the question pass that yields the first token), the
+scout's share of it, answerable F1 and the decoded answers. Writes bench/results/scoutpress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PRESSES = ("snapkv", "scout_snapkv", "scout_q2c")
+
+
+def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_new_tokens: int, threads: int) -> dict:
+    """Per press and question: time to first token, scout seconds, answer."""
+    import torch
+    from kvpress import SnapKVPress
+    from transformers import pipeline
+
+    from kvpipe.config import load_config
+    from kvpipe.data.prompt import build_prompt
+    from kvpipe.inference.decode import stop_ids
+    from kvpipe.kvpress import ScoutPress
+    from kvpipe.models.load import load_model
+
+    torch.set_num_threads(threads)
+    main, scout = load_model(main_dir, "cpu", "float32"), load_model(scout_dir, "cpu", "float32")
+    rows = pd.read_parquet(samples)
+    prompt = load_config(["config.yaml"])["prompt"]
+    prompts = [build_prompt(main.tokenizer, prompt, r.context, r.question) for r in rows.itertuples()]
+    main.model.generation_config.eos_token_id = stop_ids(main)
+    pipe = pipeline("kv-press-text-generation", model=main.model, tokenizer=main.tokenizer, device="cpu")
+    first: list[float] = []
+    main.model.register_forward_hook(lambda *_: first.append(time.perf_counter()))
+
+    def press(kind: str, question: str):
+        if kind == "snapkv":
+            return SnapKVPress(compression_ratio=1 - retention, window_size=64, kernel_size=5)
+        method = kind.removeprefix("scout_")
+        return ScoutPress(
+            scout=scout,
+            method=method,
+            compression_ratio=1 - retention,
+            tokenizer=main.tokenizer,
+            question=question if method == "q2c" else None,
+        )
+
+    def one(kind: str, i: int) -> dict:
+        tokens, p = prompts[i], press(kind, rows.question.iloc[i])
+        scout_s = [0.0]
+        if kind != "snapkv":
+            scores = p.scout_scores
+
+            def timed(ids):
+                t = time.perf_counter()
+                out = scores(ids)
+                scout_s[0] += time.perf_counter() - t
+                return out
+
+            p.scout_scores = timed
+        ids = torch.as_tensor(tokens.input_ids)[None]
+        first.clear()
+        started = time.perf_counter()
+        (answer,) = pipe.forward(
+            {"context_ids": ids[:, : tokens.context_end], "questions_ids": [ids[:, tokens.context_end :]]},
+            press=p,
+            max_new_tokens=max_new_tokens,
+        )
+        return {"ttft": first[0] - started, "scout": scout_s[0], "answer": answer.strip()}
+
+    out = {}
+    for kind in PRESSES:
+        one(kind, 0)  # warm-up
+        out[kind] = [one(kind, i) for i in range(len(rows))]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--squad", type=Path, required=True, help="official SQuAD v2 JSON")
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--main", type=Path, default=Path("results/models/qwen2.5-coder-1.5b"))
+    ap.add_argument("--scout", type=Path, default=Path("results/models/qwen2.5-coder-0.5b"))
+    ap.add_argument("--retention", type=float, default=0.5)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/scoutpress.json"))
+    args = ap.parse_args()
+    from importlib.metadata import version
+
+    from kvpipe.config import load_config
+    from kvpipe.data.qa_metrics import score_reply
+    from kvpipe.data.sampling import sample_to_file
+
+    config = load_config(["config.yaml", "config/squad_v2.yaml"])
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = Path(tmp) / "samples.parquet"
+        sample_to_file(
+            "squad_v2",
+            config["datasets"]["squad_v2"] | {"path": str(args.squad)},
+            args.main,
+            config["prompt"],
+            config["sampling"] | {"n": args.n},
+            samples,
+        )
+        rows = pd.read_parquet(samples)
+        result = run(args.main, args.scout, samples, args.retention, args.max_new_tokens, args.threads)
+    answerable = [bool(len(a)) for a in rows["answers"]]
+    presses = {}
+    for kind, runs in result.items():
+        f1 = [score_reply(r["answer"], list(row.answers)).f1 for r, row, ok in zip(runs, rows.itertuples(), answerable) if ok]
+        ttft = float(np.mean([r["ttft"] for r in runs]))
+        presses[kind] = {
+            "ttft_s": round(ttft, 3),
+            "scout_share_of_ttft": round(float(np.mean([r["scout"] for r in runs])) / ttft, 3),
+            "answerable_f1": round(float(np.mean(f1)), 4) if f1 else None,
+            "answers": [r["answer"] for r in runs],
+        }
+    record = {
+        "main": args.main.name,
+        "scout": args.scout.name,
+        "dataset": "squad_v2",
+        "questions": len(rows),
+        "answerable_questions": int(sum(answerable)),
+        "retention": args.retention,
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, CPU",
+        "kvpress": version("kvpress"),
+        "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
+        "presses": presses,
+    }
+    args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps({k: {x: y for x, y in v.items() if x != "answers"} for k, v in presses.items()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,9 +45,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
                         "--cores", str(args.cores), manifest, "--configfile", str(REPO / "config.yaml"), str(overlay)],
                        check=True)
-        with open(layout.benchmark_file("extract_kv", "threadsbench", args.model, root=results)) as f:
-            snakemake_s = float(next(csv.DictReader(f, delimiter="\t"))["s"])
-        log = layout.log_file("extract_kv", "threadsbench", args.model, root=results).read_text()
+        chunks = sorted(layout.benchmark_file("extract_kv_chunk", "threadsbench", args.model, "x", root=results)
+                        .parent.glob("*.tsv"))   # one per chunk of samples (run.chunk_size)
+        snakemake_s = 0.0
+        for chunk in chunks:
+            with open(chunk) as f:
+                snakemake_s += float(next(csv.DictReader(f, delimiter="\t"))["s"])
+        log = layout.log_file("extract_kv_chunk", "threadsbench", args.model, chunks[0].stem, root=results).read_text()
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "kvpipe.cli", "extract", "--model-dir", str(model),
                         "--samples", str(layout.samples_file("threadsbench", results)), "--out",

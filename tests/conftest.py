@@ -9,8 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
+from transformers import DynamicCache
 
 from kvpipe.config import load_config
 from kvpipe.data.sampling import sample_to_file
@@ -110,3 +113,22 @@ def tiny_main(model_dirs):
 @pytest.fixture(scope="session")
 def tiny_llama(model_dirs):
     return load_model(model_dirs["tiny-llama"], "cpu", "float32")
+
+
+def press_kept(lm, press, tokens):
+    """Per layer and KV head, the prefix positions a ScorerPress keeps (compress's own topk of its scores)."""
+    from kvpress.utils import compute_n_kept
+
+    kept, score = {}, press.score
+
+    def recording(module, *args):
+        scores = score(module, *args)
+        n = compute_n_kept(scores.shape[-1], press.compression_ratio)
+        kept[module.layer_idx] = scores[0].topk(n, dim=-1).indices.sort(dim=-1).values.numpy()
+        return scores
+
+    press.score = recording
+    ids = torch.as_tensor(tokens.input_ids[: tokens.context_end])[None]
+    with torch.inference_mode(), press(lm.model):
+        lm.model.model(input_ids=ids, past_key_values=DynamicCache())
+    return np.stack([kept[layer] for layer in sorted(kept)])

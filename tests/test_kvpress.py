@@ -4,7 +4,7 @@ its own rules (every environment)."""
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
+from conftest import press_kept
 
 from kvpipe.data.prompt import build_prompt
 from kvpipe.errors import KvpipeError
@@ -50,23 +50,9 @@ def test_kvpress_protocol_rules(tiny_main, prompts):
 def _kvpress_kept(lm, tokens, retention):
     """Per layer and KV head, the prefix positions kvpress keeps: ScorerPress.compress's own topk of its scores."""
     from kvpress import SnapKVPress
-    from kvpress.utils import compute_n_kept
 
     press = SnapKVPress(compression_ratio=1 - retention, window_size=WINDOW, kernel_size=KERNEL)
-    kept = {}
-    score = press.score
-
-    def recording(module, *args):
-        scores = score(module, *args)
-        n = compute_n_kept(scores.shape[-1], press.compression_ratio)
-        kept[module.layer_idx] = scores[0].topk(n, dim=-1).indices.sort(dim=-1).values.numpy()
-        return scores
-
-    press.score = recording
-    ids = torch.as_tensor(tokens.input_ids[: tokens.context_end])[None]
-    with torch.inference_mode(), press(lm.model):
-        lm.model.model(input_ids=ids, past_key_values=DynamicCache())
-    return np.stack([kept[layer] for layer in sorted(kept)])
+    return press_kept(lm, press, tokens)
 
 
 def test_kept_positions_equal_kvpress_per_layer_and_head(tiny_main, prompts):

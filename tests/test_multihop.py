@@ -198,12 +198,12 @@ def test_config_example_validates_and_dispatches(base):
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        ({"mode": "chain"}, "datasets.mh.mode: 'chain' is not one of ['single', 'multihop']"),
+        ({"mode": "chain"}, "datasets.mh.mode: 'chain' is not one of ['single', 'multihop', 'long']"),
         ({"mode": "multihop", "hops": [4]}, "datasets.mh.hops.0: 4 is not one of [2, 3]"),
         ({"mode": "multihop", "hops": []}, "datasets.mh.hops: [] should be non-empty"),
         ({"mode": "multihop", "hops": [2, 2]}, "datasets.mh.hops: [2, 2] has non-unique elements"),
         ({"mode": "multihop", "entities_per_passage": 2}, "datasets.mh.entities_per_passage: 2 is less than the minimum of 3"),
-        ({"mode": "single", "hops": [2]}, "datasets.mh.mode: 'multihop' was expected"),
+        ({"mode": "single", "hops": [2]}, "datasets.mh.mode: 'single' is not one of ['multihop', 'long']"),
         ({"hops": [2]}, "datasets.mh: 'mode' is a required property"),
         ({"mode": "single", "bridge": True}, "datasets.mh.mode: 'multihop' was expected"),
         ({"mode": "multihop", "bridge": "yes"}, "datasets.mh.bridge: 'yes' is not of type 'boolean'"),

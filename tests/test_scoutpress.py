@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import DynamicCache
+from conftest import press_kept
 
 from kvpipe.data.prompt import build_prompt
 from kvpipe.inference.requests import AnswerRequest
@@ -32,25 +32,6 @@ def prompts(tiny_main, samples, smoke_config):
     return [build_prompt(tiny_main.tokenizer, smoke_config["prompt"], r.context, r.question) for r in samples.itertuples()]
 
 
-def _kept(lm, press, tokens):
-    """Per layer and KV head, the prefix positions a ScorerPress keeps (compress's own topk of its scores)."""
-    from kvpress.utils import compute_n_kept
-
-    kept, score = {}, press.score
-
-    def recording(module, *args):
-        scores = score(module, *args)
-        n = compute_n_kept(scores.shape[-1], press.compression_ratio)
-        kept[module.layer_idx] = scores[0].topk(n, dim=-1).indices.sort(dim=-1).values.numpy()
-        return scores
-
-    press.score = recording
-    ids = torch.as_tensor(tokens.input_ids[: tokens.context_end])[None]
-    with torch.inference_mode(), press(lm.model):
-        lm.model.model(input_ids=ids, past_key_values=DynamicCache())
-    return np.stack([kept[layer] for layer in sorted(kept)])
-
-
 def test_scout_equal_to_main_keeps_what_snapkvpress_keeps(tiny_main, prompts):
     pytest.importorskip("kvpress", reason=NEEDS_KVPRESS)
     from kvpress import SnapKVPress
@@ -61,7 +42,7 @@ def test_scout_equal_to_main_keeps_what_snapkvpress_keeps(tiny_main, prompts):
         for ratio in (0.25, 0.5, 0.9):
             ours = ScoutPress(scout=tiny_main, compression_ratio=ratio, per_head=True, window=WINDOW, kernel=KERNEL)
             theirs = SnapKVPress(compression_ratio=ratio, window_size=WINDOW, kernel_size=KERNEL)
-            np.testing.assert_array_equal(_kept(tiny_main, ours, tokens), _kept(tiny_main, theirs, tokens))
+            np.testing.assert_array_equal(press_kept(tiny_main, ours, tokens), press_kept(tiny_main, theirs, tokens))
 
 
 def test_a_different_scout_changes_the_kept_set(tiny_main, model_dirs, prompts):
@@ -73,7 +54,7 @@ def test_a_different_scout_changes_the_kept_set(tiny_main, model_dirs, prompts):
     for slug in ("tiny-main", "tiny-scout", "tiny-llama"):  # the llama reads the text with its own tokenizer
         scout = load_model(model_dirs[slug], "cpu", "float32")
         press = ScoutPress(scout=scout, compression_ratio=0.5, tokenizer=tiny_main.tokenizer, window=WINDOW)
-        kept[slug] = _kept(tiny_main, press, tokens)
+        kept[slug] = press_kept(tiny_main, press, tokens)
         assert kept[slug].shape[-1] == int(0.5 * tokens.context_end)
         assert (kept[slug] == kept[slug][:1, :1]).all()  # shared: the same positions in every layer and head
     assert not np.array_equal(kept["tiny-main"], kept["tiny-scout"])

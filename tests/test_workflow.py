@@ -188,8 +188,8 @@ def test_bad_input_under_snakemake_is_one_line_naming_the_rule(repo, tmp_path):
     proc = snakemake(repo, "results/data/broken/samples.parquet", overlays=(change,))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("kvpipe:")]
-    assert line.startswith(f"kvpipe: error in rule sample_dataset: {bad}: not valid JSON (")
-    assert (repo / "results/logs/sample_dataset/broken.log").read_text().splitlines()[-1] == line
+    assert line.startswith(f"kvpipe: error in rule sample_chunk: {bad}: not valid JSON (")   # the one chunk's job
+    assert (repo / "results/logs/sample_chunk/broken/0000.log").read_text().splitlines()[-1] == line
     assert not (repo / "results/data/broken").exists()
 
 

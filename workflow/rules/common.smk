@@ -25,6 +25,7 @@ from kvpipe.config import (
     under_defaults,
     validate,
 )
+from kvpipe import layout
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
@@ -141,8 +142,8 @@ def rule_threads(rule):
 
 
 def stage_dir(stage):
-    """The output directory pattern of a stage's jobs."""
-    return f"results/{stage}/{{dataset}}/{{pair}}"
+    """The output directory pattern of a stage's jobs (kvpipe.layout, the one place the results layout is written)."""
+    return layout.stage_dir(stage, "{dataset}", "{pair}").as_posix()
 
 
 def stage_timing_files(stage):

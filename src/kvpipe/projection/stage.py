@@ -19,6 +19,7 @@ chunk of samples (kvpipe.chunks), reading the fit's ANSWERING file; kvpipe.proje
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, fields
@@ -112,8 +113,10 @@ def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
     test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg.max_test_samples)]
     state["test"] = test["sample_idx"].tolist()
+    buffer = io.BytesIO()   # torch.save names its zip records after a file's name: a buffer's are the same every run
+    torch.save(state, buffer)
     with atomic_path(out_dir / ANSWERING) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getvalue())
     clock.append(time.perf_counter())
     phases = dict(zip(("statistics_s", "attention_data_s", "fit_s", "metrics_s"), np.diff(clock).round(2)))
     fit_s = {f"{n}/{o}": f.fit_s for (n, o), f in fitted.items()} | {k: m["fit_s"] for k, m in fuser_fit.items()}

@@ -149,6 +149,21 @@ def test_projection_settings_serialise_as_the_section(smoke_config):
     assert json.dumps(dataclasses.asdict(built), sort_keys=True) == json.dumps(section, sort_keys=True)
 
 
+def test_a_record_read_back_keeps_its_values_and_takes_defaults_for_keys_it_lacks(smoke_config):
+    """A report reads its stage's settings from facts.json: recorded values win, nested ones key by key, and a key
+    the record was written without (an older record) takes the schema's default."""
+    from kvpipe.config import section_defaults
+    from kvpipe.settings import ProjectionSettings, SelectionSettings, recorded
+
+    old = {k: v for k, v in smoke_config["projection"].items() if k != "fused"} | {"ci": 0.9, "ttft": {"target": 0.5}}
+    back = recorded(ProjectionSettings, "projection", old)
+    assert back.ci == 0.9 and back.seed == smoke_config["projection"]["seed"]
+    assert back.ttft.target == 0.5 and back.ttft.link_mbps == section_defaults("projection", "ttft")["link_mbps"]
+    assert back.fused.objective == section_defaults("projection", "fused")["objective"]
+    sel = recorded(SelectionSettings, "selection", {"bootstrap": 7})
+    assert sel.bootstrap == 7 and sel.methods == section_defaults("selection")["methods"] and sel.alignment is None
+
+
 def test_the_schema_knows_exactly_the_declared_stages(base):
     from kvpipe.config import schema
     from kvpipe.stages import stages

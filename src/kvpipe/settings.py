@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from kvpipe.config import deep_merge, section_defaults
+
 T = TypeVar("T")
 
 
@@ -27,6 +29,12 @@ def from_section(cls: type[T], section: Mapping[str, Any]) -> T:
         kind = next((t for t in (hints[f.name], *typing.get_args(hints[f.name])) if dataclasses.is_dataclass(t)), None)
         values[f.name] = from_section(kind, section[f.name]) if kind is not None else section[f.name]
     return cls(**values)
+
+
+def recorded(cls: type[T], section: str, values: Mapping[str, Any]) -> T:
+    """The settings dataclass cls of config section `section` as a record (a stage's facts.json) wrote it; keys the
+    record lacks (written before they existed) take the schema's defaults."""
+    return from_section(cls, deep_merge(section_defaults(section), dict(values)))
 
 
 @dataclass(frozen=True)

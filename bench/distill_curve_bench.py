@@ -30,6 +30,7 @@ from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill_stage import distill_data
 from kvpipe.projection.fit import fit_all
 from kvpipe.projection.layer_map import layer_map
+from kvpipe.settings import ProjectionSettings, from_section
 
 
 def main() -> None:
@@ -58,14 +59,15 @@ def main() -> None:
         "eval_every": args.eval_every,
         "checkpoint_every": args.eval_every,
     }
-    cfg = config["projection"] | {
+    section = config["projection"] | {
         "projectors": ["ridge"],
         "objectives": ["reconstruction", "distill"],
         "post_rope_comparison": False,
         "distill": distill,
     }
+    cfg = from_section(ProjectionSettings, section)
     scout, main_lm = (load_model(args.models / slug, args.device, args.dtype) for slug in (args.scout, args.main))
-    lmap = layer_map(cfg["layer_map"], scout.card["num_layers"], main_lm.card["num_layers"], None)
+    lmap = layer_map(cfg.layer_map, scout.card["num_layers"], main_lm.card["num_layers"], None)
     kv = {role: args.kv / slug for role, slug in (("scout", args.scout), ("main", args.main))}
     cal = Calibration.open(kv["scout"], kv["main"], read_passages(args.samples, kv["main"]), "bench", lmap, ("key", "value"), cfg)
     started = time.perf_counter()

@@ -35,13 +35,14 @@ from kvpipe.projection.distill_fit import fit_distill
 from kvpipe.projection.distill_stage import settings_of
 from kvpipe.projection.layer_map import relative_depth
 from kvpipe.projection.registry import PROJECTORS
+from kvpipe.settings import ProjectionSettings, from_section
 
 QWEN_VOCAB = 151_936  # Qwen2.5's output vocabulary, for the whole-vocabulary teacher's size
 
 
 def _fit(dirs: dict[str, Path], samples: Path, n: int, accumulate: int, steps: int, config: dict) -> dict:
     """Build n training and 2 held-out samples, then fit; peak RSS before and after the fit."""
-    cfg = config["projection"] | {"max_new_tokens": 8}
+    cfg = from_section(ProjectionSettings, config["projection"] | {"max_new_tokens": 8})
     scout, main = (load_model(dirs[role], "cpu", "float32") for role in ("scout", "main"))
     rows = list(pd.read_parquet(samples).itertuples(index=False))[: n + 2]
     data = [
@@ -50,8 +51,8 @@ def _fit(dirs: dict[str, Path], samples: Path, n: int, accumulate: int, steps: i
             main,
             build_prompt(main.tokenizer, config["prompt"], r.context, r.question),
             tuple(r.answers),
-            cfg["max_new_tokens"],
-            cfg["distill"]["teacher_top_k"],
+            cfg.max_new_tokens,
+            cfg.distill.teacher_top_k,
         )
         for r in rows
     ]

@@ -51,15 +51,17 @@ def _stage(*args: object) -> dict:
     return {"stage_wall_s": round(wall, 1), "peak_rss_mb": rss}
 
 
-def _fit(scout_kv: Path, main_kv: Path, samples: Path, cfg: dict) -> dict:
+def _fit(scout_kv: Path, main_kv: Path, samples: Path, section: dict) -> dict:
     from kvpipe.projection.calibration import Calibration
     from kvpipe.projection.fit import fit_all, kinds_of
     from kvpipe.projection.layer_map import relative_depth
+    from kvpipe.settings import ProjectionSettings, from_section
 
     start = time.perf_counter()
+    cfg = from_section(ProjectionSettings, section | {"objectives": ["reconstruction"]})
     cal = Calibration.open(scout_kv, main_kv, read_passages(samples, main_kv), "bench", relative_depth(8, 8),
-                           tuple(dict.fromkeys(k for p in cfg["projectors"] for k in kinds_of(p, cfg))), cfg)
-    fitted = fit_all(cal, cal.statistics(), cfg | {"objectives": ["reconstruction"]}, None, None)
+                           tuple(dict.fromkeys(k for p in cfg.projectors for k in kinds_of(p, cfg))), cfg)
+    fitted = fit_all(cal, cal.statistics(), cfg, None, None)
     return {"fit_s": round(time.perf_counter() - start, 1), "projectors": len(fitted),
             "peak_rss_mb": peak_rss_mb()}
 

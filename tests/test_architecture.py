@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from kvpipe.stages import stages
+
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kvpipe"
-STAGES = ("structure", "selection", "projection", "pairs")   # the analysis stage packages
+# the analysis stage packages: every declared stage, and the summary across pairs (which reads their tables)
+STAGES = (*(stage.name for stage in stages()), "pairs")
 
 
 def imported_modules(path: Path) -> set[str]:

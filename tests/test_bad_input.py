@@ -196,6 +196,7 @@ def test_bad_input_is_one_line_naming_it_and_deletes_nothing(entry, computed, mo
     assert {k: after.get(k) for k in before} == before, "an error deleted or changed results already computed"
 
 
+@pytest.mark.slow  # the kvpipe command line in a subprocess
 def test_the_command_line_prints_no_traceback_in_a_real_process(tmp_path):
     """The in-process checks above hold for the installed entry point too."""
     proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "validate", "-c", str(REPO / "config.yaml"),

@@ -74,6 +74,7 @@ def test_the_cli_has_one_subcommand_per_declared_stage():
     assert list(report.choices) == names
 
 
+@pytest.mark.slow  # the kvpipe command line in a subprocess
 def test_cli_names_unknown_entries_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", "materialize", "--model", "ghost", "--out", "x",
                            "-c", str(REPO / "config.yaml")], capture_output=True, text=True, cwd=tmp_path)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -105,6 +106,10 @@ def test_a_hub_tokenizer_id_may_count_sampling_lengths(base):
     ("StructureSettings", ("structure",), {"alignment"}),
     ("CcaSettings", ("structure", "cca"), set()),
     ("SelectionSettings", ("selection",), {"alignment"}),
+    ("ProjectionSettings", ("projection",), set()),
+    *[(f"{name}Settings", ("projection", name.lower()), set()) for name in ("Mlp", "Attention", "Distill", "Hybrid",
+                                                                          "Chain", "Ttft", "Fused")],
+    ("ExtraPassages", ("projection", "distill", "extra"), set()),
 ])
 def test_every_settings_dataclass_has_exactly_its_sections_keys(cls, section, rule_extra):
     """A typed settings class names every key of its schema section (and the alignment key its rule adds), no other."""
@@ -130,6 +135,33 @@ def test_settings_are_built_from_the_validated_section(smoke_config):
     assert with_pool.alignment == StructurePool("max_overlap")
     with pytest.raises(KeyError, match="cv_folds"):
         from_section(StructureSettings, {k: v for k, v in smoke_config["structure"].items() if k != "cv_folds"})
+
+
+def test_projection_settings_serialise_as_the_section(smoke_config):
+    """facts.json keeps the `projection` section as it was: the built settings give back the same JSON."""
+    import dataclasses
+
+    from kvpipe.settings import ChainSettings, ProjectionSettings, from_section
+
+    section = smoke_config["projection"]
+    built = from_section(ProjectionSettings, section)
+    assert built.chain == ChainSettings(**section["chain"]) and built.max_test_samples == section["max_test_samples"]
+    assert json.dumps(dataclasses.asdict(built), sort_keys=True) == json.dumps(section, sort_keys=True)
+
+
+def test_a_record_read_back_keeps_its_values_and_takes_defaults_for_keys_it_lacks(smoke_config):
+    """A report reads its stage's settings from facts.json: recorded values win, nested ones key by key, and a key
+    the record was written without (an older record) takes the schema's default."""
+    from kvpipe.config import section_defaults
+    from kvpipe.settings import ProjectionSettings, SelectionSettings, recorded
+
+    old = {k: v for k, v in smoke_config["projection"].items() if k != "fused"} | {"ci": 0.9, "ttft": {"target": 0.5}}
+    back = recorded(ProjectionSettings, "projection", old)
+    assert back.ci == 0.9 and back.seed == smoke_config["projection"]["seed"]
+    assert back.ttft.target == 0.5 and back.ttft.link_mbps == section_defaults("projection", "ttft")["link_mbps"]
+    assert back.fused.objective == section_defaults("projection", "fused")["objective"]
+    sel = recorded(SelectionSettings, "selection", {"bootstrap": 7})
+    assert sel.bootstrap == 7 and sel.methods == section_defaults("selection")["methods"] and sel.alignment is None
 
 
 def test_the_schema_knows_exactly_the_declared_stages(base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -61,6 +62,7 @@ def _state_bytes(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.slow  # a 30-step distill fit
 def test_distill_from_a_perturbed_identity_recovers_the_main_answers(self_fit, self_samples, tiny_main, smoke_config, samples):
     cal, _, _, cfg = self_fit
     train, held = self_samples
@@ -118,6 +120,7 @@ def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke
     assert {"weight.key", "weight.value", "gate.key", "gate.value"} <= changed
 
 
+@pytest.mark.slow  # three distill fits, one killed
 def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_main, tmp_path):
     cal, _, _, cfg = self_fit
     train, held = self_samples
@@ -142,7 +145,7 @@ def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_m
 
 def _predictions(self_fit, tiny_main, smoke_config, samples, conditions, hybrid, hidden_layer=0):
     answerer = _answerer(self_fit, tiny_main, smoke_config, conditions)
-    answerer.cfg = answerer.cfg | {"hybrid": answerer.cfg["hybrid"] | hybrid}
+    answerer.cfg = dataclasses.replace(answerer.cfg, hybrid=dataclasses.replace(answerer.cfg.hybrid, **hybrid))
     answerer.common["extras"] = {"hidden": (tiny_main, identity_hidden(tiny_main, hidden_layer))}
     out = []
     for row in samples.head(3).itertuples(index=False):
@@ -326,7 +329,7 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     from kvpipe.projection.hidden import HiddenMap
     from kvpipe.projection.hidden_distill import HiddenStudent, distill_hidden, hidden_loss, with_hidden
 
-    cal, _, fitted, _ = self_fit
+    cal, _, fitted, fit_cfg = self_fit
     train = with_hidden(self_samples[0][:2], tiny_main, 1)  # the main paired with itself, at layer 1
     width = tiny_main.model.config.hidden_size
     gen = torch.Generator().manual_seed(5)
@@ -349,7 +352,8 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     with torch.no_grad():  # a small step down the gradient lowers the KL: the gradient is the loss's
         probe.weight -= 0.05 * (probe.weight - torch.eye(width)).norm() / grad.norm() * grad
     assert float(kl(probe).detach()) < float(loss.detach())
-    cfg = {"distill": SETTINGS | {"steps": 2, "eval_every": 1}, "seed": 0, "max_new_tokens": 4}
+    distill = {k: v for k, v in SETTINGS.items() if k not in ("seed", "max_new_tokens")} | {"steps": 2, "eval_every": 1}
+    cfg = dataclasses.replace(fit_cfg, distill=dataclasses.replace(fit_cfg.distill, **distill), seed=0, max_new_tokens=4)
     trained, fields = distill_hidden(start, projector, (train, train), cal.layer_map, tiny_main, cfg, tmp_path / "c" / "h.pt")
     assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
     assert (_state_bytes(tiny_main.model), _state_bytes(projector)) == models  # only the hidden map is trained
@@ -390,33 +394,36 @@ def test_the_fuser_learns_the_main_next_token_loss_with_both_models_frozen(
 def test_extra_passages_never_overlap_the_samples_table(tmp_path, samples):
     from kvpipe.data.synthetic import generate
     from kvpipe.projection.extra import extra_passages
+    from kvpipe.settings import ExtraPassages
 
     known = list(samples["context"].unique())
     text = "First extra passage.\n\n" + known[0][:40] + "\n\n \n\nSecond  extra\npassage.\n\n" + known[1] + " More.\n"
     (tmp_path / "p.txt").write_text(text)
-    spec = {"source": "file", "path": str(tmp_path / "p.txt"), "passages": 8, "seed": 0}
+    spec = ExtraPassages(source="file", path=str(tmp_path / "p.txt"), passages=8, seed=0, target="question", question_tokens=8)
     assert extra_passages(spec, known) == ["First extra passage.", "Second  extra\npassage."]  # in and around known: out
-    assert extra_passages(spec | {"passages": 1}, known) == ["First extra passage."]
+    assert extra_passages(dataclasses.replace(spec, passages=1), known) == ["First extra passage."]
     made = list(generate(seed=1009, passages=3)["context"].unique())
-    assert extra_passages({"source": "synthetic", "seed": 1009, "passages": 3}, [made[1]]) == [made[0], made[2]]
-    assert extra_passages(spec | {"source": "none"}, known) == []
+    synthetic = dataclasses.replace(spec, source="synthetic", path=None, seed=1009, passages=3)
+    assert extra_passages(synthetic, [made[1]]) == [made[0], made[2]]
+    assert extra_passages(dataclasses.replace(spec, source="none"), known) == []
 
 
 def test_extra_samples_are_self_questions_or_continuations_of_the_passages(model_dirs, tiny_main, smoke_config, tmp_path):
     from kvpipe.projection.extra import ASK, extra_samples, self_question
+    from kvpipe.settings import ExtraPassages, ProjectionSettings, from_section
 
     scout = load_model(model_dirs["tiny-scout"], "cpu", "float32")
     passages = ["Kalo Rinvel was born in the town of Quamel in 1841.", "Dar Tho founded the Velwyn Guild in Ostban."]
     known = ["Another passage entirely."]
-    spec = {"source": "file", "passages": 8, "seed": 0, "question_tokens": 8}
-    cfg, prompt = {"max_new_tokens": 4}, smoke_config["prompt"]
+    spec = ExtraPassages(source="file", path=str(tmp_path / "p.txt"), passages=8, seed=0, target="question", question_tokens=8)
+    cfg, prompt = from_section(ProjectionSettings, smoke_config["projection"]), smoke_config["prompt"]
     (tmp_path / "p.txt").write_text("\n\n".join(passages))
-    spec["path"] = str(tmp_path / "p.txt")
-    settings = {"target": "question"}, {"target": "continuation"}
-    asked, cont = (
-        extra_samples(scout, tiny_main, prompt, cfg | {"distill": {"extra": spec | t, "teacher_top_k": 16}}, known)
-        for t in settings
-    )
+
+    def settings(target: str) -> ProjectionSettings:
+        distill = dataclasses.replace(cfg.distill, extra=dataclasses.replace(spec, target=target), teacher_top_k=16)
+        return dataclasses.replace(cfg, distill=distill, max_new_tokens=4)
+
+    asked, cont = (extra_samples(scout, tiny_main, prompt, settings(t), known) for t in ("question", "continuation"))
     questions = [self_question(tiny_main, p, 8) for p in passages]
     assert len(asked) == sum(map(bool, questions)) > 0 and len(cont) == 2
     for s, (p, q) in zip(asked, [(p, q) for p, q in zip(passages, questions) if q]):

@@ -13,6 +13,7 @@ from kvpipe.kv import store as kvstore
 from kvpipe.kv.pairs import read_passages
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.layer_map import relative_depth
+from kvpipe.settings import ProjectionSettings, from_section
 from kvpipe.structure.stage import analyse_pair
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
@@ -68,7 +69,7 @@ def test_structure_stage_names_the_damaged_shard(clean_kv, tmp_path, samples_pat
 def test_projection_calibration_names_the_damaged_shard(clean_kv, tmp_path, samples_path, smoke_config, damage):
     scout, main = damaged_copy(clean_kv, tmp_path, damage)
     cal = Calibration.open(scout, main, read_passages(samples_path, main), "tiny", relative_depth(2, 3),
-                           ("key", "value"), smoke_config["projection"])
+                           ("key", "value"), from_section(ProjectionSettings, smoke_config["projection"]))
     with pytest.raises(KvpipeError) as info:
         cal.statistics()
     _one_line(info)

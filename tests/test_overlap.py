@@ -7,6 +7,7 @@ from kvpipe.scoring.select import context_budget
 from kvpipe.selection.aggregate import aggregate
 from kvpipe.selection.overlap import overlap_row, random_overlap
 from kvpipe.selection.report import summary_markdown
+from kvpipe.settings import SelectionSettings, recorded
 from kvpipe.stats import holm
 
 
@@ -80,7 +81,7 @@ def test_family_is_holm_corrected_and_the_summary_says_what_survives():
     answers, overlaps = _answers()
     cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0, "methods": ["q2c", "random"], "budget": "context",
            "max_new_tokens": 4, "max_samples": None}
-    agg = aggregate(answers, overlaps, cfg, 0.05)
+    agg = aggregate(answers, overlaps, recorded(SelectionSettings, "selection", cfg), 0.05)
     family = agg[agg["p_value"].notna()]
     assert set(family["quantity"]) == {"delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full"}
     assert len(family) == 6 and (family["table"] == "transfer").all()

@@ -30,6 +30,7 @@ from kvpipe.projection.hidden import HiddenMap
 from kvpipe.projection.layer_map import LAYER_MAPS, best_cka, last_aligned, relative_depth
 from kvpipe.projection.registry import CONDITIONS, PROJECTORS, plan_all
 from kvpipe.projection.stage import ANSWERING, FIT_TIMINGS, answer_chunk, fit_projection, run_projection
+from kvpipe.settings import ProjectionSettings, from_section
 
 EXTRACTION = {"dtype": "float32", "layers": "all", "storage_dtype": "float32", "shard_size": 4, "compression": "none"}
 ANSWER_COLUMNS = {"sample_idx", "sample_id", "passage", "is_impossible", "condition", "projector", "objective", "key_map",
@@ -99,7 +100,7 @@ def test_stage_writes_every_table_named_as_the_issue_names_them(stage_out, smoke
 
 @pytest.fixture(scope="module")
 def self_fit(kv_dirs, samples_path, smoke_config, tiny_main):
-    cfg = smoke_config["projection"] | {"alpha_grid": [1e-9], "objectives": ["reconstruction"]}
+    cfg = from_section(ProjectionSettings, smoke_config["projection"] | {"alpha_grid": [1e-9], "objectives": ["reconstruction"]})
     passages = read_passages(samples_path, kv_dirs / "tiny-main")
     cal = Calibration.open(kv_dirs / "tiny-main", kv_dirs / "tiny-main", passages, "self", relative_depth(3, 3),
                            ("key", "value", "key_post"), cfg)
@@ -146,7 +147,7 @@ def _answerer(self_fit, tiny_main, smoke_config, conditions, projectors=None):
     common = {"projectors": chosen, "layer_map": cal.layer_map, "means": main_means(stats, cal),
               "extras": {"hidden": (tiny_main, identity_hidden(tiny_main)),
                          "fuser": fuser_start(fitted[("gated", "reconstruction")].projector).eval()}}
-    return Answerer(tiny_main, tiny_main, common, cfg | {"conditions": conditions},
+    return Answerer(tiny_main, tiny_main, common, dataclasses.replace(cfg, conditions=conditions),
                     smoke_config["prompt"], "self")
 
 
@@ -284,6 +285,7 @@ def test_layer_maps():
     assert set(LAYER_MAPS) == {"relative_depth", "last_aligned", "best_cka"}
 
 
+@pytest.mark.slow  # a 30-step attention fit
 def test_attention_objective_lowers_the_attention_loss(self_fit, tiny_main, smoke_config, samples):
     from kvpipe.projection.attention import attention_loss, collect, fine_tune
 
@@ -298,7 +300,7 @@ def test_attention_objective_lowers_the_attention_loss(self_fit, tiny_main, smok
             projector.weight[kind].copy_(torch.eye(cal.widths[0]) + 0.3 * torch.randn(*shape, generator=noise))
     before = float(attention_loss(projector, data[2], cal.layer_map, tiny_main).detach())
     losses = fine_tune(projector, data[:2], data[2:], cal.layer_map, tiny_main,
-                       {"steps": 30, "lr": 1e-2, "eval_every": 5, "seed": 0})
+                       dataclasses.replace(cfg.attention, steps=30, lr=1e-2, eval_every=5), 0)
     assert losses["validation"] < before / 4   # seeded: 3.94 -> 0.38 on the held-out sample; a stalled fit fails
 
 
@@ -334,12 +336,12 @@ def test_the_scout_selects_with_any_registered_method(self_fit, tiny_main, smoke
 
     row = samples.iloc[0]
     tokens = build_prompt(tiny_main.tokenizer, smoke_config["prompt"], row["context"], row["question"])
-    n, seed = tokens.context_end - tokens.context_start, self_fit[3]["seed"]
+    n, seed = tokens.context_end - tokens.context_start, self_fit[3].seed
     chosen = {}
     for method in ("q2c", "random"):
         answerer = _answerer(self_fit, tiny_main, smoke_config, ["main_full"])
-        answerer = Answerer(tiny_main, tiny_main, answerer.common, answerer.cfg | {"chain": answerer.cfg["chain"] | {
-            "method": method}}, smoke_config["prompt"], "self")
+        answerer = Answerer(tiny_main, tiny_main, answerer.common, dataclasses.replace(answerer.cfg, chain=dataclasses.replace(
+            answerer.cfg.chain, method=method)), smoke_config["prompt"], "self")
         chosen[method] = answerer.scout_side(tokens, int(row["sample_idx"]))[1]
     uniform = np.random.default_rng([seed, int(row["sample_idx"])]).random(n)
     assert chosen["random"].keys() == chosen["q2c"].keys() and chosen["random"]

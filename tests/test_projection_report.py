@@ -14,11 +14,13 @@ from kvpipe.projection import STAGE
 from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, label, on_front, pareto_front
 from kvpipe.projection.report import FIGURES, write_report
 from kvpipe.projection.summary import summary_markdown
+from kvpipe.settings import ProjectionSettings, recorded
 from kvpipe.stats import holm
 
 BASE = np.array([1.0, 0.8, 0.6, 1.0, 0.4, 0.9])   # main_full answerable F1 per passage; every question of it alike
 CFG = {"bootstrap": 300, "ci": 0.95, "seed": 3, "retention": 1.0, "chain": {"retention": [0.5, 1.0], "rank": [4, -1]},
        "ttft": {"link_mbps": [100, 1000], "target": 0.3}}
+SETTINGS = recorded(ProjectionSettings, "projection", CFG)
 MARGIN = 0.05
 IMPOSSIBLE = (False, True)   # question q of a passage (two per passage unless said)
 # (condition, projector, objective, key_map, retention, rank, bottom_layers, hidden_layer) ->
@@ -89,7 +91,7 @@ FACTS = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "dataset": 
 
 @pytest.fixture(scope="module")
 def agg() -> pd.DataFrame:
-    return aggregate(_answers(), CFG, MARGIN)
+    return aggregate(_answers(), SETTINGS, MARGIN)
 
 
 def _row(agg: pd.DataFrame, variant: tuple) -> pd.Series:
@@ -124,7 +126,7 @@ def test_a_cache_that_only_abstains_wins_no_verdict():
     variants[BASELINE] = (lambda b: b, False, 1000, 1.0)   # main_full tries to answer everything
     variants[noise] = (lambda b: 0 * b, True, 50_000, 0.2)
     answers = _answers((False, False, True, True, True), variants)
-    agg = aggregate(answers, CFG, MARGIN)
+    agg = aggregate(answers, SETTINGS, MARGIN)
     row = _row(agg, noise)
     assert row["f1"] > _row(agg, BASELINE)["f1"]                     # the all-question F1 it would have won
     assert row["verdict"] == "worse" and row["f1_answerable"] == 0 and not row["carries_content"]
@@ -139,7 +141,7 @@ def test_hybrid_layers_are_their_own_typed_columns():
     hybrid = {("own_bottom_projected_top", "ridge", "reconstruction", "pre_rope", 1.0, -1, b, -1):
               (lambda x, b=b: x * b / 4, True, 1000 * b, np.nan) for b in (3, 1)}
     hybrid[("projected_hidden", "ridge", "reconstruction", "pre_rope", 1.0, -1, -1, 2)] = (lambda x: x / 2, True, 10, np.nan)
-    agg = aggregate(_answers(variants={v: VARIANTS[v] for v in (BASELINE, *floors)} | hybrid), CFG, MARGIN)
+    agg = aggregate(_answers(variants={v: VARIANTS[v] for v in (BASELINE, *floors)} | hybrid), SETTINGS, MARGIN)
     rows = agg[agg["condition"].isin(("own_bottom_projected_top", "projected_hidden"))]
     assert all(agg[c].dtype == np.int64 for c in ("rank", "bottom_layers", "hidden_layer"))
     assert (rows["rank"] == -1).all()
@@ -159,12 +161,12 @@ def test_holm_is_applied_over_every_variant_but_main_full(agg):
 
 def test_intervals_resample_passages_not_questions():
     """Both answerable questions of a passage score alike: the intervals must equal those of one per passage."""
-    two, one = aggregate(_answers((False, False)), CFG, MARGIN), aggregate(_answers((False,)), CFG, MARGIN)
+    two, one = aggregate(_answers((False, False)), SETTINGS, MARGIN), aggregate(_answers((False,)), SETTINGS, MARGIN)
     cols = ["f1_answerable_low", "f1_answerable_high", "delta_f1_low", "delta_f1_high"]
     np.testing.assert_allclose(two[cols], one[cols], rtol=1e-12)
     assert (two["f1_answerable_high"] - two["f1_answerable_low"]).iloc[0] > 0.1
     per_question = _answers((False, False)).assign(passage=lambda a: a["sample_id"])   # resampling questions instead
-    assert not np.allclose(aggregate(per_question, CFG, MARGIN)[cols], two[cols])
+    assert not np.allclose(aggregate(per_question, SETTINGS, MARGIN)[cols], two[cols])
 
 
 def test_pareto_front_keeps_the_best_f1_at_no_more_bytes():

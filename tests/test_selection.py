@@ -20,6 +20,7 @@ from kvpipe.selection.aggregate import aggregate
 from kvpipe.selection.gather import gather
 from kvpipe.selection.report import FIGURES, summary_markdown, write_report
 from kvpipe.selection.stage import overlap_row, run_pair, run_selection
+from kvpipe.settings import SelectionSettings, recorded
 from kvpipe.splits import whole_passages
 
 
@@ -383,7 +384,7 @@ def test_pair_run_with_per_head_conditions(model_dirs, samples, smoke_config):
     assert set(answers["retention"]) == {0.0, 0.5, 1.0}   # 0: the floors no_context and always_abstain
     assert set(answers.loc[answers["retention"] == 1.0, "method"]) == {"full"}  # 1.0 is not in this grid
     assert set(answers.loc[answers["retention"] == 0.0, "method"]) == {"no_context", "always_abstain"}
-    agg = aggregate(answers, overlaps, cfg, 0.05)
+    agg = aggregate(answers, overlaps, recorded(SelectionSettings, "selection", cfg), 0.05)
     assert {"f1_own_per_head", "delta_per_head_vs_shared"} <= set(agg["quantity"])
     facts = {"pair": "tiny", "scout": "tiny-scout", "main": "tiny-main", "n_sampled": 2, "selection": cfg}
     text = summary_markdown(agg, answers, facts, "synthetic-small", 0.05)
@@ -399,7 +400,8 @@ def test_has_answer_and_no_answer_breakdown():
                          "source": "none", "f1": 0.0 if impossible else 1.0, "exact": 0.0 if impossible else 1.0,
                          "is_impossible": impossible, "prediction": "x", "abstained": False, "empty": False})
     cfg = {"bootstrap": 200, "ci": 0.95, "seed": 0}
-    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]), cfg, 0.05)
+    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
+                    recorded(SelectionSettings, "selection", cfg), 0.05)
     main = agg[(agg["table"] == "full_kv") & (agg["role"] == "main")].set_index("quantity")["value"]
     assert main["f1_answerable"] == 1.0 and main["f1_unanswerable"] == 0.0
     assert main["abstain_unanswerable"] == 0.0 and main["abstain_answerable"] == 0.0
@@ -420,7 +422,8 @@ def test_an_abstaining_condition_wins_no_answer_quality_verdict():
             abstains = {"prediction": "", "f1": float(impossible), "exact": float(impossible), "abstained": True}
             rows.append(base | abstains | {"role": role, "method": "q2c", "retention": 0.5, "source": "transfer"})
     agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
-                    {"bootstrap": 300, "ci": 0.95, "seed": 0}, 0.05).set_index(["table", "role", "quantity"])
+                    recorded(SelectionSettings, "selection", {"bootstrap": 300, "ci": 0.95, "seed": 0}),
+                    0.05).set_index(["table", "role", "quantity"])
     forward = agg.loc[("transfer", "main", "delta_forward")]
     assert forward["value"] == pytest.approx(-0.8) and forward["verdict"] == "worse"
     assert agg.loc[("transfer_all", "main", "delta_forward"), "value"] > 0   # what the all-question F1 would claim
@@ -447,7 +450,7 @@ def test_every_interval_and_p_value_resamples_passages_not_questions():
     """Questions on one passage are perfectly correlated: the passage bootstrap's intervals are about √5 times wider
     than a question bootstrap's (each question its own passage), and its p-values larger."""
     overlaps = pd.DataFrame(columns=["method", "retention", "sample_idx"])
-    cfg = {"bootstrap": 1000, "ci": 0.95, "seed": 0}
+    cfg = recorded(SelectionSettings, "selection", {"bootstrap": 1000, "ci": 0.95, "seed": 0})
     by_passage = aggregate(_planted_answers(lambda i: f"p{i // 5}"), overlaps, cfg, 0.05)
     by_question = aggregate(_planted_answers(lambda i: f"q{i}"), overlaps, cfg, 0.05)
     by_passage, by_question = (a[a["table"] != "abstention"].set_index(["role", "method", "quantity"])
@@ -533,7 +536,7 @@ def test_full_kv_main_minus_scout_is_a_paired_difference():
                          "retention": 1.0, "source": "none", "f1": f1, "exact": f1, "is_impossible": False,
                          "prediction": "x", "abstained": False, "empty": False})
     agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
-                    {"bootstrap": 200, "ci": 0.95, "seed": 0}, 0.05)
+                    recorded(SelectionSettings, "selection", {"bootstrap": 200, "ci": 0.95, "seed": 0}), 0.05)
     gap = agg[(agg["table"] == "full_kv") & (agg["quantity"] == "f1_main_minus_scout")].iloc[0]
     assert gap["role"] == "pair" and gap["value"] == pytest.approx(0.5)
     assert 0 < gap["ci_low"] < 0.5 < gap["ci_high"] <= 1

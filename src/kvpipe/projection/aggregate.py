@@ -26,6 +26,7 @@ from kvpipe.config import section_defaults
 from kvpipe.errors import KvpipeError
 from kvpipe.estimands import MEAN_KV, NO_CONTEXT, SUBSETS, Comparison, carries_content, compare, with_failure_flags
 from kvpipe.reporting import Interval
+from kvpipe.settings import ProjectionSettings
 from kvpipe.stats import PassageBootstrap, bootstrap_pvalue, cluster_codes, critical_value, holm
 
 VARIANT = ("condition", "projector", "objective", "key_map", "retention", "rank", "bottom_layers", "hidden_layer")
@@ -51,13 +52,13 @@ def _order(variant: tuple) -> tuple:
 class Paired:
     """Per-sample values of every variant ([samples, variants] per column) and their passage bootstrap (`boot`)."""
 
-    def __init__(self, answers: pd.DataFrame, cfg: Mapping[str, Any],
+    def __init__(self, answers: pd.DataFrame, settings: ProjectionSettings,
                  columns: Sequence[str] = ("f1", "exact", "bytes", "abstained", "empty")) -> None:
         per_sample = answers.groupby("sample_idx")[["passage", "is_impossible"]].first()
         self.impossible = per_sample["is_impossible"].to_numpy(dtype=bool)
         self.passage, _ = cluster_codes(per_sample["passage"].to_numpy())
-        self.boot = PassageBootstrap(per_sample["passage"], cfg["bootstrap"], cfg["ci"], cfg["seed"])
-        self.level = cfg["ci"]
+        self.boot = PassageBootstrap(per_sample["passage"], settings.bootstrap, settings.ci, settings.seed)
+        self.level = settings.ci
         self.wide = {col: answers.pivot(index="sample_idx", columns=list(VARIANT), values=col).reindex(per_sample.index)
                      for col in columns}
         self.variants: list[tuple] = sorted(self.wide[columns[0]].columns, key=_order)
@@ -152,13 +153,13 @@ def _floor_columns(out: pd.DataFrame, p: Paired, margin: float) -> None:
     out["carries_content"] = [len(floors) == len(FLOOR_VARIANTS) and carries_content(c) for c in versus]
 
 
-def aggregate(answers: pd.DataFrame, cfg: Mapping[str, Any], margin: float) -> pd.DataFrame:
+def aggregate(answers: pd.DataFrame, settings: ProjectionSettings, margin: float) -> pd.DataFrame:
     """One row per variant: answerable F1 (the estimand), abstention, all-question F1, ΔF1 vs main_full and the
     floors with verdicts, and bytes, with intervals (`<name>_low` / `<name>_high`).
 
-    cfg is the stage's config section (bootstrap, ci, seed); margin the equivalence margin of the TOST.
+    settings: the stage's (bootstrap, ci, seed); margin the equivalence margin of the TOST.
     """
-    p = Paired(with_failure_flags(answers), cfg)
+    p = Paired(with_failure_flags(answers), settings)
     if BASELINE not in p.variants:
         raise KvpipeError(f"answers: no {BASELINE[0]} rows (the baseline of every delta)")
     base = p.variants.index(BASELINE)
@@ -205,16 +206,16 @@ def ttft_columns(frame: pd.DataFrame) -> list[str]:
     return sorted(cols, key=lambda c: (not c.startswith("ttft_e2e"), c != "ttft_payload_s", c))
 
 
-def ttft_aggregate(answers: pd.DataFrame, ttft: pd.DataFrame, cfg: Mapping[str, Any]) -> pd.DataFrame:
+def ttft_aggregate(answers: pd.DataFrame, ttft: pd.DataFrame, settings: ProjectionSettings) -> pd.DataFrame:
     """One row per variant with a measured time: mean TTFT in each regime and its ratio to main_full's in the same
-    regime, with a paired passage-bootstrap interval (cfg: the stage's section, with `ttft.link_mbps`)."""
-    regimes = ttft_regimes(ttft, cfg.get("ttft", {}).get("link_mbps", []))
+    regime, with a paired passage-bootstrap interval (the regimes of `settings.ttft.link_mbps`)."""
+    regimes = ttft_regimes(ttft, settings.ttft.link_mbps)
     cols = ttft_columns(regimes)
     timed = answers[["sample_idx", "passage", "is_impossible", *VARIANT]].merge(regimes, on=["sample_idx", *VARIANT])
     if timed.empty:
         return pd.DataFrame(columns=[*VARIANT, "n", "regime", "ttft_s", "ttft_ratio", "ttft_ratio_low",
                                      "ttft_ratio_high"])
-    p = Paired(timed, cfg, cols)
+    p = Paired(timed, settings, cols)
     if BASELINE not in p.variants:
         raise KvpipeError(f"ttft: no {BASELINE[0]} rows (the baseline of every ratio)")
     base, frames = p.variants.index(BASELINE), []

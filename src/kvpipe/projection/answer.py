@@ -35,16 +35,17 @@ from kvpipe.projection.inject import ScoutPayload
 from kvpipe.projection.registry import plan_all
 from kvpipe.scoring.methods import METHODS, ScoringInputs
 from kvpipe.scoring.select import capture_window, select
+from kvpipe.settings import ProjectionSettings
 
 
 class Answerer:
     """Both models, the fitted projectors and the settings; answers one test sample at a time."""
 
-    def __init__(self, scout: LoadedModel, main: LoadedModel, common: dict[str, Any], cfg: dict[str, Any],
+    def __init__(self, scout: LoadedModel, main: LoadedModel, common: dict[str, Any], cfg: ProjectionSettings,
                  prompt: dict[str, Any], pair: str) -> None:
         self.scout, self.main, self.common, self.cfg, self.prompt, self.pair = scout, main, common, cfg, prompt, pair
-        self.retentions = sorted({r for r in [*cfg["retention"], *cfg["chain"]["retention"]] if r < 1})
-        self.method = METHODS[cfg["chain"]["method"]].from_config(section_defaults("selection") | {"seed": cfg["seed"]})
+        self.retentions = sorted({r for r in [*cfg.retention, *cfg.chain.retention] if r < 1})
+        self.method = METHODS[cfg.chain.method].from_config(section_defaults("selection") | {"seed": cfg.seed})
 
     def prompt_tokens(self, row: Any) -> PromptTokens:
         """The prompt both models read; they must tokenise it identically and fit their context windows."""
@@ -54,7 +55,7 @@ class Answerer:
             raise KvpipeError(f"pair {self.pair}: scout and main tokenise sample {row.id} differently; projection "
                               "needs a shared tokenizer")
         for lm in (self.scout, self.main):
-            check_window(lm, len(tokens), row.id, self.cfg["max_new_tokens"])
+            check_window(lm, len(tokens), row.id, self.cfg.max_new_tokens)
         return tokens
 
     def scout_side(self, tokens: PromptTokens, sample_idx: int) -> tuple[ScoutPayload, dict[float, np.ndarray]]:
@@ -62,7 +63,7 @@ class Answerer:
         session = Session(self.scout, tokens, capture_window([self.method]))
         session.answer([AnswerRequest("scout full", role="scout")], 1, capture_row=0)
         inputs = ScoringInputs.from_session(session, sample_idx)
-        return ScoutPayload.from_context(self.scout, session.own), {r: select(self.method, inputs, r, self.cfg["budget"])
+        return ScoutPayload.from_context(self.scout, session.own), {r: select(self.method, inputs, r, self.cfg.budget)
                                                                     for r in self.retentions}
 
     def ttft(self, session: Session, inputs: SampleInputs, plan: Plan, scout_s: float,
@@ -93,10 +94,10 @@ class Answerer:
                 cache = plan.variant.label
                 session.add(GivenTensors(plan.build()), cache)
             conditions.append(AnswerRequest(plan.variant.label, plan.selection, cache=cache))
-        size = self.cfg["batch_size"]
+        size = self.cfg.batch_size
         generated = []
         for start in range(0, len(conditions), size):
-            generated += [a.text for a in session.answer(conditions[start:start + size], self.cfg["max_new_tokens"])]
+            generated += [a.text for a in session.answer(conditions[start:start + size], self.cfg.max_new_tokens)]
         replies = iter(generated)
         return [plan.reply if plan.reply is not None else next(replies) for plan in plans]
 
@@ -117,7 +118,7 @@ class Answerer:
         inputs = SampleInputs(tokens, row.context, payload, session.own, self.common["projectors"],
                               self.common["layer_map"], self.main, self.common["means"], selections, self.cfg,
                               extras=self.common.get("extras", {}))
-        plans = plan_all(inputs, self.cfg["conditions"])
+        plans = plan_all(inputs, self.cfg.conditions)
         t2 = time.perf_counter()
         replies = self.answer(session, plans)
         t3 = time.perf_counter()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -28,6 +27,7 @@ from kvpipe.kv.checks import cache_layer
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.inject import ScoutPayload, project
 from kvpipe.projection.projectors import Projector
+from kvpipe.settings import AttentionSettings
 
 
 @dataclass(frozen=True)
@@ -80,19 +80,19 @@ def _mean_loss(projector: Projector, samples: Sequence[AttentionSample], layer_m
 
 
 def fine_tune(projector: Projector, train: Sequence[AttentionSample], held: Sequence[AttentionSample],
-              layer_map: list[int], main: LoadedModel, settings: dict[str, Any]) -> dict[str, float]:
+              layer_map: list[int], main: LoadedModel, settings: AttentionSettings, seed: int) -> dict[str, float]:
     """Train the key and value maps on the attention loss; keep the best held-out step. Returns both losses."""
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(seed)
     params = [p for name, p in projector.named_parameters() if "key_post" not in name]
-    optimiser = torch.optim.Adam(params, lr=settings["lr"])
+    optimiser = torch.optim.Adam(params, lr=settings.lr)
     with torch.no_grad():
         best = float(_mean_loss(projector, held, layer_map, main))
     best_state = copy.deepcopy(projector.state_dict())
-    for step in range(1, settings["steps"] + 1):
+    for step in range(1, settings.steps + 1):
         optimiser.zero_grad(set_to_none=True)
         _mean_loss(projector, train, layer_map, main).backward()
         optimiser.step()
-        if step % settings["eval_every"] == 0 or step == settings["steps"]:
+        if step % settings.eval_every == 0 or step == settings.steps:
             with torch.no_grad():
                 loss = float(_mean_loss(projector, held, layer_map, main))
             if loss < best:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from kvpipe.errors import KvpipeError
 from kvpipe.kv.pairs import PairData
 from kvpipe.linalg.ridge import RidgeStats
+from kvpipe.settings import ProjectionSettings
 from kvpipe.splits import split_by_passage
 
 COLUMN = {"key": "key_pre_rope", "key_post": "key", "value": "value"}   # mapped kind -> KV dataset column
@@ -45,7 +46,7 @@ class Calibration:
 
     @classmethod
     def open(cls, scout_kv: Path, main_kv: Path, passages: np.ndarray, pair: str, layer_map: list[int],
-             kinds: tuple[str, ...], cfg: dict[str, Any]) -> Calibration:
+             kinds: tuple[str, ...], cfg: ProjectionSettings) -> Calibration:
         """Open both datasets (they must hold every layer the map uses) and split their passages."""
         data = PairData.open(Path(scout_kv), Path(main_kv), pair)
         ms, mm = data.scout_manifest, data.main_manifest
@@ -54,8 +55,8 @@ class Calibration:
         missing = sorted(set(layer_map) - set(ms["layers"]))
         if missing:
             raise KvpipeError(f"pair {pair}: scout layer {missing[0]} of the layer map is not in {scout_kv}")
-        fold_of, _ = split_by_passage(passages, cfg["calibration_fraction"], cfg["cv_folds"], cfg["seed"], "projection")
-        return cls(data, layer_map, kinds, fold_of, cfg["cv_folds"])
+        fold_of, _ = split_by_passage(passages, cfg.calibration_fraction, cfg.cv_folds, cfg.seed, "projection")
+        return cls(data, layer_map, kinds, fold_of, cfg.cv_folds)
 
     @property
     def widths(self) -> tuple[int, int]:

@@ -33,6 +33,7 @@ from kvpipe.projection.inject import ScoutPayload, mean_context, mixed, project
 from kvpipe.projection.payload import index_bytes, kv_bytes, text_bytes
 from kvpipe.projection.projectors import Projector
 from kvpipe.registry import Registered
+from kvpipe.settings import ProjectionSettings
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class SampleInputs:
     main: LoadedModel
     means: dict[str, torch.Tensor]
     selections: dict[float, np.ndarray]            # the scout's selection (chain.method) per retention below 1
-    settings: dict[str, Any]
+    settings: ProjectionSettings
     memo: dict[tuple, ContextKV] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)   # e.g. "hidden": (scout, HiddenMap) for projected_hidden
 
@@ -179,7 +180,7 @@ class ProjectedKV(Condition):
         size = kv_bytes(s.n_context, s.widths)
         out = [Plan(Variant(self.name, p, o, "pre_rope"), lambda p=p, o=o: s.projected(p, o), None, size, False)
                for p, o in s.projectors]
-        if s.settings["post_rope_comparison"] and ("ridge", "reconstruction") in s.projectors:
+        if s.settings.post_rope_comparison and ("ridge", "reconstruction") in s.projectors:
             out.append(Plan(Variant(self.name, "ridge", "reconstruction", "post_rope"),
                             lambda: s.projected("ridge", "reconstruction", "post_rope"), None, size, False))
         return out
@@ -225,7 +226,7 @@ class ScoutSelection(Condition):
         text = text_bytes(s.context)
         return [Plan(Variant(self.name, retention=r), None, s.selections[r],
                      text + index_bytes(s.selections[r], s.n_context), True)
-                for r in sorted(s.settings["retention"]) if r < 1]
+                for r in sorted(s.settings.retention) if r < 1]
 
 
 class Chain(Condition):
@@ -234,14 +235,14 @@ class Chain(Condition):
     name: ClassVar[str] = "chain"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        chain = s.settings["chain"]
-        p, o = chain["projector"], chain["objective"]
+        chain = s.settings.chain
+        p, o = chain.projector, chain.objective
         out = []
-        for r in chain["retention"]:
+        for r in chain.retention:
             kept = s.kept(r)
             sel = None if r >= 1 else s.selections[r]
             extra = 0 if sel is None else index_bytes(sel, s.n_context)
-            for rank in chain["rank"]:
+            for rank in chain.rank:
                 k = None if rank == "full" else int(rank)
                 out.append(Plan(Variant(self.name, p, o, "pre_rope", r, -1 if k is None else k),
                                 lambda kept=kept, k=k: s.projected(p, o, payload=s.payload.truncated(kept, k)),

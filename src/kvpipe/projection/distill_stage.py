@@ -10,6 +10,7 @@ of its reconstruction fit on the main model's device (CUDA when `device` says so
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +24,47 @@ from kvpipe.projection.distill import DistillSample, continuation_sample, questi
 from kvpipe.projection.distill_fit import fit_distill
 from kvpipe.projection.extra import extra_samples
 from kvpipe.projection.projectors import Projector
+from kvpipe.settings import ProjectionSettings
 
 DistillData = tuple[list[DistillSample], list[DistillSample]]
 
 
-def settings_of(cfg: dict[str, Any]) -> dict[str, Any]:
+def settings_of(cfg: ProjectionSettings) -> dict[str, Any]:
     """The distill fit's settings: the `distill` section with the stage's seed and answer length."""
-    return cfg["distill"] | {"seed": cfg["seed"], "max_new_tokens": cfg["max_new_tokens"]}
+    return asdict(cfg.distill) | {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens}
 
 
 def _samples(
-    rows: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
+    rows: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: ProjectionSettings
 ) -> list[DistillSample]:
     out, seen = [], set()
     for row in rows.itertuples(index=False):
         tokens = build_prompt(main.tokenizer, prompt, row.context, row.question)
         answers = () if row.is_impossible else tuple(row.answers)
-        out.append(question_sample(scout, main, tokens, answers, cfg["max_new_tokens"], cfg["distill"]["teacher_top_k"]))
-        if cfg["distill"]["continuation"] and row.passage not in seen:
+        out.append(question_sample(scout, main, tokens, answers, cfg.max_new_tokens, cfg.distill.teacher_top_k))
+        if cfg.distill.continuation and row.passage not in seen:
             seen.add(row.passage)
-            out.append(continuation_sample(scout, main, tokens, cfg["distill"]["teacher_top_k"]))
+            out.append(continuation_sample(scout, main, tokens, cfg.distill.teacher_top_k))
     return out
 
 
-def calibration_rows(cal: Calibration, samples: pd.DataFrame, cfg: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def calibration_rows(cal: Calibration, samples: pd.DataFrame, cfg: ProjectionSettings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded training and held-out rows of the samples table from the training and validation calibration folds."""
-    rng = np.random.default_rng([cfg["seed"], 22])
+    rng = np.random.default_rng([cfg.seed, 22])
     idx = samples["sample_idx"].to_numpy()
-    train = np.sort(rng.permutation(idx[cal.part(idx, "train")])[: cfg["distill"]["samples"]])
-    held = np.sort(rng.permutation(idx[cal.part(idx, "validation")])[: cfg["distill"]["held_out"]])
+    train = np.sort(rng.permutation(idx[cal.part(idx, "train")])[: cfg.distill.samples])
+    held = np.sort(rng.permutation(idx[cal.part(idx, "validation")])[: cfg.distill.held_out])
     by_idx = samples.set_index("sample_idx", drop=False)
     return by_idx.loc[train], by_idx.loc[held]
 
 
 def distill_data(
-    cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
+    cal: Calibration,
+    samples: pd.DataFrame,
+    scout: LoadedModel,
+    main: LoadedModel,
+    prompt: dict[str, Any],
+    cfg: ProjectionSettings,
 ) -> DistillData:
     """Seeded training and held-out samples from the training and validation calibration folds; the extra
     passages' samples (distill.extra, none overlapping a passage of the samples table) train too."""
@@ -81,7 +88,12 @@ def finished(checkpoint: Path | None) -> None:
 
 
 def distilled(
-    projector: Projector, data: DistillData, layer_map: list[int], main: LoadedModel, cfg: dict[str, Any], checkpoint: Path | None
+    projector: Projector,
+    data: DistillData,
+    layer_map: list[int],
+    main: LoadedModel,
+    cfg: ProjectionSettings,
+    checkpoint: Path | None,
 ) -> tuple[Projector, dict[str, Any], dict[str, Any], float]:
     """A distilled copy of a fitted projector (on CPU), its errors, its card fields and its peak memory (MiB)."""
     refined = copy.deepcopy(projector).to(main.device)

@@ -24,6 +24,7 @@ from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.distill import DistillSample, continuation_sample, question_sample
+from kvpipe.settings import ExtraPassages, ProjectionSettings
 
 ASK_PROMPT = {"system": "You write reading-comprehension questions.", "user": "Passage:\n{context}\n\n{question}"}
 ASK = "Write one short question that the passage answers. Reply with the question only."
@@ -48,16 +49,16 @@ def read_passages_file(path: Path) -> list[str]:
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
-def extra_passages(spec: dict[str, Any], known: list[str]) -> list[str]:
-    """Up to spec['passages'] configured passages, in order, none overlapping a known passage."""
-    if spec["source"] == "none":
+def extra_passages(spec: ExtraPassages, known: list[str]) -> list[str]:
+    """Up to spec.passages configured passages, in order, none overlapping a known passage."""
+    if spec.source == "none":
         return []
-    if spec["source"] == "synthetic":
-        texts = list(dict.fromkeys(generate(seed=spec["seed"], passages=spec["passages"])["context"]))
+    if spec.source == "synthetic":
+        texts = list(dict.fromkeys(generate(seed=spec.seed, passages=spec.passages)["context"]))
     else:
-        texts = read_passages_file(Path(spec["path"]))
+        texts = read_passages_file(Path(spec.path))
     seen = [_normal(k) for k in known]
-    return [t for t in texts if not _overlaps(t, seen)][: spec["passages"]]
+    return [t for t in texts if not _overlaps(t, seen)][: spec.passages]
 
 
 def self_question(main: LoadedModel, passage: str, max_tokens: int) -> str:
@@ -68,17 +69,17 @@ def self_question(main: LoadedModel, passage: str, max_tokens: int) -> str:
 
 
 def extra_samples(
-    scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any], known: list[str]
+    scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: ProjectionSettings, known: list[str]
 ) -> list[DistillSample]:
     """The training samples of the extra passages (a passage whose self-question is empty gives none)."""
-    spec, top_k = cfg["distill"]["extra"], cfg["distill"]["teacher_top_k"]
+    spec, top_k = cfg.distill.extra, cfg.distill.teacher_top_k
     out = []
     for passage in extra_passages(spec, known):
-        if spec["target"] == "continuation":
+        if spec.target == "continuation":
             out.append(continuation_sample(scout, main, build_prompt(main.tokenizer, prompt, passage, ASK), top_k))
             continue
-        question = self_question(main, passage, spec["question_tokens"])
+        question = self_question(main, passage, spec.question_tokens)
         if question:
             tokens = build_prompt(main.tokenizer, prompt, passage, question)
-            out.append(question_sample(scout, main, tokens, (), cfg["max_new_tokens"], top_k))
+            out.append(question_sample(scout, main, tokens, (), cfg.max_new_tokens, top_k))
     return [dataclasses.replace(s, extra=True) for s in out]

@@ -21,6 +21,7 @@ from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill_stage import DistillData, distilled
 from kvpipe.projection.projectors import Errors, Projector, Stats, save_tensors
 from kvpipe.projection.registry import PROJECTORS
+from kvpipe.settings import ProjectionSettings
 
 
 @dataclass
@@ -34,18 +35,18 @@ class Fitted:
     peak_mib: float | None = None                           # measured: goes to the timing files only
 
 
-def kinds_of(name: str, cfg: dict[str, Any]) -> tuple[str, ...]:
+def kinds_of(name: str, cfg: ProjectionSettings) -> tuple[str, ...]:
     """What a projector maps: keys (pre-RoPE) and values; ridge also post-RoPE keys when compared."""
-    return ("key", "value", "key_post") if name == "ridge" and cfg["post_rope_comparison"] else ("key", "value")
+    return ("key", "value", "key_post") if name == "ridge" and cfg.post_rope_comparison else ("key", "value")
 
 
 def attention_data(cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel,
-                   prompt: dict[str, Any], cfg: dict[str, Any]) -> tuple[list[AttentionSample], list[AttentionSample]]:
+                   prompt: dict[str, Any], cfg: ProjectionSettings) -> tuple[list[AttentionSample], list[AttentionSample]]:
     """Seeded training and held-out attention samples from the training and validation calibration folds."""
-    rng = np.random.default_rng(cfg["seed"])
+    rng = np.random.default_rng(cfg.seed)
     idx = samples["sample_idx"].to_numpy()
-    train = rng.permutation(idx[cal.part(idx, "train")])[: cfg["attention"]["samples"]]
-    held = rng.permutation(idx[cal.part(idx, "validation")])[: cfg["attention"]["held_out"]]
+    train = rng.permutation(idx[cal.part(idx, "train")])[: cfg.attention.samples]
+    held = rng.permutation(idx[cal.part(idx, "validation")])[: cfg.attention.held_out]
     by_idx = samples.set_index("sample_idx")
 
     def one(i: int) -> AttentionSample:
@@ -55,30 +56,30 @@ def attention_data(cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, 
     return [one(int(i)) for i in sorted(train)], [one(int(i)) for i in sorted(held)]
 
 
-def fit_all(cal: Calibration, stats: Stats, cfg: dict[str, Any], main: LoadedModel,
+def fit_all(cal: Calibration, stats: Stats, cfg: ProjectionSettings, main: LoadedModel,
             attention: tuple[list[AttentionSample], list[AttentionSample]] | None,
             distill: DistillData | None = None, checkpoints: Path | None = None) -> dict[tuple[str, str], Fitted]:
     """Every (projector, objective) of the config; attention and distill objectives refine a copy of the
     reconstruction fit (distill checkpoints under `checkpoints`)."""
     p, q = cal.widths
     out = {}
-    for name in cfg["projectors"]:
+    for name in cfg.projectors:
         started = time.perf_counter()
         projector = PROJECTORS[name](len(cal.layer_map), kinds_of(name, cfg), p, q, cfg)
         errors = projector.fit(cal, stats)
         fit_s = time.perf_counter() - started
         out[(name, "reconstruction")] = Fitted(projector, errors, fit_s)
-        if "attention" in cfg["objectives"] and attention is not None:
+        if "attention" in cfg.objectives and attention is not None:
             started = time.perf_counter()
             refined = copy.deepcopy(projector)
-            losses = fine_tune(refined, *attention, cal.layer_map, main, cfg["attention"] | {"seed": cfg["seed"]})
+            losses = fine_tune(refined, *attention, cal.layer_map, main, cfg.attention, cfg.seed)
             out[(name, "attention")] = Fitted(refined, {"attention": losses}, fit_s + time.perf_counter() - started)
-        if "distill" in cfg["objectives"] and distill is not None:
+        if "distill" in cfg.objectives and distill is not None:
             started = time.perf_counter()
             where = None if checkpoints is None else Path(checkpoints) / f"{name}-distill.pt"
             refined, errors, card, peak = distilled(projector, distill, cal.layer_map, main, cfg, where)
             out[(name, "distill")] = Fitted(refined, errors, fit_s + time.perf_counter() - started, card, peak)
-    return {k: v for k, v in out.items() if k[1] in cfg["objectives"]}
+    return {k: v for k, v in out.items() if k[1] in cfg.objectives}
 
 
 def main_means(stats: Stats, cal: Calibration) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ from kvpipe.projection.distill_stage import calibration_rows, finished, settings
 from kvpipe.projection.gated import GatedProjector, fuse_heads
 from kvpipe.projection.inject import ScoutPayload, project
 from kvpipe.projection.projectors import save_tensors
+from kvpipe.settings import ProjectionSettings
 
 OBJECTIVE = "next_token"  # the fused rows' objective column
 
@@ -133,7 +134,7 @@ def stage_fuser(
     table: pd.DataFrame,
     models: tuple[LoadedModel, LoadedModel],
     prompt: dict[str, Any],
-    cfg: dict[str, Any],
+    cfg: ProjectionSettings,
     projectors: dict[tuple[str, str], Any],
     about: dict[str, Any],
     out_dir: Path,
@@ -151,7 +152,7 @@ def stage_fuser(
         return out
 
     train, held = (samples(rows) for rows in calibration_rows(cal, table, cfg))
-    fuser = fuser_start(projectors[("gated", cfg["fused"]["objective"])]).to(main.device)
+    fuser = fuser_start(projectors[("gated", cfg.fused.objective)]).to(main.device)
     checkpoint = out_dir / "checkpoints" / "fuser.pt"
     result = fit_distill(fuser, train, held, cal.layer_map, main, settings_of(cfg), checkpoint, loss=fuse_loss, f1=fuse_f1)
     finished(checkpoint)
@@ -159,7 +160,7 @@ def stage_fuser(
     card = about | {
         "projector": "gated",
         "objective": OBJECTIVE,
-        "start": f"gated/{cfg['fused']['objective']}",
+        "start": f"gated/{cfg.fused.objective}",
         "errors": {OBJECTIVE: fields | {"train_samples": len(train), "held_out_samples": len(held)}},
         "settings": settings_of(cfg),
         "params": fuser.n_params(),

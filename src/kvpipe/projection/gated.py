@@ -26,6 +26,7 @@ from torch import nn
 from kvpipe.linalg.ridge import pooled
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.projectors import Errors, LinearProjector, Stats
+from kvpipe.settings import ProjectionSettings
 
 
 class GatedProjector(LinearProjector):
@@ -33,7 +34,7 @@ class GatedProjector(LinearProjector):
 
     name: ClassVar[str] = "gated"
 
-    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: dict[str, Any]) -> None:
+    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: ProjectionSettings) -> None:
         super().__init__(n_layers, kinds, p, q, settings)
         self.gate = nn.ParameterDict({k: nn.Parameter(torch.ones(n_layers, 1)) for k in kinds})
         self.register_buffer("anchor", torch.zeros(len(kinds), n_layers, q))

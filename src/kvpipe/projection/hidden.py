@@ -29,6 +29,7 @@ from kvpipe.kv.checks import cache_layer
 from kvpipe.linalg.ridge import RidgeStats, choose_alpha, fit_ridge, pooled, squared_error
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
+from kvpipe.settings import ProjectionSettings
 
 
 class HiddenMap(nn.Module):
@@ -134,14 +135,19 @@ def main_from_layer(
 
 
 def fit_hidden_map(
-    cal: Calibration, samples: pd.DataFrame, scout: LoadedModel, main: LoadedModel, prompt: dict[str, Any], cfg: dict[str, Any]
+    cal: Calibration,
+    samples: pd.DataFrame,
+    scout: LoadedModel,
+    main: LoadedModel,
+    prompt: dict[str, Any],
+    cfg: ProjectionSettings,
 ) -> tuple[HiddenMap, dict[str, float]]:
     """Ridge from the scout's to the main's hidden states on calibration prompts; held-out error on the validation fold."""
-    layer = min(round(cfg["hybrid"]["hidden_depth"] * len(cal.layer_map)), len(cal.layer_map) - 1)
+    layer = min(round(cfg.hybrid.hidden_depth * len(cal.layer_map)), len(cal.layer_map) - 1)
     scout_layer = cal.layer_map[layer]
-    rng = np.random.default_rng([cfg["seed"], 7])
+    rng = np.random.default_rng([cfg.seed, 7])
     idx = samples["sample_idx"].to_numpy()
-    chosen = np.sort(rng.permutation(idx[cal.part(idx, "calibration")])[: cfg["hybrid"]["hidden_samples"]])
+    chosen = np.sort(rng.permutation(idx[cal.part(idx, "calibration")])[: cfg.hybrid.hidden_samples])
     by_idx = samples.set_index("sample_idx", drop=False)
     folds: dict[int, RidgeStats] = {}
     for i in chosen:
@@ -151,7 +157,7 @@ def fit_hidden_map(
         f = int(cal.fold_of[i])
         folds.setdefault(f, RidgeStats(x.shape[1], y.shape[1])).add(x.double().cpu().numpy(), y.double().cpu().numpy())
     parts = [folds[f] for f in sorted(folds)]
-    alpha = choose_alpha(parts, np.asarray(cfg["alpha_grid"], dtype=np.float64)) if len(parts) > 1 else cfg["alpha_grid"][0]
+    alpha = choose_alpha(parts, np.asarray(cfg.alpha_grid, dtype=np.float64)) if len(parts) > 1 else cfg.alpha_grid[0]
     m = fit_ridge(pooled(parts), alpha)
     train = [folds[f] for f in folds if f != cal.validation_fold]
     errors = {"calibration": _rel(m, pooled(parts))}

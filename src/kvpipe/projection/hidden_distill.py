@@ -28,6 +28,7 @@ from kvpipe.projection.distill_stage import DistillData, distill_data, finished,
 from kvpipe.projection.hidden import HiddenMap, fit_hidden_map, hidden_states, layers_from, save_hidden_map
 from kvpipe.projection.inject import project
 from kvpipe.projection.projectors import Projector
+from kvpipe.settings import ProjectionSettings
 
 
 class HiddenStudent(nn.Module):
@@ -77,7 +78,7 @@ def distill_hidden(
     data: DistillData,
     layer_map: list[int],
     main: LoadedModel,
-    cfg: dict[str, Any],
+    cfg: ProjectionSettings,
     checkpoint: Path | None = None,
 ) -> tuple[HiddenMap, dict[str, Any]]:
     """A copy of the hidden map trained with distill (on the main's device, returned on CPU) and its card fields."""
@@ -93,7 +94,7 @@ def stage_hidden_map(
     table: pd.DataFrame,
     models: tuple[LoadedModel, LoadedModel],
     prompt: dict[str, Any],
-    cfg: dict[str, Any],
+    cfg: ProjectionSettings,
     projectors: dict[tuple[str, str], Projector],
     about: dict[str, Any],
     out_dir: Path,
@@ -101,11 +102,11 @@ def stage_hidden_map(
     """Fit (and with hidden_objective distill, train) the hidden map and save it under out_dir/projectors."""
     scout, main = models
     hidden, errors = fit_hidden_map(cal, table, scout, main, prompt, cfg)
-    objective = cfg["hybrid"]["hidden_objective"]
+    objective = cfg.hybrid.hidden_objective
     if objective == "distill":
         train, held = distill_data(cal, table, scout, main, prompt, cfg)
         data = (with_hidden(train, scout, hidden.scout_layer), with_hidden(held, scout, hidden.scout_layer))
-        projector = projectors[(cfg["hybrid"]["projector"], cfg["hybrid"]["objective"])]
+        projector = projectors[(cfg.hybrid.projector, cfg.hybrid.objective)]
         hidden, fields = distill_hidden(hidden, projector, data, cal.layer_map, main, cfg, out_dir / "checkpoints" / "hidden.pt")
         errors = {"reconstruction": errors, "distill": fields}
     save_hidden_map(hidden, errors, about, out_dir / "projectors", objective)

@@ -54,9 +54,9 @@ class OwnBottomProjectedTop(Condition):
     name: ClassVar[str] = "own_bottom_projected_top"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        h = s.settings["hybrid"]
-        p, o, n_layers = h["projector"], h["objective"], len(s.layer_map)
-        bottoms = sorted({round(f * n_layers) for f in h["bottom_fractions"]})
+        h = s.settings.hybrid
+        p, o, n_layers = h.projector, h.objective, len(s.layer_map)
+        bottoms = sorted({round(f * n_layers) for f in h.bottom_fractions})
 
         def build(b: int) -> ContextKV:
             return _replace(s.projected(p, o), dict(enumerate(main_bottom(s.main, s.tokens, b))))
@@ -82,8 +82,8 @@ class ProjectedHidden(Condition):
         if "hidden" not in s.extras:
             return []
         scout, hmap = s.extras["hidden"]
-        h = s.settings["hybrid"]
-        p, o, layer = h["projector"], h["objective"], hmap.main_layer
+        h = s.settings.hybrid
+        p, o, layer = h.projector, h.objective, hmap.main_layer
         scout_hidden = hidden_states(scout, s.tokens, hmap.scout_layer)  # part of the payload: not timed
 
         def build() -> ContextKV:
@@ -124,11 +124,11 @@ class ProjectedKVRefresh(Condition):
     name: ClassVar[str] = "projected_kv_refresh"
 
     def plans(self, s: SampleInputs) -> list[Plan]:
-        h = s.settings["hybrid"]
-        p, o = h["projector"], h["objective"]
+        h = s.settings.hybrid
+        p, o = h.projector, h.objective
         sent = kv_bytes(len(s.payload), s.widths)
         out = []
-        for r in sorted(r for r in s.settings["retention"] if r < 1):
+        for r in sorted(r for r in s.settings.retention if r < 1):
             kept, sel = s.kept(r), s.selections[r]
             c0, c1 = s.tokens.char_start[s.tokens.context_start + sel], s.tokens.char_end[s.tokens.context_start + sel]
             text = sum(text_bytes(s.context[a:b]) for a, b in zip(c0, c1, strict=True))

@@ -7,8 +7,6 @@ baseline projector `mean` (R² exactly 0).
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pandas as pd
 import torch
@@ -17,6 +15,7 @@ from kvpipe.linalg.ridge import metrics_from_scores, pooled, row_scores
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.fit import Fitted
 from kvpipe.projection.projectors import Stats
+from kvpipe.settings import ProjectionSettings
 from kvpipe.stats import bootstrap_counts, cluster_codes, percentile_ci
 
 WHOLE = [slice(None)]
@@ -45,7 +44,7 @@ def _passage_scores(cal: Calibration, fitted: dict[tuple[str, str], Fitted], mea
 
 
 def projector_metrics(cal: Calibration, fitted: dict[tuple[str, str], Fitted], stats: Stats, passages: np.ndarray,
-                      cfg: dict[str, Any]) -> pd.DataFrame:
+                      cfg: ProjectionSettings) -> pd.DataFrame:
     """Tidy table: projector, objective, kind, main_layer, scout_layer, relative_depth, metric, value, ci_low, ci_high."""
     means = {(j, kind): (lambda s: s.sy / s.n)(pooled([stats[(j, kind, f)] for f in range(cal.folds)]))
              for j in range(len(cal.layer_map)) for kind in cal.kinds}
@@ -53,14 +52,14 @@ def projector_metrics(cal: Calibration, fitted: dict[tuple[str, str], Fitted], s
     unit_of = np.full(len(passages), -1)
     unit_of[test], n_units = cluster_codes(np.asarray(passages)[test])
     scores, rows = _passage_scores(cal, fitted, means, unit_of, n_units)
-    counts = bootstrap_counts(n_units, cfg["bootstrap"], cfg["seed"] + BOOTSTRAP_SEED)
+    counts = bootstrap_counts(n_units, cfg.bootstrap, cfg.seed + BOOTSTRAP_SEED)
     n_main = len(cal.layer_map)
     records = []
     for (projector, objective, kind, j), acc in sorted(scores.items()):
         point = metrics_from_scores(acc.sum(0), rows.sum())
         reps = metrics_from_scores(counts @ acc, counts @ rows)
         for metric, value in point.items():
-            low, high = percentile_ci(reps[metric], cfg["ci"])
+            low, high = percentile_ci(reps[metric], cfg.ci)
             records.append({"projector": projector, "objective": objective, "kind": kind, "main_layer": j,
                             "scout_layer": cal.layer_map[j], "relative_depth": j / max(n_main - 1, 1),
                             "metric": metric, "value": float(value), "ci_low": float(low), "ci_high": float(high)})

@@ -10,7 +10,7 @@ best epoch's weights. Seeded; memory is one shard whatever the number of samples
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import nn
 from kvpipe.linalg.ridge import choose_alpha, fit_ridge, pooled
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.projectors import Errors, Projector, Stats
+from kvpipe.settings import ProjectionSettings
 
 
 def _residual(p: int, hidden: int, q: int, depth: int) -> nn.Sequential:
@@ -38,13 +39,13 @@ class MLPProjector(Projector):
 
     name: ClassVar[str] = "mlp"
 
-    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: dict[str, Any]) -> None:
+    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: ProjectionSettings) -> None:
         super().__init__(n_layers, kinds, p, q, settings)
-        mlp = settings["mlp"]
-        torch.manual_seed(settings["seed"])
+        mlp = settings.mlp
+        torch.manual_seed(settings.seed)
         keys = [self.key(j, k) for j in range(n_layers) for k in kinds]
         self.base = nn.ModuleDict({key: nn.Linear(p, q) for key in keys})
-        self.residual = nn.ModuleDict({key: _residual(p, mlp["hidden"], q, mlp["depth"]) for key in keys})
+        self.residual = nn.ModuleDict({key: _residual(p, mlp.hidden, q, mlp.depth) for key in keys})
         self.register_buffer("x_mean", torch.zeros(len(kinds), n_layers, p))
         self.register_buffer("x_scale", torch.ones(len(kinds), n_layers, p))
 
@@ -60,7 +61,7 @@ class MLPProjector(Projector):
 
     def _init_base(self, cal: Calibration, stats: Stats) -> None:
         """Ridge on the training folds, α by CV over all calibration folds; input standardisation."""
-        grid = np.asarray(self.settings["alpha_grid"], dtype=np.float64)
+        grid = np.asarray(self.settings.alpha_grid, dtype=np.float64)
         train = [f for f in range(cal.folds) if f != cal.validation_fold]
         with torch.no_grad():
             for k, kind in enumerate(self.kinds):
@@ -77,7 +78,7 @@ class MLPProjector(Projector):
                     self.x_scale[k, j] = torch.as_tensor(np.sqrt(var) + 1e-6, dtype=torch.float32)
 
     def _epoch(self, cal: Calibration, optimiser: torch.optim.Optimizer, gen: torch.Generator) -> None:
-        batch = self.settings["mlp"]["batch_tokens"]
+        batch = self.settings.mlp.batch_tokens
         for _, block in cal.blocks("train", "mlp epoch"):
             for (j, kind), (X, Y) in block:
                 if kind not in self.kinds:
@@ -92,19 +93,19 @@ class MLPProjector(Projector):
                     optimiser.step()
 
     def fit(self, cal: Calibration, stats: Stats) -> Errors:
-        settings = self.settings["mlp"]
+        settings = self.settings.mlp
         self._init_base(cal, stats)
-        gen = torch.Generator().manual_seed(self.settings["seed"])
-        optimiser = torch.optim.Adam(self.residual.parameters(), lr=settings["lr"])
+        gen = torch.Generator().manual_seed(self.settings.seed)
+        optimiser = torch.optim.Adam(self.residual.parameters(), lr=settings.lr)
         best, best_state, waited = relative_errors(self, cal, "validation"), copy.deepcopy(self.state_dict()), 0
-        for _ in range(settings["epochs"]):
+        for _ in range(settings.epochs):
             self._epoch(cal, optimiser, gen)
             err = relative_errors(self, cal, "validation")
             if sum(err.values()) < sum(best.values()):
                 best, best_state, waited = err, copy.deepcopy(self.state_dict()), 0
             else:
                 waited += 1
-                if waited >= settings["patience"]:
+                if waited >= settings.patience:
                     break
         self.load_state_dict(best_state)
         train = relative_errors(self, cal, "train")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from kvpipe.linalg.ridge import LinearMap, RidgeStats, pooled, squared_error
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.linear import choose_shared_alpha, fit_per_layer, fit_shared, ridge_cv_error, scatter
 from kvpipe.registry import Registered
+from kvpipe.settings import ProjectionSettings
 
 PROJECTORS: dict[str, type[Projector]] = {}
 Stats = dict[tuple[int, str, int], RidgeStats]
@@ -42,7 +43,7 @@ class Projector(Registered, nn.Module, ABC):
 
     registry = PROJECTORS   # concrete kinds name themselves; shared bases do not
 
-    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: dict[str, Any]) -> None:
+    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: ProjectionSettings) -> None:
         super().__init__()
         self.n_layers, self.kinds, self.p, self.q, self.settings = n_layers, kinds, p, q, settings
 
@@ -81,7 +82,7 @@ class LinearProjector(Projector):
 
     shared: ClassVar[bool] = False
 
-    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: dict[str, Any]) -> None:
+    def __init__(self, n_layers: int, kinds: tuple[str, ...], p: int, q: int, settings: ProjectionSettings) -> None:
         super().__init__(n_layers, kinds, p, q, settings)
         shape = (p, q) if self.shared else (n_layers, p, q)
         self.weight = nn.ParameterDict({k: nn.Parameter(torch.zeros(shape)) for k in kinds})
@@ -100,7 +101,7 @@ class LinearProjector(Projector):
 
     def fit_kind(self, stats: Stats, kind: str, folds: int) -> list[LinearMap]:
         """The maps of one kind, one per layer."""
-        grid = np.asarray(self.settings["alpha_grid"], dtype=np.float64)
+        grid = np.asarray(self.settings.alpha_grid, dtype=np.float64)
         return [fit_per_layer(_folds(stats, j, kind, folds), grid) for j in range(self.n_layers)]
 
     def fit(self, cal: Calibration, stats: Stats) -> Errors:
@@ -129,7 +130,7 @@ class SharedProjector(LinearProjector):
     shared: ClassVar[bool] = True
 
     def fit_kind(self, stats: Stats, kind: str, folds: int) -> list[LinearMap]:
-        grid = np.asarray(self.settings["alpha_grid"], dtype=np.float64)
+        grid = np.asarray(self.settings.alpha_grid, dtype=np.float64)
         by_fold = [[stats[(j, kind, f)] for j in range(self.n_layers)] for f in range(folds)]
         return fit_shared([pooled([by_fold[f][j] for f in range(folds)]) for j in range(self.n_layers)],
                           choose_shared_alpha(by_fold, grid))

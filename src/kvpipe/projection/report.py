@@ -22,6 +22,7 @@ from kvpipe.projection import figures
 from kvpipe.projection.aggregate import aggregate, ttft_aggregate
 from kvpipe.projection.summary import summary_markdown, timing_markdown
 from kvpipe.reporting import save_figure
+from kvpipe.settings import ProjectionSettings, recorded
 
 _DRAW = {"f1_vs_bytes": figures.f1_vs_bytes, "f1_by_condition": figures.f1_by_condition,
          "r2_by_layer": figures.r2_by_layer}
@@ -35,16 +36,16 @@ def write_report(answers: Path, metrics: Path, facts: Path, timing: dict[str, Pa
     verdicts: the config's `verdicts` section (default: the schema's)."""
     answers_t, metrics_t = with_failure_flags(pd.read_parquet(answers)), pd.read_parquet(metrics)
     about = read_json(Path(facts))
-    cfg = about["projection"] = {"ttft": section_defaults("projection", "ttft")} | about["projection"]
+    settings = recorded(ProjectionSettings, "projection", about["projection"])
     margin = (verdicts or section_defaults("verdicts"))["equivalence_margin"]
-    agg = aggregate(answers_t, cfg, margin)
+    agg = aggregate(answers_t, settings, margin)
     out_dir = Path(out_dir)
     for name, draw in _DRAW.items():
         save_figure(draw(agg, metrics_t, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)
     write_parquet(agg, out_dir / "aggregates.parquet")
     write_text(out_dir / "summary.md", summary_markdown(agg, answers_t, metrics_t, about, dataset, margin))
-    ttft = ttft_aggregate(answers_t, pd.read_parquet(timing["ttft.parquet"]), cfg)
+    ttft = ttft_aggregate(answers_t, pd.read_parquet(timing["ttft.parquet"]), settings)
     write_parquet(ttft, out_dir / "ttft_aggregates.parquet")
     write_text(out_dir / "timing.md", timing_markdown(ttft, agg, pd.read_parquet(timing["timings.parquet"]),
                                                       read_json(Path(timing["timings.json"])), about, dataset,
-                                                      cfg["ttft"]["target"]))
+                                                      settings.ttft.target))

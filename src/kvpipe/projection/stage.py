@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,14 @@ from kvpipe.projection.hidden_distill import stage_hidden_map
 from kvpipe.projection.layer_map import layer_map
 from kvpipe.projection.metrics import projector_metrics
 from kvpipe.projection.payload import text_bytes
+from kvpipe.settings import ProjectionSettings, from_section
 from kvpipe.splits import whole_passages
 
 ANSWERING = "answering.pt"        # fit_projection -> answer_chunk: fitted projectors, means, hidden map, test samples
 FIT_TIMINGS = "fit_timings.json"  # the fit's phases and times, joined with the chunks' seconds by the gather
 
 
-def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, Any], samples: pd.DataFrame,
+def _facts(pair: str, cal: Calibration, cfg: ProjectionSettings, cards: dict[str, Any], samples: pd.DataFrame,
            test: pd.DataFrame) -> dict[str, Any]:
     ms, mm = cal.data.scout_manifest, cal.data.main_manifest
     calibration = samples[cal.part(samples["sample_idx"].to_numpy(), "calibration")]
@@ -59,49 +60,50 @@ def _facts(pair: str, cal: Calibration, cfg: dict[str, Any], cards: dict[str, An
             "n_samples": len(samples), "n_calibration_samples": len(calibration), "n_test_samples": len(test),
             "n_calibration_passages": int(calibration["passage"].nunique()),
             "n_test_passages": int(test["passage"].nunique()),
-            "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": cal.layer_map},
+            "layer_map": {"name": cfg.layer_map, "scout_layer_of_main": cal.layer_map},
             "projectors": {k: {f: c[f] for f in ("params", "bytes", "calibration_error", "validation_error", "errors")}
                            for k, c in cards.items()},
-            "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": cfg}
+            "text_bytes_mean": float(np.mean([text_bytes(c) for c in test["context"]])), "projection": asdict(cfg)}
 
 
 def _hybrid_fits(cal: Calibration, table: pd.DataFrame, models: tuple[LoadedModel, LoadedModel], prompt: dict[str, Any],
-                 cfg: dict[str, Any], projectors: dict[tuple[str, str], Any], about: dict[str, Any],
+                 cfg: ProjectionSettings, projectors: dict[tuple[str, str], Any], about: dict[str, Any],
                  out_dir: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """What the configured hybrid conditions need fitted (projected_hidden's hidden map, fused's fuser), and the
     fuser's fit time and peak memory."""
     extras, measured = {"hidden": None, "fuser": None}, {}
-    if "projected_hidden" in cfg["conditions"]:
+    if "projected_hidden" in cfg.conditions:
         extras["hidden"] = stage_hidden_map(cal, table, models, prompt, cfg, projectors, about, out_dir)
-    if "fused" in cfg["conditions"]:
+    if "fused" in cfg.conditions:
         extras["fuser"], measured[f"gated/{OBJECTIVE}"] = stage_fuser(cal, table, models, prompt, cfg, projectors, about,
                                                                        out_dir)
     return extras, measured
 
 
 def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
-                   cfg: dict[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
+                   section: Mapping[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
                    structure_metrics: Path | None = None) -> None:
     """Fit and score the projectors of one pair on the whole sample table; write them, their metrics, the facts,
-    the fit's timings (FIT_TIMINGS) and what the answering chunks need (ANSWERING: answer_chunk) under out_dir."""
-    out_dir = Path(out_dir)
+    the fit's timings (FIT_TIMINGS) and what the answering chunks need (ANSWERING: answer_chunk) under out_dir.
+    section: the pair's validated `projection` section."""
+    out_dir, cfg = Path(out_dir), from_section(ProjectionSettings, section)
     passages = read_passages(Path(samples), Path(scout_kv))
     table = pd.read_parquet(samples)
     scout, main = load_model(Path(scout_model), device, dtype), load_model(Path(main_model), device, dtype)
-    lmap = layer_map(cfg["layer_map"], scout.card["num_layers"], main.card["num_layers"], structure_metrics)
-    kinds = tuple(dict.fromkeys(k for name in cfg["projectors"] for k in kinds_of(name, cfg)))
+    lmap = layer_map(cfg.layer_map, scout.card["num_layers"], main.card["num_layers"], structure_metrics)
+    kinds = tuple(dict.fromkeys(k for name in cfg.projectors for k in kinds_of(name, cfg)))
     cal = Calibration.open(Path(scout_kv), Path(main_kv), passages, pair, lmap, kinds, cfg)
     clock = [time.perf_counter()]
     stats = cal.statistics()
     clock.append(time.perf_counter())
-    attention = attention_data(cal, table, scout, main, prompt, cfg) if "attention" in cfg["objectives"] else None
-    distill = distill_data(cal, table, scout, main, prompt, cfg) if "distill" in cfg["objectives"] else None
+    attention = attention_data(cal, table, scout, main, prompt, cfg) if "attention" in cfg.objectives else None
+    distill = distill_data(cal, table, scout, main, prompt, cfg) if "distill" in cfg.objectives else None
     clock.append(time.perf_counter())
     fitted = fit_all(cal, stats, cfg, main, attention, distill, out_dir / "checkpoints")
     del attention, distill   # attention samples hold the main's KV, distill samples its log-probabilities
     clock.append(time.perf_counter())
     about = {"pair": pair, "scout": scout.slug, "main": main.slug,
-             "layer_map": {"name": cfg["layer_map"], "scout_layer_of_main": lmap}}
+             "layer_map": {"name": cfg.layer_map, "scout_layer_of_main": lmap}}
     cards = save(fitted, cal, about, out_dir / "projectors")
     write_parquet(projector_metrics(cal, fitted, stats, passages, cfg), out_dir / "projector_metrics.parquet")
     state = {"projectors": {k: f.projector.eval().to(main.device) for k, f in fitted.items()}, "layer_map": lmap,
@@ -109,7 +111,7 @@ def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     extras, fuser_fit = _hybrid_fits(cal, table, (scout, main), prompt, cfg, state["projectors"], about, out_dir)
     state |= extras   # the hidden map and the fuser, None where not configured
     test = table[cal.part(table["sample_idx"].to_numpy(), "test")].sort_values("sample_idx")
-    test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg["max_test_samples"])]
+    test = test.iloc[whole_passages(test["passage"].to_numpy(), cfg.max_test_samples)]
     state["test"] = test["sample_idx"].tolist()
     buffer = io.BytesIO()   # torch.save names its zip records after a file's name: a buffer's are the same every run
     torch.save(state, buffer)
@@ -128,16 +130,16 @@ def fit_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Pa
     write_json(out_dir / "facts.json", facts)
 
 
-def answer_chunk(answering: Path, chunk: Path, scout_model: Path, main_model: Path, pair: str, cfg: dict[str, Any],
-                 prompt: dict[str, Any], device: str, dtype: str, out_dir: Path) -> None:
+def answer_chunk(answering: Path, chunk: Path, scout_model: Path, main_model: Path, pair: str,
+                 section: Mapping[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path) -> None:
     """Answer the test samples of a chunk of the sample table with the fitted projectors (the ANSWERING file of
-    fit_projection); write its CHUNK_TABLES and its seconds (timings.json) under out_dir."""
-    started = time.perf_counter()
+    fit_projection); write its CHUNK_TABLES and its seconds (timings.json) under out_dir. section: as fit_projection's."""
+    started, cfg = time.perf_counter(), from_section(ProjectionSettings, section)
     state = torch.load(answering, weights_only=False)   # fit_projection's, each tensor on the device it was fitted on
     order = {idx: i for i, idx in enumerate(state["test"])}   # position among all test samples
     table = pd.read_parquet(chunk)
     test = table[table["sample_idx"].isin(order)].sort_values("sample_idx")
-    timed = len(order) if cfg["ttft_samples"] is None else cfg["ttft_samples"]
+    timed = len(order) if cfg.ttft_samples is None else cfg.ttft_samples
     answers, ttfts, timings = [], [], []
     if len(test):   # a chunk without test samples loads no model
         scout, main = load_model(Path(scout_model), device, dtype), load_model(Path(main_model), device, dtype)
@@ -163,14 +165,14 @@ def answer_chunk(answering: Path, chunk: Path, scout_model: Path, main_model: Pa
 
 
 def run_projection(scout_kv: Path, main_kv: Path, samples: Path, scout_model: Path, main_model: Path, pair: str,
-                   cfg: dict[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
+                   section: Mapping[str, Any], prompt: dict[str, Any], device: str, dtype: str, out_dir: Path,
                    structure_metrics: Path | None = None) -> None:
     """Fit, score, inject and answer for one pair on the whole sample table (one chunk); write every table and the
-    projectors under out_dir."""
+    projectors under out_dir. section: as fit_projection's."""
     out_dir = Path(out_dir)
-    fit_projection(scout_kv, main_kv, samples, scout_model, main_model, pair, cfg, prompt, device, dtype, out_dir,
+    fit_projection(scout_kv, main_kv, samples, scout_model, main_model, pair, section, prompt, device, dtype, out_dir,
                    structure_metrics)
-    answer_chunk(out_dir / ANSWERING, samples, scout_model, main_model, pair, cfg, prompt, device, dtype,
+    answer_chunk(out_dir / ANSWERING, samples, scout_model, main_model, pair, section, prompt, device, dtype,
                  out_dir / "chunks" / "all")
     gather([out_dir / "chunks" / "all"], out_dir / FIT_TIMINGS, out_dir)
 

@@ -14,8 +14,18 @@ from typing import Any
 import pandas as pd
 
 from kvpipe.estimands import ABSTAIN_UNANSWERABLE, ANSWERABLE_F1, sample_line
-from kvpipe.projection.aggregate import BASELINE, DIAGNOSTICS, FLOOR_VARIANTS, INJECTED, Paired, label, on_front, variant_of
+from kvpipe.projection.aggregate import (
+    BASELINE,
+    DIAGNOSTICS,
+    FLOOR_VARIANTS,
+    INJECTED,
+    Paired,
+    label,
+    on_front,
+    variant_of,
+)
 from kvpipe.reporting import Interval, fmt_ci
+from kvpipe.settings import ProjectionSettings, recorded
 
 NOTES = {"keys_cosine": 0.9997, "values_cosine": 0.222}   # the notes (Qwen2.5 3B -> 7B, linear map, test tokens)
 
@@ -53,8 +63,9 @@ def _versus(paired: Paired, a: pd.Series, b: pd.Series, margin: float, baseline:
     return paired.compare(variant_of(a), variant_of(b), margin).words(baseline)
 
 
-def _header(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dataset: str, margin: float) -> list[str]:
-    cfg, layer_map = facts["projection"], facts.get("layer_map", {})
+def _header(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], settings: ProjectionSettings, dataset: str,
+            margin: float) -> list[str]:
+    layer_map = facts.get("layer_map", {})
     per_sample = answers.groupby("sample_idx")["is_impossible"].first()
     n_passages = answers["passage"].nunique()
     lines = [f"# Projection: {facts['scout']} (scout) → {facts['main']} (main), pair {facts['pair']}, {dataset}", "",
@@ -66,9 +77,9 @@ def _header(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dat
              "ones are reported apart. Floors: `no_context` (every context token evicted: what the main knows "
              "without reading), `mean_kv` (the calibration mean at every context position) and `always_abstain`. A "
              "condition *carries content* only when its answerable F1 is better than both `no_context` and `mean_kv`. "
-             f"Intervals: {int(round(100 * cfg['ci']))} % bootstrap over test passages ({cfg['bootstrap']} resamples), "
+             f"Intervals: {int(round(100 * settings.ci))} % bootstrap over test passages ({settings.bootstrap} resamples), "
              "paired by sample. Verdicts: *better* / *worse* when the interval excludes 0; *equivalent* only by two "
-             f"one-sided tests (the {int(round(100 * (2 * cfg['ci'] - 1)))} % interval inside ±{margin:g}, "
+             f"one-sided tests (the {int(round(100 * (2 * settings.ci - 1)))} % interval inside ±{margin:g}, "
              "`verdicts.equivalence_margin`); else *undecided at this n*.", ""]
     if facts.get("n_template_tokens"):
         lines += [f"The chat template before the context ({facts['n_template_tokens']} tokens) is the same for every "
@@ -212,10 +223,11 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, metrics: pd.DataF
                      dataset: str, margin: float) -> str:
     """Verdicts on answerable F1 beside the floors, the notes' questions answered from the stage's tables with the
     notes' figures beside ours (the fourth, on time, in timing_markdown)."""
-    paired = Paired(answers, facts["projection"])
-    lines = _header(agg, answers, facts, dataset, margin) + _verdicts(agg, margin) + [""] + _question_a(agg) + [""]
+    settings = recorded(ProjectionSettings, "projection", facts["projection"])
+    paired = Paired(answers, settings)
+    lines = _header(agg, answers, facts, settings, dataset, margin) + _verdicts(agg, margin) + [""] + _question_a(agg) + [""]
     lines += _question_b(agg, metrics, paired, margin) + _question_c(agg, paired) + _question_d()
-    lines += _all_variants(agg, 1 - facts["projection"]["ci"])
+    lines += _all_variants(agg, 1 - settings.ci)
     return "\n".join(lines + [""])
 
 

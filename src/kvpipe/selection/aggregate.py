@@ -29,6 +29,7 @@ import pandas as pd
 from kvpipe.errors import KvpipeError
 from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, SUBSETS, compare, with_failure_flags
 from kvpipe.reporting import Interval
+from kvpipe.settings import SelectionSettings
 from kvpipe.stats import PassageBootstrap, holm
 
 FAMILY = ("delta_forward", "delta_reverse", "delta_own_vs_random", "delta_own_vs_full")
@@ -173,11 +174,11 @@ def passages_of(answers: pd.DataFrame) -> pd.Series:
     return answers.groupby("sample_idx")["passage"].first()
 
 
-def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, cfg: dict[str, Any], margin: float) -> pd.DataFrame:
+def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, settings: SelectionSettings, margin: float) -> pd.DataFrame:
     """Tidy table (table, role, method, retention, quantity, value, ci_low, ci_high, p_value, verdict, p_holm);
-    margin: the TOST equivalence margin (`verdicts.equivalence_margin`)."""
+    settings: the stage's (bootstrap, ci, seed); margin: the TOST equivalence margin (`verdicts.equivalence_margin`)."""
     answers = with_failure_flags(answers)
-    boot = PassageBootstrap(passages_of(answers), cfg["bootstrap"], cfg["ci"], cfg["seed"])
+    boot = PassageBootstrap(passages_of(answers), settings.bootstrap, settings.ci, settings.seed)
     out = _Table(margin)
     _full_kv(out, answers, boot)
     _by_answerability(out, answers, overlaps, boot)

@@ -20,6 +20,7 @@ from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.reporting import Interval, fmt_ci, save_figure
 from kvpipe.selection import figures
 from kvpipe.selection.aggregate import aggregate
+from kvpipe.settings import SelectionSettings, recorded
 
 _DRAW = {"f1_vs_retention": figures.f1_vs_retention, "overlap": figures.overlap}
 FIGURES = tuple(_DRAW)
@@ -106,7 +107,7 @@ def _overlaps(get: _Lookup) -> list[str]:
     return lines
 
 
-def _character_overlaps(get: _Lookup, cfg: dict[str, Any]) -> list[str]:
+def _character_overlaps(get: _Lookup, settings: SelectionSettings) -> list[str]:
     """For a pair whose tokenizers differ: how selections cross tokenizers, and the overlap in characters."""
     ov = get.agg[(get.agg["table"] == "overlap") & (get.agg["method"] != "random")
                  & (get.agg["quantity"] == "char_overlap")]
@@ -114,7 +115,7 @@ def _character_overlaps(get: _Lookup, cfg: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "## Selection overlap in characters (the tokenizers differ)", "",
              "The models tokenise the samples differently, so a selection crosses by the characters it keeps: a main "
-             f"token is kept when the scout's kept tokens cover at least {cfg['alignment']['min_cover']:g} of its "
+             f"token is kept when the scout's kept tokens cover at least {settings.alignment.min_cover:g} of its "
              "characters (`alignment.min_cover`), then the main's budget is met exactly by the scout's scores mapped to "
              "main tokens (the max over the scout tokens covering each), and likewise from main to scout. The overlap "
              "above is counted in main tokens. Here: the share of the main's kept context characters that the scout's "
@@ -154,12 +155,12 @@ def _transfers(get: _Lookup) -> list[str]:
     return lines
 
 
-def _detectable(get: _Lookup, cfg: dict[str, Any]) -> str:
+def _detectable(get: _Lookup, settings: SelectionSettings) -> str:
     """The smallest forward delta the headline interval could tell from 0 at this n."""
     rows = get.agg[(get.agg["table"] == "transfer") & (get.agg["quantity"] == "detectable_forward")]
     if rows.empty:
         return ""
-    method = next(m for m in cfg["methods"] if m in set(rows["method"]))   # the first configured method
+    method = next(m for m in settings.methods if m in set(rows["method"]))   # the first configured method
     head = rows[rows["method"] == method].sort_values("retention").iloc[0]
     return (f"At this n the smallest forward delta distinguishable from 0 is about ±{head['value']:.3f} F1 "
             f"(z × the bootstrap standard error of the headline forward delta, {head['method']} at retention "
@@ -167,11 +168,11 @@ def _detectable(get: _Lookup, cfg: dict[str, Any]) -> str:
             "smaller true effects read as ≈ 0. ")
 
 
-def _retention(answers: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
+def _retention(answers: pd.DataFrame, settings: SelectionSettings) -> list[str]:
     pruned = answers[(answers["retention"] < 1) & (answers["source"] == "own")]
     if pruned.empty:
         return []
-    lines = ["## Retention kept", "", f"Budget: `selection.budget: {cfg['budget']}`. Means (min–max) over samples of the "
+    lines = ["## Retention kept", "", f"Budget: `selection.budget: {settings.budget}`. Means (min–max) over samples of the "
              "share of context tokens kept and of the pre-question KV (template prefix + context) kept.", "",
              "| retention | context tokens kept | pre-question KV kept |", "|---|---|---|"]
     for r, g in pruned.groupby("retention"):
@@ -180,9 +181,9 @@ def _retention(answers: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _multiplicity(agg: pd.DataFrame, cfg: dict[str, Any]) -> list[str]:
+def _multiplicity(agg: pd.DataFrame, settings: SelectionSettings) -> list[str]:
     family = agg[agg["p_holm"].notna()]
-    alpha = 1 - cfg["ci"]
+    alpha = 1 - settings.ci
     lines = ["", "## Multiple comparisons", "",
              f"The {len(family)} selection deltas above (forward, reverse, own − random, own − full KV; every method, "
              f"retention below 1 and model) form one family: two-sided p-values from each delta's bootstrap standard error "
@@ -241,20 +242,20 @@ def _sample_line(answers: pd.DataFrame, facts: dict[str, Any]) -> str:
 def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], dataset: str,
                      margin: float) -> str:
     """The notes' three tables regenerated from data on answerable F1, beside the floors, with the notes' figures."""
-    cfg, get = facts["selection"], _Lookup(agg)
-    level = int(round(100 * cfg["ci"]))
+    settings, get = recorded(SelectionSettings, "selection", facts["selection"]), _Lookup(agg)
+    level = int(round(100 * settings.ci))
     per_sample = answers.groupby("sample_idx")["is_impossible"].first().astype(bool)
     n = sample_line(len(per_sample), int((~per_sample).sum()), answers["passage"].nunique())
     lines = [f"# Selection transfer: {facts['scout']} (scout) ↔ {facts['main']} (main), pair {facts['pair']}, {dataset}",
-             "", f"{_sample_line(answers, facts)}: {n}; greedy decoding, at most {cfg['max_new_tokens']} new tokens. "
+             "", f"{_sample_line(answers, facts)}: {n}; greedy decoding, at most {settings.max_new_tokens} new tokens. "
              f"**Estimand of every F1 verdict: {ANSWERABLE_F1}**; abstention is reported apart. Intervals: {level} % "
-             f"bootstrap over passages (the questions on one passage are resampled together; {cfg['bootstrap']} "
+             f"bootstrap over passages (the questions on one passage are resampled together; {settings.bootstrap} "
              "resamples), paired for every delta. Verdicts: *better* / *worse* when the interval excludes 0, "
              f"*equivalent* only by two one-sided tests within ±{margin:g} (`verdicts.equivalence_margin`), else "
-             "*undecided*. " + _detectable(get, cfg), ""]
-    lines += _baselines(get, facts) + [""] + _retention(answers, cfg) + _overlaps(get) + _character_overlaps(get, cfg)
+             "*undecided*. " + _detectable(get, settings), ""]
+    lines += _baselines(get, facts) + [""] + _retention(answers, settings) + _overlaps(get) + _character_overlaps(get, settings)
     lines += [""] + _transfers(get)
-    lines += _multiplicity(agg, cfg) + _answerability(get)
+    lines += _multiplicity(agg, settings) + _answerability(get)
     lines += ["", "Figures: " + ", ".join(f"`figures/{name}`" for name in FIGURES) + " (PNG and PDF). Per-sample "
               "answers: `answers.parquet`; overlaps: `overlap.parquet`; every figure above: `aggregates.parquet`; "
               "time per step: `timing.md`.", ""]
@@ -270,7 +271,7 @@ def write_report(answers: Path, overlap: Path, facts: Path, timing: dict[str, Pa
     frames["answers"] = with_failure_flags(frames["answers"])
     about = read_json(Path(facts))
     margin = (verdicts or section_defaults("verdicts"))["equivalence_margin"]
-    agg = aggregate(frames["answers"], frames["overlap"], about["selection"], margin)
+    agg = aggregate(frames["answers"], frames["overlap"], recorded(SelectionSettings, "selection", about["selection"]), margin)
     out_dir = Path(out_dir)
     for name, draw in _DRAW.items():
         save_figure(draw(agg, f"pair {about['pair']} on {dataset}"), out_dir / "figures", name)

@@ -3,7 +3,8 @@
 The code of a script is the script itself plus the transitive closure of the kvpipe modules it
 imports, read from the source with ``ast`` (imports inside functions included, since they run
 when the function does). Importing ``kvpipe.a.b`` also runs ``kvpipe`` and ``kvpipe.a``, so
-parent packages belong to the closure. Nothing is cached: files may change between calls.
+parent packages belong to the closure. Files are read on every call (they may change between calls); only the
+parse of a file's bytes is cached, by those bytes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ast
 import hashlib
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 PACKAGE = "kvpipe"
@@ -43,14 +45,27 @@ def _package(path: Path, src: Path) -> list[str] | None:
     return list(rel.with_suffix("").parts[:-1])  # a/b/m.py -> a.b; a/b/__init__.py -> a.b
 
 
-def _from_base(node: ast.ImportFrom, package: list[str] | None) -> str | None:
+def _from_base(level: int, module: str | None, package: list[str] | None) -> str | None:
     """The absolute module a ``from ... import`` statement imports from; None if unresolvable."""
-    if not node.level:
-        return node.module
-    if package is None or node.level > len(package):
+    if not level:
+        return module
+    if package is None or level > len(package):
         return None
-    parts = package[: len(package) - node.level + 1]
-    return ".".join(parts + [node.module] if node.module else parts)
+    parts = package[: len(package) - level + 1]
+    return ".".join(parts + [module] if module else parts)
+
+
+@cache
+def _statements(source: bytes) -> tuple[tuple[int | None, str | None, tuple[str, ...]], ...]:
+    """Every import statement of a source, at any depth: (None, None, names) for ``import a, b``, (level, module,
+    names) for ``from ...module import names``."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.append((None, None, tuple(alias.name for alias in node.names)))
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.level, node.module, tuple(alias.name for alias in node.names)))
+    return tuple(out)
 
 
 def kvpipe_imports(path: Path, src: Path) -> set[str]:
@@ -61,13 +76,11 @@ def kvpipe_imports(path: Path, src: Path) -> set[str]:
     """
     package = _package(path, src)
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and (base := _from_base(node, package)):
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                found.add(sub if alias.name != "*" and _is_module(sub, src) else base)
+    for level, module, names in _statements(path.read_bytes()):
+        if level is None:
+            found.update(names)
+        elif base := _from_base(level, module, package):
+            found.update(f"{base}.{name}" if name != "*" and _is_module(f"{base}.{name}", src) else base for name in names)
     return {name for name in found if name == PACKAGE or name.startswith(PACKAGE + ".")}
 
 

@@ -12,12 +12,14 @@ the end of the context, pruned, and then fed the rest without changing the token
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from kvpipe.errors import KvpipeError
+
+if TYPE_CHECKING:  # the workflow imports this module (via the KV store) to build its DAG: no transformers there
+    from transformers import PreTrainedTokenizerBase
 
 TEMPLATE, CONTEXT, QUESTION = 0, 1, 2
 SEGMENT_NAMES = ("template", "context", "question")

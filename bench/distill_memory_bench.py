@@ -19,6 +19,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -31,8 +32,7 @@ from kvpipe.data.sampling import sample_to_file
 from kvpipe.models.load import load_model
 from kvpipe.models.materialize import materialize
 from kvpipe.projection.distill import question_sample
-from kvpipe.projection.distill_fit import fit_distill
-from kvpipe.projection.distill_stage import settings_of
+from kvpipe.projection.distill_fit import FitSchedule, fit_distill
 from kvpipe.projection.layer_map import relative_depth
 from kvpipe.projection.registry import PROJECTORS
 from kvpipe.settings import ProjectionSettings, from_section
@@ -66,7 +66,7 @@ def _fit(dirs: dict[str, Path], samples: Path, n: int, accumulate: int, steps: i
             projector.weight[kind].copy_(
                 0.05 * torch.randn(projector.weight[kind].shape, generator=torch.Generator().manual_seed(0))
             )
-    settings = settings_of(cfg) | {"steps": steps, "accumulate": accumulate, "eval_every": steps, "patience": steps}
+    settings = replace(FitSchedule.of(cfg), steps=steps, accumulate=accumulate, eval_every=steps, patience=steps)
     start = time.perf_counter()
     result = fit_distill(projector, data[:n], data[n:], lmap, main, settings)
     teacher = sum(s.teacher.numel() * 4 + (0 if s.teacher_ids is None else s.teacher_ids.numel() * 8) for s in data)

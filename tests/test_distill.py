@@ -16,7 +16,7 @@ import torch
 from kvpipe.data.prompt import build_prompt
 from kvpipe.models.load import load_model
 from kvpipe.projection.distill import distill_loss, log_probs_after, question_sample
-from kvpipe.projection.distill_fit import fit_distill, schedule
+from kvpipe.projection.distill_fit import FitSchedule, fit_distill, schedule
 from kvpipe.projection.fuser import fuse_f1, fuse_loss, fuse_sample, fuser_start
 from kvpipe.projection.layer_map import relative_depth
 from kvpipe.projection.registry import CONDITIONS, PROJECTORS
@@ -25,16 +25,7 @@ kv_dirs, self_fit = test_projection.kv_dirs, test_projection.self_fit  # the pro
 _answerer, identity_hidden = test_projection._answerer, test_projection.identity_hidden
 spec, gemma_dir, gemma, tokens = test_gemma.spec, test_gemma.gemma_dir, test_gemma.gemma, test_gemma.tokens
 
-SETTINGS = {
-    "steps": 30,
-    "accumulate": 2,
-    "lr": 3e-3,
-    "eval_every": 5,
-    "patience": 20,
-    "checkpoint_every": 2,
-    "seed": 0,
-    "max_new_tokens": 4,
-}
+SETTINGS = FitSchedule(steps=30, accumulate=2, lr=3e-3, eval_every=5, patience=20, checkpoint_every=2, seed=0, max_new_tokens=4)
 
 
 def _perturbed_identity(width: int, n_layers: int, cfg: dict, scale: float = 0.05):
@@ -112,7 +103,7 @@ def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke
     lmap, projector = _random_gated(scout, tiny_main, cfg)
     models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
     start = copy.deepcopy(projector.state_dict())
-    fit_distill(projector, data[:2], data[2:], lmap, tiny_main, SETTINGS | {"steps": 3, "eval_every": 1})
+    fit_distill(projector, data[:2], data[2:], lmap, tiny_main, dataclasses.replace(SETTINGS, steps=3, eval_every=1))
     assert {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)} == models
     assert all(p.grad is None for m in (scout.model, tiny_main.model) for p in m.parameters())
     assert all(p.requires_grad for p in tiny_main.model.parameters())  # flags restored
@@ -124,7 +115,7 @@ def test_distill_gradients_reach_only_the_projector(model_dirs, tiny_main, smoke
 def test_a_killed_fit_resumes_to_the_same_weights(self_fit, self_samples, tiny_main, tmp_path):
     cal, _, _, cfg = self_fit
     train, held = self_samples
-    settings = SETTINGS | {"steps": 7, "eval_every": 3}
+    settings = dataclasses.replace(SETTINGS, steps=7, eval_every=3)
     whole = _perturbed_identity(cal.widths[0], len(cal.layer_map), cfg)
     killed, resumed = copy.deepcopy(whole), copy.deepcopy(whole)
     expected = fit_distill(whole, train, held, cal.layer_map, tiny_main, settings)
@@ -352,7 +343,8 @@ def test_the_hidden_map_trained_with_distill_gets_the_gradient_and_only_it(self_
     with torch.no_grad():  # a small step down the gradient lowers the KL: the gradient is the loss's
         probe.weight -= 0.05 * (probe.weight - torch.eye(width)).norm() / grad.norm() * grad
     assert float(kl(probe).detach()) < float(loss.detach())
-    distill = {k: v for k, v in SETTINGS.items() if k not in ("seed", "max_new_tokens")} | {"steps": 2, "eval_every": 1}
+    distill = {k: v for k, v in dataclasses.asdict(SETTINGS).items() if k not in ("seed", "max_new_tokens")}
+    distill |= {"steps": 2, "eval_every": 1}
     cfg = dataclasses.replace(fit_cfg, distill=dataclasses.replace(fit_cfg.distill, **distill), seed=0, max_new_tokens=4)
     trained, fields = distill_hidden(start, projector, (train, train), cal.layer_map, tiny_main, cfg, tmp_path / "c" / "h.pt")
     assert fields["steps"] == 2 and len(fields["learning_curve"]) == 3 and fields["tokens_seen"]["target"] > 0
@@ -378,7 +370,7 @@ def test_the_fuser_learns_the_main_next_token_loss_with_both_models_frozen(
         assert int(scored.sum()) >= 2 and torch.allclose(fuse_loss(fuser, s, lmap, tiny_main), -own.mean(), atol=1e-5)
     models = {"scout": _state_bytes(scout.model), "main": _state_bytes(tiny_main.model)}
     before = [float(fuse_loss(fuser, s, lmap, tiny_main).detach()) for s in data[:3]]
-    settings = SETTINGS | {"steps": 20, "lr": 1e-1, "eval_every": 5}
+    settings = dataclasses.replace(SETTINGS, steps=20, lr=1e-1, eval_every=5)
     result = fit_distill(fuser, data[:3], data[:3], lmap, tiny_main, settings, loss=fuse_loss, f1=fuse_f1)
     after = [float(fuse_loss(fuser, s, lmap, tiny_main).detach()) for s in data[:3]]
     curve = [c["validation_loss"] for c in result["learning_curve"]]  # the training prompts, scored every 5 steps

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import resource
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from kvpipe.io import atomic_path, sha256_json
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.distill import DistillSample, answer_f1, distill_loss, frozen
+from kvpipe.settings import ProjectionSettings
 
 Loss = Callable[[torch.nn.Module, DistillSample, list[int], LoadedModel], torch.Tensor]
 F1 = Callable[[torch.nn.Module, DistillSample, list[int], LoadedModel, int], float]
@@ -113,10 +114,30 @@ def _step(student: Student, optimiser: torch.optim.Optimizer, batch: list[Distil
     log["train_loss"].append(total)
 
 
-def fit_key(module: torch.nn.Module, train: Sequence[DistillSample], settings: dict[str, Any]) -> str:
-    """Identifies a fit: its settings, the starting weights and the training targets (a checkpoint must match)."""
+@dataclass(frozen=True)
+class FitSchedule:
+    """What a distill fit reads: the step schedule of `projection.distill`, the stage's seed and answer length."""
+
+    steps: int
+    accumulate: int
+    lr: float
+    eval_every: int
+    patience: int
+    checkpoint_every: int
+    seed: int
+    max_new_tokens: int
+
+    @classmethod
+    def of(cls, cfg: ProjectionSettings) -> FitSchedule:
+        """The schedule of a projection stage's settings."""
+        d = cfg.distill
+        return cls(d.steps, d.accumulate, d.lr, d.eval_every, d.patience, d.checkpoint_every, cfg.seed, cfg.max_new_tokens)
+
+
+def fit_key(module: torch.nn.Module, train: Sequence[DistillSample], schedule: FitSchedule) -> str:
+    """Identifies a fit: its schedule, the starting weights and the training targets (a checkpoint must match)."""
     start = {k: float(v.double().sum()) for k, v in module.state_dict().items()}
-    return sha256_json({"settings": settings, "start": start, "targets": [s.key for s in train]})
+    return sha256_json({"settings": asdict(schedule), "start": start, "targets": [s.key for s in train]})
 
 
 def fit_distill(
@@ -125,7 +146,7 @@ def fit_distill(
     held: Sequence[DistillSample],
     layer_map: list[int],
     main: LoadedModel,
-    settings: dict[str, Any],
+    settings: FitSchedule,
     checkpoint: Path | None = None,
     on_step: Callable[[int], None] | None = None,
     loss: Loss = distill_loss,
@@ -133,22 +154,22 @@ def fit_distill(
 ) -> dict[str, Any]:
     """Train a projector (or the module `loss` and `f1` read) on the distill objective; keep the best held-out
     step. Returns the losses, the learning curve, the steps taken, the tokens seen and the peak memory."""
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(settings.seed)
     student = Student(module, layer_map, main, loss, f1)
     key = fit_key(module, train, settings)
-    optimiser = torch.optim.Adam([p for n, p in module.named_parameters() if TRAINED not in n], lr=settings["lr"])
+    optimiser = torch.optim.Adam([p for n, p in module.named_parameters() if TRAINED not in n], lr=settings.lr)
     step, log = _resume(checkpoint, key, module, optimiser)
     with frozen(main):
         if log["best"] is None:
             _evaluated(student, held, settings, 0, log)
-        while step < settings["steps"] and log["waited"] < settings["patience"]:
+        while step < settings.steps and log["waited"] < settings.patience:
             step += 1
             _step(
-                student, optimiser, [train[i] for i in schedule(len(train), step, settings["accumulate"], settings["seed"])], log
+                student, optimiser, [train[i] for i in schedule(len(train), step, settings.accumulate, settings.seed)], log
             )
-            if step % settings["eval_every"] == 0 or step == settings["steps"]:
+            if step % settings.eval_every == 0 or step == settings.steps:
                 _evaluated(student, held, settings, step, log)
-            if checkpoint is not None and (step % settings["checkpoint_every"] == 0 or step == settings["steps"]):
+            if checkpoint is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
                 _save(
                     checkpoint, {"step": step, "projector": module.state_dict(), "optimiser": optimiser.state_dict(), "log": log}
                 )
@@ -167,10 +188,10 @@ def fit_distill(
     }
 
 
-def _evaluated(student: Student, held: Sequence[DistillSample], settings: dict[str, Any], step: int, log: dict[str, Any]) -> None:
+def _evaluated(student: Student, held: Sequence[DistillSample], settings: FitSchedule, step: int, log: dict[str, Any]) -> None:
     """Evaluate, append to the learning curve and keep the best weights, or count an evaluation without a gain."""
-    scores = evaluate(student, held, settings["max_new_tokens"])
-    recent = log["train_loss"][-settings["eval_every"] :]
+    scores = evaluate(student, held, settings.max_new_tokens)
+    recent = log["train_loss"][-settings.eval_every :]
     log["curve"].append(
         {"step": step, "train_loss": float(np.mean(recent)) if recent else None, **scores, "tokens_target": log["tokens"][1]}
     )

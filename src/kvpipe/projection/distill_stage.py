@@ -21,7 +21,7 @@ from kvpipe.data.prompt import build_prompt
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill import DistillSample, continuation_sample, question_sample
-from kvpipe.projection.distill_fit import fit_distill
+from kvpipe.projection.distill_fit import FitSchedule, fit_distill
 from kvpipe.projection.extra import extra_samples
 from kvpipe.projection.projectors import Projector
 from kvpipe.settings import ProjectionSettings
@@ -30,7 +30,7 @@ DistillData = tuple[list[DistillSample], list[DistillSample]]
 
 
 def settings_of(cfg: ProjectionSettings) -> dict[str, Any]:
-    """The distill fit's settings: the `distill` section with the stage's seed and answer length."""
+    """What a distilled projector's card records of its settings: the `distill` section, the stage's seed and answer length."""
     return asdict(cfg.distill) | {"seed": cfg.seed, "max_new_tokens": cfg.max_new_tokens}
 
 
@@ -97,7 +97,7 @@ def distilled(
 ) -> tuple[Projector, dict[str, Any], dict[str, Any], float]:
     """A distilled copy of a fitted projector (on CPU), its errors, its card fields and its peak memory (MiB)."""
     refined = copy.deepcopy(projector).to(main.device)
-    result = fit_distill(refined, *data, layer_map, main, settings_of(cfg), checkpoint)
+    result = fit_distill(refined, *data, layer_map, main, FitSchedule.of(cfg), checkpoint)
     finished(checkpoint)
     card = {
         "distill": {k: result[k] for k in ("steps", "learning_curve", "tokens_seen")}

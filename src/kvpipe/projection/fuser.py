@@ -32,7 +32,7 @@ from kvpipe.io import write_json
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill import kv_f1, log_probs_after, scout_payload
-from kvpipe.projection.distill_fit import fit_distill
+from kvpipe.projection.distill_fit import FitSchedule, fit_distill
 from kvpipe.projection.distill_stage import calibration_rows, finished, settings_of
 from kvpipe.projection.gated import GatedProjector, fuse_heads
 from kvpipe.projection.inject import ScoutPayload, project
@@ -154,7 +154,7 @@ def stage_fuser(
     train, held = (samples(rows) for rows in calibration_rows(cal, table, cfg))
     fuser = fuser_start(projectors[("gated", cfg.fused.objective)]).to(main.device)
     checkpoint = out_dir / "checkpoints" / "fuser.pt"
-    result = fit_distill(fuser, train, held, cal.layer_map, main, settings_of(cfg), checkpoint, loss=fuse_loss, f1=fuse_f1)
+    result = fit_distill(fuser, train, held, cal.layer_map, main, FitSchedule.of(cfg), checkpoint, loss=fuse_loss, f1=fuse_f1)
     finished(checkpoint)
     fields = {k: result[k] for k in ("calibration", "validation", "steps", "learning_curve", "tokens_seen")}
     card = about | {

@@ -23,8 +23,8 @@ from kvpipe.inference.cache_sources import ContextKV
 from kvpipe.models.load import LoadedModel
 from kvpipe.projection.calibration import Calibration
 from kvpipe.projection.distill import DistillSample, kl_after, kv_f1
-from kvpipe.projection.distill_fit import fit_distill
-from kvpipe.projection.distill_stage import DistillData, distill_data, finished, sample_counts, settings_of
+from kvpipe.projection.distill_fit import FitSchedule, fit_distill
+from kvpipe.projection.distill_stage import DistillData, distill_data, finished, sample_counts
 from kvpipe.projection.hidden import HiddenMap, fit_hidden_map, hidden_states, layers_from, save_hidden_map
 from kvpipe.projection.inject import project
 from kvpipe.projection.projectors import Projector
@@ -83,7 +83,7 @@ def distill_hidden(
 ) -> tuple[HiddenMap, dict[str, Any]]:
     """A copy of the hidden map trained with distill (on the main's device, returned on CPU) and its card fields."""
     student = HiddenStudent(copy.deepcopy(hidden).to(main.device), projector.to(main.device))
-    result = fit_distill(student, *data, layer_map, main, settings_of(cfg), checkpoint, loss=hidden_loss, f1=hidden_f1)
+    result = fit_distill(student, *data, layer_map, main, FitSchedule.of(cfg), checkpoint, loss=hidden_loss, f1=hidden_f1)
     finished(checkpoint)
     fields = {k: result[k] for k in ("calibration", "validation", "steps", "learning_curve", "tokens_seen")}
     return student.hidden.cpu(), fields | sample_counts(data)

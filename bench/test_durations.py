@@ -1,16 +1,18 @@
 """How long the test suite takes, per test file: run it, record it, and write the README's table from the record.
 
     python bench/test_durations.py                   # the whole suite (the README's command) -> record + README table
-    python bench/test_durations.py -m "not slow"     # any pytest arguments: here the fast subset
+    python bench/test_durations.py -m "not slow"     # any pytest arguments: here the fast subset, a line of its own
     python bench/test_durations.py --render-only     # rewrite the README's table from the committed record
 
-Runs `python -m pytest -q` with the given arguments and a JUnit XML report, and writes
-bench/results/test_durations.json: per test file the number of tests, how many are marked `slow`, and
+Runs `python -m pytest -q` with the given arguments and a JUnit XML report, and records the run in
+bench/results/test_durations.json (one run per set of arguments; a new run of the same arguments replaces it):
+per test file the number of tests, how many are marked `slow`, and
 the seconds they took (setup, call and teardown; a session fixture's cost counts in the first test that
 uses it), with the whole run's wall and CPU seconds (the CPU seconds of pytest and every process it
 waited for: Snakemake and its jobs), the cores and the load average at the start (the wall time of a
 run on a shared machine says little without it). The README block between the `test-durations`
-markers is rendered from that record alone (tests/test_bench_table.py checks it).
+markers is rendered from that record alone (tests/test_bench_table.py checks it): the table from the run of the
+whole suite, and a line per recorded run.
 """
 
 from __future__ import annotations
@@ -85,22 +87,25 @@ def measure(pytest_args: list[str]) -> dict:
     }
 
 
+def _line(run: dict) -> str:
+    command = shlex.join(["python", "-m", "pytest", "-q", *run["pytest_args"]])
+    tests = sum(f["tests"] for f in run["files"].values())
+    return (f"`{command}` on {run['date']}: {tests} tests, {run['wall_s']:.0f} s wall, {run['cpu_s']:.0f} s CPU on "
+            f"{run['cores']} cores (load average {run['load_average_at_start']:g} at the start), exit status "
+            f"{run['exit_status']}.")
+
+
 def render(record: dict) -> str:
-    """The README's table of a record."""
-    command = shlex.join(["python", "-m", "pytest", "-q", *record["pytest_args"]])
+    """The README's table (the run of the whole suite) and a line per recorded run."""
+    whole = next((run for run in record["runs"] if not run["pytest_args"]), record["runs"][0])
     lines = ["| test file | tests | of them `slow` | seconds | of them `slow` |", "|---|---|---|---|---|"]
     lines += [
         f"| `{p}` | {f['tests']} | {f['slow']} | {f['seconds']:.0f} | {f['slow_seconds']:.0f} |"
-        for p, f in record["files"].items()
+        for p, f in whole["files"].items()
     ]
-    total = {k: sum(f[k] for f in record["files"].values()) for k in ("tests", "slow", "seconds", "slow_seconds")}
+    total = {k: sum(f[k] for f in whole["files"].values()) for k in ("tests", "slow", "seconds", "slow_seconds")}
     lines.append(f"| all | {total['tests']} | {total['slow']} | {total['seconds']:.0f} | {total['slow_seconds']:.0f} |")
-    lines += [
-        "",
-        f"`{command}` on {record['date']}: {record['wall_s']:.0f} s wall, {record['cpu_s']:.0f} s CPU on "
-        f"{record['cores']} cores (load average {record['load_average_at_start']:g} at the start), exit status "
-        f"{record['exit_status']}.",
-    ]
+    lines += ["", *(f"- {_line(run)}" for run in record["runs"])]
     return "\n".join(lines) + "\n"
 
 
@@ -115,7 +120,9 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="rewrite the README's table from the committed record")
     args, pytest_args = ap.parse_known_args()
     if not args.render_only:
-        write_record(RECORD, measure(pytest_args))
+        runs = json.loads(RECORD.read_text()).get("runs", []) if RECORD.exists() else []
+        run = measure(pytest_args)
+        write_record(RECORD, {"runs": [r for r in runs if r["pytest_args"] != pytest_args] + [run]})
     write_readme(json.loads(RECORD.read_text()))
     print(render(json.loads(RECORD.read_text())))
 

@@ -167,6 +167,8 @@ def render() -> str:
         lines += _structure(rel, what) + [""]
     lines += _selection("selection_squad") + [""]
     lines += _projection("projection_squad_v2", "SQuAD v2") + [""]
+    lines += _projection("projection_squad_v2_answerable", "SQuAD v2, answerable questions only "
+                         "(`bench/overlays/projection_answerable.yaml`)") + [""]
     lines += _projection("projection_synthetic", "the synthetic set") + [""]
     for rel, what in PAIRS.items():
         lines += _pairs(rel, what) + [""]

@@ -125,7 +125,8 @@ def _plainly(agg: pd.DataFrame, margin: float) -> list[str]:
         return [f"**No injected cache carries content**: none of the {len(injected)} projected or chained caches "
                 f"answers answerable questions better than both floors. The best, {label(best)}, reaches answerable "
                 f"F1 {_ci(best, 'f1_answerable')} against main_full's {_ci(_rows(agg, BASELINE[0]).iloc[0], 'f1_answerable')}"
-                f"; it abstains on {_ci(best, 'abstain_unanswerable', percent=True)} of unanswerable questions."]
+                + ("." if math.isnan(best["abstain_unanswerable"]) else   # a test set without unanswerable questions
+                   f"; it abstains on {_ci(best, 'abstain_unanswerable', percent=True)} of unanswerable questions.")]
     names = ", ".join(label(r) for _, r in content.iterrows())
     return [f"Injected caches that carry content: {names}. The best, {label(best)}: answerable F1 "
             f"{_ci(best, 'f1_answerable')}, {_verdict(best, BASELINE[0])} against main_full (margin ±{margin:g})."]

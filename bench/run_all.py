@@ -30,7 +30,9 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
             [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"],
             [py, "bench/distill_memory_bench.py"], [py, "bench/decode_bench.py"],
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
-            [py, "bench/selection_bench.py", "--squad", squad], [py, "bench/projection_bench.py", "--squad", squad],
+            [py, "bench/selection_bench.py", "--squad", squad],
+            [py, "bench/selection_bench.py", "--overlay", "bench/overlays/selection_long.yaml", "--name", "long", "--n", "6"],
+            [py, "bench/projection_bench.py", "--squad", squad],
             [kvpress_python, "bench/kvpress_bench.py", "--squad", squad], [py, "bench/size_gap_bench.py"],
             [py, "bench/size_gap_bench.py", "--dataset", "multihop_bridge"],
             [py, "bench/pipeline_record.py", "synthetic"]]
@@ -123,6 +125,15 @@ def rows() -> list[tuple[str, str, str, str, str]]:
             ratio = m["pruned_batch_s"] / pruned / m["prefill_s"]
             out.append((f"selection: one pruned condition / context prefill, {model} ({pruned} per batch)",
                         f"{ratio:.3f}", "—", "", "selection.json"))
+    if long := _load("selection_long"):
+        tokens, share = long["prompt_tokens_median"]["main"], long["scout_prefill_and_scoring_over_main_prefill"]
+        where = f"long synthetic set, {long['n_samples']} prompts, median {tokens} tokens"
+        for model, m in long["per_model"].items():
+            out.append((f"selection, context prefill (s), {model}; {where}", f"{m['prefill_s']:.1f}", "—", "",
+                        "selection_long.json"))
+        out.append((f"selection: scout's prefill + scoring / main's context prefill (what scout selection adds before "
+                    f"the main starts; median, {share['min']:.3f}–{share['max']:.3f}); {where}", f"{share['median']:.3f}",
+                    "—", "", "selection_long.json"))
     if kvp := _load("kvpress"):
         out += _kvpress_rows(kvp)
     if sp := _load("scoutpress"):

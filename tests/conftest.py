@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -45,6 +46,30 @@ def fill_slurm_placeholders(profile: Path, cpu: str = "cpu", gpu: str = "gpu") -
         text = re.sub(rf"^(\s*)# slurm_partition: {placeholder}", rf"\g<1>slurm_partition: {name}", text, flags=re.M)
     config.write_text(text)
     return profile
+
+
+SYSTEM_SLURM_CONF = "/etc/slurm/slurm.conf"  # profiles/slurm/testcluster.sh links it to its cluster's slurm.conf
+
+
+def missing_slurm_prerequisite() -> str | None:
+    """Why tests/test_slurm.py's test cluster cannot run here, or None."""
+    if os.environ.get("KVPIPE_SLURM_TESTS") == "0":
+        return "KVPIPE_SLURM_TESTS=0 switches the SLURM cluster tests off"
+    missing = [tool for tool in ("sbatch", "squeue", "scancel", "slurmctld", "slurmd", "munged") if not shutil.which(tool)]
+    if missing:
+        return f"SLURM and munge are not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
+    if os.geteuid() != 0:
+        return "the SLURM test cluster runs as root (profiles/slurm/testcluster.sh)"
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        return "snakemake-executor-plugin-slurm is not installed: pip install -e '.[test]'"
+    conf = Path(SYSTEM_SLURM_CONF)
+    if conf.exists():  # a link left dangling by a test cluster that is gone does not count
+        left = conf.resolve().parent
+        if conf.is_symlink() and left.name.startswith("kvpipe-slurm-test-"):   # a test session killed mid-run
+            return (f"{SYSTEM_SLURM_CONF} belongs to a test cluster still running: "
+                    f"KVPIPE_SLURM_DIR={left} profiles/slurm/testcluster.sh stop")
+        return f"{SYSTEM_SLURM_CONF} exists (a real cluster, or a test cluster started by hand: stop it first)"
+    return None
 
 
 def snakemake_command(repo: Path, *args: str, overlays: tuple[Path, ...] = ()) -> list[str]:

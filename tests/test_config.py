@@ -31,7 +31,7 @@ def test_defaults_fill_nested_sources(base):
     del base["resources"]
     assert validate(base)["resources"] == {"default": {"mem_mb": 16000, "runtime": 120}, "models": {}, "threads": {},
                                            "scale": {"mem_mb": {"base": 2000, "per_b": 5000},
-                                                     "runtime": {"base": 30, "per_b": 30}}}
+                                                     "runtime": {"base": 30, "per_b": 30}}, "runtime_samples": 16}
 
 
 @pytest.mark.parametrize(

@@ -119,8 +119,27 @@ resources:
     declared = re.findall(r"^ +mem_mb=(.*),$", rules, re.M)
     assert declared and all(re.match(r"(job_resource\(\"mem_mb\"|retry_mem_mb\()", d) for d in declared), declared
     common = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    assert "lambda wc, attempt: job_resources(config, models(wc), attempt)[key]" in common
+    assert "return job_resources(config, models(wc), attempt, samples)[key]" in common
     assert "lambda wc, attempt: on_attempt(mem_mb, attempt)" in common
+
+
+def test_a_chunk_job_asks_for_runtime_in_proportion_to_its_samples():
+    config = _config("""
+models:
+  hub-7b: {source: hf, id: Qwen/Qwen2.5-7B-Instruct}
+resources:
+  scale: {mem_mb: {base: 1000, per_b: 2000}, runtime: {base: 10, per_b: 5}}
+  runtime_samples: 16
+""")
+    own = job_resources(config, ["hub-7b"])
+    assert own == {"mem_mb": 15000, "runtime": 45}
+    assert job_resources(config, ["hub-7b"], samples=16) == own == job_resources(config, ["hub-7b"], samples=4)
+    assert job_resources(config, ["hub-7b"], samples=64) == {"mem_mb": 15000, "runtime": 180}   # 4 x the samples
+    assert job_resources(config, ["hub-7b"], 2, samples=20) == {"mem_mb": 30000, "runtime": 57}  # ceil(45 x 1.25)
+    # the three chunk rules pass their chunk's samples; no other rule does
+    rules = "".join(path.read_text() for path in sorted((REPO / "workflow" / "rules").glob("*.smk")))
+    chunked = re.findall(r"^rule (\w+):\n(?:(?:    .*)?\n)*?        runtime=job_resource\(.*chunked=True\),$", rules, re.M)
+    assert sorted(chunked) == ["extract_kv_chunk", "projection_chunk", "selection_chunk"]
 
 
 def test_the_gpu_follows_the_configured_device(monkeypatch):

@@ -2,11 +2,11 @@
 
 profiles/slurm/testcluster.sh starts munged, slurmctld and slurmd (Debian's slurm-wlm and munge packages, as root)
 for the session and stops exactly those daemons at its end. The cluster tests (marked `slurm`) are skipped, with the
-reason, where SLURM, munge or the executor plugin is not installed, the user is not root, or /etc/slurm/slurm.conf
-belongs to another cluster; a cluster that does not start there fails them. The profile is used as shipped, its
-partition placeholders filled as a site would (`cpu` and `gpu`, both holding this machine); the command line adds
-only what a one-node, two-CPU test cluster needs: `--cores 2`, polling with squeue (no slurmdbd, so no sacct) soon
-after submission, and kept SLURM logs.
+reason, where SLURM, munge or the executor plugin is not installed, the user is not root, /etc/slurm/slurm.conf
+belongs to another cluster, or KVPIPE_SLURM_TESTS=0; a cluster that does not start there fails them. The profile is
+used as shipped, its partition placeholders filled as a site would (`cpu` and `gpu`, both holding this machine); the
+command line adds only what a one-node, two-CPU test cluster needs: `--cores 2`, polling with squeue (no slurmdbd,
+so no sacct) soon after submission, and kept SLURM logs.
 
 - Every job of the smoke run but the localrules goes through SLURM (a SLURM job id in Snakemake's log, COMPLETED in
   squeue, on the partition the profile names) and every result file equals the local run's byte for byte.
@@ -18,7 +18,6 @@ after submission, and kept SLURM logs.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -29,12 +28,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import REPO, copy_checkout, fill_slurm_placeholders, snakemake_command
+from conftest import REPO, copy_checkout, fill_slurm_placeholders, missing_slurm_prerequisite, snakemake_command
 from test_faults import PAIRS_SUMMARY, STAGE_DIRS, differences, result_digests
 
 SCRIPT = REPO / "profiles" / "slurm" / "testcluster.sh"
 HOOK = REPO / "tests" / "slurm"
-SYSTEM_CONF = "/etc/slurm/slurm.conf"  # the script links it to its cluster's slurm.conf
 # the profile sends them to the GPU partition: one job per chunk of samples, and the projector fit
 GPU_RULES = {"extract_kv_chunk", "selection_chunk", "projection_fit", "projection_chunk"}
 LOCAL_RULES = {"structure_report", "selection_report", "projection_report", "pairs_summary", "all",
@@ -50,26 +48,10 @@ CLUSTER_ARGS = (
 )
 
 
-def missing_prerequisite() -> str | None:
-    """Why the test cluster cannot run here, or None."""
-    if os.environ.get("KVPIPE_SLURM_TESTS") != "1":
-        return "the SLURM cluster tests run with KVPIPE_SLURM_TESTS=1 (~6 min on 2 cores: not in CI, near its time limit)"
-    missing = [tool for tool in ("sbatch", "squeue", "scancel", "slurmctld", "slurmd", "munged") if not shutil.which(tool)]
-    if missing:
-        return f"SLURM and munge are not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge"
-    if os.geteuid() != 0:
-        return "the SLURM test cluster runs as root (profiles/slurm/testcluster.sh)"
-    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        return "snakemake-executor-plugin-slurm is not installed: pip install -e '.[test]'"
-    if Path(SYSTEM_CONF).exists():  # a link left dangling by a test cluster that is gone does not count
-        return f"{SYSTEM_CONF} exists (a real cluster, or a test cluster started by hand: stop it first)"
-    return None
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """Environment of a running test cluster (SLURM_CONF set); skips, saying why, where it cannot run."""
-    reason = missing_prerequisite()
+    reason = missing_slurm_prerequisite()
     if reason:
         pytest.skip(reason)
     state = Path(tempfile.mkdtemp(prefix="kvpipe-slurm-test-", dir="/tmp"))  # munged must reach it: not under pytest's

@@ -15,10 +15,16 @@ the sum of their memory and of their runtimes.
 A job retried after a failure (Snakemake's ``--retries``, set by both profiles; an out-of-memory
 kill is the usual cause on a cluster) asks for ``mem_mb × attempt``: twice the memory on its
 first retry. Its runtime stays.
+
+A chunk job (extraction, selection or projection answering over one chunk of samples) asks for
+its models' runtime scaled by its samples over ``resources.runtime_samples`` (default 16, the
+default ``run.chunk_size``), never less than the models' runtime: a run with larger chunks asks
+for proportionally more time, so SLURM does not end a job that is merely long.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from pathlib import PurePath
@@ -74,12 +80,16 @@ def on_attempt(mem_mb: int, attempt: int = 1) -> int:
     return mem_mb * attempt
 
 
-def job_resources(config: dict[str, Any], slugs: Iterable[str], attempt: int = 1) -> dict[str, int]:
+def job_resources(config: dict[str, Any], slugs: Iterable[str], attempt: int = 1,
+                  samples: int | None = None) -> dict[str, int]:
     """``mem_mb`` and ``runtime`` of a job holding every model in slugs: the sums of each model's, the memory
-    grown for a retry (``on_attempt``)."""
+    grown for a retry (``on_attempt``), the runtime of a chunk job over ``samples`` samples scaled from
+    ``resources.runtime_samples`` (never below the models' own)."""
     per_model = [model_resources(config, slug) for slug in slugs]
     res = {key: sum(res[key] for res in per_model) for key in JOB_KEYS}
     res["mem_mb"] = on_attempt(res["mem_mb"], attempt)
+    if samples is not None:
+        res["runtime"] = math.ceil(res["runtime"] * max(1.0, samples / config["resources"]["runtime_samples"]))
     return res
 
 

@@ -26,6 +26,7 @@ from kvpipe.config import (
     validate,
 )
 from kvpipe import layout
+from kvpipe.chunks import chunk_range
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
@@ -104,11 +105,22 @@ def job_pair_models(wc):
     return pair_models(wc.pair)
 
 
-def job_resource(key, models):
+def job_resource(key, models, chunked=False):
     """Resource function: mem_mb or runtime of a job holding models(wildcards), from their sizes
-    (kvpipe.scheduling; the config's `resources` section); mem_mb grows with Snakemake's attempt on a retry.
+    (kvpipe.scheduling; the config's `resources` section); mem_mb grows with Snakemake's attempt on a retry,
+    and a chunk job's runtime with the samples of its chunk.
     """
-    return lambda wc, attempt: job_resources(config, models(wc), attempt)[key]
+
+    def resource(wc, attempt):
+        samples = None
+        if chunked:
+            first, end = chunk_range(
+                wc.chunk, config["sampling"]["n"], config["run"]["chunk_size"]
+            )
+            samples = end - first
+        return job_resources(config, models(wc), attempt, samples)[key]
+
+    return resource
 
 
 def retry_mem_mb(mem_mb):

@@ -15,8 +15,8 @@ rule extract_kv_chunk:
         CONDA_ENV
     threads: rule_threads("extract_kv_chunk")
     resources:
-        mem_mb=job_resource("mem_mb", job_model),
-        runtime=job_resource("runtime", job_model),
+        mem_mb=job_resource("mem_mb", job_model, chunked=True),
+        runtime=job_resource("runtime", job_model, chunked=True),
         gpu=MODEL_GPUS,
     params:
         extraction=config["extraction"],

@@ -53,8 +53,8 @@ rule projection_chunk:
         CONDA_ENV
     threads: rule_threads("projection_chunk")
     resources:
-        mem_mb=job_resource("mem_mb", job_pair_models),
-        runtime=job_resource("runtime", job_pair_models),
+        mem_mb=job_resource("mem_mb", job_pair_models, chunked=True),
+        runtime=job_resource("runtime", job_pair_models, chunked=True),
         gpu=MODEL_GPUS,
     params:
         settings=stage_settings("projection"),

@@ -19,8 +19,8 @@ rule selection_chunk:
     threads: rule_threads("selection_chunk")
     resources:
         # both models are loaded (on one GPU): the pair's two model budgets together
-        mem_mb=job_resource("mem_mb", job_pair_models),
-        runtime=job_resource("runtime", job_pair_models),
+        mem_mb=job_resource("mem_mb", job_pair_models, chunked=True),
+        runtime=job_resource("runtime", job_pair_models, chunked=True),
         gpu=MODEL_GPUS,
     params:
         settings=stage_settings("selection"),

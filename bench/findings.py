@@ -66,20 +66,27 @@ def _cell(row: pd.Series | None, signed: bool = False, percent: bool = False, ve
     return text + (f" ({row['verdict']})" if verdict and isinstance(row.get("verdict"), str) and row["verdict"] else "")
 
 
-def _selection(rel: str) -> list[str]:
+def _selection(rel: str, what: str, retentions: tuple[float, ...]) -> list[str]:
     agg = pd.read_parquet(RESULTS / rel / "aggregates.parquet")
     answers = pd.read_parquet(RESULTS / rel / "answers.parquet")
     per = answers.groupby("sample_idx")["is_impossible"].first()
-    out = [f"Selection on SQuAD v2 {_cite(rel + '/summary.md')}: {len(per)} questions ({int((~per).sum())} answerable) "
+    out = [f"Selection on {what} {_cite(rel + '/summary.md')}: {len(per)} questions ({int((~per).sum())} answerable) "
            f"on {answers['passage'].nunique()} passages."]
     for role in ("scout", "main"):
         model = answers.loc[answers["role"] == role, "model"].iloc[0]
+        unanswerable = (f"{_cell(_sel(agg, 'full_kv', role, 'full', 'abstain_unanswerable'), percent=True)} of "
+                        f"unanswerable and " if per.any() else "")
         out.append(f"- {model} ({role}), full KV: answerable F1 {_cell(_sel(agg, 'full_kv', role, 'full', 'f1_answerable'))}"
-                   f"; abstains on {_cell(_sel(agg, 'full_kv', role, 'full', 'abstain_unanswerable'), percent=True)} "
-                   f"of unanswerable and {_cell(_sel(agg, 'full_kv', role, 'full', 'abstain_answerable'), percent=True)}"
+                   f"; abstains on {unanswerable}"
+                   f"{_cell(_sel(agg, 'full_kv', role, 'full', 'abstain_answerable'), percent=True)}"
                    f" of answerable questions; no-context floor: "
                    f"{_cell(_sel(agg, 'full_kv', role, 'no_context', 'f1_answerable', 0.0))}.")
-    for r in (0.5, 0.75):
+    floor = _sel(agg, "full_kv", "main", "full", "delta_full_vs_no_context")
+    if floor is not None and floor["verdict"] != "better":
+        out.append("- The main's full KV is not better than its no-context floor here: it does not read these contexts, "
+                   "so no transfer of a selection can be judged on this set with these models (every Δ below reads "
+                   "'at the floor'); the overlaps stand.")
+    for r in retentions:
         fwd, rev = _sel(agg, "transfer", "main", "q2c", "delta_forward", r), _sel(agg, "transfer", "scout", "q2c",
                                                                                   "delta_reverse", r)
         ov = _sel(agg, "overlap", "pair", "q2c", "overlap", r)
@@ -89,6 +96,18 @@ def _selection(rel: str) -> list[str]:
                    f"forward {_cell(fwd, signed=True, verdict=True)}, reverse {_cell(rev, signed=True, verdict=True)}"
                    f" (detectable at this n: ±{det['value']:.3f}).")
     return out
+
+
+def _scout_cost(name: str) -> str:
+    d = json.loads((RESULTS / f"{name}.json").read_text())
+    share = d["scout_prefill_and_scoring_over_main_prefill"]
+    return (f"- What scout selection adds before the main can start (`bench/results/{name}.json`): the scout's "
+            f"context prefill and scoring take {share['median']:.2f}× the main's own full-context prefill (median over "
+            f"{d['n_samples']} prompts of median {d['prompt_tokens_median']['main']} tokens; "
+            f"{share['min']:.2f}–{share['max']:.2f}). A main that prefilled only the kept tokens would save time only "
+            f"below a retention of about {max(0.0, 1 - share['median']):.2f} (taking its prefill as linear in the "
+            f"tokens, which at this length overstates the cost of the kept share); this stage prefills the main over "
+            f"the whole context and masks, so it measures quality, not that saving.")
 
 
 PHRASE = {"worse": "worse than main_full", "better": "better than main_full", "equivalent": "equivalent to main_full "
@@ -165,7 +184,9 @@ def render() -> str:
              "answerable F1 (kvpipe.estimands), abstention apart.", ""]
     for rel, what in STRUCTURE.items():
         lines += _structure(rel, what) + [""]
-    lines += _selection("selection_squad") + [""]
+    lines += _selection("selection_squad", "SQuAD v2", (0.5, 0.75)) + [""]
+    lines += _selection("selection_long", "the long synthetic set (`bench/overlays/selection_long.yaml`, prompts "
+                        "above 4,000 tokens)", (0.1, 0.25, 0.5)) + [_scout_cost("selection_long"), ""]
     lines += _projection("projection_squad_v2", "SQuAD v2") + [""]
     lines += _projection("projection_squad_v2_answerable", "SQuAD v2, answerable questions only "
                          "(`bench/overlays/projection_answerable.yaml`)") + [""]

@@ -10,6 +10,7 @@ from kvpipe.config import validate
 from kvpipe.data.prompt import QUESTION, build_prompt
 from kvpipe.data.qa_metrics import score_prediction, squad_exact, squad_f1
 from kvpipe.errors import KvpipeError
+from kvpipe.estimands import AT_FLOOR
 from kvpipe.inference.requests import AnswerRequest
 from kvpipe.inference.session import Session
 from kvpipe.io import read_json
@@ -428,6 +429,29 @@ def test_an_abstaining_condition_wins_no_answer_quality_verdict():
     assert forward["value"] == pytest.approx(-0.8) and forward["verdict"] == "worse"
     assert agg.loc[("transfer_all", "main", "delta_forward"), "value"] > 0   # what the all-question F1 would claim
     assert agg.loc[("abstention", "main", "abstain_unanswerable_transfer"), "value"] == 1.0
+
+
+def test_a_model_that_does_not_read_its_context_gets_no_transfer_verdict():
+    """The long-context record's trap: where the main's full KV scores no better than its no_context floor, own and
+    transferred selections both score 0 and their delta would be 'equivalent' by construction. It reads 'at the
+    floor'; the scout, which reads its context, keeps its verdicts."""
+    rows = []
+    for i in range(40):
+        base = {"sample_idx": i, "passage": f"p{i // 4}", "is_impossible": False, "exact": 0.0, "prediction": "x",
+                "abstained": False, "empty": False}
+        for role, full in (("scout", 0.8), ("main", 0.0)):
+            rows.append(base | {"role": role, "method": "full", "retention": 1.0, "source": "none", "f1": full})
+            rows.append(base | {"role": role, "method": "no_context", "retention": 0.0, "source": "none", "f1": 0.0})
+            for source in ("own", "transfer"):
+                rows.append(base | {"role": role, "method": "q2c", "retention": 0.5, "source": source, "f1": full})
+    agg = aggregate(pd.DataFrame(rows), pd.DataFrame(columns=["method", "retention", "sample_idx"]),
+                    recorded(SelectionSettings, "selection", {"bootstrap": 300, "ci": 0.95, "seed": 0}), 0.05)
+    judged = agg[agg["table"].isin(("transfer", "full_kv")) & (agg["verdict"] != "")].set_index(
+        ["table", "role", "quantity"]).sort_index()["verdict"]
+    assert judged[("full_kv", "main", "delta_full_vs_no_context")] == "equivalent"   # at its floor
+    assert judged[("full_kv", "scout", "delta_full_vs_no_context")] == "better"
+    assert set(judged.loc["transfer", "main"]) == {AT_FLOOR}   # forward and own − full: 0 − 0, not judged
+    assert judged[("transfer", "scout", "delta_reverse")] == "equivalent"   # 0.8 − 0.8 on a model that reads
 
 
 def _planted_answers(passage_of) -> pd.DataFrame:

@@ -15,7 +15,10 @@ A paired difference is worded by `compare` and only so: "equivalent" only by a t
 even when the two-sided interval excludes 0 (a difference smaller than the margin); else
 "better" / "worse" when the two-sided interval at the stage's level excludes 0; otherwise
 "undecided at this n", with the smallest |Δ| the n could tell from 0. A condition "carries
-content" only when its answerable F1 is better than both floors that apply to it.
+content" only when its answerable F1 is better than both floors that apply to it. A model whose
+own full context is not better than its `no_context` floor cannot tell a good selection or cache
+from a broken one: every delta of its conditions then reads "at the floor", never "equivalent"
+(two conditions that both score 0 would otherwise be equivalent by construction).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ SUBSETS = (("answerable", False), ("unanswerable", True))   # the kinds of quest
 NO_CONTEXT, MEAN_KV, ALWAYS_ABSTAIN = "no_context", "mean_kv", "always_abstain"
 FLOORS = (NO_CONTEXT, MEAN_KV, ALWAYS_ABSTAIN)
 BETTER, WORSE, EQUIVALENT, UNDECIDED = "better", "worse", "equivalent", "undecided"
-VERDICTS = (BETTER, WORSE, EQUIVALENT, UNDECIDED)
+AT_FLOOR = "at the floor"   # the model's own full context does not beat no_context: no delta of it is judged
+VERDICTS = (BETTER, WORSE, EQUIVALENT, UNDECIDED, AT_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class Comparison:
         d = f"Δ {self.estimand} {self.delta:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
         if self.verdict == EQUIVALENT:
             return f"equivalent to {baseline} within ±{self.margin:g} (TOST; {d})"
+        if self.verdict == AT_FLOOR:
+            return f"not judged against {baseline}: the model's own full context is at its no-context floor ({d})"
         if self.verdict == UNDECIDED:
             return f"undecided against {baseline} at this n (detectable |Δ| ≈ {self.detectable:.3f}; {d})"
         return f"{self.verdict} than {baseline} ({d})"
@@ -88,6 +94,12 @@ def compare(point: float, replicates: np.ndarray, level: float, margin: float,
 def carries_content(versus_floors: list[Comparison]) -> bool:
     """Whether a condition's answerable F1 is better than every floor it was compared with (none: False)."""
     return bool(versus_floors) and all(c.verdict == BETTER for c in versus_floors)
+
+
+def above_floor(full_vs_no_context: str | None) -> bool:
+    """Whether a model reads its context at all: its full-context answerable F1 is better than its no_context
+    floor (the verdict of full − no_context). Without a floor row (a record that predates it) it is assumed."""
+    return full_vs_no_context is None or full_vs_no_context == BETTER
 
 
 def sample_line(n_questions: int, n_answerable: int, n_passages: int) -> str:

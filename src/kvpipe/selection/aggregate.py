@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from kvpipe.errors import KvpipeError
-from kvpipe.estimands import ALWAYS_ABSTAIN, NO_CONTEXT, SUBSETS, compare, with_failure_flags
+from kvpipe.estimands import ALWAYS_ABSTAIN, AT_FLOOR, NO_CONTEXT, SUBSETS, above_floor, compare, with_failure_flags
 from kvpipe.reporting import Interval
 from kvpipe.settings import SelectionSettings
 from kvpipe.stats import PassageBootstrap, holm
@@ -187,4 +187,16 @@ def aggregate(answers: pd.DataFrame, overlaps: pd.DataFrame, settings: Selection
     agg = pd.DataFrame(out.rows, columns=["table", "role", "method", "retention", "quantity", "value", "ci_low",
                                           "ci_high", "p_value", "verdict"])
     agg["p_holm"] = holm(agg["p_value"].to_numpy(dtype=float))
+    return _floored(agg)
+
+
+def _floored(agg: pd.DataFrame) -> pd.DataFrame:
+    """Every transfer delta of a model whose full context is not better than its no_context floor reads AT_FLOOR
+    (kvpipe.estimands): its own and transferred selections cannot be told from broken ones."""
+    floor = agg[(agg["table"] == "full_kv") & (agg["quantity"] == "delta_full_vs_no_context")]
+    verdicts = dict(zip(floor["role"], floor["verdict"], strict=True))
+    for role in ("scout", "main"):
+        if not above_floor(verdicts.get(role)):
+            judged = agg["table"].isin(("transfer", "transfer_all")) & (agg["role"] == role) & (agg["verdict"] != "")
+            agg.loc[judged, "verdict"] = AT_FLOOR
     return agg

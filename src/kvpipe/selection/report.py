@@ -132,7 +132,9 @@ def _character_overlaps(get: _Lookup, settings: SelectionSettings) -> list[str]:
 def _transfers(get: _Lookup) -> list[str]:
     lines = ["## Cross-model transfer: answerable F1", "",
              "Δ with its verdict: *better* / *worse* when the interval excludes 0, *equivalent* only by TOST within the "
-             "margin (a transfer that costs little), else *undecided* at this n. The notes' Δ are all-question F1.", "",
+             "margin (a transfer that costs little), else *undecided* at this n; *at the floor* for every Δ of a model whose "
+             "own full KV is not better than its no_context floor (it does not read the context, so no selection of it "
+             "can be judged). The notes' Δ are all-question F1.", "",
              "| method | retention | main own | main with scout's | Δ forward | notes Δ | scout own | scout with main's | "
              "Δ reverse | notes Δ | random (main / scout) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     tr = get.agg[(get.agg["table"] == "transfer") & (get.agg["method"] != "random")]
@@ -252,7 +254,8 @@ def summary_markdown(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, 
              f"bootstrap over passages (the questions on one passage are resampled together; {settings.bootstrap} "
              "resamples), paired for every delta. Verdicts: *better* / *worse* when the interval excludes 0, "
              f"*equivalent* only by two one-sided tests within ±{margin:g} (`verdicts.equivalence_margin`), else "
-             "*undecided*. " + _detectable(get, settings), ""]
+             "*undecided*; *at the floor* where a model's own full KV does not beat its no_context floor. "
+             + _detectable(get, settings), ""]
     lines += _baselines(get, facts) + [""] + _retention(answers, settings) + _overlaps(get) + _character_overlaps(get, settings)
     lines += [""] + _transfers(get)
     lines += _multiplicity(agg, settings) + _answerability(get)

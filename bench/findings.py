@@ -111,7 +111,8 @@ def _scout_cost(name: str) -> str:
 
 
 PHRASE = {"worse": "worse than main_full", "better": "better than main_full", "equivalent": "equivalent to main_full "
-          "(TOST)", "undecided": "undecided against main_full"}
+          "(TOST)", "undecided": "undecided against main_full",
+          "at the floor": "not judged: main_full is at its no-context floor"}
 
 
 def _answerable(row: pd.Series) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvpipe.estimands import AT_FLOOR
 from kvpipe.projection import STAGE
 from kvpipe.projection.aggregate import BASELINE, VARIANT, aggregate, label, on_front, pareto_front
 from kvpipe.projection.report import FIGURES, write_report
@@ -133,6 +134,21 @@ def test_a_cache_that_only_abstains_wins_no_verdict():
     assert row["abstain_unanswerable"] == 1
     text = summary_markdown(agg, answers, _metrics(), FACTS, "planted", MARGIN)
     assert "**No injected cache carries content**" in text and "equivalent to main_full" not in text
+
+
+def test_no_cache_is_judged_against_a_main_full_at_its_floor():
+    """main_full no better than no_context (a task the main cannot do): a projected cache that also scores 0 would be
+    'equivalent to main_full' by construction; every verdict against main_full reads 'at the floor' instead."""
+    floor = {v: (lambda b: 0 * b, False, 0, np.nan) for v in VARIANTS if v[0] in ("no_context", "mean_kv")}
+    cache = ("projected_kv", "ridge", "reconstruction", "pre_rope", 1.0, -1, -1, -1)
+    variants = {BASELINE: (lambda b: 0 * b, False, 1000, 1.0), cache: (lambda b: 0 * b, False, 50_000, 0.2)} | floor
+    agg = aggregate(_answers(variants=variants), SETTINGS, MARGIN)
+    judged = agg[agg["condition"] != "main_full"]
+    assert set(judged["verdict"]) == {AT_FLOOR} and not judged["carries_content"].any()
+    assert _row(agg, BASELINE)["verdict_vs_no_context"] == "equivalent"   # 0 − 0: at its floor
+    text = summary_markdown(agg, _answers(variants=variants), _metrics(), FACTS, "planted", MARGIN)
+    assert "equivalent to main_full" not in text and "at the floor" in text
+    assert _row(aggregate(_answers(), SETTINGS, MARGIN), cache)["verdict"] != AT_FLOOR   # a main_full that reads
 
 
 def test_hybrid_layers_are_their_own_typed_columns():

@@ -8,7 +8,8 @@ samples weighted by their passage's draw count. The estimand of every verdict is
 (`f1_answerable`): ΔF1 against main_full gets a two-sided bootstrap p-value, Holm-adjusted over all
 other variants, `detectable` (z × its bootstrap standard error) and a worded verdict (better, worse,
 equivalent by TOST within `verdicts.equivalence_margin`, or undecided); against the floors
-no_context and mean_kv likewise, and `carries_content` is true only above both. Abstention on
+no_context and mean_kv likewise, and `carries_content` is true only above both. Where main_full itself is not
+better than no_context, every verdict against it reads "at the floor" (kvpipe.estimands.AT_FLOOR). Abstention on
 unanswerable questions and the wrong abstentions and empty replies on answerable ones are reported
 apart; the all-question F1 stays in the table and is the basis of nothing.
 """
@@ -24,7 +25,17 @@ import pandas as pd
 
 from kvpipe.config import section_defaults
 from kvpipe.errors import KvpipeError
-from kvpipe.estimands import MEAN_KV, NO_CONTEXT, SUBSETS, Comparison, carries_content, compare, with_failure_flags
+from kvpipe.estimands import (
+    AT_FLOOR,
+    MEAN_KV,
+    NO_CONTEXT,
+    SUBSETS,
+    Comparison,
+    above_floor,
+    carries_content,
+    compare,
+    with_failure_flags,
+)
 from kvpipe.reporting import Interval
 from kvpipe.settings import ProjectionSettings
 from kvpipe.stats import PassageBootstrap, bootstrap_pvalue, cluster_codes, critical_value, holm
@@ -176,6 +187,8 @@ def aggregate(answers: pd.DataFrame, settings: ProjectionSettings, margin: float
         out[name], out[f"{name}_low"], out[f"{name}_high"] = p.boot.interval(x)
     _main_full_columns(out, p, base, margin)
     _floor_columns(out, p, margin)
+    if f"verdict_vs_{NO_CONTEXT}" in out and not above_floor(out[f"verdict_vs_{NO_CONTEXT}"].iloc[base]):
+        out["verdict"] = np.where(out["verdict"] != "", AT_FLOOR, "")   # main_full does not read its context
     out["bytes"] = p.boot.means(p.matrix("bytes"))[0]
     out["bytes_ratio"] = out["bytes"] / out["bytes"].iloc[base]
     return out

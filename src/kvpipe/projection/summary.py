@@ -80,7 +80,8 @@ def _header(agg: pd.DataFrame, answers: pd.DataFrame, facts: dict[str, Any], set
              f"Intervals: {int(round(100 * settings.ci))} % bootstrap over test passages ({settings.bootstrap} resamples), "
              "paired by sample. Verdicts: *better* / *worse* when the interval excludes 0; *equivalent* only by two "
              f"one-sided tests (the {int(round(100 * (2 * settings.ci - 1)))} % interval inside ±{margin:g}, "
-             "`verdicts.equivalence_margin`); else *undecided at this n*.", ""]
+             "`verdicts.equivalence_margin`); else *undecided at this n*; *at the floor* against main_full where main_full "
+             "itself is not better than `no_context` (no cache can then be judged against it).", ""]
     if facts.get("n_template_tokens"):
         lines += [f"The chat template before the context ({facts['n_template_tokens']} tokens) is the same for every "
                   "question: the main prefills it once per deployment and every given cache keeps those rows of its "

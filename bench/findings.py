@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kvpipe.estimands import above_floor
 from kvpipe.projection.aggregate import label
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def _selection(rel: str, what: str, retentions: tuple[float, ...]) -> list[str]:
                    f" of answerable questions; no-context floor: "
                    f"{_cell(_sel(agg, 'full_kv', role, 'no_context', 'f1_answerable', 0.0))}.")
     floor = _sel(agg, "full_kv", "main", "full", "delta_full_vs_no_context")
-    if floor is not None and floor["verdict"] != "better":
+    if not above_floor(None if floor is None else floor["verdict"]):
         out.append("- The main's full KV is not better than its no-context floor here: it does not read these contexts, "
                    "so no transfer of a selection can be judged on this set with these models (every Δ below reads "
                    "'at the floor'); the overlaps stand.")

@@ -62,8 +62,6 @@ class Comparison:
         d = f"Δ {self.estimand} {self.delta:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
         if self.verdict == EQUIVALENT:
             return f"equivalent to {baseline} within ±{self.margin:g} (TOST; {d})"
-        if self.verdict == AT_FLOOR:
-            return f"not judged against {baseline}: the model's own full context is at its no-context floor ({d})"
         if self.verdict == UNDECIDED:
             return f"undecided against {baseline} at this n (detectable |Δ| ≈ {self.detectable:.3f}; {d})"
         return f"{self.verdict} than {baseline} ({d})"

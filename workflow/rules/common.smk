@@ -26,7 +26,6 @@ from kvpipe.config import (
     validate,
 )
 from kvpipe import layout
-from kvpipe.chunks import chunk_range
 from kvpipe.errors import KvpipeError
 from kvpipe.provenance import script_hash
 from kvpipe.reporting import figure_files
@@ -114,9 +113,7 @@ def job_resource(key, models, chunked=False):
     def resource(wc, attempt):
         samples = None
         if chunked:
-            first, end = chunk_range(
-                wc.chunk, config["sampling"]["n"], config["run"]["chunk_size"]
-            )
+            first, end = chunk_samples(wc.chunk)  # chunks.smk
             samples = end - first
         return job_resources(config, models(wc), attempt, samples)[key]
 

@@ -59,7 +59,8 @@ def test_summary_reports_each_pair_and_decides_the_notes_predictions(stage_table
     qwen = next(line for line in text.splitlines() if line.startswith("| qwen |"))
     cross = next(line for line in text.splitlines() if line.startswith("| cross |"))
     assert "same (qwen2)" in qwen and "0.950 [0.930, 0.970]" in qwen and "0.800 [0.770, 0.830] (0.500)" in qwen
-    assert "| 0.300 [0.200, 0.400] | 0.600 [0.500, 0.700] | +0.300 [+0.200, +0.400] |" in qwen
+    assert "| 0.300 [0.200, 0.400] | 0.600 [0.500, 0.700] | — / — | +0.300 [+0.200, +0.400] |" in qwen
+    assert "no-context floor is not in its selection record" in text   # planted tables without no_context rows
     assert "cross (llama → qwen2)" in cross and "0.400 [0.380, 0.420]" in cross and "-0.075 [-0.200, +0.000]" in cross
     assert "Lower overlap across families: holds" in text
     assert "Key transfer fails across families: holds" in text
@@ -98,3 +99,29 @@ def test_keys_failing_within_the_family_too_do_not_confirm_the_cross_family_pred
     assert "the cross-family key R² lies below the same-family one" in text
     alone = summary_markdown([cross], "d")
     assert "Key transfer fails across families: not tested against a reference" in alone
+
+
+def test_a_main_at_its_no_context_floor_gets_no_transfer_verdict():
+    """The selection stage's floor guard shows through: the deltas carry its words, and a line says why."""
+    from kvpipe.estimands import AT_FLOOR
+    from kvpipe.pairs.summary import pair_row
+
+    agg = _aggregates(0.3)
+    agg["verdict"] = ""
+    agg.loc[agg["quantity"] == "delta_forward", "verdict"] = AT_FLOOR
+    agg.loc[agg["quantity"] == "delta_reverse", "verdict"] = "undecided"
+    floors = pd.DataFrame([{"table": "full_kv", "role": role, "method": method, "retention": 0.0, "quantity": quantity,
+                            "value": value, "ci_low": value - 0.1, "ci_high": value + 0.1, "verdict": verdict}
+                           for role, method, quantity, value, verdict in (
+                               ("main", "no_context", "f1_answerable", 0.55, ""),
+                               ("main", "full", "delta_full_vs_no_context", 0.05, "undecided"),
+                               ("scout", "no_context", "f1_answerable", 0.05, ""),
+                               ("scout", "full", "delta_full_vs_no_context", 0.25, "better"))])
+    row = pair_row("qwen", _metrics(0.95), {"scout": "q-small", "main": "q-big", "thresholds": {"keys_r2": 0.9}},
+                   pd.concat([agg, floors]), {"q-small": "qwen2", "q-big": "qwen2"})
+    text = summary_markdown([row], "d")
+    line = next(line for line in text.splitlines() if line.startswith("| qwen |"))
+    assert "| 0.050 [-0.050, 0.150] / 0.550 [0.450, 0.650] |" in line
+    assert "-0.050 [-0.200, +0.000] (at the floor)" in line and "+0.050 [-0.010, +0.110] (undecided)" in line
+    assert "the main (q-big) answers no better from its full KV than with no context (undecided)" in text
+    assert "the scout (q-small)" not in text

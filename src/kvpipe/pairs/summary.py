@@ -2,8 +2,10 @@
 
 Per pair: same or cross family (the two models' architectures), key and value transfer at the last
 aligned layer (centred R², per-dimension R² and debiased CKA, pre-RoPE keys, with their
-intervals), both models' full-KV answerable F1 and its paired difference, Q2C overlap of the scout's
-selection with the main's beside its null, and forward / reverse ΔF1 at 50 % and 75 % retention.
+intervals), both models' full-KV answerable F1 beside its no-context floor and the main's minus the
+scout's, Q2C overlap of the scout's selection with the main's beside its null, and forward / reverse
+ΔF1 at 50 % and 75 % retention with the selection stage's verdicts (kvpipe.estimands: "at the floor"
+for a model whose full KV does not beat its no-context floor).
 Reads only the stages' tables; the verdicts on the notes' two cross-family predictions (lower
 overlap, key transfer failing) use the intervals and contrast the cross-family pairs with the
 same-family ones: a prediction is undecided where they overlap.
@@ -17,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from kvpipe.estimands import above_floor
 from kvpipe.io import read_json, write_parquet, write_text
 from kvpipe.reporting import fmt_ci
 
@@ -34,6 +37,11 @@ def _interval(row: pd.Series | None) -> tuple[float, float, float]:
     return (float("nan"),) * 3 if row is None else (float(row["value"]), float(row["ci_low"]), float(row["ci_high"]))
 
 
+def _verdict(row: pd.Series | None) -> str:
+    """The stage's worded verdict of a row; '' where it has none (or predates verdicts)."""
+    return "" if row is None or not isinstance(row.get("verdict"), str) else row["verdict"]
+
+
 def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates: pd.DataFrame,
              architectures: dict[str, str]) -> dict[str, Any]:
     """The pair's row: family, transfer at the last aligned layer, Q2C overlap and ΔF1, each as (value, low, high)."""
@@ -49,6 +57,9 @@ def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates
             row[f"{name}_{metric}"] = _interval(_pick(whole, kind=kind, main_layer=last, metric=metric))
     for role in ("scout", "main"):
         row[f"f1_{role}"] = _interval(_pick(aggregates, table="full_kv", role=role, method="full", quantity="f1_answerable"))
+        row[f"f1_{role}_no_context"] = _interval(_pick(aggregates, table="full_kv", role=role, method="no_context",
+                                                       quantity="f1_answerable"))
+        row[f"floor_{role}"] = _verdict(_pick(aggregates, table="full_kv", role=role, quantity="delta_full_vs_no_context"))
     row["f1_main_minus_scout"] = _interval(_pick(aggregates, table="full_kv", role="pair", method="full",
                                                  quantity="f1_main_minus_scout"))
     for r in RETENTIONS:
@@ -57,10 +68,10 @@ def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates
                                                      quantity="overlap_random"))
         row[f"overlap_gain_{r:g}"] = _interval(_pick(aggregates, table="overlap", method="q2c", retention=r,
                                                      quantity="overlap_minus_random"))
-        row[f"delta_forward_{r:g}"] = _interval(_pick(aggregates, table="transfer", role="main", method="q2c",
-                                                      retention=r, quantity="delta_forward"))
-        row[f"delta_reverse_{r:g}"] = _interval(_pick(aggregates, table="transfer", role="scout", method="q2c",
-                                                      retention=r, quantity="delta_reverse"))
+        for direction, role in (("forward", "main"), ("reverse", "scout")):
+            delta = _pick(aggregates, table="transfer", role=role, method="q2c", retention=r, quantity=f"delta_{direction}")
+            row[f"delta_{direction}_{r:g}"] = _interval(delta)
+            row[f"verdict_{direction}_{r:g}"] = _verdict(delta)
     return row
 
 
@@ -140,6 +151,25 @@ def ci(v: tuple[float, float, float], signed: bool = False) -> str:
     return "—" if math.isnan(v[0]) else fmt_ci(*v, signed=signed)
 
 
+def _delta(r: dict[str, Any], direction: str, retention: float) -> str:
+    verdict = r[f"verdict_{direction}_{retention:g}"]
+    return ci(r[f"delta_{direction}_{retention:g}"], signed=True) + (f" ({verdict})" if verdict else "")
+
+
+def _floors(rows: list[dict[str, Any]]) -> list[str]:
+    """A line per model that does not beat its no-context floor (its transfer deltas are not judged)."""
+    out = []
+    for r in rows:
+        for role in ("scout", "main"):
+            if r[f"floor_{role}"] and not above_floor(r[f"floor_{role}"]):
+                out.append(f"- {r['pair']}: the {role} ({r[role]}) answers no better from its full KV than with no "
+                           f"context ({r[f'floor_{role}']}), so every ΔF1 of its answers reads 'at the floor'.")
+            elif not r[f"floor_{role}"]:
+                out.append(f"- {r['pair']}: the {role}'s no-context floor is not in its selection record; its ΔF1 "
+                           "verdicts are not guarded by it.")
+    return out
+
+
 def summary_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
     """The cross-pair table and the notes' two cross-family predictions with verdicts."""
     lines = [f"# Pairs on {dataset}", "",
@@ -148,18 +178,21 @@ def summary_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
              "chance overlap of the same budget (null). ΔF1: the main answering from the scout's selection minus "
              "from its own (forward), and the scout from the main's (reverse); every F1 is answerable F1 (kvpipe.estimands). "
              "Full-KV F1: each model answering "
-             "from its own whole cache, and the main's minus the scout's paired by sample.", "",
+             "from its own whole cache beside its no-context floor (template and question only), and the main's minus "
+             "the scout's paired by sample. Verdicts are the selection stage's (kvpipe.estimands).", "",
              "| pair | family | keys R² | keys per-dim R² | keys CKA | values R² | values CKA | Q2C overlap (null) | "
-             "F1 scout | F1 main | F1 main − scout | ΔF1 fwd 50 % | ΔF1 fwd 75 % | ΔF1 rev 50 % | ΔF1 rev 75 % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "F1 scout | F1 main | no-context F1 scout / main | F1 main − scout | ΔF1 fwd 50 % | ΔF1 fwd 75 % | "
+             "ΔF1 rev 50 % | ΔF1 rev 75 % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         family = f"cross ({r['scout_family']} → {r['main_family']})" if r["cross_family"] else f"same ({r['main_family']})"
         lines.append(f"| {r['pair']} | {family} | {ci(r['keys_r2'])} | {ci(r['keys_r2_per_dim'])} | "
                      f"{ci(r['keys_cka_debiased'])} | {ci(r['values_r2'])} | {ci(r['values_cka_debiased'])} | "
                      f"{ci(r['overlap_0.5'])} ({ci(r['overlap_null_0.5'][:1] + (math.nan, math.nan))}) | "
-                     f"{ci(r['f1_scout'])} | {ci(r['f1_main'])} | {ci(r['f1_main_minus_scout'], signed=True)} | "
-                     + " | ".join(ci(r[f"delta_{d}_{x:g}"], signed=True) for d in ("forward", "reverse") for x in RETENTIONS)
-                     + " |")
+                     f"{ci(r['f1_scout'])} | {ci(r['f1_main'])} | {ci(r['f1_scout_no_context'])} / "
+                     f"{ci(r['f1_main_no_context'])} | {ci(r['f1_main_minus_scout'], signed=True)} | "
+                     + " | ".join(_delta(r, d, x) for d in ("forward", "reverse") for x in RETENTIONS) + " |")
+    lines += ["", *_floors(rows)] if _floors(rows) else []
     lines += ["", "## The notes' cross-family predictions", "",
               f"- Lower overlap across families: {_lower_overlap(rows)}.",
               f"- Key transfer fails across families: {_key_transfer_fails(rows)}.", ""]

@@ -138,6 +138,41 @@ def scaled_pair(root: Path, n: int, config: dict) -> tuple[dict[str, Path], Path
     return models, samples, kv
 
 
+def bench_config(overlays: list[Path], squad: Path) -> tuple[dict[str, Any], str, dict[str, Any], list[Path]]:
+    """(config, dataset, dataset spec, config files) of a benchmark: SQuAD v2 from --squad (config.yaml,
+    config/squad_v2.yaml and the overlays), or the one dataset the last overlay that sets run.datasets names."""
+    import yaml
+
+    from kvpipe.config import load_config
+
+    named = [(o, (yaml.safe_load(Path(o).read_text()) or {}).get("run", {}).get("datasets")) for o in overlays]
+    named = [(o, d) for o, d in named if d]
+    if named and "squad_v2" not in named[-1][1]:
+        overlay, datasets = named[-1]
+        if len(datasets) != 1:
+            raise SystemExit(f"{overlay}: run.datasets names {datasets}; a benchmark samples one dataset")
+        files = [Path("config.yaml"), *overlays]
+        config = load_config(files)
+        return config, datasets[0], config["datasets"][datasets[0]], files
+    files = [Path("config.yaml"), Path("config/squad_v2.yaml"), *overlays]
+    config = load_config(files)
+    return config, "squad_v2", config["datasets"]["squad_v2"] | {"path": str(squad)}, files
+
+
+def record_path(kind: str, name: str) -> Path:
+    """bench/results/{kind}.json, or {kind}_{name}.json for a named variant."""
+    return RECORDS / ("_".join(filter(None, (kind, name))) + ".json")
+
+
+def bench_samples(overlays: list[Path], squad: Path, tokenizer: Path, n: int, out: Path) -> tuple[dict[str, Any], str]:
+    """Sample n questions of a benchmark's dataset (bench_config) with the production sampler into out: (config, dataset)."""
+    from kvpipe.data.sampling import sample_to_file
+
+    config, dataset, spec, _ = bench_config(overlays, squad)
+    sample_to_file(dataset, spec, tokenizer, config["prompt"], config["sampling"] | {"n": n}, out)
+    return config, dataset
+
+
 def stage_report(stage: str, out_dir: Path, dataset: str, *configs: Path) -> None:
     """Rewrite a stage's report (aggregates, figures, summary, timing) from the tables in out_dir, as
     `kvpipe report` does (configs: the configuration files, default config.yaml)."""

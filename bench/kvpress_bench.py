@@ -3,6 +3,9 @@
     # kvpress wants pandas < 3: a separate environment
     python -m venv .venv-bench && . .venv-bench/bin/activate && pip install torch==2.13.0 -e '.[bench]'
     python bench/kvpress_bench.py --squad PATH [--n 20] [--model results/models/qwen2.5-coder-0.5b]
+    # the long synthetic set (>= 4,000 tokens per prompt), kvpress's protocol only, 3 retentions:
+    python bench/kvpress_bench.py --overlay bench/overlays/selection_long.yaml --name long --n 6 --grid three \
+        --own-grids none
 
 Both answer the identical token sequences: kvpipe's prompt for each question, split at the end of
 the context. The prefix (chat template and context) is prefilled and pruned; the question and the
@@ -19,9 +22,10 @@ the same end tokens (kvpipe's stop ids, set as the model's eos for kvpress), `--
 
 Each side runs in its own process (kvpress patches transformers' attention when imported) and is
 warmed up on the first question first. Recorded per grid: seconds per answered condition and the
-ratio, decoded tokens per condition (stop token included), answerable F1, the share of conditions
-whose answers are identical, the kept positions' agreement per (layer, KV head) and the conditions
-whose answers differ. Writes bench/results/kvpress.json.
+ratio, each side's time split into prefill (everything before answering) and answering, decoded
+tokens per condition (stop token included), answerable F1, the share of conditions whose answers
+are identical, the kept positions' agreement per (layer, KV head) and the conditions whose answers
+differ. Writes bench/results/kvpress.json (with --name NAME: kvpress_NAME.json).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from benchkit import TARGETS as BENCH_TARGETS
-from benchkit import in_child
+from benchkit import bench_config, bench_samples, in_child, record_path
 
 GRIDS = {"three": [0.25, 0.5, 0.75], "nine": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]}
 TARGETS = {"three": BENCH_TARGETS["kvpress_speedup"].bound, "nine": BENCH_TARGETS["kvpress_speedup_9"].bound}
@@ -96,7 +100,9 @@ def _conditions(protocol: str, tokens, inputs, retentions: list[float]) -> list:
 def kvpipe_side(
     model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int, protocols: list[str]
 ) -> dict:
-    """Per protocol and question: seconds for one prefill + scoring + every retention in one batch; answers; kept."""
+    """Per protocol and question: seconds for one prefill + scoring + every retention in one batch, of which before
+    answering (`prefill_seconds`: the prefill, scoring and selection; for query_aware also the full-context question
+    pass and its decoding that give its window); answers; decoded tokens; kept positions."""
     from kvpipe.inference.requests import AnswerRequest
     from kvpipe.inference.session import Session
     from kvpipe.scoring.methods import ScoringInputs
@@ -110,11 +116,13 @@ def kvpipe_side(
         if protocol == "query_aware":  # the question pass whose last queries are the window
             session.answer([AnswerRequest("full")], max_new_tokens, capture_row=0)
         conditions = _conditions(protocol, tokens, ScoringInputs.from_session(session, i), retentions)
+        prefilled = time.perf_counter()
         answers = session.answer(conditions, max_new_tokens)
         seconds = time.perf_counter() - started
         nq = len(tokens) - tokens.context_end
         return {
             "seconds": seconds,
+            "prefill_seconds": prefilled - started,
             "answers": [a.text for a in answers],
             "decoded": [a.cache_length - a.kept - nq + 1 for a in answers],
             "kept": [c.selection.tolist() for c in conditions] if protocol == "kvpress" else None,
@@ -126,7 +134,8 @@ def kvpipe_side(
 
 
 def kvpress_side(model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int) -> list:
-    """Per question and retention: seconds of one pipeline forward under SnapKVPress; answer; decoded; kept."""
+    """Per question and retention: seconds of one pipeline forward under SnapKVPress, of which before its question
+    pass (`prefill_seconds`: the context prefill under the press, compression included); answer; decoded; kept."""
     import torch
     from kvpress import SnapKVPress
     from kvpress.utils import compute_n_kept
@@ -137,8 +146,8 @@ def kvpress_side(model: Path, samples: Path, retentions: list[float], max_new_to
     lm, rows, prompts = _setup(model, samples, threads)
     lm.model.generation_config.eos_token_id = stop_ids(lm)  # the same end tokens as kvpipe
     pipe = pipeline("kv-press-text-generation", model=lm.model, tokenizer=lm.tokenizer, device="cpu")
-    calls = [0]  # forward calls of the LM head model: the question pass and each decoding step, one token each
-    lm.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    calls: list[float] = []  # start of each forward call of the LM head model: the question pass, then each decoding step
+    lm.model.register_forward_pre_hook(lambda *_: calls.append(time.perf_counter()))
 
     def one(i: int, r: float) -> dict:
         tokens = prompts[i]
@@ -154,13 +163,14 @@ def kvpress_side(model: Path, samples: Path, retentions: list[float], max_new_to
 
         press.score = recording
         inputs = {"context_ids": ids[:, : tokens.context_end], "questions_ids": [ids[:, tokens.context_end :]]}
-        calls[0] = 0
+        calls.clear()
         started = time.perf_counter()
         (answer,) = pipe.forward(inputs, press=press, max_new_tokens=max_new_tokens)
         seconds = time.perf_counter() - started
         n = compute_n_kept(tokens.context_end, press.compression_ratio)  # ScorerPress.compress's own topk
         kept = [scores[layer].topk(n, dim=-1).indices.sort(dim=-1).values.tolist() for layer in sorted(scores)]
-        return {"seconds": seconds, "answer": answer.strip(), "decoded": calls[0], "kept": kept}
+        return {"seconds": seconds, "prefill_seconds": calls[0] - started, "answer": answer.strip(), "decoded": len(calls),
+                "kept": kept}
 
     one(0, retentions[0])  # warm-up
     return [[one(i, r) for r in retentions] for i in range(len(rows))]
@@ -178,15 +188,22 @@ def kept_agreement(ours: list, theirs: list) -> tuple[float, np.ndarray]:
     return float(np.mean(same)), np.mean(share, axis=0)
 
 
-def _side_row(f1: list[float], seconds: float, decoded: list[int], n_conditions: int) -> dict:
+def _side_row(f1: list[float], seconds: float, prefill: float, decoded: list[int], n_conditions: int) -> dict:
+    """A side's figures. prefill: its seconds before answering (kvpipe: the context prefill, scoring and selection, shared
+    by every retention; kvpress: each call's prefill under the press, compression included); the rest is answering (the
+    question pass and decoding; kvpipe: pruning too)."""
     return {
         "seconds_per_condition": round(seconds / n_conditions, 4),
+        "prefill_seconds_per_condition": round(prefill / n_conditions, 4),
+        "answer_seconds_per_condition": round((seconds - prefill) / n_conditions, 4),
         "decoded_tokens_per_condition": round(float(np.mean(decoded)), 2),
         "answerable_f1": round(float(np.mean(f1)), 4) if f1 else None,
     }
 
 
 def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, threads: int, protocols: list[str]) -> dict:
+    """One grid's record: both sides on the same questions (each in its own process), their figures, the kept
+    positions' agreement and the conditions whose answers differ."""
     from kvpipe.data.qa_metrics import score_reply
 
     rows = pd.read_parquet(samples)
@@ -210,7 +227,8 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, 
         "conditions_per_prefill": len(grid),
         "questions": len(rows),
         "answerable_questions": int(sum(answerable)),
-        "kvpress": _side_row(f1(press_answers), press_seconds, [c["decoded"] for q in theirs for c in q], n_conditions),
+        "kvpress": _side_row(f1(press_answers), press_seconds, sum(c["prefill_seconds"] for q in theirs for c in q),
+                             [c["decoded"] for q in theirs for c in q], n_conditions),
         "kvpipe": {},
     }
     for protocol in protocols:
@@ -219,7 +237,8 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, 
         same = [a == b for q, p in zip(runs, press_answers) for a, b in zip(q["answers"], p)]
         out["kvpipe"][protocol] = {
             "what": what,
-            **_side_row(f1([q["answers"] for q in runs]), seconds, [d for q in runs for d in q["decoded"]], n_conditions),
+            **_side_row(f1([q["answers"] for q in runs]), seconds, sum(q["prefill_seconds"] for q in runs),
+                        [d for q in runs for d in q["decoded"]], n_conditions),
             "speedup_over_kvpress": round(press_seconds / seconds, 2),
             "same_answer_fraction": round(float(np.mean(same)), 4),
         }
@@ -241,7 +260,10 @@ def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--squad", type=Path, required=True, help="official SQuAD v2 JSON")
+    ap.add_argument("--squad", type=Path, default=Path("data/squad_v2/dev-v2.0.json"), help="official SQuAD v2 JSON")
+    ap.add_argument("--overlay", type=Path, action="append", default=[], help="config overlay(s) merged last; one naming "
+                    "another dataset in run.datasets races on that one (e.g. bench/overlays/selection_long.yaml)")
+    ap.add_argument("--name", default="", help="a variant's name: the record is bench/results/kvpress_NAME.json")
     ap.add_argument("--n", type=int, default=20, help="questions")
     ap.add_argument("--model", type=Path, default=Path("results/models/qwen2.5-coder-0.5b"))
     ap.add_argument("--grid", choices=sorted(GRIDS), action="append", help="retention grids (default: three, nine)")
@@ -249,21 +271,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each side")
     ap.add_argument(
         "--own-grids",
-        choices=sorted(GRIDS),
+        choices=[*sorted(GRIDS), "none"],
         action="append",
-        help="grids on which kvpipe's own protocols run too (default: every grid)",
+        help="grids on which kvpipe's own protocols run too (default: every grid; none: no grid)",
     )
-    ap.add_argument("--out", type=Path, default=Path("bench/results/kvpress.json"))
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/kvpress[_NAME].json")
     ap.add_argument("--update", action="store_true", help="keep the other grids of the record at --out")
     args = ap.parse_args()
     from importlib.metadata import version
 
-    from kvpipe.config import load_config
-    from kvpipe.data.sampling import sample_to_file
-
-    config = load_config(["config.yaml", "config/squad_v2.yaml"])
+    out = args.out or record_path("kvpress", args.name)
+    _, dataset, _, _ = bench_config(args.overlay, args.squad)
     record = {
         "model": args.model.name,
+        "dataset": dataset,
         "machine": f"{platform.machine()}, CPU",
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
@@ -272,26 +293,19 @@ def main() -> None:
         "targets": TARGETS,
         "grids": {},
     }
-    if args.update and args.out.exists():  # keep the other grids of a record made with the same settings
-        old = json.loads(args.out.read_text())
+    if args.update and out.exists():  # keep the other grids of a record made with the same settings
+        old = {"dataset": "squad_v2"} | json.loads(out.read_text())   # records before the field were SQuAD v2
         if {k: v for k, v in old.items() if k != "grids"} != {k: v for k, v in record.items() if k != "grids"}:
-            raise SystemExit(f"{args.out}: recorded with other settings; cannot --update it")
+            raise SystemExit(f"{out}: recorded with other settings; cannot --update it")
         record["grids"] = old["grids"]
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        sample_to_file(
-            "squad_v2",
-            config["datasets"]["squad_v2"] | {"path": str(args.squad)},
-            args.model,
-            config["prompt"],
-            config["sampling"] | {"n": args.n},
-            samples,
-        )
+        bench_samples(args.overlay, args.squad, args.model, args.n, samples)
         for name in args.grid or ["three", "nine"]:
             protocols = list(PROTOCOLS) if name in (args.own_grids or GRIDS) else ["kvpress"]
             record["grids"][name] = compare(args.model, samples, GRIDS[name], args.max_new_tokens, args.threads, protocols)
             print(name, json.dumps({k: v for k, v in record["grids"][name].items() if k != "kept_positions"}), flush=True)
-            args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # after every grid
+            out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # after every grid
 
 
 if __name__ == "__main__":

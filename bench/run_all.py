@@ -32,8 +32,16 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
             [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad],
             [py, "bench/selection_bench.py", "--overlay", "bench/overlays/selection_long.yaml", "--name", "long", "--n", "6"],
+            [py, "bench/selection_bench.py", "--squad", squad, "--overlay", "bench/overlays/selection_squad200.yaml", "--name",
+             "squad200", "--n", "200"],
             [py, "bench/projection_bench.py", "--squad", squad],
-            [kvpress_python, "bench/kvpress_bench.py", "--squad", squad], [py, "bench/size_gap_bench.py"],
+            [kvpress_python, "bench/kvpress_bench.py", "--squad", squad],
+            [kvpress_python, "bench/kvpress_bench.py", "--overlay", "bench/overlays/selection_long.yaml", "--name", "long",
+             "--n", "6", "--grid", "three", "--own-grids", "none"],
+            [kvpress_python, "bench/scoutpress_bench.py", "--squad", squad, "--n", "12"],
+            [kvpress_python, "bench/scoutpress_bench.py", "--overlay", "bench/overlays/selection_long.yaml", "--name", "long",
+             "--n", "3"],
+            [py, "bench/size_gap_bench.py"],
             [py, "bench/size_gap_bench.py", "--dataset", "multihop_bridge"],
             [py, "bench/pipeline_record.py", "synthetic"]]
 
@@ -74,12 +82,21 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
     return out
 
 
-def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
-    """kvpipe against kvpress per grid: the same work first (kept positions, answers, then time), then kvpipe's own
-    protocols, labelled with what differs (no verdict: not the same work)."""
-    out = []
+def _f1(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+DATASETS = {"squad_v2": "SQuAD v2", "long": "long synthetic"}   # how the table names a record's dataset
+
+
+def _kvpress_rows(kvp: dict, record: str) -> list[tuple[str, str, str, str, str]]:
+    """kvpipe against kvpress per grid: the same work first (kept positions, answers, then time, with each side's split
+    into prefill and answering where recorded), then kvpipe's own protocols, labelled with what differs (no verdict:
+    not the same work)."""
+    out, dataset = [], DATASETS.get(kvp.get("dataset", "squad_v2"), kvp.get("dataset"))
     for name, grid in kvp["grids"].items():
-        where = f"{grid['conditions_per_prefill']} retentions per prefill, {kvp['model']}, {grid['questions']} SQuAD v2 questions"
+        where = (f"{grid['conditions_per_prefill']} retentions per prefill, {kvp['model']}, {grid['questions']} {dataset} "
+                 "questions")
         ours, theirs = grid["kvpipe"]["kvpress"], grid["kvpress"]
         kept, same = grid["kept_positions"]["identical_fraction"], ours["same_answer_fraction"]
         enough = grid["questions"] >= 20   # the issue's n for judging identical work
@@ -87,26 +104,47 @@ def _kvpress_rows(kvp: dict) -> list[tuple[str, str, str, str, str]]:
         kept_t, same_t = TARGETS["kvpress_kept_identical"], TARGETS["kvpress_same_answers"]
         out.append((f"kept positions identical to kvpress's, share of (question, retention, layer, KV head); {where}",
                     f"{kept:.3f}", f"{kept_t.text()} (20 questions)", kept_t.verdict(kept) if enough else "no verdict",
-                    "kvpress.json"))
+                    record))
         out.append((f"answers identical to kvpress's, share of conditions; {where}", f"{same:.3f}",
-                    f"{same_t.text()} (20 questions)", same_t.verdict(same) if enough else "no verdict", "kvpress.json"))
+                    f"{same_t.text()} (20 questions)", same_t.verdict(same) if enough else "no verdict", record))
         same_work = enough and kept_t.met(kept) and same_t.met(same)
         verdict = target.verdict(ours["speedup_over_kvpress"]) if same_work else "no verdict"
         load = "–".join(f"{x:g}" for x in grid.get("load_average", []))
         out.append((f"kvpress time / kvpipe time per answered condition, SnapKV, the same work (kvpress's protocol); {where}"
                     + (f"; 1-minute load {load} on 2 cores" if load else ""),
-                    f"{ours['speedup_over_kvpress']:.2f}×", target.text("×"), verdict, "kvpress.json"))
+                    f"{ours['speedup_over_kvpress']:.2f}×", target.text("×"), verdict, record))
+        if "prefill_seconds_per_condition" in ours:
+            out.append((f"seconds per answered condition, prefill / answering, kvpipe vs kvpress (bench/README); {where}",
+                        f"{ours['prefill_seconds_per_condition']:.2f} / {ours['answer_seconds_per_condition']:.2f} vs "
+                        f"{theirs['prefill_seconds_per_condition']:.2f} / {theirs['answer_seconds_per_condition']:.2f}",
+                        "—", "", record))
         out.append((f"decoded tokens per condition (stop token included), kvpipe / kvpress; {where}",
                     f"{ours['decoded_tokens_per_condition']:.1f} / {theirs['decoded_tokens_per_condition']:.1f}", "—", "",
-                    "kvpress.json"))
+                    record))
         out.append((f"answerable F1, kvpipe / kvpress ({grid['answerable_questions']} answerable); {where}",
-                    f"{ours['answerable_f1']:.3f} / {theirs['answerable_f1']:.3f}", "—", "", "kvpress.json"))
+                    f"{_f1(ours['answerable_f1'])} / {_f1(theirs['answerable_f1'])}", "—", "", record))
         for protocol, row in grid["kvpipe"].items():
             if protocol != "kvpress":
                 out.append((f"kvpress time / kvpipe time per answered condition, kvpipe's SnapKV {protocol}: not the same work "
-                            f"(bench/README); {where}; answerable F1 {row['answerable_f1']:.3f}, same answers "
+                            f"(bench/README); {where}; answerable F1 {_f1(row['answerable_f1'])}, same answers "
                             f"{row['same_answer_fraction']:.3f}",
-                            f"{row['speedup_over_kvpress']:.2f}×", "—", "no verdict", "kvpress.json"))
+                            f"{row['speedup_over_kvpress']:.2f}×", "—", "no verdict", record))
+    return out
+
+
+def _scoutpress_rows(sp: dict, record: str) -> list[tuple[str, str, str, str, str]]:
+    """The main's time to first token through kvpress with ScoutPress over that with its own SnapKVPress, per scout method."""
+    own, out = sp["presses"]["snapkv"], []
+    tokens = f", median {sp['prompt_tokens_median']} tokens" if sp.get("prompt_tokens_median") else ""
+    dataset = DATASETS.get(sp["dataset"], sp["dataset"])
+    for kind in ("scout_snapkv", "scout_q2c"):
+        row = sp["presses"][kind]
+        out.append((f"main's time to first token through kvpress, ScoutPress ({kind}; scout {sp['scout']}, its share "
+                    f"{row['scout_share_of_ttft']:.2f}) / own SnapKVPress ({own['ttft_s']:.1f} s), {sp['main']}, retention "
+                    f"{sp['retention']:g}, {sp['questions']} {dataset} questions{tokens}; answerable F1 "
+                    f"({sp['answerable_questions']} answerable) "
+                    f"{_f1(row['answerable_f1'])} vs {_f1(own['answerable_f1'])}", f"{row['ttft_s'] / own['ttft_s']:.2f}", "—",
+                    "", record))
     return out
 
 
@@ -134,16 +172,12 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         out.append((f"selection: scout's prefill + scoring / main's context prefill (what scout selection adds before "
                     f"the main starts; median, {share['min']:.3f}–{share['max']:.3f}); {where}", f"{share['median']:.3f}",
                     "—", "", "selection_long.json"))
-    if kvp := _load("kvpress"):
-        out += _kvpress_rows(kvp)
-    if sp := _load("scoutpress"):
-        own = sp["presses"]["snapkv"]
-        for kind in ("scout_snapkv", "scout_q2c"):
-            row = sp["presses"][kind]
-            out.append((f"main's time to first token through kvpress, ScoutPress ({kind}; scout {sp['scout']}, its share "
-                        f"{row['scout_share_of_ttft']:.2f}) / own SnapKVPress, {sp['main']}, retention {sp['retention']:g}, "
-                        f"{sp['questions']} {sp['dataset']} questions; answerable F1 {row['answerable_f1']:.3f} vs "
-                        f"{own['answerable_f1']:.3f}", f"{row['ttft_s'] / own['ttft_s']:.2f}", "—", "", "scoutpress.json"))
+    for name in ("kvpress", "kvpress_long"):
+        if kvp := _load(name):
+            out += _kvpress_rows(kvp, f"{name}.json")
+    for name in ("scoutpress", "scoutpress_long"):
+        if sp := _load(name):
+            out += _scoutpress_rows(sp, f"{name}.json")
     if dec := _load("decode"):
         three = dec["rows"]["3"]
         out.append((f"CPU decoding step of 3 conditions, stock linear layers / kvpipe's few-row path, {dec['model']}",

@@ -1,6 +1,8 @@
 """ScoutPress against kvpress's own SnapKV: the main's time to first token through kvpress, and answerable F1.
 
     .venv-bench/bin/python bench/scoutpress_bench.py --squad PATH [--n 5] [--main DIR] [--scout DIR]
+    # the long synthetic set (>= 4,000 tokens per prompt):
+    .venv-bench/bin/python bench/scoutpress_bench.py --overlay bench/overlays/selection_long.yaml --name long --n 3
 
 The main (Qwen2.5-Coder-1.5B) answers SQuAD v2 questions through kvpress's "kv-press-text-generation"
 pipeline at one retention, under three presses: its own `SnapKVPress` (window 64, kernel 5), and
@@ -8,7 +10,9 @@ pipeline at one retention, under three presses: its own `SnapKVPress` (window 64
 protocol, query-agnostic) or by Q2C (query-aware). Same token sequences as bench/kvpress_bench.py,
 greedy, `--max-new-tokens`, kvpipe's stop ids as the eos, after a warm-up. Per press: the time
 to first token (pipeline start to the end of the question pass that yields the first token), the
-scout's share of it, answerable F1 and the decoded answers. Writes bench/results/scoutpress.json.
+scout's share of it, answerable F1 and the decoded answers. Each press is warmed up on the first prompt
+cut to its first WARM_UP context tokens. Writes bench/results/scoutpress.json (--name NAME:
+scoutpress_NAME.json; an overlay naming another dataset in run.datasets samples that one).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from benchkit import bench_samples, record_path
 
 PRESSES = ("snapkv", "scout_snapkv", "scout_q2c")
+WARM_UP = 256   # context tokens of the warm-up call
 
 
 def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_new_tokens: int, threads: int) -> dict:
@@ -61,7 +67,8 @@ def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_ne
             question=question if method == "q2c" else None,
         )
 
-    def one(kind: str, i: int) -> dict:
+    def one(kind: str, i: int, context: int | None = None) -> dict:
+        """One pipeline call; context: cut the context to its first tokens (the warm-up)."""
         tokens, p = prompts[i], press(kind, rows.question.iloc[i])
         scout_s = [0.0]
         if kind != "snapkv":
@@ -75,10 +82,11 @@ def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_ne
 
             p.scout_scores = timed
         ids = torch.as_tensor(tokens.input_ids)[None]
+        end = tokens.context_end if context is None else min(tokens.context_end, tokens.context_start + context)
         first.clear()
         started = time.perf_counter()
         (answer,) = pipe.forward(
-            {"context_ids": ids[:, : tokens.context_end], "questions_ids": [ids[:, tokens.context_end :]]},
+            {"context_ids": ids[:, :end], "questions_ids": [ids[:, tokens.context_end :]]},
             press=p,
             max_new_tokens=max_new_tokens,
         )
@@ -86,40 +94,33 @@ def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_ne
 
     out = {}
     for kind in PRESSES:
-        one(kind, 0)  # warm-up
+        one(kind, 0, WARM_UP)  # warm-up
         out[kind] = [one(kind, i) for i in range(len(rows))]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--squad", type=Path, required=True, help="official SQuAD v2 JSON")
+    ap.add_argument("--squad", type=Path, default=Path("data/squad_v2/dev-v2.0.json"), help="official SQuAD v2 JSON")
+    ap.add_argument("--overlay", type=Path, action="append", default=[], help="config overlay(s) merged last")
+    ap.add_argument("--name", default="", help="a variant's name: the record is bench/results/scoutpress_NAME.json")
     ap.add_argument("--n", type=int, default=5)
     ap.add_argument("--main", type=Path, default=Path("results/models/qwen2.5-coder-1.5b"))
     ap.add_argument("--scout", type=Path, default=Path("results/models/qwen2.5-coder-0.5b"))
     ap.add_argument("--retention", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/scoutpress.json"))
+    ap.add_argument("--out", type=Path, default=None, help="default bench/results/scoutpress[_NAME].json")
     args = ap.parse_args()
     from importlib.metadata import version
 
-    from kvpipe.config import load_config
     from kvpipe.data.qa_metrics import score_reply
-    from kvpipe.data.sampling import sample_to_file
 
-    config = load_config(["config.yaml", "config/squad_v2.yaml"])
+    out = args.out or record_path("scoutpress", args.name)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        sample_to_file(
-            "squad_v2",
-            config["datasets"]["squad_v2"] | {"path": str(args.squad)},
-            args.main,
-            config["prompt"],
-            config["sampling"] | {"n": args.n},
-            samples,
-        )
+        _, dataset = bench_samples(args.overlay, args.squad, args.main, args.n, samples)
         rows = pd.read_parquet(samples)
         result = run(args.main, args.scout, samples, args.retention, args.max_new_tokens, args.threads)
     answerable = [bool(len(a)) for a in rows["answers"]]
@@ -136,7 +137,8 @@ def main() -> None:
     record = {
         "main": args.main.name,
         "scout": args.scout.name,
-        "dataset": "squad_v2",
+        "dataset": dataset,
+        "prompt_tokens_median": int(rows["prompt_tokens"].median()),
         "questions": len(rows),
         "answerable_questions": int(sum(answerable)),
         "retention": args.retention,
@@ -147,7 +149,7 @@ def main() -> None:
         "load_average": [round(load, 1), round(os.getloadavg()[0], 1)],
         "presses": presses,
     }
-    args.out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     print(json.dumps({k: {x: y for x, y in v.items() if x != "answers"} for k, v in presses.items()}))
 
 

@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from benchkit import RECORDS, TARGETS, stage_report, write_record
+from benchkit import TARGETS, bench_config, bench_samples, record_path, stage_report, write_record
 
 from kvpipe import layout
-from kvpipe.config import load_config, pair_settings
-from kvpipe.data.sampling import sample_to_file
+from kvpipe.config import pair_settings
 from kvpipe.selection.stage import run_selection
 
 
@@ -44,27 +43,20 @@ def main() -> None:
     ap.add_argument("--name", default="", help="a variant's name: its record and report folder get _NAME")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    out = args.out or RECORDS / ("_".join(filter(None, ("selection", args.name))) + ".json")
-    overlaid = load_config(["config.yaml", *args.overlay]) if args.overlay else None
-    if overlaid is not None and "squad_v2" not in overlaid["run"]["datasets"]:
-        config, dataset = overlaid, overlaid["run"]["datasets"][0]
-        spec = config["datasets"][dataset]
-    else:
-        config, dataset = load_config(["config.yaml", "config/squad_v2.yaml", *args.overlay]), "squad_v2"
-        spec = config["datasets"]["squad_v2"] | {"path": str(args.squad)}
+    out = args.out or record_path("selection", args.name)
+    config, dataset, _, files = bench_config(args.overlay, args.squad)
     pair = config["run"]["pairs"][0]
     scout, main_ = (layout.model_dir(config["pairs"][pair][r], args.results) for r in ("scout", "main"))
     out_dir = out.parent / (f"selection_{args.name}" if args.name else "selection_squad")
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        sample_to_file(dataset, spec,
-                       layout.model_dir(config["sampling"]["tokenizer"], args.results), config["prompt"],
-                       config["sampling"] | {"n": args.n}, samples)
+        bench_samples(args.overlay, args.squad, layout.model_dir(config["sampling"]["tokenizer"], args.results), args.n,
+                      samples)
         start = time.perf_counter()
         run_selection(scout, main_, samples, pair, pair_settings(config, pair, "selection"), config["prompt"], "cpu",
                       config["extraction"]["dtype"], out_dir)
         wall = time.perf_counter() - start
-        stage_report("selection", out_dir, dataset, *(["config.yaml", *args.overlay] if dataset != "squad_v2" else []))
+        stage_report("selection", out_dir, dataset, *files)
     timings = pd.read_parquet(out_dir / "timings.parquet")
     n_cond = timings["pruned_conditions"] + 1                     # pruned batch + the full-KV condition
     per_condition = (timings["prune_copy_s"] + timings["scoring_s"]) / n_cond

@@ -13,6 +13,7 @@ def _bench(name: str):
         sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # (a dataclass resolves its annotations through its module)
     spec.loader.exec_module(module)
     return module
 
@@ -47,3 +48,27 @@ def test_readme_test_durations_are_rendered_from_the_recorded_run():
     assert [] in [run["pytest_args"] for run in runs], "the whole suite's run is the table"
     for run in runs:
         assert all((REPO / path).is_file() for path in run["files"]) and run["wall_s"] > 0 and run["cpu_s"] > 0
+
+
+def test_a_benchmark_uses_the_dataset_its_overlays_name(monkeypatch, tmp_path):
+    """bench_config: SQuAD v2 from --squad by default and under overlays that name no dataset or keep it, else the one
+    dataset the last overlay setting run.datasets names; two named datasets are an error."""
+    import pytest
+
+    monkeypatch.chdir(REPO)
+    benchkit = _bench("benchkit")
+    squad, overlays = REPO / "somewhere" / "dev.json", REPO / "bench" / "overlays"
+    config, dataset, spec, files = benchkit.bench_config([], squad)
+    assert (dataset, spec["path"], files[-1].name) == ("squad_v2", str(squad), "squad_v2.yaml")
+    config, dataset, spec, files = benchkit.bench_config([overlays / "projection_answerable.yaml"], squad)
+    assert dataset == "squad_v2" and config["sampling"]["answerable_only"]   # a grid-only overlay keeps SQuAD v2
+    config, dataset, spec, files = benchkit.bench_config([overlays / "selection_squad200.yaml"], squad)
+    assert dataset == "squad_v2" and spec["path"] == str(squad) and files[-1].name == "selection_squad200.yaml"
+    assert config["selection"]["methods"] == ["q2c", "random"] and config["selection"]["max_samples"] is None
+    config, dataset, spec, files = benchkit.bench_config([overlays / "selection_long.yaml"], squad)
+    assert (dataset, spec["mode"], [f.name for f in files]) == ("long", "long", ["config.yaml", "selection_long.yaml"])
+    assert config["sampling"]["max_context_tokens"] == 8192
+    two = tmp_path / "two.yaml"
+    two.write_text("run: {datasets: [synthetic, long]}\n")
+    with pytest.raises(SystemExit, match="two.yaml: run.datasets names"):
+        benchkit.bench_config([overlays / "selection_long.yaml", two], squad)

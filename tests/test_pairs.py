@@ -60,7 +60,7 @@ def test_summary_reports_each_pair_and_decides_the_notes_predictions(stage_table
     cross = next(line for line in text.splitlines() if line.startswith("| cross |"))
     assert "same (qwen2)" in qwen and "0.950 [0.930, 0.970]" in qwen and "0.800 [0.770, 0.830] (0.500)" in qwen
     assert "| 0.300 [0.200, 0.400] | 0.600 [0.500, 0.700] | — / — | +0.300 [+0.200, +0.400] |" in qwen
-    assert "no-context floor is not in its selection record" in text   # planted tables without no_context rows
+    assert "selection record has no verdict of its full KV against its no-context floor" in text   # planted: none
     assert "cross (llama → qwen2)" in cross and "0.400 [0.380, 0.420]" in cross and "-0.075 [-0.200, +0.000]" in cross
     assert "Lower overlap across families: holds" in text
     assert "Key transfer fails across families: holds" in text

@@ -44,7 +44,9 @@ def _verdict(row: pd.Series | None) -> str:
 
 def pair_row(pair: str, metrics: pd.DataFrame, facts: dict[str, Any], aggregates: pd.DataFrame,
              architectures: dict[str, str]) -> dict[str, Any]:
-    """The pair's row: family, transfer at the last aligned layer, Q2C overlap and ΔF1, each as (value, low, high)."""
+    """The pair's row: family, transfer at the last aligned layer, full-KV and no-context F1, Q2C overlap and ΔF1, each
+    as (value, low, high); floor_{role} (the stage's verdict of its full KV against no_context) and
+    verdict_{forward|reverse}_{retention} (the stage's verdict of each ΔF1) as words, '' where the record has none."""
     scout, main = facts["scout"], facts["main"]
     whole = metrics[(metrics["head"] == -1) & (metrics["baseline"] == "none")]
     last = int(whole["main_layer"].max())
@@ -165,8 +167,9 @@ def _floors(rows: list[dict[str, Any]]) -> list[str]:
                 out.append(f"- {r['pair']}: the {role} ({r[role]}) answers no better from its full KV than with no "
                            f"context ({r[f'floor_{role}']}), so every ΔF1 of its answers reads 'at the floor'.")
             elif not r[f"floor_{role}"]:
-                out.append(f"- {r['pair']}: the {role}'s no-context floor is not in its selection record; its ΔF1 "
-                           "verdicts are not guarded by it.")
+                out.append(f"- {r['pair']}: the {role}'s selection record has no verdict of its full KV against its "
+                           "no-context floor (it predates the floor, or did not answer no_context), so its ΔF1 verdicts "
+                           "are not guarded by it.")
     return out
 
 
@@ -192,7 +195,7 @@ def summary_markdown(rows: list[dict[str, Any]], dataset: str) -> str:
                      f"{ci(r['f1_scout'])} | {ci(r['f1_main'])} | {ci(r['f1_scout_no_context'])} / "
                      f"{ci(r['f1_main_no_context'])} | {ci(r['f1_main_minus_scout'], signed=True)} | "
                      + " | ".join(_delta(r, d, x) for d in ("forward", "reverse") for x in RETENTIONS) + " |")
-    lines += ["", *_floors(rows)] if _floors(rows) else []
+    lines += ["", *floors] if (floors := _floors(rows)) else []
     lines += ["", "## The notes' cross-family predictions", "",
               f"- Lower overlap across families: {_lower_overlap(rows)}.",
               f"- Key transfer fails across families: {_key_transfer_fails(rows)}.", ""]

@@ -56,18 +56,17 @@ PROTOCOLS = {
 }
 
 
-def _setup(model: Path, samples: Path, threads: int) -> tuple:
+def _setup(model: Path, samples: Path, threads: int, prompt: dict) -> tuple:
+    """The model, the sample rows and their prompt tokens (built with the benchmark config's prompt settings)."""
     import torch
 
-    from kvpipe.config import load_config
     from kvpipe.data.prompt import build_prompt
     from kvpipe.models.load import load_model
 
     torch.set_num_threads(threads)
-    config = load_config(["config.yaml"])
     lm = load_model(model, "cpu", "float32")
     rows = pd.read_parquet(samples)
-    return lm, rows, [build_prompt(lm.tokenizer, config["prompt"], r.context, r.question) for r in rows.itertuples()]
+    return lm, rows, [build_prompt(lm.tokenizer, prompt, r.context, r.question) for r in rows.itertuples()]
 
 
 def _conditions(protocol: str, tokens, inputs, retentions: list[float]) -> list:
@@ -98,7 +97,7 @@ def _conditions(protocol: str, tokens, inputs, retentions: list[float]) -> list:
 
 
 def kvpipe_side(
-    model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int, protocols: list[str]
+    model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int, protocols: list[str], prompt: dict
 ) -> dict:
     """Per protocol and question: seconds for one prefill + scoring + every retention in one batch, of which before
     answering (`prefill_seconds`: the prefill, scoring and selection; for query_aware also the full-context question
@@ -107,7 +106,7 @@ def kvpipe_side(
     from kvpipe.inference.session import Session
     from kvpipe.scoring.methods import ScoringInputs
 
-    lm, rows, prompts = _setup(model, samples, threads)
+    lm, rows, prompts = _setup(model, samples, threads, prompt)
 
     def one(i: int, protocol: str) -> dict:
         tokens = prompts[i]
@@ -133,7 +132,9 @@ def kvpipe_side(
     return {protocol: [one(i, protocol) for i in range(len(rows))] for protocol in protocols}
 
 
-def kvpress_side(model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int) -> list:
+def kvpress_side(
+    model: Path, samples: Path, retentions: list[float], max_new_tokens: int, threads: int, prompt: dict
+) -> list:
     """Per question and retention: seconds of one pipeline forward under SnapKVPress, of which before its question
     pass (`prefill_seconds`: the context prefill under the press, compression included); answer; decoded; kept."""
     import torch
@@ -143,7 +144,7 @@ def kvpress_side(model: Path, samples: Path, retentions: list[float], max_new_to
 
     from kvpipe.inference.decode import stop_ids
 
-    lm, rows, prompts = _setup(model, samples, threads)
+    lm, rows, prompts = _setup(model, samples, threads, prompt)
     lm.model.generation_config.eos_token_id = stop_ids(lm)  # the same end tokens as kvpipe
     pipe = pipeline("kv-press-text-generation", model=lm.model, tokenizer=lm.tokenizer, device="cpu")
     calls: list[float] = []  # start of each forward call of the LM head model: the question pass, then each decoding step
@@ -201,15 +202,17 @@ def _side_row(f1: list[float], seconds: float, prefill: float, decoded: list[int
     }
 
 
-def compare(model: Path, samples: Path, grid: list[float], max_new_tokens: int, threads: int, protocols: list[str]) -> dict:
+def compare(
+    model: Path, samples: Path, grid: list[float], max_new_tokens: int, threads: int, protocols: list[str], prompt: dict
+) -> dict:
     """One grid's record: both sides on the same questions (each in its own process), their figures, the kept
     positions' agreement and the conditions whose answers differ."""
     from kvpipe.data.qa_metrics import score_reply
 
     rows = pd.read_parquet(samples)
     load = os.getloadavg()[0]
-    ours = in_child(kvpipe_side, model, samples, grid, max_new_tokens, threads, protocols)
-    theirs = in_child(kvpress_side, model, samples, grid, max_new_tokens, threads)
+    ours = in_child(kvpipe_side, model, samples, grid, max_new_tokens, threads, protocols, prompt)
+    theirs = in_child(kvpress_side, model, samples, grid, max_new_tokens, threads, prompt)
     n_conditions, answerable = len(rows) * len(grid), [bool(len(a)) for a in rows["answers"]]
 
     def f1(answers: list[list[str]]) -> list[float]:
@@ -281,7 +284,7 @@ def main() -> None:
     from importlib.metadata import version
 
     out = args.out or record_path("kvpress", args.name)
-    _, dataset, _, _ = bench_config(args.overlay, args.squad)
+    config, dataset, _, _ = bench_config(args.overlay, args.squad)
     record = {
         "model": args.model.name,
         "dataset": dataset,
@@ -303,7 +306,9 @@ def main() -> None:
         bench_samples(args.overlay, args.squad, args.model, args.n, samples)
         for name in args.grid or ["three", "nine"]:
             protocols = list(PROTOCOLS) if name in (args.own_grids or GRIDS) else ["kvpress"]
-            record["grids"][name] = compare(args.model, samples, GRIDS[name], args.max_new_tokens, args.threads, protocols)
+            record["grids"][name] = compare(
+                args.model, samples, GRIDS[name], args.max_new_tokens, args.threads, protocols, config["prompt"]
+            )
             print(name, json.dumps({k: v for k, v in record["grids"][name].items() if k != "kept_positions"}), flush=True)
             out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")  # after every grid
 

@@ -33,13 +33,14 @@ PRESSES = ("snapkv", "scout_snapkv", "scout_q2c")
 WARM_UP = 256   # context tokens of the warm-up call
 
 
-def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_new_tokens: int, threads: int) -> dict:
+def run(
+    main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_new_tokens: int, threads: int, prompt: dict
+) -> dict:
     """Per press and question: time to first token, scout seconds, answer."""
     import torch
     from kvpress import SnapKVPress
     from transformers import pipeline
 
-    from kvpipe.config import load_config
     from kvpipe.data.prompt import build_prompt
     from kvpipe.inference.decode import stop_ids
     from kvpipe.kvpress import ScoutPress
@@ -48,7 +49,6 @@ def run(main_dir: Path, scout_dir: Path, samples: Path, retention: float, max_ne
     torch.set_num_threads(threads)
     main, scout = load_model(main_dir, "cpu", "float32"), load_model(scout_dir, "cpu", "float32")
     rows = pd.read_parquet(samples)
-    prompt = load_config(["config.yaml"])["prompt"]
     prompts = [build_prompt(main.tokenizer, prompt, r.context, r.question) for r in rows.itertuples()]
     main.model.generation_config.eos_token_id = stop_ids(main)
     pipe = pipeline("kv-press-text-generation", model=main.model, tokenizer=main.tokenizer, device="cpu")
@@ -120,9 +120,9 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        _, dataset = bench_samples(args.overlay, args.squad, args.main, args.n, samples)
+        config, dataset = bench_samples(args.overlay, args.squad, args.main, args.n, samples)
         rows = pd.read_parquet(samples)
-        result = run(args.main, args.scout, samples, args.retention, args.max_new_tokens, args.threads)
+        result = run(args.main, args.scout, samples, args.retention, args.max_new_tokens, args.threads, config["prompt"])
     answerable = [bool(len(a)) for a in rows["answers"]]
     presses = {}
     for kind, runs in result.items():

@@ -187,6 +187,8 @@ def render() -> str:
     for rel, what in STRUCTURE.items():
         lines += _structure(rel, what) + [""]
     lines += _selection("selection_squad", "SQuAD v2", (0.5, 0.75)) + [""]
+    lines += _selection("selection_squad200", "SQuAD v2, answerable questions only (`bench/overlays/selection_squad200.yaml`: "
+                        "Q2C and random at 25 % retention)", (0.25,)) + [""]
     lines += _selection("selection_long", "the long synthetic set (`bench/overlays/selection_long.yaml`, prompts "
                         "above 4,000 tokens)", (0.1, 0.25, 0.5)) + [_scout_cost("selection_long"), ""]
     lines += _projection("projection_squad_v2", "SQuAD v2") + [""]

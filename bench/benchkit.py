@@ -164,13 +164,12 @@ def record_path(kind: str, name: str) -> Path:
     return RECORDS / ("_".join(filter(None, (kind, name))) + ".json")
 
 
-def bench_samples(overlays: list[Path], squad: Path, tokenizer: Path, n: int, out: Path) -> tuple[dict[str, Any], str]:
-    """Sample n questions of a benchmark's dataset (bench_config) with the production sampler into out: (config, dataset)."""
+def bench_samples(config: dict[str, Any], dataset: str, spec: dict[str, Any], tokenizer: Path, n: int, out: Path) -> None:
+    """Sample n questions of a benchmark's dataset (bench_config's config, dataset and spec) with the production sampler
+    into out."""
     from kvpipe.data.sampling import sample_to_file
 
-    config, dataset, spec, _ = bench_config(overlays, squad)
     sample_to_file(dataset, spec, tokenizer, config["prompt"], config["sampling"] | {"n": n}, out)
-    return config, dataset
 
 
 def stage_report(stage: str, out_dir: Path, dataset: str, *configs: Path) -> None:

@@ -284,7 +284,7 @@ def main() -> None:
     from importlib.metadata import version
 
     out = args.out or record_path("kvpress", args.name)
-    config, dataset, _, _ = bench_config(args.overlay, args.squad)
+    config, dataset, spec, _ = bench_config(args.overlay, args.squad)
     record = {
         "model": args.model.name,
         "dataset": dataset,
@@ -303,7 +303,7 @@ def main() -> None:
         record["grids"] = old["grids"]
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        bench_samples(args.overlay, args.squad, args.model, args.n, samples)
+        bench_samples(config, dataset, spec, args.model, args.n, samples)
         for name in args.grid or ["three", "nine"]:
             protocols = list(PROTOCOLS) if name in (args.own_grids or GRIDS) else ["kvpress"]
             record["grids"][name] = compare(

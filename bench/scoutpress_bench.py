@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from benchkit import bench_samples, record_path
+from benchkit import bench_config, bench_samples, record_path
 
 PRESSES = ("snapkv", "scout_snapkv", "scout_q2c")
 WARM_UP = 256   # context tokens of the warm-up call
@@ -120,7 +120,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        config, dataset = bench_samples(args.overlay, args.squad, args.main, args.n, samples)
+        config, dataset, spec, _ = bench_config(args.overlay, args.squad)
+        bench_samples(config, dataset, spec, args.main, args.n, samples)
         rows = pd.read_parquet(samples)
         result = run(args.main, args.scout, samples, args.retention, args.max_new_tokens, args.threads, config["prompt"])
     answerable = [bool(len(a)) for a in rows["answers"]]

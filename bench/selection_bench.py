@@ -44,14 +44,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     out = args.out or record_path("selection", args.name)
-    config, dataset, _, files = bench_config(args.overlay, args.squad)
+    config, dataset, spec, files = bench_config(args.overlay, args.squad)
     pair = config["run"]["pairs"][0]
     scout, main_ = (layout.model_dir(config["pairs"][pair][r], args.results) for r in ("scout", "main"))
     out_dir = out.parent / (f"selection_{args.name}" if args.name else "selection_squad")
     with tempfile.TemporaryDirectory() as tmp:
         samples = Path(tmp) / "samples.parquet"
-        bench_samples(args.overlay, args.squad, layout.model_dir(config["sampling"]["tokenizer"], args.results), args.n,
-                      samples)
+        bench_samples(config, dataset, spec, layout.model_dir(config["sampling"]["tokenizer"], args.results), args.n, samples)
         start = time.perf_counter()
         run_selection(scout, main_, samples, pair, pair_settings(config, pair, "selection"), config["prompt"], "cpu",
                       config["extraction"]["dtype"], out_dir)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from kvpipe.errors import KvpipeError
 from kvpipe.io import read_json
 from kvpipe.models.cpu_linear import few_row_linears
+from kvpipe.models.gqa_attention import NAME as FOLDED_SDPA
 
 CARD = "kvpipe_model.json"
 
@@ -61,6 +62,8 @@ def load_model(model_dir: Path, device: str = "auto", dtype: str = "auto") -> Lo
     torch_dtype = resolve_dtype(dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, use_safetensors=True)
     model.to(dev).eval()
+    if model.config._attn_implementation == "sdpa":   # masked batches without a per-head copy of the cache
+        model.set_attn_implementation(FOLDED_SDPA)
     if dev.type == "cpu":
         few_row_linears(model)
     tokenizer = load_tokenizer(model_dir)

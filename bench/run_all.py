@@ -29,7 +29,7 @@ def steps(squad: str, kvpress_python: str) -> list[list[str]]:
             [py, "bench/stage_memory_bench.py", "--stages", "selection", "--n", "12"],
             [py, "bench/stage_memory_bench.py", "--stages", "projection", "--n", "36"],
             [py, "bench/distill_memory_bench.py"], [py, "bench/decode_bench.py"],
-            [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
+            [py, "bench/attention_bench.py"], [py, "bench/threads_bench.py"], [py, "bench/planted_answer.py"],
             [py, "bench/selection_bench.py", "--squad", squad],
             [py, "bench/selection_bench.py", "--overlay", "bench/overlays/selection_long.yaml", "--name", "long", "--n", "6"],
             [py, "bench/selection_bench.py", "--squad", squad, "--overlay", "bench/overlays/selection_squad200.yaml", "--name",
@@ -182,6 +182,12 @@ def rows() -> list[tuple[str, str, str, str, str]]:
         three = dec["rows"]["3"]
         out.append((f"CPU decoding step of 3 conditions, stock linear layers / kvpipe's few-row path, {dec['model']}",
                     f"{three['ratio_stock_over_kvpipe']:.2f}×", "—", "", "decode.json"))
+    if att := _load("attention"):
+        for length, run in att["lengths"].items():
+            same = "same tokens" if run["same_tokens"] else "TOKENS DIFFER"
+            out.append((f"CPU decoding step of 3 pruned rows (kept {' / '.join(map(str, run['kept']))} of {length} "
+                        f"entries, masked), transformers' sdpa / kvpipe_sdpa, {att['model']}; {same}",
+                        f"{run['ratio_stock_over_kvpipe']:.2f}×", "—", "", "attention.json"))
     if pq := _load("parquet"):
         for run in pq["runs"]:
             if run["compression"] == "zstd":

@@ -172,6 +172,37 @@ def _size_gap(name: str) -> str:
             f"{_ci(*s['f1_scout'])}, difference {_ci(*s['f1_main_minus_scout'], signed=True)}.")
 
 
+def _f1_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def _distill_curve(name: str) -> list[str]:
+    """The distill objective's learning curve on the real pair at its step budget, beside the main's own references."""
+    d = json.loads((RESULTS / f"{name}.json").read_text())
+    dist, ref = d["distill"], d["references"]
+    cfg, curve = dist["settings"], dist["learning_curve"]
+    start, best = curve[0], min(curve, key=lambda point: point["validation_loss"])
+    points = "; ".join(f"step {p['step']}: KL {p['validation_loss']:.3f}, F1 {_f1_text(p['answerable_f1'])}" for p in curve)
+    stopped = "the budget" if dist["steps"] == cfg["steps"] else f"early stopping (patience {cfg['patience']})"
+    return [
+        f"The distill objective on the real pair, {d['pair']['scout']} → {d['pair']['main']} at a CPU step budget "
+        f"(`bench/results/{name}.json`): the ridge map fitted by reconstruction, then trained through the frozen main "
+        f"for {dist['steps']} steps of {cfg['accumulate']} prompts (lr {cfg['lr']:g}; ended by {stopped}) on "
+        f"{dist['train_samples']} training prompts of calibration passages, {dist['tokens_seen']['target']} target tokens "
+        f"seen; evaluated on {dist['held_out_samples']} validation prompts ({ref['answerable_validation_prompts']} "
+        f"answerable), {d['fit_s']:.0f} s on {d['device']} ({d['torch_threads']} threads).",
+        f"- Validation KL (the main's next-token distributions, own cache against projected) and answerable F1 of its "
+        f"greedy answers from the projected cache, every {cfg['eval_every']} steps: {points}.",
+        f"- Best validation KL {best['validation_loss']:.3f} at step {best['step']}, from {start['validation_loss']:.3f} at "
+        f"the ridge start" + ("; still falling at the last evaluation, so more steps would likely lower it"
+                              if best["step"] == curve[-1]["step"] else "") +
+        f" (training loss {curve[-1]['train_loss']:.3f} over the last {cfg['eval_every']} steps). On the same validation "
+        f"prompts the main answers with answerable F1 {_f1_text(ref['main_full_f1'])} from its own cache and "
+        f"{_f1_text(ref['no_context_f1'])} with no context; F1 over {ref['answerable_validation_prompts']} answerable "
+        "prompts shows a direction, not a verdict (the projection stage's records judge).",
+    ]
+
+
 def _planted() -> str:
     d = json.loads((RESULTS / "planted_answer.json").read_text())
     parts = [f"{m}: {v['full']:.3f} with the whole context, {v['answer_dropped']:.3f} with the answer span evicted, "
@@ -195,6 +226,7 @@ def render() -> str:
     lines += _projection("projection_squad_v2_answerable", "SQuAD v2, answerable questions only "
                          "(`bench/overlays/projection_answerable.yaml`)") + [""]
     lines += _projection("projection_synthetic", "the synthetic set") + [""]
+    lines += _distill_curve("distill_curve_squad_v2") + [""]
     for rel, what in PAIRS.items():
         lines += _pairs(rel, what) + [""]
     lines += [f"- {_size_gap(name)}" for name in ("size_gap_multihop", "size_gap_multihop_bridge")]

@@ -16,13 +16,14 @@ class _Attention(torch.nn.Module):
     is_causal = True
 
 
-@pytest.mark.parametrize("queries", [1, 5])
-def test_folded_attention_equals_the_stock_path_under_a_mask(queries):
+@pytest.mark.parametrize("queries, mask_rows", [(1, 1), (5, 5), (5, 1)], ids=["one query", "causal", "broadcast"])
+def test_folded_attention_equals_the_stock_path_under_a_mask(queries, mask_rows):
+    """Per-query masks and a mask of one row broadcast over every query (a caller's own 4D mask may be either)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 6, queries, 8, generator=g)
     k, v = torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
-    mask = torch.ones(2, 1, queries, 12, dtype=torch.bool).tril(12 - queries)   # causal over the last `queries` keys
-    mask[1, :, :, 3:7] = False                                                   # row 1: padding between its entries
+    mask = torch.ones(2, 1, mask_rows, 12, dtype=torch.bool).tril(12 - mask_rows)   # causal over the last rows' keys
+    mask[1, :, :, 3:7] = False                                                      # row 1: padding between its entries
     module = _Attention().eval()
     ours, _ = folded_sdpa(module, q, k, v, mask, scaling=0.3)
     stock, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)

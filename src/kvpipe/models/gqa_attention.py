@@ -1,8 +1,8 @@
 """Scaled dot-product attention for grouped-query attention under a mask, without copying the cache per query head.
 
-transformers' `sdpa` path repeats every key and value head once for each query head it serves
-whenever an attention mask is given (torch's GQA kernel takes no mask): a copy of the whole cache,
-`num_key_value_groups` times, at every layer and decoding step. kvpipe's batches of pruned caches
+transformers' `sdpa` path drops torch's grouped-query option (`enable_gqa`) whenever an attention mask is
+given (on CPU and CUDA) and repeats every key and value head once for each query head it serves instead:
+a copy of the whole cache, `num_key_value_groups` times, at every layer and decoding step. kvpipe's batches of pruned caches
 always carry a mask (their rows differ in length), so on long contexts answering spent much of its
 time copying. `folded_sdpa` instead folds the g query heads of each key/value head into the query
 axis — the same products against the same keys and values, the mask repeated per group — and calls
@@ -32,8 +32,8 @@ def folded_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     kv_heads = key.shape[1]
     folded = query.reshape(batch, kv_heads, groups * queries, dim)   # head h = kv_head * groups + j -> row j * queries + q
     mask = attention_mask[:, :, :, : key.shape[-2]]
-    if queries > 1:
-        mask = mask.repeat(1, 1, groups, 1)
+    if queries > 1:   # one row per (group, query): a mask broadcast over the queries is spelled out first
+        mask = mask.expand(-1, -1, queries, -1).repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
-from benchkit import RECORDS, write_record
+from benchkit import RECORDS, greedy_steps, stock_against_kvpipe, write_record
 from transformers import DynamicCache, PreTrainedModel
 
 from kvpipe import layout
@@ -48,17 +47,15 @@ def _batch(model: PreTrainedModel, kept: list[int], seed: int) -> tuple[DynamicC
 def _steps(model: PreTrainedModel, kept: list[int], steps: int) -> tuple[list[float], list[list[int]]]:
     """Seconds of each greedy step after the first, and the tokens of every step."""
     cache, mask = _batch(model, kept, seed=len(kept) * max(kept))
-    nxt, position = torch.full((len(kept), 1), 13), torch.as_tensor(kept)[:, None]
-    seconds, tokens = [], []
-    for step in range(steps + 1):
-        mask = torch.cat([mask, torch.ones(len(kept), 1, dtype=mask.dtype)], dim=1)
-        started = time.perf_counter()
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=position + step, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1)[:, None]
-        if step:
-            seconds.append(time.perf_counter() - started)
-        tokens.append(nxt[:, 0].tolist())
-    return seconds, tokens
+    position = torch.as_tensor(kept)[:, None]
+
+    def inputs(step: int) -> dict:
+        grown = torch.cat([mask, mask.new_ones(len(kept), step + 1)], dim=1)   # the kept entries and every fed token
+        return {"attention_mask": grown, "position_ids": position + step, "past_key_values": cache}
+
+    _, first = greedy_steps(model, torch.full((len(kept), 1), 13), 1, inputs)   # a warm-up step, not timed
+    seconds, tokens = greedy_steps(model, torch.as_tensor(first[0])[:, None], steps, lambda step: inputs(step + 1))
+    return seconds, first + tokens
 
 
 def main() -> None:
@@ -75,17 +72,10 @@ def main() -> None:
               "torch": torch.__version__, "query_heads_per_kv_head": cfg.num_attention_heads // cfg.num_key_value_heads,
               "retentions": args.retentions, "steps": args.steps, "lengths": {}}
     with torch.inference_mode():
+        setups = {name: partial(lm.model.set_attn_implementation, impl) for name, impl in IMPLEMENTATIONS.items()}
         for length in args.lengths:
             kept = [max(1, round(r * length)) for r in args.retentions]
-            runs: dict[str, dict] = {}
-            for name in (*IMPLEMENTATIONS, *IMPLEMENTATIONS):
-                lm.model.set_attn_implementation(IMPLEMENTATIONS[name])
-                seconds, tokens = _steps(lm.model, kept, args.steps)
-                runs.setdefault(name, {"seconds": [], "tokens": tokens})["seconds"] += seconds
-            step = {name: statistics.median(r["seconds"]) for name, r in runs.items()}
-            record["lengths"][length] = {"kept": kept, "step_s": {k: round(v, 4) for k, v in step.items()},
-                                         "ratio_stock_over_kvpipe": round(step["stock"] / step["kvpipe"], 2),
-                                         "same_tokens": runs["stock"]["tokens"] == runs["kvpipe"]["tokens"]}
+            record["lengths"][length] = {"kept": kept} | stock_against_kvpipe(setups, partial(_steps, lm.model, kept, args.steps))
             print(length, record["lengths"][length], flush=True)
     lm.model.set_attn_implementation(FOLDED)
     write_record(args.out, record)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import resource
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,41 @@ def write_record(path: Path, record: dict[str, Any], indent: int = 2) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=indent) + "\n")
+
+
+def f1_text(value: float | None) -> str:
+    """An F1 of a record as the README writes it ("—" where the record has none)."""
+    return "—" if value is None else f"{value:.3f}"
+
+
+def greedy_steps(
+    model: Any, nxt: Any, steps: int, inputs: Callable[[int], dict[str, Any]]
+) -> tuple[list[float], list[list[int]]]:
+    """Seconds and greedy tokens of `steps` decoding steps of a model from the tokens nxt [rows, 1]; inputs(step)
+    gives a step's other arguments (cache, mask, positions), built before its clock starts."""
+    seconds, tokens = [], []
+    for step in range(steps):
+        kwargs = inputs(step)
+        started = time.perf_counter()
+        out = model(input_ids=nxt, use_cache=True, **kwargs)
+        nxt = out.logits[:, -1].argmax(-1)[:, None]
+        seconds.append(time.perf_counter() - started)
+        tokens.append(nxt[:, 0].tolist())
+    return seconds, tokens
+
+
+def stock_against_kvpipe(setups: dict[str, Callable[[], Any]], run: Callable[[], tuple[list[float], list]]) -> dict[str, Any]:
+    """An A/B of decoding steps in one process: setups "stock" and "kvpipe" each applied before run(), alternating
+    stock, kvpipe, stock, kvpipe; the median step of each, their ratio and whether both decoded the same tokens."""
+    runs: dict[str, dict[str, Any]] = {}
+    for name in (*setups, *setups):
+        setups[name]()
+        seconds, tokens = run()
+        runs.setdefault(name, {"seconds": [], "tokens": tokens})["seconds"] += seconds
+    step = {name: statistics.median(r["seconds"]) for name, r in runs.items()}
+    return {"step_s": {k: round(v, 4) for k, v in step.items()},
+            "ratio_stock_over_kvpipe": round(step["stock"] / step["kvpipe"], 2),
+            "same_tokens": runs["stock"]["tokens"] == runs["kvpipe"]["tokens"]}
 
 
 def peak_rss_mb() -> int:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchkit import RECORDS, write_record
+from benchkit import RECORDS, greedy_steps, stock_against_kvpipe, write_record
 from torch import nn
 from transformers import DynamicCache
 
@@ -38,14 +38,7 @@ def _steps(model: nn.Module, rows: int, steps: int) -> tuple[list[float], list[l
     ids = torch.arange(1000, 1225)[None].expand(rows, -1)
     cache = DynamicCache()
     out = model(input_ids=ids, use_cache=True, past_key_values=cache, logits_to_keep=1)
-    nxt, seconds, tokens = out.logits[:, -1].argmax(-1)[:, None], [], []
-    for _ in range(steps):
-        started = time.perf_counter()
-        out = model(input_ids=nxt, use_cache=True, past_key_values=cache)
-        nxt = out.logits[:, -1].argmax(-1)[:, None]
-        seconds.append(time.perf_counter() - started)
-        tokens.append(nxt[:, 0].tolist())
-    return seconds, tokens
+    return greedy_steps(model, out.logits[:, -1].argmax(-1)[:, None], steps, lambda step: {"past_key_values": cache})
 
 
 def main() -> None:
@@ -59,16 +52,9 @@ def main() -> None:
     record = {"model": args.model.name, "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
               "torch": torch.__version__, "prompt_tokens": 225, "rows": {}}
     with torch.inference_mode():
+        setups = {"stock": partial(_stock, lm.model), "kvpipe": partial(few_row_linears, lm.model)}
         for rows in args.rows:
-            runs = {}
-            for name, setup in (("stock", _stock), ("kvpipe", few_row_linears), ("stock", _stock), ("kvpipe", few_row_linears)):
-                setup(lm.model)
-                seconds, tokens = _steps(lm.model, rows, args.steps)
-                runs.setdefault(name, {"seconds": [], "tokens": tokens})["seconds"] += seconds
-            step = {name: statistics.median(r["seconds"]) for name, r in runs.items()}
-            record["rows"][rows] = {"step_s": {k: round(v, 4) for k, v in step.items()},
-                                    "ratio_stock_over_kvpipe": round(step["stock"] / step["kvpipe"], 2),
-                                    "same_tokens": runs["stock"]["tokens"] == runs["kvpipe"]["tokens"]}
+            record["rows"][rows] = stock_against_kvpipe(setups, partial(_steps, lm.model, rows, args.steps))
             print(rows, record["rows"][rows], flush=True)
         head, x = lm.model.lm_head, torch.randn(3, lm.model.config.hidden_size)
         for name, f in (("stock", lambda: F.linear(x, head.weight)), ("kvpipe", lambda: torch.mm(head.weight, x.t()).t())):

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from benchkit import f1_text
 
 from kvpipe.estimands import above_floor
 from kvpipe.projection.aggregate import label
@@ -172,17 +173,13 @@ def _size_gap(name: str) -> str:
             f"{_ci(*s['f1_scout'])}, difference {_ci(*s['f1_main_minus_scout'], signed=True)}.")
 
 
-def _f1_text(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
 def _distill_curve(name: str) -> list[str]:
     """The distill objective's learning curve on the real pair at its step budget, beside the main's own references."""
     d = json.loads((RESULTS / f"{name}.json").read_text())
     dist, ref = d["distill"], d["references"]
     cfg, curve = dist["settings"], dist["learning_curve"]
     start, best = curve[0], min(curve, key=lambda point: point["validation_loss"])
-    points = "; ".join(f"step {p['step']}: KL {p['validation_loss']:.3f}, F1 {_f1_text(p['answerable_f1'])}" for p in curve)
+    points = "; ".join(f"step {p['step']}: KL {p['validation_loss']:.3f}, F1 {f1_text(p['answerable_f1'])}" for p in curve)
     stopped = "the budget" if dist["steps"] == cfg["steps"] else f"early stopping (patience {cfg['patience']})"
     return [
         f"The distill objective on the real pair, {d['pair']['scout']} → {d['pair']['main']} at a CPU step budget "
@@ -197,8 +194,8 @@ def _distill_curve(name: str) -> list[str]:
         f"the ridge start" + ("; still falling at the last evaluation, so more steps would likely lower it"
                               if best["step"] == curve[-1]["step"] else "") +
         f" (training loss {curve[-1]['train_loss']:.3f} over the last {cfg['eval_every']} steps). On the same validation "
-        f"prompts the main answers with answerable F1 {_f1_text(ref['main_full_f1'])} from its own cache and "
-        f"{_f1_text(ref['no_context_f1'])} with no context; F1 over {ref['answerable_validation_prompts']} answerable "
+        f"prompts the main answers with answerable F1 {f1_text(ref['main_full_f1'])} from its own cache and "
+        f"{f1_text(ref['no_context_f1'])} with no context; F1 over {ref['answerable_validation_prompts']} answerable "
         "prompts shows a direction, not a verdict (the projection stage's records judge).",
     ]
 

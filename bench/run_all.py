@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchkit import RECORDS as RESULTS
 from benchkit import REPO, TARGETS, Target
+from benchkit import f1_text as _f1
 
 BEGIN, END = "<!-- bench-table: written by bench/run_all.py -->", "<!-- /bench-table -->"
 
@@ -80,10 +81,6 @@ def _ttft_rows(record: str) -> list[tuple[str, str, str, str, str]]:
             out.append((f"{what}; best cache that carries content", f"{best['ttft_ratio']:.3f}", target.text(),
                         target.verdict(best["ttft_ratio_high"]), f"{record}/ttft_aggregates.parquet"))
     return out
-
-
-def _f1(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 DATASETS = {"squad_v2": "SQuAD v2", "long": "long synthetic"}   # how the table names a record's dataset

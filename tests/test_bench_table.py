@@ -72,3 +72,22 @@ def test_a_benchmark_uses_the_dataset_its_overlays_name(monkeypatch, tmp_path):
     two.write_text("run: {datasets: [synthetic, long]}\n")
     with pytest.raises(SystemExit, match="two.yaml: run.datasets names"):
         benchkit.bench_config([overlays / "selection_long.yaml", two], squad)
+
+
+def test_the_decoding_a_b_alternates_and_compares_medians_and_tokens():
+    """benchkit.stock_against_kvpipe runs stock, kvpipe, stock, kvpipe; greedy_steps feeds each argmax back."""
+    import torch
+
+    benchkit = _bench("benchkit")
+    order, seconds = [], {"stock": [[4.0, 2.0], [3.0, 5.0]], "kvpipe": [[1.0, 2.0], [2.0, 9.0]]}
+    setups = {name: (lambda name=name: order.append(name)) for name in ("stock", "kvpipe")}
+    record = benchkit.stock_against_kvpipe(setups, lambda: (seconds[order[-1]].pop(0), [[7]]))
+    assert order == ["stock", "kvpipe", "stock", "kvpipe"]
+    assert record == {"step_s": {"stock": 3.5, "kvpipe": 2.0}, "ratio_stock_over_kvpipe": 1.75, "same_tokens": True}
+
+    class Next:   # logits whose argmax is the fed token + 1
+        def __call__(self, input_ids, use_cache, step):
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(input_ids + 1 + 0 * step, 20).float()})
+
+    _, tokens = benchkit.greedy_steps(Next(), torch.tensor([[1], [5]]), 3, lambda step: {"step": step})
+    assert tokens == [[2, 6], [3, 7], [4, 8]]
